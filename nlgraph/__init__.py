@@ -1,0 +1,29 @@
+"""nlgraph: non-local blocks, self-attention and dense-CRF mean-field as one message-passing op.
+
+    y_i = (1 / C_i) sum_{j in N(i)} f(x_i, x_j) g(x_j)
+
+The core op is :func:`nlgraph.aggregate`; affinities (f, C) live in :mod:`nlgraph.affinity`,
+graphs (N(i)) in :mod:`nlgraph.graph`, backends behind one dispatch in :mod:`nlgraph.dispatch`.
+"""
+
+from . import affinity, graph
+from .affinity import Concatenation, DotProduct, EdgeWeighted, Gaussian, Softmax
+from .core import aggregate
+from .dispatch import BackendError, backend_names, compatible_backends, select_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aggregate",
+    "affinity",
+    "graph",
+    "Softmax",
+    "Gaussian",
+    "DotProduct",
+    "Concatenation",
+    "EdgeWeighted",
+    "BackendError",
+    "backend_names",
+    "compatible_backends",
+    "select_backend",
+]

@@ -1,0 +1,321 @@
+"""Pairwise affinities f(q_i, k_j) and their normalisations C_i.
+
+Every affinity lowers itself to one canonical *score form* that all backends share::
+
+    s_ij = q'_i . k'_j + r_i + c_j              (a bilinear term plus row and column biases)
+    f_ij = kernel(s_ij)                          kernel in {exp, linear, relu}
+    C_i  = sum_j f_ij  |  sum_j w_ij  |  1       norm in {"sum", "count", "none"}
+
+where w_ij are the graph's edge weights (1 for a plain edge). The canonical form is what makes one
+tiled loop (and one fused GPU kernel) serve attention, non-local blocks and the dense-CRF message:
+
+================  =========================================  ==================  ===========
+affinity          f(q_i, k_j)                                canonical form      C_i
+================  =========================================  ==================  ===========
+``Softmax``       exp(s q_i.k_j)                             q'=s q, k'=k        sum_j f
+``Gaussian``      exp(-|q_i/b - k_j/b|^2 / 2)                q'=q/b, k'=k/b,     sum_j f or 1
+                                                             r=-|q'|^2/2,
+                                                             c=-|k'|^2/2
+``DotProduct``    s q_i.k_j                                  q'=s q, k'=k        number of neighbours
+``Concatenation`` ReLU(w_q.q_i + w_k.k_j + b)                r=w_q.q+b, c=w_k.k  number of neighbours
+================  =========================================  ==================  ===========
+
+``EdgeWeighted(base, weight)`` multiplies f by a per-edge weight w_ij >= 0 (and, for the count
+normalisation, C_i becomes sum_j w_ij, i.e. weights act as edge multiplicities).
+
+Parameters given as tensors (``scale``, ``bandwidth``, ``weight``) receive gradients: the lowering
+to the canonical form is ordinary autograd, outside any backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Affinity",
+    "Softmax",
+    "Gaussian",
+    "DotProduct",
+    "Concatenation",
+    "EdgeWeighted",
+    "ScoreForm",
+]
+
+Scalar = Union[float, int, Tensor]
+
+KERNELS = ("exp", "linear", "relu")
+NORMS = ("sum", "count", "none")
+
+
+@dataclass(frozen=True)
+class ScoreForm:
+    """The canonical form ``s_ij = query_i . key_j + row_i + col_j`` with a kernel and a normaliser.
+
+    Attributes:
+        query: (..., N, d') transformed queries, or None when there is no bilinear term.
+        key: (..., M, d') transformed keys, or None when there is no bilinear term.
+        row: (..., N) per-query bias r_i, or None.
+        col: (..., M) per-key bias c_j, or None.
+        kernel: "exp", "linear" or "relu": f = kernel(s).
+        norm: "sum" (C = sum f), "count" (C = sum of edge weights) or "none" (C = 1).
+    """
+
+    query: Optional[Tensor]
+    key: Optional[Tensor]
+    row: Optional[Tensor]
+    col: Optional[Tensor]
+    kernel: str
+    norm: str
+
+
+def _check_scalar(name: str, value: Scalar, *, positive: bool) -> None:
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
+        if value.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+        if not torch.isfinite(value.detach()).all():
+            raise ValueError(f"{name} must be finite")
+        if positive and not (value.detach() > 0).all():
+            raise ValueError(f"{name} must be > 0")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        if positive and value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _fmt(value: Scalar) -> str:
+    """Short repr of a parameter: numbers as they are, tensors by shape."""
+    if isinstance(value, Tensor):
+        return f"tensor{tuple(value.shape)}"
+    return repr(value)
+
+
+def _as(value: Scalar, like: Tensor) -> Scalar:
+    """Move a tensor parameter to the dtype and device of ``like``; plain numbers pass through."""
+    if isinstance(value, Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return value
+
+
+class Affinity:
+    """Base class: says what f and C are and how to lower them to a :class:`ScoreForm`."""
+
+    kernel: str = "exp"
+    norm: str = "sum"
+
+    def validate(self, query: Tensor, key: Tensor) -> None:
+        """Check the parameters against the query/key shapes; raise ValueError/TypeError."""
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Tensor parameters (for device checks)."""
+        return ()
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Softmax(Affinity):
+    """Embedded-Gaussian / attention affinity ``f = exp(scale * q.k)``, ``C = sum_j f``.
+
+    Args:
+        scale: logit scale; None means 1/sqrt(d) as in
+            :func:`torch.nn.functional.scaled_dot_product_attention`. A tensor is trainable.
+            The original non-local "gaussian" and "embedded gaussian" blocks use scale=1.
+    """
+
+    kernel, norm = "exp", "sum"
+
+    def __init__(self, scale: Optional[Scalar] = None):
+        if scale is not None:
+            _check_scalar("Softmax(scale)", scale, positive=False)
+            if isinstance(scale, Tensor) and scale.numel() != 1:
+                raise ValueError(f"Softmax(scale) must be a scalar, got shape {tuple(scale.shape)}")
+        self.scale = scale
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.scale,) if isinstance(self.scale, Tensor) else ()
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if self.scale is None else _as(self.scale, query)
+        if isinstance(scale, Tensor):
+            scale = scale.reshape(())
+        return ScoreForm(query * scale, key, None, None, "exp", "sum")
+
+    def __repr__(self) -> str:
+        return f"Softmax(scale={_fmt(self.scale)})"
+
+
+class Gaussian(Affinity):
+    """Gaussian affinity ``f = exp(-|q/b - k/b|^2 / 2)`` with a per-dimension bandwidth b.
+
+    This is the dense-CRF kernel (features pre-divided by theta) and the non-local-means weight.
+
+    Args:
+        bandwidth: scalar or (d,) tensor of per-dimension bandwidths (> 0). A tensor is trainable.
+        normalize: True for ``C = sum_j f`` (a normalised filter, as non-local means); False for
+            ``C = 1`` (the raw Gaussian sum of the dense-CRF message).
+    """
+
+    kernel = "exp"
+
+    def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True):
+        _check_scalar("Gaussian(bandwidth)", bandwidth, positive=True)
+        if isinstance(bandwidth, Tensor) and bandwidth.dim() > 1:
+            raise ValueError(f"Gaussian(bandwidth) must be a scalar or (d,), got shape {tuple(bandwidth.shape)}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"Gaussian(normalize) must be a bool, got {type(normalize).__name__}")
+        self.bandwidth = bandwidth
+        self.normalize = normalize
+        self.norm = "sum" if normalize else "none"
+
+    def validate(self, query: Tensor, key: Tensor) -> None:
+        b = self.bandwidth
+        if isinstance(b, Tensor) and b.dim() == 1 and b.shape[0] not in (1, query.shape[-1]):
+            raise ValueError(
+                f"Gaussian(bandwidth) has {b.shape[0]} entries but the features have d={query.shape[-1]}"
+            )
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.bandwidth,) if isinstance(self.bandwidth, Tensor) else ()
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+        b = _as(self.bandwidth, query)
+        q, k = query / b, key / b
+        col = -0.5 * (k * k).sum(-1)
+        # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
+        # dropping it keeps the logits small and loses nothing, values and gradients alike.
+        row = None if self.normalize else -0.5 * (q * q).sum(-1)
+        return ScoreForm(q, k, row, col, "exp", self.norm)
+
+    def __repr__(self) -> str:
+        return f"Gaussian(bandwidth={_fmt(self.bandwidth)}, normalize={self.normalize})"
+
+
+class DotProduct(Affinity):
+    """Dot-product affinity ``f = scale * q.k``, ``C = number of neighbours`` (Wang et al. 2018).
+
+    On the complete graph this is exactly ``scale * q (k^T v) / M``, which the ``algebra`` backend
+    computes in O(N d e) instead of O(N M d).
+    """
+
+    kernel, norm = "linear", "count"
+
+    def __init__(self, scale: Scalar = 1.0):
+        _check_scalar("DotProduct(scale)", scale, positive=False)
+        self.scale = scale
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.scale,) if isinstance(self.scale, Tensor) else ()
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+        scale = _as(self.scale, query)
+        if isinstance(scale, Tensor):
+            scale = scale.reshape(())
+        return ScoreForm(query * scale, key, None, None, "linear", "count")
+
+    def __repr__(self) -> str:
+        return f"DotProduct(scale={_fmt(self.scale)})"
+
+
+class Concatenation(Affinity):
+    """Concatenation affinity ``f = ReLU(w . [q_i, k_j] + b) = ReLU(w_q.q_i + w_k.k_j + b)``.
+
+    ``C = number of neighbours`` as in Wang et al. 2018. Summed exactly in O((N + M) log M) per
+    value channel by the ``algebra`` backend (keys sorted by w_k.k_j, prefix sums).
+
+    Args:
+        weight: (2d,) tensor, the first d entries act on the query, the last d on the key
+            (the layout of a 1x1 convolution over the concatenated features).
+        bias: optional scalar bias b.
+    """
+
+    kernel, norm = "relu", "count"
+
+    def __init__(self, weight: Tensor, bias: Optional[Scalar] = None):
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"Concatenation(weight) must be a tensor, got {type(weight).__name__}")
+        if weight.dim() != 1 or weight.shape[0] % 2 or weight.shape[0] == 0:
+            raise ValueError(f"Concatenation(weight) must have shape (2*d,), got {tuple(weight.shape)}")
+        _check_scalar("Concatenation(weight)", weight, positive=False)
+        if bias is not None:
+            _check_scalar("Concatenation(bias)", bias, positive=False)
+        self.weight = weight
+        self.bias = bias
+
+    def validate(self, query: Tensor, key: Tensor) -> None:
+        if self.weight.shape[0] != 2 * query.shape[-1]:
+            raise ValueError(
+                f"Concatenation(weight) has shape {tuple(self.weight.shape)}, expected (2*d,) = "
+                f"({2 * query.shape[-1]},) for query of shape {tuple(query.shape)}"
+            )
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        extra = (self.bias,) if isinstance(self.bias, Tensor) else ()
+        return (self.weight,) + extra
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+        w = _as(self.weight, query)
+        d = query.shape[-1]
+        row = query @ w[:d]
+        if self.bias is not None:
+            row = row + (_as(self.bias, query).reshape(()) if isinstance(self.bias, Tensor) else self.bias)
+        col = key @ w[d:]
+        return ScoreForm(None, None, row, col, "relu", "count")
+
+    def __repr__(self) -> str:
+        return f"Concatenation(weight={_fmt(self.weight)}, bias={_fmt(self.bias)})"
+
+
+class EdgeWeighted(Affinity):
+    """Per-edge weights: ``f'_ij = w_ij * f(q_i, k_j)`` for a base affinity.
+
+    Args:
+        base: the affinity to weight.
+        weight: non-negative weights, either dense (..., N, M) (broadcastable, like an SDPA mask)
+            or (E,), one per edge of an :class:`nlgraph.graph.EdgeIndex` graph. Zero removes an
+            edge. Dense weights receive gradients on every backend; per-edge (E,) weights on the
+            ``reference`` backend (others say so in their capability check).
+
+    With the count normalisation (DotProduct, Concatenation) C_i = sum_j w_ij, so integer weights
+    behave exactly like repeated edges. Internally the weights become an additive log-weight on the
+    scores, the same channel an SDPA float ``attn_mask`` uses.
+    """
+
+    def __init__(self, base: Affinity, weight: Tensor):
+        if not isinstance(base, Affinity) or isinstance(base, EdgeWeighted):
+            raise TypeError(f"EdgeWeighted(base) must be a non-weighted Affinity, got {base!r}")
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError("EdgeWeighted(weight) must be a floating-point tensor")
+        if weight.numel() == 0:
+            raise ValueError(f"EdgeWeighted(weight) must not be empty, got shape {tuple(weight.shape)}")
+        wd = weight.detach()
+        if not torch.isfinite(wd).all() or (wd < 0).any():
+            raise ValueError("EdgeWeighted(weight) must be finite and >= 0")
+        self.base = base
+        self.weight = weight
+        self.kernel = base.kernel
+        self.norm = base.norm
+
+    def validate(self, query: Tensor, key: Tensor) -> None:
+        self.base.validate(query, key)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.base.tensors() + (self.weight,)
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+        return self.base.form(query, key)
+
+    def __repr__(self) -> str:
+        return f"EdgeWeighted({self.base!r}, weight={tuple(self.weight.shape)})"

@@ -1,0 +1,83 @@
+"""The ``algebra`` backend: exact closed forms that beat brute force.
+
+* ``DotProduct`` on the complete graph: ``y = s q (k^T v) / M`` in O((N + M) d e) instead of
+  O(N M d). With ``ExcludeSelf``: ``y_i = (s q_i (k^T v) - s (q_i . k_i) v_i) / (M - 1)``.
+* ``Concatenation`` on the complete graph: with a_i = w_q.q_i + b and b_j = w_k.k_j,
+  ``sum_j ReLU(a_i + b_j) v_j = a_i sum_{b_j > -a_i} v_j + sum_{b_j > -a_i} b_j v_j``; sorting the
+  keys by b_j once turns both sums into prefix-sum look-ups found by binary search:
+  O((N + M) log M + (N + M) e). ``ExcludeSelf`` subtracts the i == j term.
+
+Both are exact (up to floating-point summation order); prefix sums are accumulated in float64 so
+the differences of large prefix sums do not cancel catastrophically. Gradients are plain autograd
+through these O((N + M) d e) expressions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..affinity import Concatenation, DotProduct
+from ..graph import Complete, ExcludeSelf
+from .common import compute_dtype
+
+__all__ = ["can_run", "run"]
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    if not isinstance(affinity, (DotProduct, Concatenation)):
+        return False, f"algebra has closed forms for DotProduct and Concatenation only, not {affinity!r}"
+    if graph is not None and not isinstance(graph, (Complete, ExcludeSelf)):
+        return False, f"algebra needs the complete graph or ExcludeSelf, not {graph!r}"
+    return True, ""
+
+
+def _exclude_self(graph) -> bool:
+    return isinstance(graph, ExcludeSelf)
+
+
+def _dot_product(query: Tensor, key: Tensor, value: Tensor, affinity: DotProduct, graph) -> Tensor:
+    f = affinity.form(query, key)
+    m = key.shape[-2]
+    kv = f.key.transpose(-1, -2) @ value  # (..., d, e)
+    y = f.query @ kv
+    if _exclude_self(graph):
+        y = y - (f.query * f.key).sum(-1, keepdim=True) * value
+        return y / (m - 1) if m > 1 else torch.zeros_like(y)
+    return y / m
+
+
+def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concatenation, graph) -> Tensor:
+    f = affinity.form(query, key)
+    a, b = f.row, f.col  # (..., N), (..., M)
+    m = key.shape[-2]
+    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1], value.shape[:-2])
+    a = a.expand(*lead, a.shape[-1])
+    b = b.expand(*lead, m)
+    v = value.expand(*lead, m, value.shape[-1])
+    acc = torch.float64
+    b_sorted, order = torch.sort(b, dim=-1)
+    v_sorted = torch.gather(v, -2, order[..., None].expand_as(v)).to(acc)
+    zero = torch.zeros(*lead, 1, v.shape[-1], dtype=acc, device=v.device)
+    pv = torch.cat([zero, v_sorted.cumsum(-2)], dim=-2)  # (..., M + 1, e)
+    pbv = torch.cat([zero, (b_sorted.to(acc)[..., None] * v_sorted).cumsum(-2)], dim=-2)
+    # keys with b_j > -a_i occupy sorted positions [idx_i, M)
+    idx = torch.searchsorted(b_sorted.detach().contiguous(), (-a).detach().contiguous(), right=True)
+    gi = idx[..., None].expand(*idx.shape, v.shape[-1])
+    s_v = pv[..., -1:, :] - torch.gather(pv, -2, gi)
+    s_bv = pbv[..., -1:, :] - torch.gather(pbv, -2, gi)
+    y = a.to(acc)[..., None] * s_v + s_bv
+    if _exclude_self(graph):
+        y = y - torch.relu(a + b).to(acc)[..., None] * v.to(acc)
+        return (y / (m - 1)).to(value.dtype) if m > 1 else torch.zeros_like(value)
+    return (y / m).to(value.dtype)
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+    cd = compute_dtype(query.dtype)
+    q, k, v = query.to(cd), key.to(cd), value.to(cd)
+    fn = _dot_product if isinstance(affinity, DotProduct) else _concatenation
+    y = fn(q, k, v, affinity, graph)
+    n = query.shape[-2]
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    return y.expand(*lead, n, value.shape[-1]).to(query.dtype)

@@ -1,0 +1,225 @@
+"""The ``chunked`` backend: pure PyTorch, tiled over queries and keys, never N x M.
+
+Forward walks key tiles for each query tile with an online (running-max) softmax, as
+FlashAttention does; backward recomputes each tile's scores from the saved log-sum-exp (or the
+saved normaliser for count-normalised affinities) and accumulates gradients tile by tile, so the
+extra memory is O((N + M) (d + e) + B tn tm) for B = batch x heads. Tiles whose graph block has
+no edge are skipped (local windows, criss-cross and k-NN graphs are block sparse).
+
+Everything is computed in fp32 for fp16/bf16 inputs and in the input dtype otherwise. This is
+the default backend on CPU and the fallback on every device.
+
+Options (``nlgraph.aggregate(..., backend="chunked", options={...})``):
+    block_n: queries per tile (default: chosen from the problem size).
+    block_m: keys per tile (default: chosen from the problem size).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .common import Problem, lower, tile_linear, tile_log_weights
+
+__all__ = ["can_run", "run", "default_blocks"]
+
+_NEG_INF = -math.inf
+
+#: Target number of score elements per tile (all batch entries together): ~16 MiB in fp32.
+TILE_ELEMENTS = 1 << 22
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    if graph is not None and graph.block_requires_grad:
+        return False, (
+            "chunked cannot differentiate per-edge weights of an EdgeIndex graph "
+            "(use backend='reference' or 'pyg', or detach the weights)"
+        )
+    return True, ""
+
+
+def default_blocks(batch: int, n: int, m: int) -> tuple[int, int]:
+    """Tile sizes: wide key tiles (fewer online rescalings), bounded total tile memory."""
+    bm = min(m, 1024)
+    bn = max(16, min(n, 512, TILE_ELEMENTS // max(1, batch * bm)))
+    return bn, bm
+
+
+def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
+    """(linear scores, validity mask, log-weights) of one tile."""
+    lin = tile_linear(p.form, i0, i1, j0, j1)
+    mask, logw = tile_log_weights(p.graph, p.bias, i0, i1, j0, j1, device, p.value.dtype)
+    return lin, mask, logw
+
+
+def _exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:
+    s = lin if logw is None else lin + logw
+    if mask is not None:
+        s = s.masked_fill(~mask, _NEG_INF)
+    return s
+
+
+def _edge_weights(mask: Optional[Tensor], logw: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    w = None if logw is None else torch.exp(logw)
+    if mask is not None:
+        w = mask.to(dtype) if w is None else w * mask
+    return w
+
+
+class _ChunkedAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fq, fk, row, col, bias, value, meta):
+        p: Problem = meta["problem"]
+        # The autograd inputs are the problem's own tensors; re-bind so tiles use exactly them.
+        bn, bm = meta["blocks"]
+        kernel, norm = p.form.kernel, p.form.norm
+        device, dtype = value.device, value.dtype
+        lead, n, m, e = p.lead, p.n, p.m, p.e
+        out = torch.empty(*lead, n, e, dtype=dtype, device=device)
+        # stat: log-sum-exp (exp/sum), running max (exp/none) or normaliser C (count).
+        stat = torch.empty(*lead, n, dtype=dtype, device=device)
+        for i0 in range(0, n, bn):
+            i1 = min(n, i0 + bn)
+            tn = i1 - i0
+            acc = torch.zeros(*lead, tn, e, dtype=dtype, device=device)
+            if kernel == "exp":
+                mx = torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device)
+                den = torch.zeros(*lead, tn, dtype=dtype, device=device)
+            else:
+                den = torch.zeros(*lead, tn, dtype=dtype, device=device)
+            for j0 in range(0, m, bm):
+                j1 = min(m, j0 + bm)
+                lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
+                if mask is not None and not bool(mask.any()):
+                    continue  # block-sparse graph: no edge in this tile
+                v = value[..., j0:j1, :]
+                if kernel == "exp":
+                    s = _exp_scores(lin, mask, logw)
+                    new = torch.maximum(mx, s.amax(-1))
+                    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+                    w = torch.exp(s - safe[..., None])
+                    alpha = torch.exp(mx - safe)
+                    den = den * alpha + w.sum(-1)
+                    acc = acc * alpha[..., None] + w @ v
+                    mx = new
+                else:
+                    g = torch.relu(lin) if kernel == "relu" else lin
+                    ew = _edge_weights(mask, logw, dtype)
+                    if ew is None:
+                        acc = acc + g @ v
+                        den = den + (j1 - j0)
+                    else:
+                        acc = acc + (g * ew) @ v
+                        den = den + ew.sum(-1).expand_as(den)
+            if kernel == "exp":
+                safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+                if norm == "sum":
+                    out[..., i0:i1, :] = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+                    stat[..., i0:i1] = torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF))
+                else:
+                    out[..., i0:i1, :] = acc * torch.exp(safe)[..., None]
+                    stat[..., i0:i1] = safe
+            else:
+                out[..., i0:i1, :] = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+                stat[..., i0:i1] = den
+        ctx.meta = meta
+        ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
+        meta = ctx.meta
+        p: Problem = meta["problem"]
+        bn, bm = meta["blocks"]
+        kernel, norm = p.form.kernel, p.form.norm
+        need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
+        device, dtype = value.device, value.dtype
+        lead, n, m, e = p.lead, p.n, p.m, p.e
+        dout = dout.to(dtype)
+
+        dq = torch.zeros(*lead, *fq.shape[-2:], dtype=dtype, device=device) if need_q else None
+        dk = torch.zeros(*lead, *fk.shape[-2:], dtype=dtype, device=device) if need_k else None
+        dr = torch.zeros(*lead, n, dtype=dtype, device=device) if need_r else None
+        dc = torch.zeros(*lead, m, dtype=dtype, device=device) if need_c else None
+        dv = torch.zeros(*lead, m, e, dtype=dtype, device=device) if need_v else None
+        db = torch.zeros_like(bias) if need_b else None
+        need_lin = need_q or need_k or need_r or need_c
+
+        for i0 in range(0, n, bn):
+            i1 = min(n, i0 + bn)
+            do = dout[..., i0:i1, :]
+            st = stat[..., i0:i1]
+            # D_i = dO_i . O_i (softmax and count normalisations).
+            dsum = (do * out[..., i0:i1, :]).sum(-1) if norm != "none" else None
+            if kernel == "exp":
+                base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
+            else:
+                inv = torch.where(st > 0, 1.0 / torch.where(st > 0, st, torch.ones_like(st)), torch.zeros_like(st))
+            for j0 in range(0, m, bm):
+                j1 = min(m, j0 + bm)
+                lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
+                if mask is not None and not bool(mask.any()):
+                    continue
+                v = value[..., j0:j1, :]
+                dp = do @ v.transpose(-1, -2)
+                if kernel == "exp":
+                    s = _exp_scores(lin, mask, logw)
+                    if norm == "none":
+                        prob = torch.exp(s)  # C = 1: the raw kernel value
+                        dlin = prob * dp
+                    else:
+                        prob = torch.exp(s - base[..., None])  # exp(s) / C from the saved log-sum-exp
+                        dlin = prob * (dp - dsum[..., None])
+                    dlogw = dlin
+                    if need_v:
+                        dv[..., j0:j1, :] += prob.transpose(-1, -2) @ do
+                else:
+                    g = torch.relu(lin) if kernel == "relu" else lin
+                    ew = _edge_weights(mask, logw, dtype)
+                    a = inv[..., None] if ew is None else ew * inv[..., None]
+                    if need_v:
+                        dv[..., j0:j1, :] += (g * a).transpose(-1, -2) @ do
+                    if need_lin:
+                        dlin = a * dp
+                        if kernel == "relu":
+                            dlin = dlin * (lin > 0)
+                    if need_b:
+                        dlogw = ew * (g * dp - dsum[..., None]) * inv[..., None]
+                if need_lin:
+                    if need_q:
+                        dq[..., i0:i1, :] += dlin @ fk[..., j0:j1, :]
+                    if need_k:
+                        dk[..., j0:j1, :] += dlin.transpose(-1, -2) @ fq[..., i0:i1, :]
+                    if need_r:
+                        dr[..., i0:i1] += dlin.sum(-1)
+                    if need_c:
+                        dc[..., j0:j1] += dlin.sum(-2)
+                if need_b:
+                    rows = slice(0, 1) if bias.shape[-2] == 1 else slice(i0, i1)
+                    cols = slice(0, 1) if bias.shape[-1] == 1 else slice(j0, j1)
+                    target = db[..., rows, cols]
+                    target += dlogw.sum_to_size(target.shape)
+
+        def reduce(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+            return None if grad is None else grad.sum_to_size(like.shape)
+
+        return (reduce(dq, fq), reduce(dk, fk), reduce(dr, row), reduce(dc, col), db, reduce(dv, value), None)
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, block_n: Optional[int] = None,
+        block_m: Optional[int] = None) -> Tensor:
+    for name, val in (("block_n", block_n), ("block_m", block_m)):
+        if val is not None and (not isinstance(val, int) or val < 1):
+            raise ValueError(f"chunked option {name} must be a positive int, got {val!r}")
+    p = lower(query, key, value, affinity, graph)
+    batch = math.prod(p.lead)
+    bn, bm = default_blocks(batch, p.n, p.m)
+    bn, bm = block_n or bn, block_m or bm
+    f = p.form
+    out = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value,
+                                  {"problem": p, "blocks": (bn, bm)})
+    return out.to(query.dtype)

@@ -1,0 +1,99 @@
+"""Tile-level pieces shared by the PyTorch backends: the lowered problem and one tile's scores.
+
+Nothing here aggregates; the reference backend evaluates one tile covering everything with
+autograd, the chunked backend loops over tiles with its own backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..affinity import Affinity, ScoreForm
+from ..graph import Graph, _slice_rows_cols
+
+__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp16/bf16 are computed in fp32; fp32/fp64 in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def safe_log(w: Tensor) -> Tensor:
+    """log(w) with log(0) = -inf and a zero (not NaN) gradient at w = 0."""
+    pos = w > 0
+    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -math.inf))
+
+
+@dataclass
+class Problem:
+    """An aggregation lowered to the canonical form, in the compute dtype."""
+
+    form: ScoreForm
+    value: Tensor
+    bias: Optional[Tensor]
+    graph: Optional[Graph]
+    lead: tuple[int, ...]
+    n: int
+    m: int
+    e: int
+
+
+def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph]) -> Problem:
+    """Lower (q, k, v, affinity, graph) to a :class:`Problem` in the compute dtype."""
+    cd = compute_dtype(query.dtype)
+    form = affinity.form(query.to(cd), key.to(cd))
+    bias = graph.dense_bias() if graph is not None else None
+    if bias is not None:
+        bias = bias.to(cd)
+    if graph is not None and graph.is_complete:
+        graph = None
+    n, m, e = query.shape[-2], key.shape[-2], value.shape[-1]
+    shapes = [query.shape[:-2], key.shape[:-2], value.shape[:-2]]
+    if bias is not None:
+        shapes.append(bias.shape[:-2])
+    if graph is not None:
+        shapes.append(torch.Size(graph.lead_shape))
+    lead = tuple(torch.broadcast_shapes(*shapes))
+    return Problem(form, value.to(cd), bias, graph, lead, n, m, e)
+
+
+def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """``q'_i . k'_j + r_i + c_j`` for queries [i0, i1) and keys [j0, j1): (..., tn, tm)."""
+    s: Optional[Tensor] = None
+    if form.query is not None:
+        s = form.query[..., i0:i1, :] @ form.key[..., j0:j1, :].transpose(-1, -2)
+    if form.row is not None:
+        r = form.row[..., i0:i1, None]
+        s = r if s is None else s + r
+    if form.col is not None:
+        c = form.col[..., None, j0:j1]
+        s = c if s is None else s + c
+    return s
+
+
+def tile_log_weights(graph: Optional[Graph], bias: Optional[Tensor], i0: int, i1: int, j0: int, j1: int,
+                     device: torch.device, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The graph's tile as (bool mask or None, additive log-weight or None).
+
+    A float block (edge multiplicities/weights) becomes a log-weight with -inf for "no edge";
+    the dense bias slice is added on top.
+    """
+    mask: Optional[Tensor] = None
+    logw: Optional[Tensor] = None
+    if graph is not None:
+        blk = graph.block(i0, i1, j0, j1, device)
+        if blk is not None:
+            if blk.dtype == torch.bool:
+                mask = blk
+            else:
+                logw = safe_log(blk.to(dtype))
+    if bias is not None:
+        b = _slice_rows_cols(bias, i0, i1, j0, j1)
+        logw = b if logw is None else logw + b
+    return mask, logw

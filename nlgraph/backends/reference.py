@@ -1,0 +1,55 @@
+"""The ``reference`` backend: materialises the full (..., N, M) score matrix, plain autograd.
+
+It is the oracle the other backends are tested against (besides formulas written in the tests)
+and the fallback for cases nothing else runs (e.g. gradients w.r.t. per-edge weights of an
+``EdgeIndex`` graph). Memory is O(N M): use it for small problems only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .common import lower, tile_linear, tile_log_weights
+
+__all__ = ["can_run", "run"]
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    return True, ""
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+    p = lower(query, key, value, affinity, graph)
+    f = p.form
+    lin = tile_linear(f, 0, p.n, 0, p.m)
+    mask, logw = tile_log_weights(p.graph, p.bias, 0, p.n, 0, p.m, query.device, p.value.dtype)
+    if f.kernel == "exp":
+        s = lin if logw is None else lin + logw
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf)
+        if f.norm == "sum":
+            mx = s.detach().amax(-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            w = torch.exp(s - mx)
+            den = w.sum(-1, keepdim=True)
+        else:
+            w = torch.exp(s)
+            den = None
+    else:
+        g = torch.relu(lin) if f.kernel == "relu" else lin
+        ew = None if logw is None else torch.exp(logw)
+        if mask is not None:
+            ew = mask.to(g.dtype) if ew is None else ew * mask
+        if ew is None:
+            w = g
+            den = torch.full(g.shape[:-1] + (1,), float(p.m), dtype=g.dtype, device=g.device)
+        else:
+            w = g * ew
+            den = ew.sum(-1, keepdim=True).expand(*w.shape[:-1], 1)
+    out = w @ p.value
+    if den is not None:
+        out = out / torch.where(den > 0, den, torch.ones_like(den))
+    return out.expand(*p.lead, p.n, p.e).to(query.dtype)

@@ -1,0 +1,155 @@
+"""The core op: ``y_i = (1 / C_i) sum_{j in N(i)} f(q_i, k_j) v_j``.
+
+:func:`aggregate` validates every argument once, lowers per-edge weights into the graph and hands
+the case to the one dispatch point. Nothing below it re-validates.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .affinity import Affinity, EdgeWeighted, Softmax
+from .backends.common import safe_log
+from .dispatch import select_backend
+from .graph import Complete, EdgeIndex, Graph, Mask
+
+__all__ = ["aggregate", "validate_inputs", "lower_edge_weights"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any) -> None:
+    """Check shapes, dtypes, devices and values; raise TypeError/ValueError naming the argument."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not query.device == key.device == value.device:
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    for name, t, dims in (("query", query, "(..., N, d)"), ("key", key, "(..., M, d)"), ("value", value, "(..., M, e)")):
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape {dims}, got {_shape(t)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {_shape(t)}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same feature width d, got query {_shape(query)} and key {_shape(key)}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same number of keys M, got key {_shape(key)} and value {_shape(value)}"
+        )
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"leading (batch) dims of query {_shape(query)}, key {_shape(key)} and value {_shape(value)} "
+            f"do not broadcast"
+        ) from None
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf (shape {_shape(t)})")
+
+    if not isinstance(affinity, Affinity):
+        raise TypeError(f"affinity must be an nlgraph.affinity.Affinity, got {type(affinity).__name__}")
+    for t in affinity.tensors():
+        if t.device != query.device:
+            raise ValueError(f"{affinity!r} has a parameter on {t.device} but the inputs are on {query.device}")
+    affinity.validate(query, key)
+
+    if graph is not None:
+        if not isinstance(graph, Graph):
+            raise TypeError(f"graph must be None or an nlgraph.graph.Graph, got {type(graph).__name__}")
+        n, m = query.shape[-2], key.shape[-2]
+        graph.validate(n, m, query.device)
+        try:
+            torch.broadcast_shapes(lead, torch.Size(graph.lead_shape))
+        except RuntimeError:
+            raise ValueError(
+                f"graph {graph!r} has leading dims {graph.lead_shape} that do not broadcast with the inputs' "
+                f"{tuple(lead)}"
+            ) from None
+
+
+def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: int) -> tuple[Affinity, Optional[Graph]]:
+    """Turn ``EdgeWeighted`` into graph data: (E,) weights onto an EdgeIndex, dense ones into a log-mask."""
+    if not isinstance(affinity, EdgeWeighted):
+        return affinity, graph
+    w = affinity.weight
+    if w.dim() == 1:
+        if not isinstance(graph, EdgeIndex):
+            raise ValueError(
+                f"EdgeWeighted(weight) of shape {tuple(w.shape)} is per edge and needs an EdgeIndex graph, got {graph!r}"
+            )
+        if w.shape[0] != graph.edge_index.shape[1]:
+            raise ValueError(
+                f"EdgeWeighted(weight) has {w.shape[0]} entries but the EdgeIndex graph has {graph.edge_index.shape[1]} edges"
+            )
+        total = w if graph.edge_weight is None else w * graph.edge_weight
+        return affinity.base, EdgeIndex(graph.edge_index, edge_weight=total, size=graph.size)
+    if w.shape[-2] not in (1, n) or w.shape[-1] not in (1, m):
+        raise ValueError(
+            f"EdgeWeighted(weight) has shape {tuple(w.shape)}; dense weights must be (..., N, M) = (..., {n}, {m}) "
+            f"or broadcast to it"
+        )
+    log_w = Mask(safe_log(w))
+    return affinity.base, log_w if graph is None else graph & log_w
+
+
+def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
+              graph: Optional[Graph] = None, backend: str = "auto",
+              options: Optional[Mapping[str, Any]] = None) -> Tensor:
+    """Message passing over a graph: ``y_i = (1 / C_i) sum_{j in N(i)} f(q_i, k_j) v_j``.
+
+    Shapes follow :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        query: (..., N, d) query features q_i (float16/bfloat16/float32/float64).
+        key: (..., M, d) key features k_j, same dtype and device.
+        value: (..., M, e) messages g(x_j) = v_j.
+        affinity: f and C, an :mod:`nlgraph.affinity` object; default ``Softmax()`` (attention).
+        graph: the neighbourhoods N(i), an :mod:`nlgraph.graph` object; default complete.
+            Leading dims of query, key, value and the graph broadcast.
+        backend: ``"auto"`` (first capable backend in priority order) or a name from
+            :func:`nlgraph.dispatch.backend_names`; a forced backend that cannot run the case raises
+            :class:`nlgraph.dispatch.BackendError` with its reason.
+        options: backend-specific keyword options (e.g. ``{"block_n": 64}`` for ``chunked``).
+
+    Returns:
+        (..., N, e) tensor in the input dtype. A query with no neighbour (all masked) gets zeros.
+
+    Raises:
+        TypeError: wrong argument types or dtypes (named in the message).
+        ValueError: inconsistent shapes, devices, empty or non-finite inputs (shapes in the message).
+    """
+    affinity = Softmax() if affinity is None else affinity
+    validate_inputs(query, key, value, affinity, graph)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a mapping of backend options, got {type(options).__name__}")
+    affinity, graph = lower_edge_weights(affinity, graph, query.shape[-2], key.shape[-2])
+    if isinstance(graph, Complete):
+        graph = None
+    name, mod = select_backend(query, key, value, affinity, graph, backend)
+    opts = dict(options or {})
+    if opts:
+        accepted = [k for k in inspect.signature(mod.run).parameters][5:]
+        unknown = sorted(set(opts) - set(accepted))
+        if unknown:
+            raise TypeError(f"backend {name!r} does not take option(s) {unknown}; it accepts {accepted}")
+    return mod.run(query, key, value, affinity, graph, **opts)

@@ -1,0 +1,75 @@
+"""The one dispatch point: a registry of backends walked in priority order.
+
+Each backend is a module exposing ``can_run(query, key, value, affinity, graph) -> (bool, reason)``
+and ``run(query, key, value, affinity, graph, **options)``. Registering one is one line in
+``nlgraph/backends/__init__.py``; modules are imported on first use, so a backend whose optional
+dependency is missing costs nothing until asked for (its ``can_run`` says what is missing).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Optional
+
+from torch import Tensor
+
+from .affinity import Affinity
+from .graph import Graph
+
+__all__ = ["register", "backend_names", "get_backend", "compatible_backends", "select_backend", "BackendError"]
+
+_REGISTRY: dict[str, str] = {}  # name -> module path; insertion order is the automatic priority
+_MODULES: dict[str, ModuleType] = {}
+
+
+class BackendError(ValueError):
+    """Raised when a requested backend cannot run the given combination."""
+
+
+def register(name: str, module: str) -> None:
+    """Register a backend module under ``name`` (later registrations have lower priority)."""
+    _REGISTRY[name] = module
+
+
+def backend_names() -> list[str]:
+    """All registered backends, in automatic-selection priority order."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> ModuleType:
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
+    if name not in _MODULES:
+        _MODULES[name] = importlib.import_module(_REGISTRY[name])
+    return _MODULES[name]
+
+
+def _describe(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph]) -> str:
+    return (f"affinity={affinity!r}, graph={graph!r}, device={query.device.type}, dtype={query.dtype}, "
+            f"query={tuple(query.shape)}, key={tuple(key.shape)}, value={tuple(value.shape)}")
+
+
+def compatible_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
+                        graph: Optional[Graph]) -> list[str]:
+    """Names of the backends that can run this case (tests parametrise over it)."""
+    return [name for name in _REGISTRY if get_backend(name).can_run(query, key, value, affinity, graph)[0]]
+
+
+def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
+                   backend: str = "auto") -> tuple[str, ModuleType]:
+    """Pick the backend: the forced one (with its exact reason if it cannot run), or the first able one."""
+    if backend != "auto":
+        mod = get_backend(backend)
+        ok, reason = mod.can_run(query, key, value, affinity, graph)
+        if not ok:
+            raise BackendError(f"backend={backend!r} cannot run {_describe(query, key, value, affinity, graph)}: {reason}")
+        return backend, mod
+    reasons = []
+    for name in _REGISTRY:
+        mod = get_backend(name)
+        ok, reason = mod.can_run(query, key, value, affinity, graph)
+        if ok:
+            return name, mod
+        reasons.append(f"{name}: {reason}")
+    raise BackendError(f"no backend can run {_describe(query, key, value, affinity, graph)}; " + "; ".join(reasons))

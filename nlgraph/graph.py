@@ -1,0 +1,468 @@
+"""Graph descriptions: which keys j each query i aggregates over (N(i) in the core formula).
+
+A graph never materialises N x M on its own: backends ask it for one tile at a time with
+:meth:`Graph.block`, which answers with
+
+* ``None``  - every (i, j) in the tile is an edge,
+* a bool tensor (..., tn, tm) - True where (i, j) is an edge,
+* a float tensor (..., tn, tm) - a non-negative multiplicity/weight per edge, 0 where there is none.
+
+plus, for graphs that carry trainable additive logits (an SDPA-style float mask), one dense
+differentiable tensor from :meth:`Graph.dense_bias`. Graphs compose with ``&`` (edge sets
+intersect, biases add).
+
+Node order for grid graphs is row-major (C order) over ``shape``, i.e. the order of
+``x.flatten(2)`` for an image ``x`` of shape (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Graph",
+    "Complete",
+    "Mask",
+    "ExcludeSelf",
+    "LocalWindow",
+    "CrissCross",
+    "KNN",
+    "EdgeIndex",
+    "Intersection",
+]
+
+Block = Optional[Tensor]
+
+
+def _slice_rows_cols(t: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """Slice the last two dims of a tensor that may broadcast (size 1) along them."""
+    rows = slice(0, 1) if t.shape[-2] == 1 else slice(i0, i1)
+    cols = slice(0, 1) if t.shape[-1] == 1 else slice(j0, j1)
+    return t[..., rows, cols]
+
+
+def combine_blocks(a: Block, b: Block) -> Block:
+    """Intersect two blocks (None = all edges, bool = mask, float = multiplicative weights)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    if a.dtype == torch.bool:
+        a, b = b, a
+    # a is float weights here
+    if b.dtype == torch.bool:
+        return a * b.to(a.dtype)
+    return a * b
+
+
+class Graph:
+    """Base class of graph descriptions.
+
+    Subclasses implement :meth:`validate` and :meth:`block`; graphs with trainable logits also
+    :meth:`dense_bias`.
+    """
+
+    #: True when the graph is the complete graph (no block ever restricts anything).
+    is_complete: bool = False
+
+    def validate(self, n: int, m: int, device: torch.device) -> None:
+        """Raise ValueError if the graph cannot describe N=n queries and M=m keys on ``device``."""
+
+    @property
+    def lead_shape(self) -> tuple[int, ...]:
+        """Leading (batch) dims of the graph's blocks; () when shared by the whole batch."""
+        return ()
+
+    def block(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Block:  # pragma: no cover
+        raise NotImplementedError
+
+    def dense_bias(self) -> Optional[Tensor]:
+        """A dense additive log-weight (..., N|1, M|1) with gradients, or None."""
+        return None
+
+    @property
+    def block_requires_grad(self) -> bool:
+        """True when :meth:`block` returns tensors that should receive gradients."""
+        return False
+
+    def dense(self, n: int, m: int, device: Union[str, torch.device] = "cpu") -> Tensor:
+        """The edge set as a dense bool (..., n, m) tensor (small graphs, tests and conversions)."""
+        device = torch.device(device)
+        self.validate(n, m, device)
+        b = self.block(0, n, 0, m, device)
+        if b is None:
+            return torch.ones(n, m, dtype=torch.bool, device=device)
+        return b if b.dtype == torch.bool else b > 0
+
+    def __and__(self, other: "Graph") -> "Graph":
+        if not isinstance(other, Graph):
+            return NotImplemented
+        return Intersection([self, other])
+
+
+class Complete(Graph):
+    """Every query sees every key (the non-local block and plain attention)."""
+
+    is_complete = True
+
+    def block(self, i0, i1, j0, j1, device):
+        return None
+
+    def __repr__(self) -> str:
+        return "Complete()"
+
+
+class Mask(Graph):
+    """A dense mask with the semantics of SDPA's ``attn_mask``.
+
+    Args:
+        mask: bool (..., N, M) (broadcastable; True = edge, as in
+            :func:`torch.nn.functional.scaled_dot_product_attention`) or float (..., N, M): an
+            additive log-weight on the scores (-inf removes the edge), which receives gradients.
+            For the count-normalised affinities a float mask b weights edges by exp(b).
+    """
+
+    def __init__(self, mask: Tensor):
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"Mask(mask) must be a tensor, got {type(mask).__name__}")
+        if mask.dim() < 2:
+            raise ValueError(f"Mask(mask) must have at least 2 dims (..., N, M), got shape {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"Mask(mask) must be bool or floating point, got {mask.dtype}")
+        if mask.numel() == 0:
+            raise ValueError(f"Mask(mask) must not be empty, got shape {tuple(mask.shape)}")
+        if mask.is_floating_point():
+            md = mask.detach()
+            if torch.isnan(md).any() or (md == math.inf).any():
+                raise ValueError("Mask(mask) float entries must be finite or -inf (no NaN, no +inf)")
+        self.mask = mask
+
+    def validate(self, n, m, device):
+        rows, cols = self.mask.shape[-2:]
+        if rows not in (1, n) or cols not in (1, m):
+            raise ValueError(
+                f"Mask(mask) has shape {tuple(self.mask.shape)}; its last two dims must be (N, M) = ({n}, {m}) "
+                f"or broadcast to them"
+            )
+        if self.mask.device != device:
+            raise ValueError(f"Mask(mask) is on {self.mask.device} but the inputs are on {device}")
+
+    @property
+    def lead_shape(self):
+        return tuple(self.mask.shape[:-2])
+
+    def block(self, i0, i1, j0, j1, device):
+        if self.mask.dtype != torch.bool:
+            return None  # float masks live in dense_bias()
+        return _slice_rows_cols(self.mask, i0, i1, j0, j1)
+
+    def dense_bias(self):
+        return self.mask if self.mask.is_floating_point() else None
+
+    def __repr__(self) -> str:
+        return f"Mask({self.mask.dtype}, shape={tuple(self.mask.shape)})"
+
+
+class ExcludeSelf(Graph):
+    """Every key except the query itself (j != i): the dense-CRF message. Needs N == M."""
+
+    def validate(self, n, m, device):
+        if n != m:
+            raise ValueError(f"ExcludeSelf needs as many queries as keys, got N={n}, M={m}")
+
+    def block(self, i0, i1, j0, j1, device):
+        if i1 <= j0 or j1 <= i0:
+            return None  # the tile does not touch the diagonal
+        i = torch.arange(i0, i1, device=device)
+        j = torch.arange(j0, j1, device=device)
+        return i[:, None] != j[None, :]
+
+    def __repr__(self) -> str:
+        return "ExcludeSelf()"
+
+
+def _grid_coords(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    axes = [torch.arange(s, device=device) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def _check_grid_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    shape = tuple(shape)
+    if not 1 <= len(shape) <= 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"{name}(shape) must be 1 to 3 positive ints, got {shape}")
+    return shape
+
+
+class _GridGraph(Graph):
+    def __init__(self, shape):
+        self.shape = _check_grid_shape(type(self).__name__, shape)
+        self.num_nodes = math.prod(self.shape)
+        self._coords: dict[torch.device, Tensor] = {}
+
+    def coords(self, device: torch.device) -> Tensor:
+        if device not in self._coords:
+            self._coords[device] = _grid_coords(self.shape, device)
+        return self._coords[device]
+
+    def validate(self, n, m, device):
+        if n != self.num_nodes or m != self.num_nodes:
+            raise ValueError(
+                f"{type(self).__name__}(shape={self.shape}) has {self.num_nodes} nodes but got N={n} queries "
+                f"and M={m} keys"
+            )
+
+
+class LocalWindow(_GridGraph):
+    """Neighbours within a (2r+1)^D window on a 1d/2d/3d grid (Chebyshev distance <= radius).
+
+    Args:
+        shape: grid shape, e.g. (H, W) or (T, H, W); N = M = prod(shape), row-major.
+        radius: int or one int per axis (>= 0). The window is clipped at the borders.
+    """
+
+    def __init__(self, shape: Sequence[int], radius: Union[int, Sequence[int]]):
+        super().__init__(shape)
+        r = (radius,) * len(self.shape) if isinstance(radius, int) else tuple(radius)
+        if len(r) != len(self.shape) or not all(isinstance(x, int) and x >= 0 for x in r):
+            raise ValueError(f"LocalWindow(radius) must be an int >= 0 or {len(self.shape)} of them, got {radius}")
+        self.radius = r
+        self._radius_t: dict[torch.device, Tensor] = {}
+
+    def block(self, i0, i1, j0, j1, device):
+        c = self.coords(device)
+        if device not in self._radius_t:
+            self._radius_t[device] = torch.tensor(self.radius, device=device)
+        diff = (c[i0:i1, None, :] - c[None, j0:j1, :]).abs()
+        return (diff <= self._radius_t[device]).all(-1)
+
+    def __repr__(self) -> str:
+        return f"LocalWindow(shape={self.shape}, radius={self.radius})"
+
+
+class CrissCross(_GridGraph):
+    """CCNet's criss-cross graph on an (H, W) grid: keys in the query's row or column (self once)."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__(shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"CrissCross(shape) must be (H, W), got {self.shape}")
+
+    def block(self, i0, i1, j0, j1, device):
+        c = self.coords(device)
+        ci, cj = c[i0:i1, None, :], c[None, j0:j1, :]
+        return (ci == cj).any(-1)
+
+    def __repr__(self) -> str:
+        return f"CrissCross(shape={self.shape})"
+
+
+class KNN(Graph):
+    """A fixed fan-in graph: query i aggregates over the keys ``index[..., i, :]``.
+
+    Args:
+        index: int64 (..., N, k) key indices; -1 marks padding (fewer than k neighbours).
+            Repeated indices count once.
+        num_keys: M, if known (checked against the inputs).
+
+    Use :meth:`KNN.from_points` to build the k nearest neighbours of point sets.
+    """
+
+    def __init__(self, index: Tensor, num_keys: Optional[int] = None):
+        if not isinstance(index, Tensor) or index.dtype not in (torch.int64, torch.int32):
+            raise TypeError("KNN(index) must be an int64/int32 tensor of shape (..., N, k)")
+        if index.dim() < 2 or index.numel() == 0:
+            raise ValueError(f"KNN(index) must have shape (..., N, k) with N, k > 0, got {tuple(index.shape)}")
+        self.index = index.long()
+        self.num_keys = num_keys
+        lo, hi = int(self.index.min()), int(self.index.max())
+        if lo < -1:
+            raise ValueError(f"KNN(index) entries must be >= -1 (-1 = padding), found {lo}")
+        self._max = hi
+
+    @classmethod
+    def from_points(cls, query_points: Tensor, key_points: Optional[Tensor] = None, k: int = 8,
+                    exclude_self: bool = False, chunk: int = 1024) -> "KNN":
+        """k nearest keys (Euclidean) of each query point, computed in chunks (never N x M).
+
+        Args:
+            query_points: (..., N, p) coordinates of the queries.
+            key_points: (..., M, p) coordinates of the keys; defaults to ``query_points``.
+            k: neighbours per query (clipped to M, or M - 1 with ``exclude_self``).
+            exclude_self: drop j == i (only when keys are the queries).
+            chunk: queries per distance tile.
+        """
+        if not isinstance(query_points, Tensor) or not query_points.is_floating_point():
+            raise TypeError("KNN.from_points(query_points) must be a floating-point tensor (..., N, p)")
+        same = key_points is None
+        key_points = query_points if same else key_points
+        if not isinstance(key_points, Tensor) or not key_points.is_floating_point():
+            raise TypeError("KNN.from_points(key_points) must be a floating-point tensor (..., M, p)")
+        if query_points.dim() < 2 or key_points.dim() < 2 or query_points.shape[-1] != key_points.shape[-1]:
+            raise ValueError(
+                f"KNN.from_points: points must be (..., N, p) and (..., M, p), got {tuple(query_points.shape)} "
+                f"and {tuple(key_points.shape)}"
+            )
+        if exclude_self and not same:
+            raise ValueError("KNN.from_points(exclude_self=True) needs key_points=None (keys are the queries)")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"KNN.from_points(k) must be a positive int, got {k}")
+        n, m = query_points.shape[-2], key_points.shape[-2]
+        k_eff = min(k, m - 1 if exclude_self else m)
+        if k_eff < 1:
+            raise ValueError(f"KNN.from_points: no neighbour possible with M={m} and exclude_self={exclude_self}")
+        qp, kp = query_points.detach(), key_points.detach()
+        out = []
+        for i0 in range(0, n, chunk):
+            i1 = min(n, i0 + chunk)
+            d2 = torch.cdist(qp[..., i0:i1, :], kp).pow(2)
+            if exclude_self:
+                idx = torch.arange(i0, i1, device=d2.device)
+                d2[..., idx - i0, idx] = math.inf
+            out.append(d2.topk(k_eff, dim=-1, largest=False).indices)
+        return cls(torch.cat(out, dim=-2), num_keys=m)
+
+    def validate(self, n, m, device):
+        if self.index.shape[-2] != n:
+            raise ValueError(f"KNN(index) has shape {tuple(self.index.shape)} but there are N={n} queries")
+        if self._max >= m or (self.num_keys is not None and self.num_keys != m):
+            raise ValueError(f"KNN(index) refers to key {self._max} (num_keys={self.num_keys}) but there are M={m} keys")
+        if self.index.device != device:
+            raise ValueError(f"KNN(index) is on {self.index.device} but the inputs are on {device}")
+
+    @property
+    def lead_shape(self):
+        return tuple(self.index.shape[:-2])
+
+    def block(self, i0, i1, j0, j1, device):
+        idx = self.index[..., i0:i1, :]
+        local = idx - j0
+        valid = (idx >= j0) & (idx < j1)
+        counts = torch.zeros(*idx.shape[:-1], j1 - j0, dtype=torch.int32, device=device)
+        counts.scatter_add_(-1, local.clamp(0, j1 - j0 - 1), valid.to(torch.int32))
+        return counts > 0
+
+    def __repr__(self) -> str:
+        return f"KNN(index={tuple(self.index.shape)})"
+
+
+class EdgeIndex(Graph):
+    """An explicit graph as in PyG: ``edge_index[0]`` = source j (key), ``edge_index[1]`` = target i (query).
+
+    Args:
+        edge_index: int64 (2, E). Repeated edges add up (as PyG's sum aggregation does): with
+            the softmax they count twice in numerator and denominator, with the count
+            normalisation twice in C.
+        edge_weight: optional (E,) non-negative weights (multiply f; 0 removes the edge).
+        size: optional (M, N) = (number of source nodes, number of target nodes), checked against
+            the inputs.
+    """
+
+    def __init__(self, edge_index: Tensor, edge_weight: Optional[Tensor] = None,
+                 size: Optional[tuple[int, int]] = None):
+        if not isinstance(edge_index, Tensor) or edge_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError("EdgeIndex(edge_index) must be an int64/int32 tensor of shape (2, E)")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"EdgeIndex(edge_index) must have shape (2, E), got {tuple(edge_index.shape)}")
+        if edge_index.numel() and int(edge_index.min()) < 0:
+            raise ValueError("EdgeIndex(edge_index) entries must be >= 0")
+        e = edge_index.shape[1]
+        if edge_weight is not None:
+            if not isinstance(edge_weight, Tensor) or not edge_weight.is_floating_point():
+                raise TypeError("EdgeIndex(edge_weight) must be a floating-point tensor of shape (E,)")
+            if edge_weight.shape != (e,):
+                raise ValueError(f"EdgeIndex(edge_weight) must have shape (E,) = ({e},), got {tuple(edge_weight.shape)}")
+            wd = edge_weight.detach()
+            if not torch.isfinite(wd).all() or (wd < 0).any():
+                raise ValueError("EdgeIndex(edge_weight) must be finite and >= 0")
+        self.edge_index = edge_index.long()
+        self.edge_weight = edge_weight
+        self.size = size
+        # Sort by (target, source) once so each tile is a contiguous slice of the edges.
+        src, dst = self.edge_index
+        n_src = int(src.max()) + 1 if e else 1
+        order = torch.argsort(dst * n_src + src)
+        self._src, self._dst = src[order], dst[order]
+        self._order = order
+        self._max_src = int(src.max()) if e else -1
+        self._max_dst = int(dst.max()) if e else -1
+
+    def validate(self, n, m, device):
+        if self.size is not None and tuple(self.size) != (m, n):
+            raise ValueError(f"EdgeIndex(size) is {tuple(self.size)} but the inputs have (M, N) = ({m}, {n})")
+        if self._max_src >= m or self._max_dst >= n:
+            raise ValueError(
+                f"EdgeIndex(edge_index) refers to source {self._max_src} / target {self._max_dst} but there are "
+                f"M={m} keys and N={n} queries"
+            )
+        if self.edge_index.device != device:
+            raise ValueError(f"EdgeIndex(edge_index) is on {self.edge_index.device} but the inputs are on {device}")
+
+    @property
+    def block_requires_grad(self):
+        return self.edge_weight is not None and self.edge_weight.requires_grad
+
+    def block(self, i0, i1, j0, j1, device):
+        lo, hi = torch.searchsorted(self._dst, torch.tensor([i0, i1], device=self._dst.device)).tolist()
+        src, dst = self._src[lo:hi], self._dst[lo:hi]
+        sel = (src >= j0) & (src < j1)
+        src, dst = src[sel] - j0, dst[sel] - i0
+        if self.edge_weight is None:
+            w = torch.ones(src.shape[0], device=device)
+        else:
+            w = self.edge_weight[self._order[lo:hi][sel]]
+        tile = torch.zeros(i1 - i0, j1 - j0, dtype=w.dtype, device=device)
+        return tile.index_put((dst, src), w, accumulate=True)
+
+    def __repr__(self) -> str:
+        return f"EdgeIndex(E={self.edge_index.shape[1]}, weighted={self.edge_weight is not None})"
+
+
+class Intersection(Graph):
+    """Edges present in every member graph; dense biases add. Built by ``graph_a & graph_b``."""
+
+    def __init__(self, graphs: Sequence[Graph]):
+        flat: list[Graph] = []
+        for g in graphs:
+            if not isinstance(g, Graph):
+                raise TypeError(f"Intersection members must be Graphs, got {type(g).__name__}")
+            flat.extend(g.graphs if isinstance(g, Intersection) else [g])
+        self.graphs = [g for g in flat if not g.is_complete] or [Complete()]
+        self.is_complete = all(g.is_complete for g in self.graphs)
+
+    def validate(self, n, m, device):
+        for g in self.graphs:
+            g.validate(n, m, device)
+
+    @property
+    def lead_shape(self):
+        return tuple(torch.broadcast_shapes(*[g.lead_shape for g in self.graphs]))
+
+    @property
+    def block_requires_grad(self):
+        return any(g.block_requires_grad for g in self.graphs)
+
+    def block(self, i0, i1, j0, j1, device):
+        out: Block = None
+        for g in self.graphs:
+            out = combine_blocks(out, g.block(i0, i1, j0, j1, device))
+        return out
+
+    def dense_bias(self):
+        biases = [b for b in (g.dense_bias() for g in self.graphs) if b is not None]
+        if not biases:
+            return None
+        total = biases[0]
+        for b in biases[1:]:
+            total = total + b
+        return total
+
+    def __repr__(self) -> str:
+        return " & ".join(repr(g) for g in self.graphs)
