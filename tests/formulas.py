@@ -1,0 +1,97 @@
+"""Materialised formulas written for the tests, independent of nlgraph's lowering.
+
+Each builds the full N x M affinity matrix straight from the definition in design.md (explicit
+pairwise differences for the Gaussian, explicit concatenation for the concatenation affinity),
+and adjacency matrices from Python loops over nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+# Tolerances (rtol, atol) for comparing a backend with a float64 formula, per compute dtype of the
+# backend. fp16/bf16 are not in this table: they are judged against twice the error that plain
+# PyTorch makes in the same precision (see test_numerics.py).
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-4, 2e-5),
+}
+
+
+def affinity_matrix(kind: str, q, k, params: dict):
+    """f(q_i, k_j) for every pair, (..., N, M), and the normalisation kind."""
+    if kind == "softmax":
+        scale = params.get("scale", 1.0 / math.sqrt(q.shape[-1]))
+        return torch.exp(scale * torch.einsum("...nd,...md->...nm", q, k)), "sum"
+    if kind in ("gaussian", "gaussian_unnorm"):
+        b = params["bandwidth"]
+        diff = q[..., :, None, :] / b - k[..., None, :, :] / b
+        return torch.exp(-0.5 * (diff * diff).sum(-1)), ("sum" if kind == "gaussian" else "none")
+    if kind == "dot":
+        return params.get("scale", 1.0) * torch.einsum("...nd,...md->...nm", q, k), "count"
+    if kind == "concat":
+        w = params["weight"]
+        n, m = q.shape[-2], k.shape[-2]
+        qe = q[..., :, None, :].expand(*q.shape[:-2], n, m, q.shape[-1])
+        ke = k[..., None, :, :].expand(*k.shape[:-2], n, m, k.shape[-1])
+        cat = torch.cat(torch.broadcast_tensors(qe, ke), dim=-1)  # [theta(x_i), phi(x_j)]
+        return torch.relu(cat @ w + params.get("bias", 0.0)), "count"
+    raise ValueError(kind)
+
+
+def aggregate_formula(kind: str, q, k, v, params: dict, adj=None, bias=None):
+    """y_i = (1/C_i) sum_j adj_ij exp(bias_ij) f_ij v_j, C per the affinity; empty rows give 0.
+
+    adj: (..., N, M) float edge multiplicities / weights (None = complete graph).
+    bias: (..., N, M) additive log-weights (an SDPA float mask), -inf allowed.
+    """
+    f, norm = affinity_matrix(kind, q, k, params)
+    w = torch.ones_like(f) if adj is None else adj.to(f.dtype).expand_as(f)
+    if bias is not None:
+        w = w * torch.exp(bias)
+    fw = f * w
+    y = fw @ v
+    if norm == "none":
+        return y
+    c = fw.sum(-1, keepdim=True) if norm == "sum" else w.sum(-1, keepdim=True)
+    return torch.where(c != 0, y / torch.where(c != 0, c, torch.ones_like(c)), torch.zeros_like(y))
+
+
+def grid_coords(shape):
+    return list(itertools.product(*[range(s) for s in shape]))
+
+
+def window_adjacency(shape, radius):
+    coords = grid_coords(shape)
+    n = len(coords)
+    adj = torch.zeros(n, n)
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            if all(abs(a - b) <= radius for a, b in zip(ci, cj)):
+                adj[i, j] = 1
+    return adj
+
+
+def criss_cross_adjacency(h, w):
+    adj = torch.zeros(h * w, h * w)
+    for i in range(h * w):
+        for j in range(h * w):
+            if i // w == j // w or i % w == j % w:
+                adj[i, j] = 1
+    return adj
+
+
+def edge_adjacency(edge_index, n, m, weight=None):
+    """Dense adjacency adj[target, source] = sum of the weights of the (source -> target) edges.
+
+    Built as a sum of one-hot matrices so it is differentiable w.r.t. ``weight``.
+    """
+    e = edge_index.shape[1]
+    onehot = torch.zeros(e, n, m, dtype=torch.float64)
+    for t in range(e):
+        onehot[t, int(edge_index[1, t]), int(edge_index[0, t])] = 1.0
+    w = torch.ones(e, dtype=torch.float64) if weight is None else weight
+    return torch.einsum("e,enm->nm", w, onehot)
