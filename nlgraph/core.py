@@ -148,8 +148,10 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     name, mod = select_backend(query, key, value, affinity, graph, backend)
     opts = dict(options or {})
     if opts:
-        accepted = [k for k in inspect.signature(mod.run).parameters][5:]
+        params = list(inspect.signature(mod.run).parameters.values())[5:]
+        accepted = [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         unknown = sorted(set(opts) - set(accepted))
-        if unknown:
+        if unknown and not takes_any:
             raise TypeError(f"backend {name!r} does not take option(s) {unknown}; it accepts {accepted}")
     return mod.run(query, key, value, affinity, graph, **opts)
