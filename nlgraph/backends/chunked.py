@@ -28,8 +28,9 @@ __all__ = ["can_run", "run", "default_blocks"]
 
 _NEG_INF = -math.inf
 
-#: Target number of score elements per tile (all batch entries together): ~16 MiB in fp32.
-TILE_ELEMENTS = 1 << 22
+#: Target number of score elements per tile (all batch entries together): 2 MiB in fp32, which
+#: measured fastest on a 2-core CPU for batch 1 and batch 8 (see benchmarks/core.py).
+TILE_ELEMENTS = 1 << 19
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:

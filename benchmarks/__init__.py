@@ -1,0 +1,1 @@
+"""Benchmarks reachable as ``nlgraph bench NAME`` (one module per NAME)."""

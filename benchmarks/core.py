@@ -1,0 +1,124 @@
+"""``nlgraph bench core``: the core op's chunked backend vs SDPA and the reference; exact algebra.
+
+Rows:
+* ``chunked`` vs ``torch.nn.functional.scaled_dot_product_attention`` (softmax, complete graph),
+  N = M in {1024, 4096, 16384}, d = e in {64, 512}, forward and forward+backward, float32.
+* ``chunked`` vs the ``reference`` backend (materialises N x M) on the same cases (memory).
+* ``algebra`` vs brute force (``chunked``) for the dot-product affinity at N = 16384.
+
+Time ratios are ours / peer (< 1 means ours is faster); peak memory is the measured rise of peak
+RSS in a fresh subprocess per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+
+MODULE = "benchmarks.core"
+
+
+def _inputs(n: int, d: int, grad: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, n, d, generator=gen).requires_grad_(grad) for _ in range(3)]
+
+
+def _impl(name: str, affinity: str):
+    import nlgraph
+
+    aff = nlgraph.Softmax() if affinity == "softmax" else nlgraph.DotProduct()
+    if name == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    return lambda q, k, v: nlgraph.aggregate(q, k, v, aff, backend=name)
+
+
+def _step(impl, q, k, v, mode: str):
+    if mode == "fwd":
+        with torch.no_grad():
+            return impl(q, k, v)
+    y = impl(q, k, v)
+    y.backward(torch.ones_like(y))
+    return y
+
+
+def run_case(case: dict, repeats: int):
+    q, k, v = _inputs(case["n"], case["d"], case["mode"] == "fwd+bwd")
+    impl = _impl(case["impl"], case["affinity"])
+    return harness.time_call(lambda: _step(impl, q, k, v, case["mode"]), repeats=repeats)
+
+
+def memory_case(case: dict) -> None:
+    impl = _impl(case["impl"], case["affinity"])
+    grad = case["mode"] == "fwd+bwd"
+    _step(impl, *_inputs(64, case["d"], grad), case["mode"])  # warm-up: lazy imports, thread pools
+    q, k, v = _inputs(case["n"], case["d"], grad)
+    harness.report_peak(lambda: _step(impl, q, k, v, case["mode"]))
+
+
+def plan(quick: bool) -> list[dict]:
+    sizes = [1024, 4096] if quick else [1024, 4096, 16384]
+    dims = [64] if quick else [64, 512]
+    pairs = []
+    for n in sizes:
+        for d in dims:
+            for mode in ("fwd", "fwd+bwd"):
+                pairs.append(dict(n=n, d=d, mode=mode, affinity="softmax", ours="chunked", peer="sdpa"))
+                pairs.append(dict(n=n, d=d, mode=mode, affinity="softmax", ours="chunked", peer="reference"))
+    n_alg = 4096 if quick else 16384
+    for mode in ("fwd", "fwd+bwd"):
+        pairs.append(dict(n=n_alg, d=64, mode=mode, affinity="dot", ours="algebra", peer="chunked"))
+    return pairs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="nlgraph bench core", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    ap.add_argument("--quick", action="store_true", help="small sizes only (N <= 4096, d = 64)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-case", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_case:
+        memory_case(json.loads(args.memory_case))
+        return 0
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+
+    rows = []
+    mem_cache: dict[tuple, float] = {}
+    for p in plan(args.quick):
+        rec = {}
+        for role in ("ours", "peer"):
+            case = dict(n=p["n"], d=p["d"], mode=p["mode"], affinity=p["affinity"], impl=p[role])
+            key = tuple(sorted(case.items()))
+            rec[f"{role}_s"] = run_case(case, args.repeats)
+            if not args.no_memory:
+                if key not in mem_cache:
+                    mem_cache[key] = harness.measure_peak_in_subprocess(MODULE, case)
+                rec[f"{role}_peak_mib"] = mem_cache[key]
+        row = {
+            "name": f"{p['affinity']} {p['ours']} N={p['n']} d={p['d']} {p['mode']}",
+            "ours": p["ours"], "peer": p["peer"], "n": p["n"], "d": p["d"], "mode": p["mode"],
+            "ours_s": rec["ours_s"], "peer_s": rec["peer_s"], "ratio": rec["ours_s"] / rec["peer_s"],
+            "ours_peak_mib": rec.get("ours_peak_mib"), "peer_peak_mib": rec.get("peer_peak_mib"),
+        }
+        rows.append(row)
+        print(f"  {row['name']:<42} vs {row['peer']:<9} ours {row['ours_s']:.4f}s peer {row['peer_s']:.4f}s "
+              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+    harness.print_table("nlgraph bench core (float32, batch 1, median time in s, peak RSS rise in MiB)", rows, [
+        ("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"), ("ratio", "ours/peer"),
+        ("ours_peak_mib", "ours MiB"), ("peer_peak_mib", "peer MiB")])
+    if args.json:
+        harness.write_json(args.json, "core", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
