@@ -1,0 +1,88 @@
+"""The ``nlgraph`` command line: ``demo``, ``bench NAME``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _benchmarks() -> list[str]:
+    try:
+        import benchmarks
+    except ImportError:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name not in ("harness",))
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
+def _cmd_bench(args) -> int:
+    names = _benchmarks()
+    if not names:
+        print("nlgraph bench: the benchmarks package is not importable (install nlgraph from its source tree)",
+              file=sys.stderr)
+        return 2
+    if args.name not in names:
+        print(f"nlgraph bench: unknown benchmark {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(f"benchmarks.{args.name}")
+    return int(mod.main(args.args) or 0)
+
+
+def _cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .dispatch import backend_names, get_backend
+
+    print(f"nlgraph {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"CUDA available: {torch.cuda.is_available()}")
+    print("backends (automatic priority order):")
+    for name in backend_names():
+        doc = (get_backend(name).__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<10} {doc}")
+    print(f"benchmarks: {', '.join(_benchmarks()) or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nlgraph",
+        description="Non-local blocks, self-attention and dense-CRF mean-field as one message-passing op: "
+                    "y_i = (1/C_i) sum_{j in N(i)} f(x_i, x_j) g(x_j).")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("demo", help="run the equivalence tour and print its table (exit 1 if one fails)",
+                       description="Build each equivalence live (forward and all gradients, float64) and print a "
+                                   "table; exits non-zero if any equivalence fails.")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the generated inputs (default 0)")
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("bench", help="run a benchmark: nlgraph bench NAME [--json PATH] [...]",
+                       description="Run benchmarks/NAME.py; pass --help after NAME for its options.")
+    p.add_argument("name", help=f"benchmark name ({', '.join(_benchmarks()) or 'none found'})")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("info", help="versions, registered backends and benchmarks",
+                       description="Print versions, the registered backends in priority order and the benchmarks.")
+    p.set_defaults(func=_cmd_info)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The command line: demo passes, bench writes the documented JSON, bad options are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nlgraph import cli
+
+
+def test_demo_passes(capsys):
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "6/6 equivalences hold" in out and " NO" not in out
+
+
+def test_bench_core_quick_writes_json(tmp_path, capsys):
+    path = tmp_path / "core.json"
+    assert cli.main(["bench", "core", "--quick", "--repeats", "1", "--no-memory", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == "core" and data["rows"]
+    for row in data["rows"]:
+        assert {"name", "ours_s", "peer", "peer_s", "ratio"} <= set(row)
+        assert row["ours_s"] > 0 and row["peer_s"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_s"] / row["peer_s"])
+    assert "| case | peer |" in capsys.readouterr().out
+
+
+def test_unknown_benchmark_is_a_one_line_error(capsys):
+    assert cli.main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown benchmark 'nope'" in err
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["demo", "--seed", "x"], ["frobnicate"]])
+def test_bad_options_exit_2_without_traceback(argv):
+    proc = subprocess.run([sys.executable, "-m", "nlgraph.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--help"], ["info", "--help"],
+                                  ["bench", "core", "--help"]])
+def test_help(argv):
+    proc = subprocess.run([sys.executable, "-m", "nlgraph.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "chunked" in out and "reference" in out and "algebra" in out
