@@ -112,7 +112,8 @@ def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: in
 
 def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
               graph: Optional[Graph] = None, backend: str = "auto",
-              options: Optional[Mapping[str, Any]] = None) -> Tensor:
+              options: Optional[Mapping[str, Any]] = None, dropout_p: float = 0.0,
+              generator: Optional[torch.Generator] = None) -> Tensor:
     """Message passing over a graph: ``y_i = (1 / C_i) sum_{j in N(i)} f(q_i, k_j) v_j``.
 
     Shapes follow :func:`torch.nn.functional.scaled_dot_product_attention`.
@@ -128,6 +129,11 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
             :func:`nlgraph.dispatch.backend_names`; a forced backend that cannot run the case raises
             :class:`nlgraph.dispatch.BackendError` with its reason.
         options: backend-specific keyword options (e.g. ``{"block_n": 64}`` for ``chunked``).
+        dropout_p: message dropout after normalisation, as attention dropout does:
+            ``y_i = sum_j (f_ij / C_i) (m_ij / (1 - p)) v_j`` with m_ij ~ Bernoulli(1 - p) and C_i
+            unchanged. 0 (default) is exact; pass 0 at evaluation time.
+        generator: RNG for the dropout seed (default: torch's global RNG, so ``torch.manual_seed``
+            makes runs reproducible).
 
     Returns:
         (..., N, e) tensor in the input dtype. A query with no neighbour (all masked) gets zeros.
@@ -142,16 +148,24 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping of backend options, got {type(options).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     affinity, graph = lower_edge_weights(affinity, graph, query.shape[-2], key.shape[-2])
     if isinstance(graph, Complete):
         graph = None
-    name, mod = select_backend(query, key, value, affinity, graph, backend)
+    name, mod = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p))
     opts = dict(options or {})
+    if dropout_p > 0:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        opts_internal = {"dropout_p": float(dropout_p), "seed": seed}
+    else:
+        opts_internal = {}
     if opts:
         params = list(inspect.signature(mod.run).parameters.values())[5:]
-        accepted = [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        accepted = [p.name for p in params
+                    if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in ("dropout_p", "seed")]
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         unknown = sorted(set(opts) - set(accepted))
         if unknown and not takes_any:
             raise TypeError(f"backend {name!r} does not take option(s) {unknown}; it accepts {accepted}")
-    return mod.run(query, key, value, affinity, graph, **opts)
+    return mod.run(query, key, value, affinity, graph, **opts_internal, **opts)

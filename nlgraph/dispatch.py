@@ -1,7 +1,8 @@
 """The one dispatch point: a registry of backends walked in priority order.
 
-Each backend is a module exposing ``can_run(query, key, value, affinity, graph) -> (bool, reason)``
-and ``run(query, key, value, affinity, graph, **options)``. Registering one is one line in
+Each backend is a module exposing ``can_run(query, key, value, affinity, graph, dropout_p=0.0) ->
+(bool, reason)`` and ``run(query, key, value, affinity, graph, *, dropout_p=0.0, seed=None, **options)``
+(a backend without dropout may omit ``dropout_p``/``seed``: it is then never asked for dropout). Registering one is one line in
 ``nlgraph/backends/__init__.py``; modules are imported on first use, so a backend whose optional
 dependency is missing costs nothing until asked for (its ``can_run`` says what is missing).
 """
@@ -9,6 +10,7 @@ dependency is missing costs nothing until asked for (its ``can_run`` says what i
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
 from typing import Optional
 
@@ -50,25 +52,34 @@ def _describe(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, gra
             f"query={tuple(query.shape)}, key={tuple(key.shape)}, value={tuple(value.shape)}")
 
 
+def _can_run(mod: ModuleType, query, key, value, affinity, graph, dropout_p: float) -> tuple[bool, str]:
+    if dropout_p > 0:
+        if "dropout_p" not in inspect.signature(mod.can_run).parameters:
+            return False, "this backend has no dropout"
+        return mod.can_run(query, key, value, affinity, graph, dropout_p=dropout_p)
+    return mod.can_run(query, key, value, affinity, graph)
+
+
 def compatible_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
-                        graph: Optional[Graph]) -> list[str]:
+                        graph: Optional[Graph], dropout_p: float = 0.0) -> list[str]:
     """Names of the backends that can run this case (tests parametrise over it)."""
-    return [name for name in _REGISTRY if get_backend(name).can_run(query, key, value, affinity, graph)[0]]
+    return [name for name in _REGISTRY
+            if _can_run(get_backend(name), query, key, value, affinity, graph, dropout_p)[0]]
 
 
 def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
-                   backend: str = "auto") -> tuple[str, ModuleType]:
+                   backend: str = "auto", dropout_p: float = 0.0) -> tuple[str, ModuleType]:
     """Pick the backend: the forced one (with its exact reason if it cannot run), or the first able one."""
     if backend != "auto":
         mod = get_backend(backend)
-        ok, reason = mod.can_run(query, key, value, affinity, graph)
+        ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p)
         if not ok:
             raise BackendError(f"backend={backend!r} cannot run {_describe(query, key, value, affinity, graph)}: {reason}")
         return backend, mod
     reasons = []
     for name in _REGISTRY:
         mod = get_backend(name)
-        ok, reason = mod.can_run(query, key, value, affinity, graph)
+        ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p)
         if ok:
             return name, mod
         reasons.append(f"{name}: {reason}")

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import Problem, lower, tile_linear, tile_log_weights
+from .common import Problem, dropout_keep, lower, tile_linear, tile_log_weights
 
 __all__ = ["can_run", "run", "default_blocks"]
 
@@ -33,7 +33,7 @@ _NEG_INF = -math.inf
 TILE_ELEMENTS = 1 << 19
 
 
-def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple[bool, str]:
     if graph is not None and graph.block_requires_grad:
         return False, (
             "chunked cannot differentiate per-edge weights of an EdgeIndex graph "
@@ -70,6 +70,15 @@ def _edge_weights(mask: Optional[Tensor], logw: Optional[Tensor], dtype: torch.d
     return w
 
 
+def _keep(meta: dict, lead, i0, i1, j0, j1, device, dtype) -> Optional[Tensor]:
+    """This tile's dropout multipliers (regenerated identically in backward), or None."""
+    p = meta["dropout_p"]
+    if p <= 0:
+        return None
+    tile = i0 * meta["problem"].m + j0
+    return dropout_keep((*lead, i1 - i0, j1 - j0), p, meta["seed"], tile, device, dtype)
+
+
 class _ChunkedAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fq, fk, row, col, bias, value, meta):
@@ -97,6 +106,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                 if mask is not None and not bool(mask.any()):
                     continue  # block-sparse graph: no edge in this tile
                 v = value[..., j0:j1, :]
+                keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
                 if kernel == "exp":
                     s = _exp_scores(lin, mask, logw)
                     new = torch.maximum(mx, s.amax(-1))
@@ -104,17 +114,14 @@ class _ChunkedAggregate(torch.autograd.Function):
                     w = torch.exp(s - safe[..., None])
                     alpha = torch.exp(mx - safe)
                     den = den * alpha + w.sum(-1)
-                    acc = acc * alpha[..., None] + w @ v
+                    acc = acc * alpha[..., None] + (w if keep is None else w * keep) @ v
                     mx = new
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
                     ew = _edge_weights(mask, logw, dtype)
-                    if ew is None:
-                        acc = acc + g @ v
-                        den = den + (j1 - j0)
-                    else:
-                        acc = acc + (g * ew) @ v
-                        den = den + ew.sum(-1).expand_as(den)
+                    gw = g if ew is None else g * ew
+                    acc = acc + (gw if keep is None else gw * keep) @ v
+                    den = den + ((j1 - j0) if ew is None else ew.sum(-1).expand_as(den))
             if kernel == "exp":
                 safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
                 if norm == "sum":
@@ -167,6 +174,9 @@ class _ChunkedAggregate(torch.autograd.Function):
                     continue
                 v = value[..., j0:j1, :]
                 dp = do @ v.transpose(-1, -2)
+                keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
+                if keep is not None:
+                    dp = dp * keep  # the loss sees the kept messages only
                 if kernel == "exp":
                     s = _exp_scores(lin, mask, logw)
                     if norm == "none":
@@ -177,13 +187,15 @@ class _ChunkedAggregate(torch.autograd.Function):
                         dlin = prob * (dp - dsum[..., None])
                     dlogw = dlin
                     if need_v:
-                        dv[..., j0:j1, :] += prob.transpose(-1, -2) @ do
+                        kept = prob if keep is None else prob * keep
+                        dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
                     ew = _edge_weights(mask, logw, dtype)
                     a = inv[..., None] if ew is None else ew * inv[..., None]
                     if need_v:
-                        dv[..., j0:j1, :] += (g * a).transpose(-1, -2) @ do
+                        kept = g * a if keep is None else g * a * keep
+                        dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
                     if need_lin:
                         dlin = a * dp
                         if kernel == "relu":
@@ -211,8 +223,8 @@ class _ChunkedAggregate(torch.autograd.Function):
         return (reduce(dq, fq), reduce(dk, fk), reduce(dr, row), reduce(dc, col), db, reduce(dv, value), None)
 
 
-def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, block_n: Optional[int] = None,
-        block_m: Optional[int] = None) -> Tensor:
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p: float = 0.0, seed: int = 0,
+        block_n: Optional[int] = None, block_m: Optional[int] = None) -> Tensor:
     for name, val in (("block_n", block_n), ("block_m", block_m)):
         if val is not None and (not isinstance(val, int) or val < 1):
             raise ValueError(f"chunked option {name} must be a positive int, got {val!r}")
@@ -222,5 +234,5 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, block_n: Opt
     bn, bm = block_n or bn, block_m or bm
     f = p.form
     out = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value,
-                                  {"problem": p, "blocks": (bn, bm)})
+                                  {"problem": p, "blocks": (bn, bm), "dropout_p": dropout_p, "seed": seed})
     return out.to(query.dtype)

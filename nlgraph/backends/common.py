@@ -16,7 +16,7 @@ from torch import Tensor
 from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, _slice_rows_cols
 
-__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights"]
+__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,3 +97,16 @@ def tile_log_weights(graph: Optional[Graph], bias: Optional[Tensor], i0: int, i1
         b = _slice_rows_cols(bias, i0, i1, j0, j1)
         logw = b if logw is None else logw + b
     return mask, logw
+
+
+def dropout_keep(shape: tuple[int, ...], p: float, seed: int, tile: int, device: torch.device,
+                 dtype: torch.dtype) -> Tensor:
+    """Dropout multipliers m / (1 - p), m ~ Bernoulli(1 - p), drawn reproducibly for one tile.
+
+    The same (seed, tile) always gives the same mask, so a backward pass can regenerate it.
+    """
+    if p >= 1.0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed + tile) % (2**63 - 1))
+    return (torch.rand(shape, generator=gen, device=device, dtype=dtype) >= p).to(dtype) / (1.0 - p)

@@ -12,16 +12,17 @@ import math
 import torch
 from torch import Tensor
 
-from .common import lower, tile_linear, tile_log_weights
+from .common import dropout_keep, lower, tile_linear, tile_log_weights
 
 __all__ = ["can_run", "run"]
 
 
-def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple[bool, str]:
     return True, ""
 
 
-def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p: float = 0.0,
+        seed: int = 0) -> Tensor:
     p = lower(query, key, value, affinity, graph)
     f = p.form
     lin = tile_linear(f, 0, p.n, 0, p.m)
@@ -49,6 +50,9 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
         else:
             w = g * ew
             den = ew.sum(-1, keepdim=True).expand(*w.shape[:-1], 1)
+    if dropout_p > 0:
+        # dropout acts on the normalised weights: the normaliser above is computed without it
+        w = w * dropout_keep((*p.lead, p.n, p.m), dropout_p, seed, 0, query.device, w.dtype)
     out = w @ p.value
     if den is not None:
         out = out / torch.where(den > 0, den, torch.ones_like(den))
