@@ -10,6 +10,7 @@ from . import affinity, graph
 from .affinity import Concatenation, DotProduct, EdgeWeighted, Gaussian, Softmax
 from .core import aggregate
 from .dispatch import BackendError, backend_names, compatible_backends, select_backend
+from .nonlocal_blocks import NonLocal1d, NonLocal2d, NonLocal3d
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,9 @@ __all__ = [
     "DotProduct",
     "Concatenation",
     "EdgeWeighted",
+    "NonLocal1d",
+    "NonLocal2d",
+    "NonLocal3d",
     "BackendError",
     "backend_names",
     "compatible_backends",
