@@ -1,0 +1,56 @@
+"""Criss-cross attention (Huang et al., "CCNet: Criss-Cross Attention for Semantic Segmentation", ICCV 2019).
+
+Each pixel attends to the pixels in its own row and column (itself once):
+``y_i = gamma * sum_{j in row(i) u col(i)} softmax_j(q_i . k_j) v_j + x_i``, which is
+``nlgraph.aggregate(q, k, v, Softmax(scale=1), CrissCross((H, W)))``. Exact (no approximation);
+gamma starts at zero so a new module is the identity. CCNet applies the module R = 2 times
+(recurrent) to reach every pixel; call it twice for that.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+import nlgraph
+from nlgraph import graph as G
+
+__all__ = ["CrissCrossAttention"]
+
+
+class CrissCrossAttention(nn.Module):
+    """CCNet's criss-cross attention over (B, C, H, W) feature maps.
+
+    Args:
+        in_channels: C.
+        reduction: query/key width is max(1, C // reduction) (CCNet uses 8).
+
+    Attributes:
+        query_conv, key_conv, value_conv: 1x1 convolutions (value keeps C channels).
+        gamma: scalar residual weight, initialised to 0.
+        backend: the core op's backend ("auto").
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 8):
+        super().__init__()
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(reduction, int) or reduction < 1:
+            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        d = max(1, in_channels // reduction)
+        self.in_channels = in_channels
+        self.query_conv = nn.Conv2d(in_channels, d, 1)
+        self.key_conv = nn.Conv2d(in_channels, d, 1)
+        self.value_conv = nn.Conv2d(in_channels, in_channels, 1)
+        self.gamma = nn.Parameter(self.value_conv.bias.new_zeros(1))
+        self.backend = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, C, H, W) with C = {self.in_channels}, got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        tokens = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731
+        y = nlgraph.aggregate(tokens(self.query_conv(x)), tokens(self.key_conv(x)), tokens(self.value_conv(x)),
+                              nlgraph.Softmax(scale=1.0), G.CrissCross((h, w)), backend=self.backend)
+        return self.gamma * y.transpose(1, 2).reshape(b, c, h, w) + x
