@@ -12,7 +12,6 @@ RSS in a fresh subprocess per case.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -68,8 +67,8 @@ def plan(quick: bool) -> list[dict]:
     for n in sizes:
         for d in dims:
             for mode in ("fwd", "fwd+bwd"):
-                pairs.append(dict(n=n, d=d, mode=mode, affinity="softmax", ours="chunked", peer="sdpa"))
-                pairs.append(dict(n=n, d=d, mode=mode, affinity="softmax", ours="chunked", peer="reference"))
+                for peer in ("sdpa", "reference"):
+                    pairs.append(dict(n=n, d=d, mode=mode, affinity="softmax", ours="chunked", peer=peer))
     n_alg = 4096 if quick else 16384
     for mode in ("fwd", "fwd+bwd"):
         pairs.append(dict(n=n_alg, d=64, mode=mode, affinity="dot", ours="algebra", peer="chunked"))
@@ -77,44 +76,18 @@ def plan(quick: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="nlgraph bench core", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
-    ap.add_argument("--quick", action="store_true", help="small sizes only (N <= 4096, d = 64)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--memory-case", help=argparse.SUPPRESS)
+    ap = harness.standard_parser("nlgraph bench core", __doc__)
     args = ap.parse_args(argv)
     if args.memory_case:
         memory_case(json.loads(args.memory_case))
         return 0
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-
-    rows = []
-    mem_cache: dict[tuple, float] = {}
-    for p in plan(args.quick):
-        rec = {}
-        for role in ("ours", "peer"):
-            case = dict(n=p["n"], d=p["d"], mode=p["mode"], affinity=p["affinity"], impl=p[role])
-            key = tuple(sorted(case.items()))
-            rec[f"{role}_s"] = run_case(case, args.repeats)
-            if not args.no_memory:
-                if key not in mem_cache:
-                    mem_cache[key] = harness.measure_peak_in_subprocess(MODULE, case)
-                rec[f"{role}_peak_mib"] = mem_cache[key]
-        row = {
-            "name": f"{p['affinity']} {p['ours']} N={p['n']} d={p['d']} {p['mode']}",
-            "ours": p["ours"], "peer": p["peer"], "n": p["n"], "d": p["d"], "mode": p["mode"],
-            "ours_s": rec["ours_s"], "peer_s": rec["peer_s"], "ratio": rec["ours_s"] / rec["peer_s"],
-            "ours_peak_mib": rec.get("ours_peak_mib"), "peer_peak_mib": rec.get("peer_peak_mib"),
-        }
-        rows.append(row)
-        print(f"  {row['name']:<42} vs {row['peer']:<9} ours {row['ours_s']:.4f}s peer {row['peer_s']:.4f}s "
-              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
-    harness.print_table("nlgraph bench core (float32, batch 1, median time in s, peak RSS rise in MiB)", rows, [
-        ("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"), ("ratio", "ours/peer"),
-        ("ours_peak_mib", "ours MiB"), ("peer_peak_mib", "peer MiB")])
+    rows = harness.compare_pairs(
+        plan(args.quick), MODULE, run_case, args.repeats, not args.no_memory,
+        lambda p: f"{p['affinity']} {p['ours']} N={p['n']} d={p['d']} {p['mode']}")
+    harness.print_table("nlgraph bench core (float32, batch 1, median time in s, peak RSS rise in MiB)", rows,
+                        harness.COLUMNS)
     if args.json:
         harness.write_json(args.json, "core", rows)
     return 0

@@ -107,3 +107,50 @@ def write_json(path: str, name: str, rows: list[dict]) -> None:
         json.dump({"benchmark": name, "date": date.today().isoformat(), "machine": machine(), "rows": rows}, fh,
                   indent=2)
     print(f"\nwrote {path}")
+
+
+def compare_pairs(pairs: list[dict], module: str, time_case: Callable[[dict, int], float], repeats: int,
+                  memory: bool, describe: Callable[[dict], str]) -> list[dict]:
+    """Time ours and the peer of each pair in this process; measure peak memory in subprocesses.
+
+    Each pair holds ``ours`` and ``peer`` implementation names plus the case parameters; a case for
+    one side is the pair's parameters with ``impl`` set. Returns rows with at least ``name``,
+    ``ours_s``, ``peer``, ``peer_s``, ``ratio`` (ours / peer) and, with ``memory``, the peaks in MiB.
+    """
+    rows = []
+    mem_cache: dict[tuple, Optional[float]] = {}
+    for p in pairs:
+        params = {k: v for k, v in p.items() if k not in ("ours", "peer")}
+        rec: dict = {}
+        for role in ("ours", "peer"):
+            case = dict(params, impl=p[role])
+            rec[f"{role}_s"] = time_case(case, repeats)
+            if memory:
+                key = tuple(sorted(case.items()))
+                if key not in mem_cache:
+                    mem_cache[key] = measure_peak_in_subprocess(module, case)
+                rec[f"{role}_peak_mib"] = mem_cache[key]
+        row = dict(params, name=describe(p), ours=p["ours"], peer=p["peer"], ours_s=rec["ours_s"],
+                   peer_s=rec["peer_s"], ratio=rec["ours_s"] / rec["peer_s"],
+                   ours_peak_mib=rec.get("ours_peak_mib"), peer_peak_mib=rec.get("peer_peak_mib"))
+        rows.append(row)
+        print(f"  {row['name']:<44} vs {row['peer']:<12} ours {row['ours_s']:.4f}s peer {row['peer_s']:.4f}s "
+              f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+    return rows
+
+
+COLUMNS = [("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"), ("ratio", "ours/peer"),
+           ("ours_peak_mib", "ours MiB"), ("peer_peak_mib", "peer MiB")]
+
+
+def standard_parser(prog: str, doc: str):
+    """The options every benchmark takes: --json, --quick, --repeats, --no-memory (+ the hidden case runner)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    ap.add_argument("--quick", action="store_true", help="small sizes only")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-case", help=argparse.SUPPRESS)
+    return ap

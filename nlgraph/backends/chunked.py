@@ -28,8 +28,7 @@ __all__ = ["can_run", "run", "default_blocks"]
 
 _NEG_INF = -math.inf
 
-#: Target number of score elements per tile (all batch entries together): 2 MiB in fp32, which
-#: measured fastest on a 2-core CPU for batch 1 and batch 8 (see benchmarks/core.py).
+#: Target number of score elements per tile (all batch entries together): 2 MiB in fp32.
 TILE_ELEMENTS = 1 << 19
 
 
@@ -43,10 +42,13 @@ def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple
 
 
 def default_blocks(batch: int, n: int, m: int) -> tuple[int, int]:
-    """Tile sizes: wide key tiles (fewer online rescalings), bounded total tile memory."""
-    bm = min(m, 1024)
-    bn = max(16, min(n, 512, TILE_ELEMENTS // max(1, batch * bm)))
-    return bn, bm
+    """Square tiles of side 2^k ~ sqrt(TILE_ELEMENTS / batch), clamped to [64, 1024] and the sizes.
+
+    Measured on a 2-core CPU: 512 x 512 for one head and 256 x 256 for eight heads were the fastest
+    of the shapes tried (benchmarks/core.py and benchmarks/nonlocal.py).
+    """
+    side = max(64, min(1024, 2 ** int(math.log2(max(1.0, math.sqrt(TILE_ELEMENTS / max(1, batch)))))))
+    return min(n, side), min(m, side)
 
 
 def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
@@ -108,13 +110,15 @@ class _ChunkedAggregate(torch.autograd.Function):
                 v = value[..., j0:j1, :]
                 keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
                 if kernel == "exp":
-                    s = _exp_scores(lin, mask, logw)
+                    s = _exp_scores(lin, mask, logw)  # a fresh tile: updated in place below
                     new = torch.maximum(mx, s.amax(-1))
-                    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-                    w = torch.exp(s - safe[..., None])
+                    # rows can only be all -inf when the graph removes edges
+                    restricted = mask is not None or logw is not None
+                    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if restricted else new
+                    w = s.sub_(safe[..., None]).exp_()
                     alpha = torch.exp(mx - safe)
-                    den = den * alpha + w.sum(-1)
-                    acc = acc * alpha[..., None] + (w if keep is None else w * keep) @ v
+                    den = den.mul_(alpha).add_(w.sum(-1))
+                    acc = acc.mul_(alpha[..., None]).add_((w if keep is None else w * keep) @ v)
                     mx = new
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
@@ -183,8 +187,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                         prob = torch.exp(s)  # C = 1: the raw kernel value
                         dlin = prob * dp
                     else:
-                        prob = torch.exp(s - base[..., None])  # exp(s) / C from the saved log-sum-exp
-                        dlin = prob * (dp - dsum[..., None])
+                        prob = s.sub_(base[..., None]).exp_()  # exp(s) / C from the saved log-sum-exp
+                        dlin = (dp - dsum[..., None]).mul_(prob)
                     dlogw = dlin
                     if need_v:
                         kept = prob if keep is None else prob * keep
