@@ -97,6 +97,41 @@ def core_checks(seed: int = 0) -> list[Check]:
     return checks
 
 
+def module_checks(seed: int = 0) -> list[Check]:
+    """Non-local blocks and attention as instances of the op (float64)."""
+    from attention import MultiheadAttention  # noqa: F401  (the layer above the core)
+
+    from .adapters import mha_to_torch, nonlocal_to_mha
+    from .nonlocal_blocks import NonLocal2d, NonLocal3d
+
+    torch.manual_seed(seed)
+    tol = 1e-9
+    checks = []
+    tokens = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731
+
+    def trained(block):
+        with torch.no_grad():  # a trained-looking block: W / BN no longer zero
+            for p in block.parameters():
+                p.normal_(0, 0.3)
+        return block
+
+    block = trained(NonLocal2d(16, sub_sample=False, bn_layer=False, use_scale=True)).double()
+    ours = nonlocal_to_mha(block)
+    theirs = mha_to_torch(ours)
+    x = torch.randn(2, 16, 12, 10, dtype=torch.float64)
+    checks.append(_compare("NonLocal2d (embedded gaussian) == our MultiheadAttention",
+                           lambda x: tokens(block(x)), lambda x: tokens(x) + ours(tokens(x))[0], (x,), tol))
+    checks.append(_compare("our MultiheadAttention == torch.nn.MultiheadAttention",
+                           lambda x: ours(tokens(x))[0],
+                           lambda x: theirs(tokens(x), tokens(x), tokens(x), need_weights=False)[0], (x,), tol))
+    clip = trained(NonLocal3d(8, sub_sample=False, bn_layer=False)).double()
+    att = nonlocal_to_mha(clip)
+    v = torch.randn(1, 8, 4, 6, 6, dtype=torch.float64)
+    checks.append(_compare("NonLocal3d on a clip == attention over T*H*W tokens",
+                           lambda v: tokens(clip(v)), lambda v: tokens(v) + att(tokens(v))[0], (v,), tol))
+    return checks
+
+
 def run_checks(checks: Sequence[Check]) -> bool:
     """Print the table; return True when every check passes."""
     width = max(len(c.name) for c in checks)
@@ -114,7 +149,7 @@ def main(args) -> int:
     start = time.perf_counter()
     print("nlgraph demo: one op, y_i = (1/C_i) sum_{j in N(i)} f(x_i, x_j) g(x_j), checked against independent"
           " implementations\n")
-    ok = run_checks(core_checks(seed=args.seed))
+    ok = run_checks(core_checks(seed=args.seed) + module_checks(seed=args.seed))
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0 if ok else 1
 

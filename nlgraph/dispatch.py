@@ -2,7 +2,10 @@
 
 Each backend is a module exposing ``can_run(query, key, value, affinity, graph, dropout_p=0.0) ->
 (bool, reason)`` and ``run(query, key, value, affinity, graph, *, dropout_p=0.0, seed=None, **options)``
-(a backend without dropout may omit ``dropout_p``/``seed``: it is then never asked for dropout). Registering one is one line in
+(a backend without dropout may omit ``dropout_p``/``seed``: it is then never asked for dropout).
+Optional module attributes: ``EXACT = False`` marks an approximate backend (tests that demand
+exact equality skip it), and ``prefer(query, key, value, affinity, graph) -> bool`` limits when
+automatic selection takes a backend that could run (a forced ``backend=`` ignores it). Registering one is one line in
 ``nlgraph/backends/__init__.py``; modules are imported on first use, so a backend whose optional
 dependency is missing costs nothing until asked for (its ``can_run`` says what is missing).
 """
@@ -19,7 +22,8 @@ from torch import Tensor
 from .affinity import Affinity
 from .graph import Graph
 
-__all__ = ["register", "backend_names", "get_backend", "compatible_backends", "select_backend", "BackendError"]
+__all__ = ["register", "backend_names", "get_backend", "compatible_backends", "exact_backends", "select_backend",
+           "BackendError"]
 
 _REGISTRY: dict[str, str] = {}  # name -> module path; insertion order is the automatic priority
 _MODULES: dict[str, ModuleType] = {}
@@ -67,6 +71,13 @@ def compatible_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Aff
             if _can_run(get_backend(name), query, key, value, affinity, graph, dropout_p)[0]]
 
 
+def exact_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
+                   dropout_p: float = 0.0) -> list[str]:
+    """The compatible backends that compute the op exactly (no approximation)."""
+    return [name for name in compatible_backends(query, key, value, affinity, graph, dropout_p)
+            if getattr(get_backend(name), "EXACT", True)]
+
+
 def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
                    backend: str = "auto", dropout_p: float = 0.0) -> tuple[str, ModuleType]:
     """Pick the backend: the forced one (with its exact reason if it cannot run), or the first able one."""
@@ -80,7 +91,7 @@ def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity
     for name in _REGISTRY:
         mod = get_backend(name)
         ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p)
-        if ok:
+        if ok and (not hasattr(mod, "prefer") or mod.prefer(query, key, value, affinity, graph)):
             return name, mod
-        reasons.append(f"{name}: {reason}")
+        reasons.append(f"{name}: {reason or 'not preferred for this size'}")
     raise BackendError(f"no backend can run {_describe(query, key, value, affinity, graph)}; " + "; ".join(reasons))

@@ -126,7 +126,7 @@ def _cases():
             graph, wrap, *_ = make_graph(g, gen)
             aff = wrap(aff)
             aff2, graph2 = nlgraph.core.lower_edge_weights(aff, graph, N, M)
-            for b in nlgraph.compatible_backends(q, k, v, aff2, graph2):
+            for b in nlgraph.dispatch.exact_backends(q, k, v, aff2, graph2):
                 cases.append(pytest.param(a, g, b, id=f"{a}-{g}-{b}"))
     return cases
 
@@ -202,7 +202,7 @@ def test_cross_attention_rectangular():
     v = torch.randn(3, 17, E, generator=gen, dtype=torch.float64)
     mask = torch.rand(3, 10, 17, generator=gen) > 0.5
     y_ref = aggregate_formula("softmax", q, k, v, {}, adj=mask.double())
-    for b in nlgraph.compatible_backends(q, k, v, A.Softmax(), G.Mask(mask)):
+    for b in nlgraph.dispatch.exact_backends(q, k, v, A.Softmax(), G.Mask(mask)):
         y = nlgraph.aggregate(q, k, v, graph=G.Mask(mask), backend=b,
                               options={"block_n": 3, "block_m": 5} if b == "chunked" else None)
         torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10, msg=lambda m: f"{b}: {m}")

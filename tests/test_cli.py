@@ -14,7 +14,7 @@ from nlgraph import cli
 def test_demo_passes(capsys):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert "6/6 equivalences hold" in out and " NO" not in out
+    assert "9/9 equivalences hold" in out and " NO" not in out
 
 
 def test_bench_core_quick_writes_json(tmp_path, capsys):

@@ -37,7 +37,7 @@ def test_low_precision_error_within_twice_plain_torch(dtype, kind):
     q, k, v = (t.to(dtype) for t in (q64, k64, v64))
     plain = aggregate_formula(kind, q, k, v, params)  # plain PyTorch, materialised in low precision
     err_plain = (plain.double() - exact).abs().max().item()
-    for backend in nlgraph.compatible_backends(q, k, v, aff, None):
+    for backend in nlgraph.dispatch.exact_backends(q, k, v, aff, None):
         y = nlgraph.aggregate(q, k, v, aff, backend=backend)
         assert y.dtype == dtype
         err = (y.double() - exact).abs().max().item()
@@ -71,7 +71,7 @@ def test_constant_inputs_give_no_nan_gradients(dtype, kind):
     w = torch.ones(8, dtype=dtype, requires_grad=True)
     aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(bw), "gaussian_unnorm": A.Gaussian(bw, normalize=False),
            "dot": A.DotProduct(), "concat": A.Concatenation(w)}[kind]
-    for backend in nlgraph.compatible_backends(q, k, v, aff, G.ExcludeSelf()):
+    for backend in nlgraph.dispatch.exact_backends(q, k, v, aff, G.ExcludeSelf()):
         for graph in (None, G.ExcludeSelf()):
             y = nlgraph.aggregate(q, k, v, aff, graph, backend=backend)
             grads = torch.autograd.grad(y.float().sum(), [q, k, v] + list(aff.tensors()))
