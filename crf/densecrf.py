@@ -1,0 +1,263 @@
+"""A drop-in replacement for ``pydensecrf.densecrf``: ``import crf.densecrf as dcrf``.
+
+Same classes, methods, argument names, defaults, constants, array layouts ((n_labels, n_pixels)
+float32) and sign conventions as pydensecrf (Krähenbühl's dense-CRF code):
+
+* a scalar compatibility is a Potts *reward* (the pairwise term adds ``+w * K(Q)`` to -U);
+  a per-label vector v or an (L, L) matrix M is an *energy* (adds ``-v * K(Q)`` or
+  ``-0.5 (M + M^T) K(Q)``);
+* kernels are normalised as pydensecrf does: NORMALIZE_SYMMETRIC (default)
+  ``n * K(n * Q)`` with ``n = 1 / sqrt(K(1))``; NORMALIZE_BEFORE ``K(Q / K(1))``; NORMALIZE_AFTER
+  ``K(Q) / K(1)``; NO_NORMALIZATION the raw filter. K includes the pixel itself, as the lattice does.
+
+K is ``nlgraph.aggregate(f, f, Q, Gaussian(1, normalize=False))`` on the ``permutohedral``
+backend, the same lattice pydensecrf runs (``backend = "chunked"`` on an instance gives the exact
+Gaussian sums instead). Kernel types (CONST/DIAG/FULL) only matter to pydensecrf's parameter
+learning; inference is the same for all three and all are accepted.
+
+Where pydensecrf crashes or silently misbehaves (wrong dtypes, wrong shapes, compatibility of the
+wrong length, NaN energies, images of the wrong size), this module raises ValueError/TypeError
+naming the argument and the shapes. Non-contiguous and float64 inputs are accepted (converted).
+"""
+
+from __future__ import annotations
+
+from numbers import Number
+from typing import Optional
+
+import numpy as np
+import torch
+
+import nlgraph
+
+__all__ = ["DenseCRF", "DenseCRF2D", "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL", "NO_NORMALIZATION",
+           "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"]
+
+# pydensecrf's enum values (KernelType, NormalizationType)
+CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
+NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC = 0, 1, 2, 3
+
+
+def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
+    """A finite float32 (rows, cols) tensor from a numpy array / array-like, with clear errors."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"Bad shape for {name} (need {shape}, got {arr.shape})")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+class _Pairwise:
+    """One pairwise term: features, compatibility and kernel normalisation."""
+
+    def __init__(self, crf: "DenseCRF", features: torch.Tensor, compat, kernel, normalization):
+        if kernel not in (CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL):
+            raise ValueError(f"kernel must be CONST_KERNEL, DIAG_KERNEL or FULL_KERNEL, got {kernel!r}")
+        if normalization not in (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC):
+            raise ValueError(f"normalization must be one of the NORMALIZE_* / NO_NORMALIZATION constants, "
+                             f"got {normalization!r}")
+        self.crf = crf
+        self.features = features  # (N, D): the same tensor at every call, so the lattice is reused
+        self.normalization = normalization
+        self.kind, self.compat = self._compat(compat, crf.n_labels)
+        if normalization != NO_NORMALIZATION:
+            ones = torch.ones(features.shape[0], 1)
+            k1 = self.filter(ones)[:, 0]
+            self.norm = 1.0 / torch.sqrt(k1 + 1e-20) if normalization == NORMALIZE_SYMMETRIC else 1.0 / (k1 + 1e-20)
+
+    @staticmethod
+    def _compat(compat, n_labels: int):
+        if isinstance(compat, Number) and not isinstance(compat, bool):
+            if not np.isfinite(compat):
+                raise ValueError(f"compat must be finite, got {compat}")
+            return "potts", float(compat)
+        arr = np.asarray(compat)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"compat must be a number, a ({n_labels},) vector or a ({n_labels}, {n_labels}) matrix, "
+                            f"got dtype {arr.dtype}")
+        if arr.ndim == 1:
+            if arr.shape != (n_labels,):
+                raise ValueError(f"compat vector must have one entry per label ({n_labels},), got {arr.shape}")
+            kind = "diagonal"
+        elif arr.ndim == 2:
+            if arr.shape != (n_labels, n_labels):
+                raise ValueError(f"compat matrix must be ({n_labels}, {n_labels}), got {arr.shape}")
+            arr = 0.5 * (arr + arr.T)  # pydensecrf symmetrises the matrix
+            kind = "matrix"
+        else:
+            raise ValueError(f"LabelCompatibility of dimension >2 not meaningful (got shape {arr.shape})")
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("compat contains NaN or Inf")
+        return kind, t
+
+    def filter(self, values: torch.Tensor) -> torch.Tensor:
+        """K(values): the Gaussian filter over all pixels (self included), (N, e) -> (N, e)."""
+        return nlgraph.aggregate(self.features, self.features, values, nlgraph.Gaussian(1.0, normalize=False),
+                                 backend=self.crf.backend)
+
+    def apply(self, q: torch.Tensor) -> torch.Tensor:
+        """pydensecrf's PairwisePotential::apply on (N, L) marginals: compatibility(normalised K(q))."""
+        x = q
+        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
+            x = x * self.norm[:, None]
+        x = self.filter(x)
+        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER):
+            x = x * self.norm[:, None]
+        if self.kind == "potts":
+            return -self.compat * x
+        if self.kind == "diagonal":
+            return x * self.compat
+        return x @ self.compat.T
+
+
+class DenseCRF:
+    """A fully connected CRF over ``nvar`` variables with ``nlabels`` labels (pydensecrf's DenseCRF).
+
+    Attributes:
+        backend: the core op's backend for the Gaussian filters: "permutohedral" (default, what
+            pydensecrf computes) or "chunked" (exact, O(N^2)).
+    """
+
+    def __init__(self, nvar: int, nlabels: int, *_, **__):
+        for name, val in (("nvar", nvar), ("nlabels", nlabels)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self._nvar, self._nlabel = int(nvar), int(nlabels)
+        self._unary: Optional[torch.Tensor] = None  # (N, L) energies
+        self._pairwise: list[_Pairwise] = []
+        self.backend = "permutohedral"
+
+    @property
+    def n_labels(self) -> int:
+        return self._nlabel
+
+    def setUnaryEnergy(self, u, f=None) -> None:
+        """Set the unary energies U, (nlabels, nvar): -log probabilities."""
+        if f is not None:
+            raise ValueError("setUnaryEnergy(u, f): the logistic (learned) unary is not supported; "
+                             "pass precomputed energies u only")
+        self._unary = _float_matrix("unary energy", u, (self._nlabel, self._nvar)).T.contiguous()
+
+    def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
+        """Add a Gaussian pairwise term over ``features`` (D, nvar) (already divided by their bandwidths)."""
+        feats = _float_matrix("features", features)
+        if feats.shape[1] != self._nvar:
+            raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), got {tuple(feats.shape)})")
+        self._pairwise.append(_Pairwise(self, feats.T.contiguous(), compat, kernel, normalization))
+
+    # ---------------------------------------------------------------- inference
+
+    def _energy(self) -> torch.Tensor:
+        return self._unary if self._unary is not None else torch.zeros(self._nvar, self._nlabel)
+
+    def _step(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        tmp1 = -self._energy()
+        tmp2 = None
+        for p in self._pairwise:
+            tmp2 = p.apply(q)
+            tmp1 = tmp1 - tmp2
+        return torch.softmax(tmp1, dim=-1), tmp1, tmp2
+
+    def inference(self, niter: int) -> np.ndarray:
+        """``niter`` mean-field steps from softmax(-U); returns Q as a float32 (nlabels, nvar) array."""
+        if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 0:
+            raise ValueError(f"niter must be an int >= 0, got {niter!r}")
+        q = torch.softmax(-self._energy(), dim=-1)
+        for _ in range(int(niter)):
+            q = self._step(q)[0]
+        return q.T.numpy().copy()
+
+    def startInference(self):
+        """(Q, tmp1, tmp2) to drive :meth:`stepInference` by hand; all float32 (nlabels, nvar) arrays."""
+        q = torch.softmax(-self._energy(), dim=-1) if self._unary is not None else torch.zeros(self._nvar,
+                                                                                              self._nlabel)
+        shape = (self._nlabel, self._nvar)
+        return q.T.numpy().copy(), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def _marginals(self, name: str, q) -> torch.Tensor:
+        if not isinstance(q, np.ndarray):
+            raise TypeError(f"{name} must be the numpy array returned by startInference/inference, "
+                            f"got {type(q).__name__}")
+        return _float_matrix(name, q, (self._nlabel, self._nvar)).T.contiguous()
+
+    def stepInference(self, Q, tmp1, tmp2) -> None:
+        """One mean-field step, in place on the arrays from :meth:`startInference`."""
+        q = self._marginals("Q", Q)
+        for name, t in (("tmp1", tmp1), ("tmp2", tmp2)):
+            if not isinstance(t, np.ndarray) or t.shape != (self._nlabel, self._nvar) or t.dtype != np.float32:
+                raise ValueError(f"{name} must be the float32 ({self._nlabel}, {self._nvar}) array from "
+                                 f"startInference")
+        new_q, t1, t2 = self._step(q)
+        Q[...] = new_q.T.numpy()
+        tmp1[...] = t1.T.numpy()
+        tmp2[...] = 0.0 if t2 is None else t2.T.numpy()
+
+    def klDivergence(self, Q) -> float:
+        """KL(Q || P) up to the log-partition constant, as pydensecrf computes it."""
+        q = self._marginals("Q", Q).double()
+        kl = float((q * torch.log(q.clamp_min(1e-20))).sum())
+        if self._unary is not None:
+            kl += float((self._unary.double() * q).sum())
+        for p in self._pairwise:
+            kl += float((q * p.apply(q.float()).double()).sum())
+        return kl
+
+
+class DenseCRF2D(DenseCRF):
+    """A dense CRF over a ``w`` x ``h`` image (pixel index j * w + i), as pydensecrf's DenseCRF2D."""
+
+    def __init__(self, w: int, h: int, nlabels: int, *_, **__):
+        for name, val in (("w", w), ("h", h)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        super().__init__(int(w) * int(h), nlabels)
+        self._w, self._h = int(w), int(h)
+
+    def _grid(self) -> tuple[np.ndarray, np.ndarray]:
+        j, i = np.meshgrid(np.arange(self._h, dtype=np.float32), np.arange(self._w, dtype=np.float32),
+                           indexing="ij")
+        return i.reshape(-1), j.reshape(-1)  # x = column i, y = row j, pixel index j * w + i
+
+    @staticmethod
+    def _pair(name: str, s, n: int) -> tuple:
+        vals = (s,) * n if isinstance(s, Number) else tuple(s)
+        if len(vals) != n or not all(isinstance(v, Number) and np.isfinite(v) and v > 0 for v in vals):
+            raise ValueError(f"{name} must be a positive number or {n} of them, got {s!r}")
+        return vals
+
+    def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
+        """Smoothness kernel on positions: features (x / sx, y / sy)."""
+        sx, sy = self._pair("sxy", sxy, 2)
+        x, y = self._grid()
+        self.addPairwiseEnergy(np.stack([x / np.float32(sx), y / np.float32(sy)]), compat, kernel, normalization)
+
+    def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,
+                             normalization=NORMALIZE_SYMMETRIC) -> None:
+        """Appearance kernel: features (x / sx, y / sy, r / sr, g / sg, b / sb) from a uint8 (h, w, 3) image."""
+        sx, sy = self._pair("sxy", sxy, 2)
+        sr, sg, sb = self._pair("srgb", srgb, 3)
+        im = np.asarray(rgbim)
+        if im.dtype != np.uint8:
+            raise ValueError(f"rgbim must be a uint8 (h, w, 3) image, got dtype {im.dtype}")
+        if im.ndim != 3 or im.shape[:2] != (self._h, self._w):
+            raise ValueError(f"Bad shape for pairwise bilateral (Need {(self._h, self._w, 3)}, got {im.shape})")
+        if im.shape[2] != 3:
+            raise ValueError("addPairwiseBilateral only works for RGB images. For other types, use "
+                             "`utils.create_pairwise_bilateral` to construct your own pairwise energy and add it "
+                             "through `addPairwiseEnergy`.")
+        x, y = self._grid()
+        col = im.reshape(-1, 3).astype(np.float32)
+        feats = np.stack([x / np.float32(sx), y / np.float32(sy), col[:, 0] / np.float32(sr),
+                          col[:, 1] / np.float32(sg), col[:, 2] / np.float32(sb)])
+        self.addPairwiseEnergy(feats, compat, kernel, normalization)

@@ -1,0 +1,114 @@
+"""Drop-in replacement for ``pydensecrf.utils``: unaries from labels / softmax, pairwise features.
+
+Same names, argument names, defaults and return shapes/dtypes (float32) as pydensecrf's utils;
+invalid arguments raise ValueError instead of asserting (asserts vanish under ``python -O``).
+"""
+
+from __future__ import annotations
+
+from numbers import Number
+
+import numpy as np
+
+__all__ = ["unary_from_labels", "unary_from_softmax", "create_pairwise_gaussian", "create_pairwise_bilateral"]
+
+
+def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
+    """Unary energies (n_labels, n_pixels) from a label map trusted with probability ``gt_prob``.
+
+    Args:
+        labels: integer label map of any shape (flattened in C order).
+        n_labels: number of labels (without the "unsure" 0 when ``zero_unsure``).
+        gt_prob: certainty of the labels, in (0, 1).
+        zero_unsure: treat label 0 as "could be anything" (uniform unary), labels then run 1..n_labels.
+    """
+    if not 0 < gt_prob < 1:
+        raise ValueError(f"gt_prob must be in (0, 1), got {gt_prob!r}")
+    if isinstance(n_labels, bool) or not isinstance(n_labels, (int, np.integer)) or n_labels < 2:
+        raise ValueError(f"n_labels must be an int >= 2, got {n_labels!r}")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
+    labels = labels.flatten()
+    lo, hi = (1, n_labels) if zero_unsure else (0, n_labels - 1)
+    bad = (labels < (0 if zero_unsure else lo)) | (labels > hi)
+    if bad.any():
+        raise ValueError(f"labels must lie in [{0 if zero_unsure else lo}, {hi}] for n_labels={n_labels} and "
+                         f"zero_unsure={zero_unsure}, found {labels[bad][:5].tolist()}")
+    n_energy = -np.log((1.0 - gt_prob) / (n_labels - 1))
+    p_energy = -np.log(gt_prob)
+    u = np.full((n_labels, len(labels)), n_energy, dtype="float32")
+    idx = np.arange(u.shape[1])
+    if zero_unsure:
+        sure = labels > 0
+        u[labels[sure] - 1, idx[sure]] = p_energy
+        u[:, ~sure] = -np.log(1.0 / n_labels)
+    else:
+        u[labels, idx] = p_energy
+    return u
+
+
+def unary_from_softmax(sm, scale=None, clip=1e-5):
+    """Unary energies -log(p), (n_classes, n_pixels) float32, from class probabilities (n_classes, ...)."""
+    sm = np.asarray(sm)
+    if sm.ndim < 1 or sm.dtype.kind not in "fiu":
+        raise ValueError(f"sm must be a real array with classes on axis 0, got shape {sm.shape}, dtype {sm.dtype}")
+    if not np.isfinite(sm).all() or (sm < 0).any():
+        raise ValueError("sm must hold finite, non-negative probabilities")
+    num_cls = sm.shape[0]
+    if scale is not None:
+        if not 0 < scale <= 1:
+            raise ValueError(f"scale must be in (0, 1], got {scale!r}")
+        sm = scale * sm + (1 - scale) * (np.ones(sm.shape) / num_cls)
+    if clip is not None:
+        sm = np.clip(sm, clip, 1.0)
+    with np.errstate(divide="ignore"):
+        return -np.log(sm).reshape([num_cls, -1]).astype(np.float32)
+
+
+def create_pairwise_gaussian(sdims, shape):
+    """Position features (len(sdims), prod(shape)), float32: the grid (C order) divided by ``sdims``."""
+    shape = tuple(shape)
+    sdims = tuple(sdims)
+    if len(sdims) != len(shape):
+        raise ValueError(f"sdims has {len(sdims)} entries but shape {shape} has {len(shape)} dims")
+    if not all(isinstance(s, Number) and s > 0 for s in sdims):
+        raise ValueError(f"sdims must be positive numbers, got {sdims}")
+    mesh = np.array(np.meshgrid(*[range(s) for s in shape], indexing="ij"), dtype=np.float32)
+    for i, s in enumerate(sdims):
+        mesh[i] /= s
+    return mesh.reshape([len(sdims), -1])
+
+
+def create_pairwise_bilateral(sdims, schan, img, chdim=-1):
+    """Position and channel features (len(sdims) + channels, n_pixels), float32.
+
+    Args:
+        sdims: per-spatial-dimension scales.
+        schan: per-channel scales (or one number for all channels).
+        img: the image; ``chdim`` is its channel axis (-1: no channel axis, single channel).
+    """
+    img = np.asarray(img)
+    if chdim == -1:
+        im_feat = img[np.newaxis].astype(np.float32)
+    else:
+        if not -img.ndim <= chdim < img.ndim:
+            raise ValueError(f"chdim {chdim} is out of range for an image of shape {img.shape}")
+        im_feat = np.rollaxis(img, chdim).astype(np.float32)
+    sdims = tuple(sdims)
+    if len(sdims) != im_feat.ndim - 1:
+        raise ValueError(f"sdims has {len(sdims)} entries but the image has {im_feat.ndim - 1} spatial dims "
+                         f"(shape {img.shape}, chdim={chdim})")
+    if isinstance(schan, Number):
+        im_feat /= schan
+    else:
+        schan = tuple(schan)
+        if len(schan) != im_feat.shape[0]:
+            raise ValueError(f"schan has {len(schan)} entries but the image has {im_feat.shape[0]} channels")
+        for i, s in enumerate(schan):
+            im_feat[i] /= s
+    mesh = np.array(np.meshgrid(*[range(s) for s in im_feat.shape[1:]], indexing="ij"), dtype=np.float32)
+    for i, s in enumerate(sdims):
+        mesh[i] /= s
+    feats = np.concatenate([mesh, im_feat])
+    return feats.reshape([feats.shape[0], -1])
