@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import nlgraph
+from nlgraph.core import all_finite
 
 __all__ = ["DenseCRF", "crf_features"]
 
@@ -134,7 +135,7 @@ class DenseCRF(nn.Module):
             raise ValueError(f"image must be (B, C, ...) with the unary's batch and spatial size "
                              f"{(unary.shape[0], '*', *unary.shape[2:])}, got {tuple(image.shape)}")
         for name, t in (("unary", unary), ("image", image)):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf (shape {tuple(t.shape)})")
         if unary.dtype != image.dtype or unary.device != image.device:
             raise ValueError(f"unary ({unary.dtype}, {unary.device}) and image ({image.dtype}, {image.device}) "

@@ -96,12 +96,24 @@ class Lattice:
         return (self.splat_t @ x) * self.alpha
 
 
-def _csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    # indices are constructed in range; skip the invariant checks (and their warning)
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape, check_invariants=False)
+def _point_matrix(vertex: Tensor, bary: Tensor, num_v: int) -> Tensor:
+    """(points, vertices) CSR with each point's d + 1 barycentric weights, built without a sort of all entries."""
+    p, d1 = vertex.shape
+    cols, order = torch.sort(vertex, dim=1)  # a point's d + 1 vertices are distinct
+    vals = torch.gather(bary, 1, order)
+    crow = torch.arange(0, p * d1 + 1, d1, device=vertex.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return coo.coalesce().to_sparse_csr()
+        return torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (p, num_v), check_invariants=False)
+
+
+def _vertex_matrix(vid: Tensor, points: Tensor, vals: Tensor, num_v: int, num_points: int) -> Tensor:
+    """(vertices, points) CSR from entries already sorted by vertex (a CSC layout would be ~10x slower)."""
+    crow = torch.zeros(num_v + 1, dtype=torch.long, device=vid.device)
+    crow[1:] = torch.bincount(vid, minlength=num_v).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, points, vals, (num_v, num_points), check_invariants=False)
 
 
 def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,11 +133,11 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     up, down = torch.ceil(v) * d1, torch.floor(v) * d1
     rem0 = torch.where(up - elevated < elevated - down, up, down)
     total = torch.round(rem0.sum(-1) / d1).long()
+    # rank[i] = position of coordinate i when the residuals are sorted in decreasing order, ties
+    # broken by index (the reference's pairwise rule: for i < j, d_i < d_j ranks i later, else j)
     diff = elevated - rem0
-    idx = torch.arange(d1, device=dev)
-    upper = idx[:, None] < idx[None, :]
-    di, dj = diff[:, :, None], diff[:, None, :]
-    rank = ((di < dj) & upper).sum(-1) + ((dj >= di) & upper.T).sum(-1)
+    order = torch.argsort(diff, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(d1, device=dev).expand_as(order).contiguous())
     rank = rank + total[:, None]
     wrap = (rank < 0).long() - (rank > d).long()
     rank = rank + d1 * wrap
@@ -149,58 +161,80 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     if not same:
         batch = torch.cat([batch, torch.arange(b, device=dev).repeat_interleave(m)])
     rem0, rank, bary = _elevate(pts)
-    # vertex keys: key[p, r, i] = rem0[p, i] + canonical[r, rank[p, i]], for the first d coordinates
-    r = torch.arange(d1, device=dev)
-    canonical = torch.where(torch.arange(d1, device=dev)[None, :] <= d - r[:, None], r[:, None], r[:, None] - d1)
-    keys = rem0[:, None, :d] + canonical[:, rank[:, :d]].permute(1, 0, 2)  # (P, d1, d)
-    # pack (key coordinates, batch) into one int64 code; leave room for the +-d1 neighbour offsets
-    lo = keys.amin(dim=(0, 1)) - d1
-    span = keys.amax(dim=(0, 1)) + d1 - lo + 1
+    # Vertex r of point p has key[i] = rem0[p, i] + canonical[r, rank[p, i]] (i < d), where
+    # canonical[r, j] = r - d1 * [j > d - r]. Keys are packed into int64 codes
+    #   code = sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
+    # computed without materialising the (P, d1, d) keys: the [rank > d - r] part is a cumulative
+    # sum over r of each coordinate's stride, scattered at r = d - rank + 1.
+    rem_d, rank_d = rem0[:, :d], rank[:, :d]
+    lo = rem_d.amin(0) - 2 * d1  # room for the -d1 of canonical and the +-d1 of blur neighbours
+    span = rem_d.amax(0) + 2 * d1 - lo + 1
     sizes = torch.cat([span, torch.tensor([b], device=dev)])
     if float(torch.log2(sizes.double()).sum()) >= 62:
         raise ValueError(f"permutohedral: feature range too large to index the lattice (coordinate spans "
                          f"{sizes.tolist()}); rescale the features or use an exact backend")
     strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), sizes[:-1]]), 0)
+    s_d = strides[:d]
 
     def code(k: Tensor, bidx: Tensor) -> Tensor:
-        return ((k - lo) * strides[:d]).sum(-1) + bidx * strides[d]
+        return ((k - lo) * s_d).sum(-1) + bidx * strides[d]
 
-    codes = code(keys, batch[:, None])  # (P, d1)
-    uniq, vertex = torch.unique(codes.reshape(-1), return_inverse=True)
+    steps = torch.zeros(pts.shape[0], d1 + 1, dtype=torch.long, device=dev)
+    steps.scatter_add_(1, d - rank_d + 1, s_d.expand_as(rank_d).contiguous())
+    r = torch.arange(d1, device=dev)
+    codes = code(rem_d, batch)[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (P, d1)
+    # one stable sort of all (point, vertex) entries gives the vertex ids, a representative entry per
+    # vertex and the vertex-major order of the splat matrix (points ascending within a vertex)
+    sorted_codes, perm = torch.sort(codes.reshape(-1), stable=True)
+    first = torch.ones_like(sorted_codes, dtype=torch.bool)
+    first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    vid_sorted = first.cumsum(0) - 1
+    uniq = sorted_codes[first]
     num_v = uniq.shape[0]
+    vertex = torch.empty_like(vid_sorted)
+    vertex[perm] = vid_sorted
     vertex = vertex.reshape(-1, d1)
+    rep = perm[first]
+    rp, rr = rep // d1, rep % d1
+    ukeys = rem_d[rp] + rr[:, None] - d1 * (rank_d[rp] > d - rr[:, None]).long()
+    ubatch = batch[rp]
 
     # blur neighbours along each of the d + 1 lattice directions
-    ukeys = torch.empty(num_v, d, dtype=torch.long, device=dev)
-    ukeys[vertex.reshape(-1)] = keys.reshape(-1, d)
-    ubatch = torch.empty(num_v, dtype=torch.long, device=dev)
-    ubatch[vertex.reshape(-1)] = batch[:, None].expand(-1, d1).reshape(-1)
     rows_v = torch.arange(num_v, device=dev)
+    blur_vals = torch.tensor([1.0, 0.5, 0.5], dtype=dt, device=dev).expand(num_v, 3)
     blurs = []
     for j in range(d1):
+        # row i of blur j: itself (weight 1) and its two neighbours along direction j (1/2 each, if present)
         shift = torch.ones(d, dtype=torch.long, device=dev)
         if j < d:
             shift[j] = -d
-        rows, cols = [rows_v], [rows_v]
-        vals = [torch.ones(num_v, dtype=dt, device=dev)]
+        cols, present = [rows_v], [torch.ones(num_v, dtype=torch.bool, device=dev)]
         for sign in (-1, 1):
             c = code(ukeys + sign * shift, ubatch)
             pos = torch.searchsorted(uniq, c).clamp_max(num_v - 1)
-            found = uniq[pos] == c
-            rows.append(rows_v[found])
-            cols.append(pos[found])
-            vals.append(torch.full((int(found.sum()),), 0.5, dtype=dt, device=dev))
-        blurs.append(_csr(torch.cat(rows), torch.cat(cols), torch.cat(vals), (num_v, num_v)))
+            cols.append(pos)
+            present.append(uniq[pos] == c)
+        cols_t, present_t = torch.stack(cols, 1), torch.stack(present, 1)
+        crow = torch.zeros(num_v + 1, dtype=torch.long, device=dev)
+        crow[1:] = present_t.sum(1).cumsum(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            blurs.append(torch.sparse_csr_tensor(crow, cols_t[present_t], blur_vals[present_t], (num_v, num_v),
+                                                 check_invariants=False))
 
     nq = b * n
-    q_vertex, q_bary = vertex[:nq], bary[:nq]
-    k_vertex, k_bary = (vertex, bary) if same else (vertex[nq:], bary[nq:])
-    k_points = torch.arange(k_vertex.shape[0], device=dev)[:, None].expand(-1, d1).reshape(-1)
-    q_points = torch.arange(nq, device=dev)[:, None].expand(-1, d1).reshape(-1)
-    splat = _csr(k_vertex.reshape(-1), k_points, k_bary.reshape(-1), (num_v, k_vertex.shape[0]))
-    splat_t = _csr(k_points, k_vertex.reshape(-1), k_bary.reshape(-1), (k_vertex.shape[0], num_v))
-    slice_ = _csr(q_points, q_vertex.reshape(-1), q_bary.reshape(-1), (nq, num_v))
-    slice_t = _csr(q_vertex.reshape(-1), q_points, q_bary.reshape(-1), (num_v, nq))
+    entry_point = perm // d1
+    entry_bary = bary.reshape(-1)[perm]
+    slice_ = _point_matrix(vertex[:nq], bary[:nq], num_v)
+    if same:
+        splat_t = slice_
+        splat = slice_t = _vertex_matrix(vid_sorted, entry_point, entry_bary, num_v, nq)
+    else:
+        splat_t = _point_matrix(vertex[nq:], bary[nq:], num_v)
+        is_q = entry_point < nq
+        slice_t = _vertex_matrix(vid_sorted[is_q], entry_point[is_q], entry_bary[is_q], num_v, nq)
+        splat = _vertex_matrix(vid_sorted[~is_q], entry_point[~is_q] - nq, entry_bary[~is_q], num_v,
+                               vertex.shape[0] - nq)
     return Lattice(splat, splat_t, slice_, slice_t, blurs, 1.0 / (1.0 + 2.0 ** (-d)), num_v)
 
 

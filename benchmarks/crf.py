@@ -1,0 +1,103 @@
+"""``nlgraph bench crf``: dense-CRF mean-field, ours (crf.densecrf on the lattice) vs pydensecrf.
+
+Rows:
+* 5 mean-field iterations on 512x512 scikit-image photos (astronaut; camera as RGB), 2 and 21
+  labels, unaries from a noisy ground truth, a smoothness (sxy=3, compat=3) and an appearance
+  (sxy=80, srgb=13, compat=10) kernel: the whole pipeline (build the CRF, add both kernels, which
+  builds the lattices, run inference) for ``crf.densecrf`` and for ``pydensecrf`` in the same
+  process, their time ratio, label agreement and max |Q difference|.
+* exact (``chunked``) vs lattice (``permutohedral``) messages in our facade on a 96x96 crop
+  (exact is O(N^2)): time ratio and label agreement.
+
+Needs the test extras (pydensecrf2, scikit-image).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from benchmarks import harness
+
+
+def _images():
+    import skimage.data
+
+    cam = skimage.data.camera()
+    return {"astronaut": np.ascontiguousarray(skimage.data.astronaut()),
+            "camera": np.ascontiguousarray(np.stack([cam] * 3, -1))}
+
+
+def _unary(img, n, seed=0):
+    from crf.utils import unary_from_labels
+
+    gray = img.astype(np.float64).mean(-1)
+    gt = np.minimum((gray / 256 * n).astype(np.int64), n - 1)
+    rng = np.random.default_rng(seed)
+    noisy = np.where(rng.random(gt.shape) < 0.3, rng.integers(0, n, gt.shape), gt)
+    return unary_from_labels(noisy, n, gt_prob=0.7, zero_unsure=False)
+
+
+def _pipeline(dcrf, img, unary, n, backend=None):
+    h, w = img.shape[:2]
+    d = dcrf.DenseCRF2D(w, h, n)
+    if backend is not None:
+        d.backend = backend
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+    return np.array(d.inference(5))
+
+
+def main(argv=None) -> int:
+    ap = harness.standard_parser("nlgraph bench crf", __doc__)
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    try:
+        import pydensecrf.densecrf as peer
+    except ImportError:
+        print("nlgraph bench crf: pydensecrf (pip install pydensecrf2) is needed as the peer", file=sys.stderr)
+        return 2
+    import crf.densecrf as ours
+
+    rows = []
+    images = _images()
+    for name, img in images.items():
+        if args.quick:
+            img = np.ascontiguousarray(img[::4, ::4])
+        for n in (2, 21):
+            unary = _unary(img, n)
+            q_ours = _pipeline(ours, img, unary, n)
+            q_peer = _pipeline(peer, img, unary, n)
+            t_ours = harness.time_call(lambda: _pipeline(ours, img, unary, n), repeats=args.repeats)
+            t_peer = harness.time_call(lambda: _pipeline(peer, img, unary, n), repeats=args.repeats)
+            rows.append(dict(name=f"{name} {img.shape[0]}x{img.shape[1]} L={n} 5 iters", ours="crf.densecrf",
+                             peer="pydensecrf", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer,
+                             agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
+                             max_abs_q_diff=float(np.abs(q_ours - q_peer).max())))
+            print(f"  {rows[-1]['name']}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr, flush=True)
+    crop = np.ascontiguousarray(images["astronaut"][100:196, 200:296])
+    for n in (2, 21):
+        unary = _unary(crop, n)
+        q_lat = _pipeline(ours, crop, unary, n, backend="permutohedral")
+        q_ex = _pipeline(ours, crop, unary, n, backend="chunked")
+        t_lat = harness.time_call(lambda: _pipeline(ours, crop, unary, n, backend="permutohedral"),
+                                  repeats=args.repeats)
+        t_ex = harness.time_call(lambda: _pipeline(ours, crop, unary, n, backend="chunked"), repeats=args.repeats)
+        rows.append(dict(name=f"astronaut crop 96x96 L={n} 5 iters", ours="permutohedral", peer="chunked (exact)",
+                         ours_s=t_lat, peer_s=t_ex, ratio=t_lat / t_ex,
+                         agreement=float((q_lat.argmax(0) == q_ex.argmax(0)).mean()),
+                         max_abs_q_diff=float(np.abs(q_lat - q_ex).max())))
+    harness.print_table("nlgraph bench crf (float32, whole pipeline incl. lattice construction, median s)", rows,
+                        [("name", "case"), ("ours", "ours"), ("peer", "peer"), ("ours_s", "ours s"),
+                         ("peer_s", "peer s"), ("ratio", "ours/peer"), ("agreement", "labels equal"),
+                         ("max_abs_q_diff", "max |dQ|")])
+    if args.json:
+        harness.write_json(args.json, "crf", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
