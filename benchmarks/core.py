@@ -12,7 +12,6 @@ RSS in a fresh subprocess per case.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -76,21 +75,10 @@ def plan(quick: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = harness.standard_parser("nlgraph bench core", __doc__)
-    args = ap.parse_args(argv)
-    if args.memory_case:
-        memory_case(json.loads(args.memory_case))
-        return 0
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    rows = harness.compare_pairs(
-        plan(args.quick), MODULE, run_case, args.repeats, not args.no_memory,
-        lambda p: f"{p['affinity']} {p['ours']} N={p['n']} d={p['d']} {p['mode']}")
-    harness.print_table("nlgraph bench core (float32, batch 1, median time in s, peak RSS rise in MiB)", rows,
-                        harness.COLUMNS)
-    if args.json:
-        harness.write_json(args.json, "core", rows)
-    return 0
+    return harness.pairs_main(
+        argv, "core", __doc__, MODULE, plan, run_case, memory_case,
+        lambda p: f"{p['affinity']} {p['ours']} N={p['n']} d={p['d']} {p['mode']}",
+        "nlgraph bench core (float32, batch 1, median time in s, peak RSS rise in MiB)")
 
 
 if __name__ == "__main__":

@@ -154,3 +154,23 @@ def standard_parser(prog: str, doc: str):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     return ap
+
+
+def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[[bool], list[dict]],
+               time_case: Callable[[dict, int], float], memory_case: Callable[[dict], None],
+               describe: Callable[[dict], str], title: str) -> int:
+    """The whole command line of an ours-vs-peer benchmark: options, pairs, table, JSON."""
+    import json as _json
+
+    ap = standard_parser(f"nlgraph bench {name}", doc)
+    args = ap.parse_args(argv)
+    if args.memory_case:
+        memory_case(_json.loads(args.memory_case))
+        return 0
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    rows = compare_pairs(plan(args.quick), module, time_case, args.repeats, not args.no_memory, describe)
+    print_table(title, rows, COLUMNS)
+    if args.json:
+        write_json(args.json, name, rows)
+    return 0

@@ -13,7 +13,6 @@ Time ratio = ours / peer (< 1: ours faster); memory = measured peak RSS rise per
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -87,19 +86,8 @@ def describe(p: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = harness.standard_parser("nlgraph bench nonlocal", __doc__)
-    args = ap.parse_args(argv)
-    if args.memory_case:
-        memory_case(json.loads(args.memory_case))
-        return 0
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    rows = harness.compare_pairs(plan(args.quick), MODULE, time_case, args.repeats, not args.no_memory, describe)
-    harness.print_table("nlgraph bench nonlocal (float32, batch 1, median time in s, peak RSS rise in MiB)", rows,
-                        harness.COLUMNS)
-    if args.json:
-        harness.write_json(args.json, "nonlocal", rows)
-    return 0
+    return harness.pairs_main(argv, "nonlocal", __doc__, MODULE, plan, time_case, memory_case, describe,
+                              "nlgraph bench nonlocal (float32, batch 1, median time in s, peak RSS rise in MiB)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ def test_bench_core_quick_writes_json(tmp_path, capsys):
     assert "| case | peer |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name,extra", [("nonlocal", ["--no-memory"]), ("crf", [])])
+def test_other_benchmarks_quick(name, extra, tmp_path):
+    if name == "crf":
+        pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (test dependency) not installed")
+        pytest.importorskip("skimage.data", reason="scikit-image (test dependency) not installed")
+    path = tmp_path / f"{name}.json"
+    assert cli.main(["bench", name, "--quick", "--repeats", "1", *extra, "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all({"name", "ours_s", "peer", "peer_s", "ratio"} <= set(r) for r in rows)
+    if name == "crf":
+        assert all(r["agreement"] >= 0.98 for r in rows)
+
+
 def test_unknown_benchmark_is_a_one_line_error(capsys):
     assert cli.main(["bench", "nope"]) == 2
     err = capsys.readouterr().err.strip()
