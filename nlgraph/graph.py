@@ -91,6 +91,31 @@ class Graph:
         """True when :meth:`block` returns tensors that should receive gradients."""
         return False
 
+    def edges(self, n: int, m: int, device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+        """The edge list: ``(edge_index (2, E), log_weight (E,) or None)``, PyG's convention.
+
+        ``edge_index[0]`` is the source (key j), ``edge_index[1]`` the target (query i). A log-weight
+        carries float-mask logits and edge weights (log of the multiplicity/weight); it may carry
+        gradients. Only for graphs without batch dims (``lead_shape == ()``). The default
+        enumerates the graph's dense tile: subclasses with a cheaper enumeration override it.
+        """
+        _check_unbatched(self)
+        blk = self.block(0, n, 0, m, device)
+        bias = self.dense_bias()
+        if blk is None:
+            keep = torch.ones(n, m, dtype=torch.bool, device=device)
+        else:
+            keep = blk if blk.dtype == torch.bool else blk > 0
+        logw = None
+        if blk is not None and blk.dtype != torch.bool:
+            logw = _log_weights(blk.expand(n, m))
+        if bias is not None:
+            b = bias.expand(n, m)
+            keep = keep & (b.detach() > -math.inf)
+            logw = b if logw is None else logw + b
+        dst, src = keep.nonzero(as_tuple=True)
+        return torch.stack([src, dst]), None if logw is None else logw[dst, src]
+
     def dense(self, n: int, m: int, device: Union[str, torch.device] = "cpu") -> Tensor:
         """The edge set as a dense bool (..., n, m) tensor (small graphs, tests and conversions)."""
         device = torch.device(device)
@@ -104,6 +129,28 @@ class Graph:
         if not isinstance(other, Graph):
             return NotImplemented
         return Intersection([self, other])
+
+
+def _check_unbatched(graph: "Graph") -> None:
+    if graph.lead_shape:
+        raise ValueError(f"{graph!r} has batch dims {graph.lead_shape}; an edge list describes one graph shared "
+                         f"by the batch")
+
+
+def _log_weights(w: Tensor) -> Tensor:
+    pos = w > 0
+    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -math.inf))
+
+
+def _grid_edges(coords: Tensor, shape: tuple[int, ...], offsets: Tensor) -> Tensor:
+    """Edges (src, dst) from every node to node + offset, for offsets inside the grid."""
+    nb = coords[:, None, :] + offsets[None, :, :]  # (N, K, D)
+    lim = torch.tensor(shape, device=coords.device)
+    ok = ((nb >= 0) & (nb < lim)).all(-1)
+    strides = torch.tensor([math.prod(shape[i + 1:]) for i in range(len(shape))], device=coords.device)
+    dst = torch.arange(coords.shape[0], device=coords.device)[:, None].expand_as(ok)[ok]
+    src = (nb[ok] * strides).sum(-1)
+    return torch.stack([src, dst])
 
 
 class Complete(Graph):
@@ -243,6 +290,11 @@ class LocalWindow(_GridGraph):
         diff = (c[i0:i1, None, :] - c[None, j0:j1, :]).abs()
         return (diff <= self._radius_t[device]).all(-1)
 
+    def edges(self, n, m, device):
+        axes = [torch.arange(-r, r + 1, device=device) for r in self.radius]
+        offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(self.shape))
+        return _grid_edges(self.coords(device), self.shape, offsets), None
+
     def __repr__(self) -> str:
         return f"LocalWindow(shape={self.shape}, radius={self.radius})"
 
@@ -259,6 +311,15 @@ class CrissCross(_GridGraph):
         c = self.coords(device)
         ci, cj = c[i0:i1, None, :], c[None, j0:j1, :]
         return (ci == cj).any(-1)
+
+    def edges(self, n, m, device):
+        h, w = self.shape
+        row = torch.stack([torch.zeros(2 * w - 1, dtype=torch.long, device=device),
+                           torch.arange(-(w - 1), w, device=device)], -1)
+        col = torch.stack([torch.arange(-(h - 1), h, device=device),
+                           torch.zeros(2 * h - 1, dtype=torch.long, device=device)], -1)
+        col = col[col[:, 0] != 0]  # self once (in the row part)
+        return _grid_edges(self.coords(device), self.shape, torch.cat([row, col])), None
 
     def __repr__(self) -> str:
         return f"CrissCross(shape={self.shape})"
@@ -349,6 +410,14 @@ class KNN(Graph):
         counts.scatter_add_(-1, local.clamp(0, j1 - j0 - 1), valid.to(torch.int32))
         return counts > 0
 
+    def edges(self, n, m, device):
+        _check_unbatched(self)
+        idx, _ = torch.sort(self.index.to(device), dim=-1)
+        keep = idx >= 0
+        keep[:, 1:] &= idx[:, 1:] != idx[:, :-1]  # repeated indices count once
+        dst = torch.arange(idx.shape[0], device=device)[:, None].expand_as(idx)[keep]
+        return torch.stack([idx[keep], dst]), None
+
     def __repr__(self) -> str:
         return f"KNN(index={tuple(self.index.shape)})"
 
@@ -421,6 +490,12 @@ class EdgeIndex(Graph):
         tile = torch.zeros(i1 - i0, j1 - j0, dtype=w.dtype, device=device)
         return tile.index_put((dst, src), w, accumulate=True)
 
+    def edges(self, n, m, device):
+        ei = self.edge_index.to(device)
+        if self.edge_weight is None:
+            return ei, None
+        return ei, _log_weights(self.edge_weight.to(device))
+
     def __repr__(self) -> str:
         return f"EdgeIndex(E={self.edge_index.shape[1]}, weighted={self.edge_weight is not None})"
 
@@ -454,6 +529,28 @@ class Intersection(Graph):
         for g in self.graphs:
             out = combine_blocks(out, g.block(i0, i1, j0, j1, device))
         return out
+
+    def edges(self, n, m, device):
+        """Edges present in every member; log-weights add (multiplicities of an EdgeIndex are kept)."""
+        _check_unbatched(self)
+        parts = [g.edges(n, m, device) for g in self.graphs]
+        parts.sort(key=lambda p: p[0].shape[1])  # start from the sparsest member
+        ei, logw = parts[0]
+        code = ei[1] * m + ei[0]
+        for other_ei, other_logw in parts[1:]:
+            other_code = other_ei[1] * m + other_ei[0]
+            uniq, inv = torch.unique(other_code, return_inverse=True)
+            pos = torch.searchsorted(uniq, code).clamp_max(max(uniq.numel() - 1, 0))
+            keep = uniq[pos] == code if uniq.numel() else torch.zeros_like(code, dtype=torch.bool)
+            if other_logw is not None:
+                # several parallel edges in `other`: their weights add (log-sum-exp)
+                w = torch.zeros(uniq.numel(), dtype=other_logw.dtype, device=device).index_add(0, inv,
+                                                                                                torch.exp(other_logw))
+                extra = _log_weights(w)[pos]
+                logw = extra if logw is None else logw + extra
+            ei, code = ei[:, keep], code[keep]
+            logw = None if logw is None else logw[keep]
+        return ei, logw
 
     def dense_bias(self):
         biases = [b for b in (g.dense_bias() for g in self.graphs) if b is not None]

@@ -135,13 +135,15 @@ CASES = _cases()
 
 
 def test_coverage_of_backends():
-    """chunked and reference cover every affinity x graph except where chunked says why not."""
+    """chunked, reference (and pyg when installed) cover every affinity x graph, except where chunked says why not."""
     ids = {c.id for c in CASES}
     for a in AFFINITIES:
         for g in GRAPHS:
             assert f"{a}-{g}-reference" in ids
             if g != "edge_index_weighted":
                 assert f"{a}-{g}-chunked" in ids, f"{a}-{g}"
+            if nlgraph._optional.optional("torch_geometric") is not None:
+                assert f"{a}-{g}-pyg" in ids, f"{a}-{g}"
     assert "dot-complete-algebra" in ids and "concat-exclude_self-algebra" in ids
 
 

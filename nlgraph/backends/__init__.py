@@ -1,13 +1,14 @@
 """Compute backends, each a module of its own; all compute the same core op.
 
 Registration order is the automatic priority: exact closed forms first, then the approximate
-lattice (only where its ``prefer`` hook says it pays off), then the tiled PyTorch path, then the
-materialising oracle. Adding a backend = one new module + one line here.
+lattice and the edge-list path (each only where its ``prefer`` hook says it pays off), then the
+tiled PyTorch path, then the materialising oracle. Adding a backend = one new module + one line here.
 """
 
 from ..dispatch import register
 
 register("algebra", "nlgraph.backends.algebra")
 register("permutohedral", "nlgraph.backends.permutohedral")
+register("pyg", "nlgraph.backends.pyg")
 register("chunked", "nlgraph.backends.chunked")
 register("reference", "nlgraph.backends.reference")

@@ -1,0 +1,142 @@
+"""The ``pyg`` backend: the core op as a torch_geometric ``MessagePassing`` over an explicit edge list.
+
+Each edge (j -> i) gets its score s_e = q'_i . k'_j + r_i + c_j (the canonical form of
+``nlgraph.affinity``) plus the graph's log-weight, then
+
+* softmax-normalised affinities: ``alpha_e = torch_geometric.utils.softmax(s_e, index=i)``;
+* C = 1 (``Gaussian(normalize=False)``): ``alpha_e = exp(s_e)``;
+* count-normalised (dot product, concatenation): ``alpha_e = w_e f_e / sum_{e' -> i} w_e'``;
+
+and ``y_i = sum_{e -> i} alpha_e v_j`` is ``MessagePassing.propagate`` with ``aggr="add"``. Exact,
+differentiable by autograd w.r.t. everything, including per-edge weights of an ``EdgeIndex`` graph.
+Cost O(E (d + e)) time and memory per batch entry: the right path for sparse graphs (windows,
+criss-cross, k-NN, explicit edge lists); dense graphs are better served by ``chunked``.
+
+torch_geometric is imported only here, on first use; ``import nlgraph`` does not need it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._optional import missing, optional
+from ..graph import EdgeIndex, Graph
+from .common import lower
+
+__all__ = ["can_run", "prefer", "run", "MAX_DENSITY"]
+
+#: Automatic dispatch takes this backend for every explicit edge list, and for other graphs whose edge
+#: count is at most this fraction of N * M (see ``nlgraph bench graph`` for the measured crossover).
+MAX_DENSITY = 1.0 / 16
+
+
+def _edge_count(graph: Graph, n: int, m: int) -> Optional[int]:
+    """A cheap upper bound on the number of edges, or None when unknown without enumerating."""
+    from ..graph import KNN, CrissCross, Intersection, LocalWindow
+
+    if isinstance(graph, EdgeIndex):
+        return graph.edge_index.shape[1]
+    if isinstance(graph, LocalWindow):
+        return n * math.prod(2 * r + 1 for r in graph.radius)
+    if isinstance(graph, CrissCross):
+        return n * (sum(graph.shape) - 1)
+    if isinstance(graph, KNN):
+        return n * graph.index.shape[-1]
+    if isinstance(graph, Intersection):
+        counts = [c for c in (_edge_count(g, n, m) for g in graph.graphs) if c is not None]
+        return min(counts) if counts else None
+    return None
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    if optional("torch_geometric") is None:
+        return False, missing("torch_geometric")
+    if graph is None:
+        return True, ""
+    if graph.lead_shape:
+        return False, f"pyg runs one edge list shared by the batch; {graph!r} has batch dims {graph.lead_shape}"
+    return True, ""
+
+
+def prefer(query, key, value, affinity, graph) -> bool:
+    """Explicit edge lists always; other graphs when they have few enough edges."""
+    from ..graph import Intersection
+
+    if graph is None:
+        return False
+    members = graph.graphs if isinstance(graph, Intersection) else [graph]
+    if any(isinstance(g, EdgeIndex) for g in members):
+        return True
+    count = _edge_count(graph, query.shape[-2], key.shape[-2])
+    return count is not None and count <= MAX_DENSITY * query.shape[-2] * key.shape[-2]
+
+
+_CONV = None
+
+
+def _conv():
+    """The MessagePassing layer (class built on first use, so torch_geometric stays optional)."""
+    global _CONV
+    if _CONV is None:
+        from torch_geometric.nn import MessagePassing
+
+        class CoreOpConv(MessagePassing):
+            """y_i = sum_{(j -> i)} alpha_e v_j: the aggregation of the core op over an edge list."""
+
+            def __init__(self):
+                super().__init__(aggr="add", flow="source_to_target", node_dim=-2)
+
+            def forward(self, v: Tensor, edge_index: Tensor, alpha: Tensor, size: tuple[int, int]) -> Tensor:
+                return self.propagate(edge_index, v=v, alpha=alpha, size=size)
+
+            def message(self, v_j: Tensor, alpha: Tensor) -> Tensor:
+                return alpha.unsqueeze(-1) * v_j
+
+        _CONV = CoreOpConv()
+    return _CONV
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+    from torch_geometric.utils import softmax as pyg_softmax
+
+    from ..graph import Complete
+
+    p = lower(query, key, value, affinity, graph)
+    n, m, e = p.n, p.m, p.e
+    device = query.device
+    ei, logw = (graph if graph is not None else Complete()).edges(n, m, device)
+    if logw is not None:
+        keep = logw.detach() > -math.inf  # zero-weight / -inf edges carry nothing
+        ei, logw = ei[:, keep], logw[keep].to(p.value.dtype)
+    src, dst = ei[0], ei[1]
+    f = p.form
+    lead = p.lead
+    s = None
+    if f.query is not None:
+        qf = f.query.expand(*lead, n, f.query.shape[-1])
+        kf = f.key.expand(*lead, m, f.key.shape[-1])
+        s = (qf.index_select(-2, dst) * kf.index_select(-2, src)).sum(-1)
+    if f.row is not None:
+        r = f.row.expand(*lead, n).index_select(-1, dst)
+        s = r if s is None else s + r
+    if f.col is not None:
+        c = f.col.expand(*lead, m).index_select(-1, src)
+        s = c if s is None else s + c
+    s = s.reshape(-1, s.shape[-1]) if lead else s.reshape(1, -1)  # (B, E)
+    if f.kernel == "exp":
+        if logw is not None:  # edge weights and float-mask logits, from the edge list
+            s = s + logw
+        alpha = pyg_softmax(s, dst, num_nodes=n, dim=-1) if f.norm == "sum" else torch.exp(s)
+    else:
+        g = torch.relu(s) if f.kernel == "relu" else s
+        w = torch.ones_like(g) if logw is None else torch.exp(logw).expand_as(g)
+        den = torch.zeros(g.shape[0], n, dtype=g.dtype, device=device).index_add(1, dst, w)
+        inv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        alpha = g * w * inv.index_select(1, dst)
+    v = p.value.expand(*lead, m, e).reshape(-1, m, e)
+    y = _conv()(v, ei, alpha, size=(m, n))
+    return y.reshape(*lead, n, e).to(query.dtype)
