@@ -13,7 +13,7 @@ tiled loop (and one fused GPU kernel) serve attention, non-local blocks and the 
 affinity          f(q_i, k_j)                                canonical form      C_i
 ================  =========================================  ==================  ===========
 ``Softmax``       exp(s q_i.k_j)                             q'=s q, k'=k        sum_j f
-``Gaussian``      exp(-|q_i/b - k_j/b|^2 / 2)                q'=q/b, k'=k/b,     sum_j f or 1
+``Gaussian``      exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))      q'=q/b, k'=k/b,     sum_j f or 1
                                                              r=-|q'|^2/2,
                                                              c=-|k'|^2/2
 ``DotProduct``    s q_i.k_j                                  q'=s q, k'=k        number of neighbours
@@ -71,6 +71,9 @@ class ScoreForm:
     col: Optional[Tensor]
     kernel: str
     norm: str
+    #: exp kernels only: the score is capped at 0 after adding this offset, s <- min(s + clamp, 0)
+    #: (a Gaussian with a flat top, as non-local means uses to discount the noise variance).
+    clamp: Optional[float] = None
 
 
 def _check_scalar(name: str, value: Scalar, *, positive: bool) -> None:
@@ -166,18 +169,24 @@ class Gaussian(Affinity):
         bandwidth: scalar or (d,) tensor of per-dimension bandwidths (> 0). A tensor is trainable.
         normalize: True for ``C = sum_j f`` (a normalised filter, as non-local means); False for
             ``C = 1`` (the raw Gaussian sum of the dense-CRF message).
+        offset: o >= 0 flattens the top: ``f = exp(-max(|q' - k'|^2 / 2 - o, 0))``, i.e. distances
+            below sqrt(2 o) all weigh 1 (non-local means' noise-variance correction). 0 (default)
+            is the plain Gaussian.
     """
 
     kernel = "exp"
 
-    def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True):
+    def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True, offset: float = 0.0):
         _check_scalar("Gaussian(bandwidth)", bandwidth, positive=True)
         if isinstance(bandwidth, Tensor) and bandwidth.dim() > 1:
             raise ValueError(f"Gaussian(bandwidth) must be a scalar or (d,), got shape {tuple(bandwidth.shape)}")
         if not isinstance(normalize, bool):
             raise TypeError(f"Gaussian(normalize) must be a bool, got {type(normalize).__name__}")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset) or offset < 0:
+            raise ValueError(f"Gaussian(offset) must be a finite number >= 0, got {offset!r}")
         self.bandwidth = bandwidth
         self.normalize = normalize
+        self.offset = float(offset)
         self.norm = "sum" if normalize else "none"
 
     def validate(self, query: Tensor, key: Tensor) -> None:
@@ -195,12 +204,14 @@ class Gaussian(Affinity):
         q, k = query / b, key / b
         col = -0.5 * (k * k).sum(-1)
         # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
-        # dropping it keeps the logits small and loses nothing, values and gradients alike.
-        row = None if self.normalize else -0.5 * (q * q).sum(-1)
-        return ScoreForm(q, k, row, col, "exp", self.norm)
+        # dropping it keeps the logits small and loses nothing, values and gradients alike. The
+        # flat top (offset > 0) needs the true distance, so it keeps the row term.
+        row = None if (self.normalize and not self.offset) else -0.5 * (q * q).sum(-1)
+        return ScoreForm(q, k, row, col, "exp", self.norm, self.offset or None)
 
     def __repr__(self) -> str:
-        return f"Gaussian(bandwidth={_fmt(self.bandwidth)}, normalize={self.normalize})"
+        extra = f", offset={self.offset}" if self.offset else ""
+        return f"Gaussian(bandwidth={_fmt(self.bandwidth)}, normalize={self.normalize}{extra})"
 
 
 class DotProduct(Affinity):

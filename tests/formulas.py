@@ -29,7 +29,10 @@ def affinity_matrix(kind: str, q, k, params: dict):
     if kind in ("gaussian", "gaussian_unnorm"):
         b = params["bandwidth"]
         diff = q[..., :, None, :] / b - k[..., None, :, :] / b
-        return torch.exp(-0.5 * (diff * diff).sum(-1)), ("sum" if kind == "gaussian" else "none")
+        dist = 0.5 * (diff * diff).sum(-1)
+        if params.get("offset"):
+            dist = torch.clamp(dist - params["offset"], min=0.0)  # flat top
+        return torch.exp(-dist), ("sum" if kind == "gaussian" else "none")
     if kind == "dot":
         return params.get("scale", 1.0) * torch.einsum("...nd,...md->...nm", q, k), "count"
     if kind == "concat":

@@ -44,6 +44,10 @@ def make_affinity(name: str, gen: torch.Generator):
     if name == "gaussian_c1":
         b = _leaf(torch.tensor(1.7, **f64))
         return A.Gaussian(bandwidth=b, normalize=False), "gaussian_unnorm", {"bandwidth": b}, {"bandwidth": b}
+    if name == "gaussian_offset":
+        b = _leaf(torch.rand(D, generator=gen, **f64) + 0.8)
+        return (A.Gaussian(bandwidth=b, offset=1.5), "gaussian", {"bandwidth": b, "offset": 1.5},
+                {"bandwidth": b})
     if name == "dot":
         s = _leaf(torch.tensor(0.5, **f64))
         return A.DotProduct(scale=s), "dot", {"scale": s}, {"scale": s}
@@ -54,7 +58,7 @@ def make_affinity(name: str, gen: torch.Generator):
     raise ValueError(name)
 
 
-AFFINITIES = ["softmax", "softmax_scale", "gaussian", "gaussian_c1", "dot", "concat"]
+AFFINITIES = ["softmax", "softmax_scale", "gaussian", "gaussian_c1", "gaussian_offset", "dot", "concat"]
 
 
 def make_graph(name: str, gen: torch.Generator):

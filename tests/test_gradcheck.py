@@ -20,7 +20,7 @@ def _t(*shape, seed=0, positive=False):
     return (x.abs() + 0.5 if positive else x).requires_grad_(True)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "gaussian", "gaussian_c1", "dot", "concat"])
+@pytest.mark.parametrize("kind", ["softmax", "gaussian", "gaussian_c1", "gaussian_offset", "dot", "concat"])
 @pytest.mark.parametrize("graph_kind", ["complete", "mask", "float_mask", "window"])
 def test_gradcheck_chunked(kind, graph_kind):
     n, m, d, e = 6, 6, 3, 2
@@ -30,9 +30,10 @@ def test_gradcheck_chunked(kind, graph_kind):
         scale = _t(1, seed=4, positive=True)
         make_aff = lambda p: A.Softmax(scale=p[0].reshape(()))  # noqa: E731
         extra = [scale]
-    elif kind in ("gaussian", "gaussian_c1"):
+    elif kind in ("gaussian", "gaussian_c1", "gaussian_offset"):
         bw = _t(d, seed=4, positive=True)
-        make_aff = lambda p: A.Gaussian(bandwidth=p[0], normalize=kind == "gaussian")  # noqa: E731
+        off = 0.7 if kind == "gaussian_offset" else 0.0
+        make_aff = lambda p: A.Gaussian(bandwidth=p[0], normalize=kind != "gaussian_c1", offset=off)  # noqa: E731
         extra = [bw]
     elif kind == "dot":
         make_aff = lambda p: A.DotProduct()  # noqa: E731

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import Problem, dropout_keep, lower, tile_linear, tile_log_weights
+from .common import Problem, clamp_scores, dropout_keep, lower, tile_linear, tile_log_weights
 
 __all__ = ["can_run", "run", "default_blocks"]
 
@@ -110,7 +110,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                 v = value[..., j0:j1, :]
                 keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
                 if kernel == "exp":
-                    s = _exp_scores(lin, mask, logw)  # a fresh tile: updated in place below
+                    s = _exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)  # fresh: updated in place
                     new = torch.maximum(mx, s.amax(-1))
                     # rows can only be all -inf when the graph removes edges
                     restricted = mask is not None or logw is not None
@@ -182,7 +182,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                 if keep is not None:
                     dp = dp * keep  # the loss sees the kept messages only
                 if kernel == "exp":
-                    s = _exp_scores(lin, mask, logw)
+                    flat = None if p.form.clamp is None else (lin + p.form.clamp) >= 0  # capped: no gradient
+                    s = _exp_scores(clamp_scores(p.form, lin), mask, logw)
                     if norm == "none":
                         prob = torch.exp(s)  # C = 1: the raw kernel value
                         dlin = prob * dp
@@ -190,6 +191,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                         prob = s.sub_(base[..., None]).exp_()  # exp(s) / C from the saved log-sum-exp
                         dlin = (dp - dsum[..., None]).mul_(prob)
                     dlogw = dlin
+                    if flat is not None:
+                        dlin = dlin.masked_fill(flat, 0.0)
                     if need_v:
                         kept = prob if keep is None else prob * keep
                         dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do

@@ -16,7 +16,8 @@ from torch import Tensor
 from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, _slice_rows_cols
 
-__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep"]
+__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
+           "clamp_scores"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,3 +111,10 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, tile: int, device:
     gen = torch.Generator(device=device)
     gen.manual_seed((seed + tile) % (2**63 - 1))
     return (torch.rand(shape, generator=gen, device=device, dtype=dtype) >= p).to(dtype) / (1.0 - p)
+
+
+def clamp_scores(form: ScoreForm, lin: Tensor, inplace: bool = False) -> Tensor:
+    """The flat top of an exp kernel: ``min(s + clamp, 0)`` (identity when ``form.clamp`` is None)."""
+    if form.clamp is None:
+        return lin
+    return lin.add_(form.clamp).clamp_(max=0.0) if inplace else (lin + form.clamp).clamp(max=0.0)

@@ -128,6 +128,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
         s = c if s is None else s + c
     s = s.reshape(-1, s.shape[-1]) if lead else s.reshape(1, -1)  # (B, E)
     if f.kernel == "exp":
+        if f.clamp is not None:  # flat top of the Gaussian
+            s = (s + f.clamp).clamp(max=0.0)
         if logw is not None:  # edge weights and float-mask logits, from the edge list
             s = s + logw
         alpha = pyg_softmax(s, dst, num_nodes=n, dim=-1) if f.norm == "sum" else torch.exp(s)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import dropout_keep, lower, tile_linear, tile_log_weights
+from .common import clamp_scores, dropout_keep, lower, tile_linear, tile_log_weights
 
 __all__ = ["can_run", "run"]
 
@@ -28,6 +28,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
     lin = tile_linear(f, 0, p.n, 0, p.m)
     mask, logw = tile_log_weights(p.graph, p.bias, 0, p.n, 0, p.m, query.device, p.value.dtype)
     if f.kernel == "exp":
+        lin = clamp_scores(f, lin)
         s = lin if logw is None else lin + logw
         if mask is not None:
             s = s.masked_fill(~mask, -math.inf)
