@@ -9,6 +9,7 @@ graphs (N(i)) in :mod:`nlgraph.graph`, backends behind one dispatch in :mod:`nlg
 from . import affinity, graph
 from .affinity import Concatenation, DotProduct, EdgeWeighted, Gaussian, Softmax
 from .core import aggregate
+from .denoise import denoise_nl_means
 from .dispatch import BackendError, backend_names, compatible_backends, select_backend
 from .nonlocal_blocks import NonLocal1d, NonLocal2d, NonLocal3d
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "aggregate",
+    "denoise_nl_means",
     "affinity",
     "graph",
     "Softmax",

@@ -33,6 +33,7 @@ __all__ = [
     "KNN",
     "EdgeIndex",
     "Intersection",
+    "blocked_order",
 ]
 
 Block = Optional[Tensor]
@@ -248,16 +249,50 @@ def _check_grid_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def blocked_order(shape: Sequence[int], block: int) -> Tensor:
+    """A node order that lays a grid out in blocks of ``block`` per axis (row-major within and across).
+
+    Tiles of a tiled backend then cover compact regions, so a local-window graph leaves most tiles
+    empty (skipped) instead of spanning whole image rows. Returns the row-major grid index of each node.
+    """
+    shape = _check_grid_shape("blocked_order", shape)
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"blocked_order(block) must be a positive int, got {block!r}")
+    coords = _grid_coords(shape, torch.device("cpu"))
+    key = torch.zeros(coords.shape[0], dtype=torch.long)
+    nblocks = [math.ceil(s / block) for s in shape]
+    for c, nb in zip(coords.unbind(-1), nblocks):  # block index, row-major over blocks
+        key = key * nb + c // block
+    for c in coords.unbind(-1):  # then position within the block
+        key = key * block + c % block
+    return torch.argsort(key)
+
+
 class _GridGraph(Graph):
-    def __init__(self, shape):
+    def __init__(self, shape, order: Optional[Tensor] = None):
         self.shape = _check_grid_shape(type(self).__name__, shape)
         self.num_nodes = math.prod(self.shape)
         self._coords: dict[torch.device, Tensor] = {}
+        self.order = None
+        if order is not None:
+            if not isinstance(order, Tensor) or order.dtype != torch.long or order.shape != (self.num_nodes,):
+                raise ValueError(f"{type(self).__name__}(order) must be an int64 permutation of shape "
+                                 f"({self.num_nodes},), got {getattr(order, 'shape', order)}")
+            if not torch.equal(torch.sort(order.cpu()).values, torch.arange(self.num_nodes)):
+                raise ValueError(f"{type(self).__name__}(order) must be a permutation of 0..{self.num_nodes - 1}")
+            self.order = order.cpu()
+            self._inverse = torch.empty_like(self.order)
+            self._inverse[self.order] = torch.arange(self.num_nodes)
 
     def coords(self, device: torch.device) -> Tensor:
+        """Grid coordinates of the nodes, in node order."""
         if device not in self._coords:
-            self._coords[device] = _grid_coords(self.shape, device)
+            c = _grid_coords(self.shape, device)
+            self._coords[device] = c if self.order is None else c[self.order.to(device)]
         return self._coords[device]
+
+    def _to_nodes(self, grid_index: Tensor) -> Tensor:
+        return grid_index if self.order is None else self._inverse.to(grid_index.device)[grid_index]
 
     def validate(self, n, m, device):
         if n != self.num_nodes or m != self.num_nodes:
@@ -273,10 +308,12 @@ class LocalWindow(_GridGraph):
     Args:
         shape: grid shape, e.g. (H, W) or (T, H, W); N = M = prod(shape), row-major.
         radius: int or one int per axis (>= 0). The window is clipped at the borders.
+        order: optional node order, the row-major grid index of each node (e.g.
+            :func:`blocked_order`); default row-major.
     """
 
-    def __init__(self, shape: Sequence[int], radius: Union[int, Sequence[int]]):
-        super().__init__(shape)
+    def __init__(self, shape: Sequence[int], radius: Union[int, Sequence[int]], order: Optional[Tensor] = None):
+        super().__init__(shape, order)
         r = (radius,) * len(self.shape) if isinstance(radius, int) else tuple(radius)
         if len(r) != len(self.shape) or not all(isinstance(x, int) and x >= 0 for x in r):
             raise ValueError(f"LocalWindow(radius) must be an int >= 0 or {len(self.shape)} of them, got {radius}")
@@ -293,7 +330,8 @@ class LocalWindow(_GridGraph):
     def edges(self, n, m, device):
         axes = [torch.arange(-r, r + 1, device=device) for r in self.radius]
         offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(self.shape))
-        return _grid_edges(self.coords(device), self.shape, offsets), None
+        ei = _grid_edges(self.coords(device), self.shape, offsets)
+        return torch.stack([self._to_nodes(ei[0]), ei[1]]), None
 
     def __repr__(self) -> str:
         return f"LocalWindow(shape={self.shape}, radius={self.radius})"
@@ -319,7 +357,8 @@ class CrissCross(_GridGraph):
         col = torch.stack([torch.arange(-(h - 1), h, device=device),
                            torch.zeros(2 * h - 1, dtype=torch.long, device=device)], -1)
         col = col[col[:, 0] != 0]  # self once (in the row part)
-        return _grid_edges(self.coords(device), self.shape, torch.cat([row, col])), None
+        ei = _grid_edges(self.coords(device), self.shape, torch.cat([row, col]))
+        return torch.stack([self._to_nodes(ei[0]), ei[1]]), None
 
     def __repr__(self) -> str:
         return f"CrissCross(shape={self.shape})"
