@@ -83,6 +83,10 @@ class Graph:
     def block(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Block:  # pragma: no cover
         raise NotImplementedError
 
+    def block_may_have_edges(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> bool:
+        """A cheap test a tiled backend runs before building a tile: False means the tile has no edge."""
+        return True
+
     def dense_bias(self) -> Optional[Tensor]:
         """A dense additive log-weight (..., N|1, M|1) with gradients, or None."""
         return None
@@ -145,7 +149,7 @@ def _log_weights(w: Tensor) -> Tensor:
 
 def _grid_edges(coords: Tensor, shape: tuple[int, ...], offsets: Tensor) -> Tensor:
     """Edges (src, dst) from every node to node + offset, for offsets inside the grid."""
-    nb = coords[:, None, :] + offsets[None, :, :]  # (N, K, D)
+    nb = coords.long()[:, None, :] + offsets[None, :, :]  # (N, K, D)
     lim = torch.tensor(shape, device=coords.device)
     ok = ((nb >= 0) & (nb < lim)).all(-1)
     strides = torch.tensor([math.prod(shape[i + 1:]) for i in range(len(shape))], device=coords.device)
@@ -285,14 +289,18 @@ class _GridGraph(Graph):
             self._inverse[self.order] = torch.arange(self.num_nodes)
 
     def coords(self, device: torch.device) -> Tensor:
-        """Grid coordinates of the nodes, in node order."""
+        """Grid coordinates of the nodes (int32), in node order."""
         if device not in self._coords:
-            c = _grid_coords(self.shape, device)
+            c = _grid_coords(self.shape, device).to(torch.int32)
             self._coords[device] = c if self.order is None else c[self.order.to(device)]
         return self._coords[device]
 
     def _to_nodes(self, grid_index: Tensor) -> Tensor:
         return grid_index if self.order is None else self._inverse.to(grid_index.device)[grid_index]
+
+    def _bbox(self, a: int, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        c = self.coords(device)[a:b]
+        return c.amin(0), c.amax(0)
 
     def validate(self, n, m, device):
         if n != self.num_nodes or m != self.num_nodes:
@@ -320,12 +328,25 @@ class LocalWindow(_GridGraph):
         self.radius = r
         self._radius_t: dict[torch.device, Tensor] = {}
 
+    def block_may_have_edges(self, i0, i1, j0, j1, device):
+        (qlo, qhi), (klo, khi) = self._bbox(i0, i1, device), self._bbox(j0, j1, device)
+        gap = torch.maximum(klo - qhi, qlo - khi)  # per-axis distance between the two bounding boxes
+        return bool((gap <= self._radius_t_on(device)).all())
+
+    def _radius_t_on(self, device: torch.device) -> Tensor:
+        if device not in self._radius_t:
+            self._radius_t[device] = torch.tensor(self.radius, device=device, dtype=torch.int32)
+        return self._radius_t[device]
+
     def block(self, i0, i1, j0, j1, device):
         c = self.coords(device)
-        if device not in self._radius_t:
-            self._radius_t[device] = torch.tensor(self.radius, device=device)
-        diff = (c[i0:i1, None, :] - c[None, j0:j1, :]).abs()
-        return (diff <= self._radius_t[device]).all(-1)
+        r = self._radius_t_on(device)
+        ci, cj = c[i0:i1], c[j0:j1]
+        out = None
+        for axis in range(c.shape[1]):  # per axis: |c_i - c_j| <= r, on (tn, tm) int32 tiles
+            ok = (ci[:, None, axis] - cj[None, :, axis]).abs_() <= r[axis]
+            out = ok if out is None else out.logical_and_(ok)
+        return out
 
     def edges(self, n, m, device):
         axes = [torch.arange(-r, r + 1, device=device) for r in self.radius]
@@ -344,6 +365,11 @@ class CrissCross(_GridGraph):
         super().__init__(shape)
         if len(self.shape) != 2:
             raise ValueError(f"CrissCross(shape) must be (H, W), got {self.shape}")
+
+    def block_may_have_edges(self, i0, i1, j0, j1, device):
+        (qlo, qhi), (klo, khi) = self._bbox(i0, i1, device), self._bbox(j0, j1, device)
+        overlap = (klo <= qhi) & (qlo <= khi)  # some query and key can share a row / a column
+        return bool(overlap.any())
 
     def block(self, i0, i1, j0, j1, device):
         c = self.coords(device)
@@ -562,6 +588,9 @@ class Intersection(Graph):
     @property
     def block_requires_grad(self):
         return any(g.block_requires_grad for g in self.graphs)
+
+    def block_may_have_edges(self, i0, i1, j0, j1, device):
+        return all(g.block_may_have_edges(i0, i1, j0, j1, device) for g in self.graphs)
 
     def block(self, i0, i1, j0, j1, device):
         out: Block = None

@@ -52,10 +52,13 @@ def default_blocks(batch: int, n: int, m: int) -> tuple[int, int]:
 
 
 def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
-    """(linear scores, validity mask, log-weights) of one tile."""
-    lin = tile_linear(p.form, i0, i1, j0, j1)
+    """(linear scores, validity mask, log-weights) of one tile; (None, None, None) when it has no edge."""
+    if p.graph is not None and not p.graph.block_may_have_edges(i0, i1, j0, j1, device):
+        return None, None, None
     mask, logw = tile_log_weights(p.graph, p.bias, i0, i1, j0, j1, device, p.value.dtype)
-    return lin, mask, logw
+    if mask is not None and not bool(mask.any()):
+        return None, None, None
+    return tile_linear(p.form, i0, i1, j0, j1), mask, logw
 
 
 def _exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:
@@ -105,7 +108,7 @@ class _ChunkedAggregate(torch.autograd.Function):
             for j0 in range(0, m, bm):
                 j1 = min(m, j0 + bm)
                 lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
-                if mask is not None and not bool(mask.any()):
+                if lin is None:
                     continue  # block-sparse graph: no edge in this tile
                 v = value[..., j0:j1, :]
                 keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
@@ -174,7 +177,7 @@ class _ChunkedAggregate(torch.autograd.Function):
             for j0 in range(0, m, bm):
                 j1 = min(m, j0 + bm)
                 lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
-                if mask is not None and not bool(mask.any()):
+                if lin is None:
                     continue
                 v = value[..., j0:j1, :]
                 dp = do @ v.transpose(-1, -2)

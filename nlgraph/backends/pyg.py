@@ -27,11 +27,14 @@ from .._optional import missing, optional
 from ..graph import EdgeIndex, Graph
 from .common import lower
 
-__all__ = ["can_run", "prefer", "run", "MAX_DENSITY"]
+__all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS"]
 
 #: Automatic dispatch takes this backend for every explicit edge list, and for other graphs whose edge
-#: count is at most this fraction of N * M (see ``nlgraph bench graph`` for the measured crossover).
+#: count is at most MAX_DENSITY of N * M and whose per-edge tensors (E x (2 d + e) gathered features
+#: per batch entry) stay within MAX_EDGE_ELEMENTS; beyond that the tiled path is cheaper (non-local
+#: means: 147-d patches on a 23 x 23 window would gather gigabytes). See ``nlgraph bench graph``.
 MAX_DENSITY = 1.0 / 16
+MAX_EDGE_ELEMENTS = 1 << 27
 
 
 def _edge_count(graph: Graph, n: int, m: int) -> Optional[int]:
@@ -72,7 +75,10 @@ def prefer(query, key, value, affinity, graph) -> bool:
     if any(isinstance(g, EdgeIndex) for g in members):
         return True
     count = _edge_count(graph, query.shape[-2], key.shape[-2])
-    return count is not None and count <= MAX_DENSITY * query.shape[-2] * key.shape[-2]
+    if count is None or count > MAX_DENSITY * query.shape[-2] * key.shape[-2]:
+        return False
+    batch = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    return batch * count * (2 * query.shape[-1] + value.shape[-1]) <= MAX_EDGE_ELEMENTS
 
 
 _CONV = None
