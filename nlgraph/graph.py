@@ -83,9 +83,11 @@ class Graph:
     def block(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> Block:  # pragma: no cover
         raise NotImplementedError
 
-    def block_may_have_edges(self, i0: int, i1: int, j0: int, j1: int, device: torch.device) -> bool:
-        """A cheap test a tiled backend runs before building a tile: False means the tile has no edge."""
-        return True
+    def tile_pairs(self, row_tiles: list[tuple[int, int]], col_tiles: list[tuple[int, int]],
+                   device: torch.device) -> Optional[Tensor]:
+        """Which (query tile, key tile) pairs may hold edges, as a (len(row_tiles), len(col_tiles)) bool
+        tensor, computed once per call by a tiled backend (None: no cheap answer, build every tile)."""
+        return None
 
     def dense_bias(self) -> Optional[Tensor]:
         """A dense additive log-weight (..., N|1, M|1) with gradients, or None."""
@@ -298,9 +300,12 @@ class _GridGraph(Graph):
     def _to_nodes(self, grid_index: Tensor) -> Tensor:
         return grid_index if self.order is None else self._inverse.to(grid_index.device)[grid_index]
 
-    def _bbox(self, a: int, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        c = self.coords(device)[a:b]
-        return c.amin(0), c.amax(0)
+    def _boxes(self, tiles: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Per-tile bounding boxes of the nodes' grid coordinates: (T, D) low and high corners."""
+        c = self.coords(device)
+        lo = torch.stack([c[a:b].amin(0) for a, b in tiles])
+        hi = torch.stack([c[a:b].amax(0) for a, b in tiles])
+        return lo, hi
 
     def validate(self, n, m, device):
         if n != self.num_nodes or m != self.num_nodes:
@@ -328,10 +333,11 @@ class LocalWindow(_GridGraph):
         self.radius = r
         self._radius_t: dict[torch.device, Tensor] = {}
 
-    def block_may_have_edges(self, i0, i1, j0, j1, device):
-        (qlo, qhi), (klo, khi) = self._bbox(i0, i1, device), self._bbox(j0, j1, device)
-        gap = torch.maximum(klo - qhi, qlo - khi)  # per-axis distance between the two bounding boxes
-        return bool((gap <= self._radius_t_on(device)).all())
+    def tile_pairs(self, row_tiles, col_tiles, device):
+        (qlo, qhi), (klo, khi) = self._boxes(row_tiles, device), self._boxes(col_tiles, device)
+        # per-axis gap between the two bounding boxes; a pair can hold an edge when every gap <= radius
+        gap = torch.maximum(klo[None] - qhi[:, None], qlo[:, None] - khi[None])
+        return (gap <= self._radius_t_on(device)).all(-1)
 
     def _radius_t_on(self, device: torch.device) -> Tensor:
         if device not in self._radius_t:
@@ -366,10 +372,10 @@ class CrissCross(_GridGraph):
         if len(self.shape) != 2:
             raise ValueError(f"CrissCross(shape) must be (H, W), got {self.shape}")
 
-    def block_may_have_edges(self, i0, i1, j0, j1, device):
-        (qlo, qhi), (klo, khi) = self._bbox(i0, i1, device), self._bbox(j0, j1, device)
-        overlap = (klo <= qhi) & (qlo <= khi)  # some query and key can share a row / a column
-        return bool(overlap.any())
+    def tile_pairs(self, row_tiles, col_tiles, device):
+        (qlo, qhi), (klo, khi) = self._boxes(row_tiles, device), self._boxes(col_tiles, device)
+        overlap = (klo[None] <= qhi[:, None]) & (qlo[:, None] <= khi[None])  # a shared row or column is possible
+        return overlap.any(-1)
 
     def block(self, i0, i1, j0, j1, device):
         c = self.coords(device)
@@ -589,8 +595,13 @@ class Intersection(Graph):
     def block_requires_grad(self):
         return any(g.block_requires_grad for g in self.graphs)
 
-    def block_may_have_edges(self, i0, i1, j0, j1, device):
-        return all(g.block_may_have_edges(i0, i1, j0, j1, device) for g in self.graphs)
+    def tile_pairs(self, row_tiles, col_tiles, device):
+        out = None
+        for g in self.graphs:
+            t = g.tile_pairs(row_tiles, col_tiles, device)
+            if t is not None:
+                out = t if out is None else out & t
+        return out
 
     def block(self, i0, i1, j0, j1, device):
         out: Block = None

@@ -92,12 +92,18 @@ def test_transformer_conv_is_the_core_op():
     torch.testing.assert_close(y_dense, y_conv, **TOL)
 
 
-def test_dispatch_prefers_pyg_for_sparse_graphs_only():
+def test_dispatch_prefers_pyg_for_sparse_graphs_where_measured_faster():
     n = 64 * 64
     q = torch.randn(1, n, 8)
     v = torch.randn(1, n, 4)
-    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.LocalWindow((64, 64), 2))[0] == "pyg"
+    # windows stay on chunked (tile skipping, far less memory); criss-cross and k-NN go to pyg
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.LocalWindow((64, 64), 2))[0] == "chunked"
     assert nlgraph.select_backend(q, q, v, A.Softmax(), G.CrissCross((64, 64)))[0] == "pyg"
+    knn = G.KNN(torch.randint(0, n, (n, 8)))
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), knn)[0] == "pyg"
+    wide = torch.randn(1, n, 1024)
+    knn64 = G.KNN(torch.randint(0, n, (n, 64)))  # 262k edges x (2 * 1024 + 4) gathered elements > 2^27
+    assert nlgraph.select_backend(wide, wide, v, A.Softmax(), knn64)[0] == "chunked"
     assert nlgraph.select_backend(q, q, v, A.Softmax(), G.EdgeIndex(torch.randint(0, n, (2, 1000))))[0] == "pyg"
     assert nlgraph.select_backend(q, q, v, A.Softmax(), None)[0] == "chunked"
     small = torch.randn(1, 20, 8)

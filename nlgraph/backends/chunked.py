@@ -51,10 +51,18 @@ def default_blocks(batch: int, n: int, m: int) -> tuple[int, int]:
     return min(n, side), min(m, side)
 
 
+def _tile_plan(p: Problem, bn: int, bm: int, device: torch.device) -> Optional[list[list[bool]]]:
+    """Which tile pairs may hold edges (one vectorised test per call), or None to try them all."""
+    if p.graph is None:
+        return None
+    rows = [(i, min(p.n, i + bn)) for i in range(0, p.n, bn)]
+    cols = [(j, min(p.m, j + bm)) for j in range(0, p.m, bm)]
+    pairs = p.graph.tile_pairs(rows, cols, device)
+    return None if pairs is None else pairs.tolist()
+
+
 def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
     """(linear scores, validity mask, log-weights) of one tile; (None, None, None) when it has no edge."""
-    if p.graph is not None and not p.graph.block_may_have_edges(i0, i1, j0, j1, device):
-        return None, None, None
     mask, logw = tile_log_weights(p.graph, p.bias, i0, i1, j0, j1, device, p.value.dtype)
     if mask is not None and not bool(mask.any()):
         return None, None, None
@@ -96,7 +104,8 @@ class _ChunkedAggregate(torch.autograd.Function):
         out = torch.empty(*lead, n, e, dtype=dtype, device=device)
         # stat: log-sum-exp (exp/sum), running max (exp/none) or normaliser C (count).
         stat = torch.empty(*lead, n, dtype=dtype, device=device)
-        for i0 in range(0, n, bn):
+        plan = _tile_plan(p, bn, bm, device)
+        for ti, i0 in enumerate(range(0, n, bn)):
             i1 = min(n, i0 + bn)
             tn = i1 - i0
             acc = torch.zeros(*lead, tn, e, dtype=dtype, device=device)
@@ -105,7 +114,9 @@ class _ChunkedAggregate(torch.autograd.Function):
                 den = torch.zeros(*lead, tn, dtype=dtype, device=device)
             else:
                 den = torch.zeros(*lead, tn, dtype=dtype, device=device)
-            for j0 in range(0, m, bm):
+            for tj, j0 in enumerate(range(0, m, bm)):
+                if plan is not None and not plan[ti][tj]:
+                    continue  # block-sparse graph: no edge can be in this tile
                 j1 = min(m, j0 + bm)
                 lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
                 if lin is None:
@@ -164,7 +175,8 @@ class _ChunkedAggregate(torch.autograd.Function):
         db = torch.zeros_like(bias) if need_b else None
         need_lin = need_q or need_k or need_r or need_c
 
-        for i0 in range(0, n, bn):
+        plan = _tile_plan(p, bn, bm, device)
+        for ti, i0 in enumerate(range(0, n, bn)):
             i1 = min(n, i0 + bn)
             do = dout[..., i0:i1, :]
             st = stat[..., i0:i1]
@@ -174,7 +186,9 @@ class _ChunkedAggregate(torch.autograd.Function):
                 base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
             else:
                 inv = torch.where(st > 0, 1.0 / torch.where(st > 0, st, torch.ones_like(st)), torch.zeros_like(st))
-            for j0 in range(0, m, bm):
+            for tj, j0 in enumerate(range(0, m, bm)):
+                if plan is not None and not plan[ti][tj]:
+                    continue
                 j1 = min(m, j0 + bm)
                 lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
                 if lin is None:
