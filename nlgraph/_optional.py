@@ -18,6 +18,9 @@ EXTRAS = {
     "torch_geometric": ("torch-geometric", "pyg"),
     "skimage": ("scikit-image", "test"),
     "pydensecrf": ("pydensecrf2", "test"),
+    "matplotlib": ("matplotlib", "demo"),
+    "tqdm": ("tqdm", "demo"),
+    "sklearn": ("scikit-learn", "demo"),
 }
 
 

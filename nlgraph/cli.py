@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     p = sub.add_parser("demo", help="run the equivalence tour and print its table (exit 1 if one fails)",
                        description="Build each equivalence live (forward and all gradients, float64) and print a "
-                                   "table; exits non-zero if any equivalence fails.")
+                                   "table, then refine a noisy segmentation of a photo with the dense CRF and write "
+                                   "a figure; exits non-zero if any equivalence fails.")
     p.add_argument("--seed", type=int, default=0, help="random seed for the generated inputs (default 0)")
+    p.add_argument("--out", default="out/nlgraph-demo.png",
+                   help="where to write the segmentation figure (default out/nlgraph-demo.png)")
+    p.add_argument("--no-figure", dest="out", action="store_const", const="", help="skip the figure")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("bench", help="run a benchmark: nlgraph bench NAME [--json PATH] [...]",
                        description="Run benchmarks/NAME.py; pass --help after NAME for its options.")

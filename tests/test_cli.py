@@ -12,9 +12,14 @@ import pytest
 from nlgraph import cli
 
 
-def test_demo_passes(capsys):
-    assert cli.main(["demo"]) == 0
+def test_demo_passes(capsys, tmp_path):
+    figure = tmp_path / "demo.png"
+    assert cli.main(["demo", "--out", str(figure)]) == 0
     out = capsys.readouterr().out
+    if "figure skipped" not in out:
+        assert figure.exists() and figure.stat().st_size > 50_000
+        before, after = map(float, re.search(r"label accuracy ([\d.]+) -> ([\d.]+)", out).groups())
+        assert after > before + 0.1
     assert " NO" not in out
     held, ran, skipped = map(int, re.search(r"(\d+)/(\d+) equivalences hold.*, (\d+) skipped", out).groups())
     assert held == ran >= 9 and ran + skipped == 12
