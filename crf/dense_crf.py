@@ -165,7 +165,8 @@ class DenseCRF(nn.Module):
         q = torch.softmax(logits, dim=-1)
         for _ in range(self.num_iterations):
             q = torch.softmax(logits - self.message(q, feats) @ mu.T, dim=-1)
-        return q.transpose(1, 2).reshape(unary.shape)
+        # contiguous, like a convolution's output (some losses' backward, e.g. nll_loss 2-D, require it)
+        return q.transpose(1, 2).reshape(unary.shape).contiguous()
 
     def extra_repr(self) -> str:
         return (f"num_labels={self.num_labels}, theta_alpha={self.theta_alpha}, theta_beta={self.theta_beta}, "

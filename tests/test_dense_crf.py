@@ -166,3 +166,14 @@ def test_bad_input():
         u = torch.randn(1, 3, 4, 4)
         u[0, 0, 0, 0] = float("nan")
         crf(u, torch.rand(1, 3, 4, 4))
+
+
+def test_output_is_contiguous_and_trains_with_nll_loss():
+    """CRF-as-RNN training: the marginals feed nll_loss (whose 2-D backward needs contiguous input)."""
+    crf = DenseCRF(4, theta_alpha=3.0, theta_beta=0.3, num_iterations=2, trainable=True)
+    logits = torch.randn(2, 4, 9, 10, requires_grad=True)
+    q = crf(logits, torch.rand(2, 3, 9, 10))
+    assert q.is_contiguous()
+    loss = torch.nn.functional.nll_loss(torch.log(q.clamp_min(1e-8)), torch.randint(0, 4, (2, 9, 10)))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(crf.kernel_weights.grad).all()

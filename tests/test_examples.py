@@ -54,3 +54,16 @@ def test_crf_refine_same_labels_as_pydensecrf():
     ours = refine(dcrf, utils, image, noisy, 3)
     theirs = refine(pd_dcrf, pd_utils, image, noisy, 3)
     assert np.mean(ours == theirs) >= 0.99
+
+
+def test_segmentation_example_reduced():
+    pytest.importorskip("sklearn", reason="scikit-learn (test dependency) not installed")
+    from examples.segmentation.train import run
+
+    lines = []
+    results = run(steps=15, crf_steps=2, n_train=64, n_test=16, seed=0, log=lines.append)
+    assert set(results) == {"local CNN", "CNN + non-local head", "+ dense CRF", "+ CRF-as-RNN",
+                            "identical to torch.nn.MultiheadAttention"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+    assert results["identical to torch.nn.MultiheadAttention"] == 1.0
+    assert len(lines) == 5
