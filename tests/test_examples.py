@@ -67,3 +67,16 @@ def test_segmentation_example_reduced():
     assert all(0.0 <= v <= 1.0 for v in results.values())
     assert results["identical to torch.nn.MultiheadAttention"] == 1.0
     assert len(lines) == 5
+
+
+def test_video_example_reduced():
+    pytest.importorskip("sklearn", reason="scikit-learn (test dependency) not installed")
+    from examples.video.train import make_clips, run
+
+    x, y = make_clips(6, seed=0)
+    assert x.shape == (6, 1, 4, 28, 28) and set(y.tolist()) <= {0, 1}
+    lines = []
+    results = run(steps=3, n_train=32, n_test=16, seed=0, log=lines.append)
+    assert 0.0 <= results["C2D"] <= 1.0 and 0.0 <= results["C2D + space-time non-local"] <= 1.0
+    assert results["max |NonLocal3d - attention over T*H*W tokens|"] < 1e-4  # float32
+    assert len(lines) == 3
