@@ -16,6 +16,7 @@ __all__ = ["optional", "missing", "EXTRAS"]
 #: module -> (pip requirement, nlgraph extra)
 EXTRAS = {
     "torch_geometric": ("torch-geometric", "pyg"),
+    "triton": ("triton", "triton"),
     "skimage": ("scikit-image", "test"),
     "pydensecrf": ("pydensecrf2", "test"),
     "matplotlib": ("matplotlib", "demo"),

@@ -8,6 +8,7 @@ tiled PyTorch path, then the materialising oracle. Adding a backend = one new mo
 from ..dispatch import register
 
 register("algebra", "nlgraph.backends.algebra")
+register("triton", "nlgraph.backends.triton")
 register("permutohedral", "nlgraph.backends.permutohedral")
 register("pyg", "nlgraph.backends.pyg")
 register("chunked", "nlgraph.backends.chunked")

@@ -158,93 +158,103 @@ class _ChunkedAggregate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
-        meta = ctx.meta
-        p: Problem = meta["problem"]
-        bn, bm = meta["blocks"]
-        kernel, norm = p.form.kernel, p.form.norm
-        need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
-        device, dtype = value.device, value.dtype
-        lead, n, m, e = p.lead, p.n, p.m, p.e
-        dout = dout.to(dtype)
+        return tile_backward(ctx.meta, ctx.needs_input_grad[:6], fq, fk, row, col, bias, value, out, stat,
+                             dout) + (None,)
 
-        dq = torch.zeros(*lead, *fq.shape[-2:], dtype=dtype, device=device) if need_q else None
-        dk = torch.zeros(*lead, *fk.shape[-2:], dtype=dtype, device=device) if need_k else None
-        dr = torch.zeros(*lead, n, dtype=dtype, device=device) if need_r else None
-        dc = torch.zeros(*lead, m, dtype=dtype, device=device) if need_c else None
-        dv = torch.zeros(*lead, m, e, dtype=dtype, device=device) if need_v else None
-        db = torch.zeros_like(bias) if need_b else None
-        need_lin = need_q or need_k or need_r or need_c
 
-        plan = _tile_plan(p, bn, bm, device)
-        for ti, i0 in enumerate(range(0, n, bn)):
-            i1 = min(n, i0 + bn)
-            do = dout[..., i0:i1, :]
-            st = stat[..., i0:i1]
-            # D_i = dO_i . O_i (softmax and count normalisations).
-            dsum = (do * out[..., i0:i1, :]).sum(-1) if norm != "none" else None
+def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, dout):
+    """Gradients of the canonical form from the output, its saved statistic and dout, tile by tile.
+
+    ``stat`` is the log-sum-exp per query (exp kernel, C = sum f), the running max (C = 1, unused)
+    or the normaliser (count). Shared by every backend whose forward saves that statistic.
+    Returns the gradients of (fq, fk, row, col, bias, value).
+    """
+    p: Problem = meta["problem"]
+    bn, bm = meta["blocks"]
+    kernel, norm = p.form.kernel, p.form.norm
+    need_q, need_k, need_r, need_c, need_b, need_v = needs
+    device, dtype = value.device, value.dtype
+    lead, n, m, e = p.lead, p.n, p.m, p.e
+    dout = dout.to(dtype)
+
+    dq = torch.zeros(*lead, *fq.shape[-2:], dtype=dtype, device=device) if need_q else None
+    dk = torch.zeros(*lead, *fk.shape[-2:], dtype=dtype, device=device) if need_k else None
+    dr = torch.zeros(*lead, n, dtype=dtype, device=device) if need_r else None
+    dc = torch.zeros(*lead, m, dtype=dtype, device=device) if need_c else None
+    dv = torch.zeros(*lead, m, e, dtype=dtype, device=device) if need_v else None
+    db = torch.zeros_like(bias) if need_b else None
+    need_lin = need_q or need_k or need_r or need_c
+
+    plan = _tile_plan(p, bn, bm, device)
+    for ti, i0 in enumerate(range(0, n, bn)):
+        i1 = min(n, i0 + bn)
+        do = dout[..., i0:i1, :]
+        st = stat[..., i0:i1]
+        # D_i = dO_i . O_i (softmax and count normalisations).
+        dsum = (do * out[..., i0:i1, :]).sum(-1) if norm != "none" else None
+        if kernel == "exp":
+            base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
+        else:
+            inv = torch.where(st > 0, 1.0 / torch.where(st > 0, st, torch.ones_like(st)), torch.zeros_like(st))
+        for tj, j0 in enumerate(range(0, m, bm)):
+            if plan is not None and not plan[ti][tj]:
+                continue
+            j1 = min(m, j0 + bm)
+            lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
+            if lin is None:
+                continue
+            v = value[..., j0:j1, :]
+            dp = do @ v.transpose(-1, -2)
+            keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
+            if keep is not None:
+                dp = dp * keep  # the loss sees the kept messages only
             if kernel == "exp":
-                base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
-            else:
-                inv = torch.where(st > 0, 1.0 / torch.where(st > 0, st, torch.ones_like(st)), torch.zeros_like(st))
-            for tj, j0 in enumerate(range(0, m, bm)):
-                if plan is not None and not plan[ti][tj]:
-                    continue
-                j1 = min(m, j0 + bm)
-                lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
-                if lin is None:
-                    continue
-                v = value[..., j0:j1, :]
-                dp = do @ v.transpose(-1, -2)
-                keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
-                if keep is not None:
-                    dp = dp * keep  # the loss sees the kept messages only
-                if kernel == "exp":
-                    flat = None if p.form.clamp is None else (lin + p.form.clamp) >= 0  # capped: no gradient
-                    s = _exp_scores(clamp_scores(p.form, lin), mask, logw)
-                    if norm == "none":
-                        prob = torch.exp(s)  # C = 1: the raw kernel value
-                        dlin = prob * dp
-                    else:
-                        prob = s.sub_(base[..., None]).exp_()  # exp(s) / C from the saved log-sum-exp
-                        dlin = (dp - dsum[..., None]).mul_(prob)
-                    dlogw = dlin
-                    if flat is not None:
-                        dlin = dlin.masked_fill(flat, 0.0)
-                    if need_v:
-                        kept = prob if keep is None else prob * keep
-                        dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
+                flat = None if p.form.clamp is None else (lin + p.form.clamp) >= 0  # capped: no gradient
+                s = _exp_scores(clamp_scores(p.form, lin), mask, logw)
+                if norm == "none":
+                    prob = torch.exp(s)  # C = 1: the raw kernel value
+                    dlin = prob * dp
                 else:
-                    g = torch.relu(lin) if kernel == "relu" else lin
-                    ew = _edge_weights(mask, logw, dtype)
-                    a = inv[..., None] if ew is None else ew * inv[..., None]
-                    if need_v:
-                        kept = g * a if keep is None else g * a * keep
-                        dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
-                    if need_lin:
-                        dlin = a * dp
-                        if kernel == "relu":
-                            dlin = dlin * (lin > 0)
-                    if need_b:
-                        dlogw = ew * (g * dp - dsum[..., None]) * inv[..., None]
+                    prob = s.sub_(base[..., None]).exp_()  # exp(s) / C from the saved log-sum-exp
+                    dlin = (dp - dsum[..., None]).mul_(prob)
+                dlogw = dlin
+                if flat is not None:
+                    dlin = dlin.masked_fill(flat, 0.0)
+                if need_v:
+                    kept = prob if keep is None else prob * keep
+                    dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
+            else:
+                g = torch.relu(lin) if kernel == "relu" else lin
+                ew = _edge_weights(mask, logw, dtype)
+                a = inv[..., None] if ew is None else ew * inv[..., None]
+                if need_v:
+                    kept = g * a if keep is None else g * a * keep
+                    dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
                 if need_lin:
-                    if need_q:
-                        dq[..., i0:i1, :] += dlin @ fk[..., j0:j1, :]
-                    if need_k:
-                        dk[..., j0:j1, :] += dlin.transpose(-1, -2) @ fq[..., i0:i1, :]
-                    if need_r:
-                        dr[..., i0:i1] += dlin.sum(-1)
-                    if need_c:
-                        dc[..., j0:j1] += dlin.sum(-2)
+                    dlin = a * dp
+                    if kernel == "relu":
+                        dlin = dlin * (lin > 0)
                 if need_b:
-                    rows = slice(0, 1) if bias.shape[-2] == 1 else slice(i0, i1)
-                    cols = slice(0, 1) if bias.shape[-1] == 1 else slice(j0, j1)
-                    target = db[..., rows, cols]
-                    target += dlogw.sum_to_size(target.shape)
+                    dlogw = ew * (g * dp - dsum[..., None]) * inv[..., None]
+            if need_lin:
+                if need_q:
+                    dq[..., i0:i1, :] += dlin @ fk[..., j0:j1, :]
+                if need_k:
+                    dk[..., j0:j1, :] += dlin.transpose(-1, -2) @ fq[..., i0:i1, :]
+                if need_r:
+                    dr[..., i0:i1] += dlin.sum(-1)
+                if need_c:
+                    dc[..., j0:j1] += dlin.sum(-2)
+            if need_b:
+                rows = slice(0, 1) if bias.shape[-2] == 1 else slice(i0, i1)
+                cols = slice(0, 1) if bias.shape[-1] == 1 else slice(j0, j1)
+                target = db[..., rows, cols]
+                target += dlogw.sum_to_size(target.shape)
 
-        def reduce(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
-            return None if grad is None else grad.sum_to_size(like.shape)
+    def reduce(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+        return None if grad is None else grad.sum_to_size(like.shape)
 
-        return (reduce(dq, fq), reduce(dk, fk), reduce(dr, row), reduce(dc, col), db, reduce(dv, value), None)
+    return (reduce(dq, fq), reduce(dk, fk), reduce(dr, row), reduce(dc, col), db, reduce(dv, value))
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p: float = 0.0, seed: int = 0,

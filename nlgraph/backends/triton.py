@@ -1,0 +1,227 @@
+"""The ``triton`` backend: a fused flash-style forward kernel; backward by tile recomputation.
+
+One kernel serves every exp-kernel affinity of the canonical form (``Softmax``; ``Gaussian`` with
+C = sum f or C = 1, with or without a flat top) on the complete graph or with ``ExcludeSelf``:
+
+    s_ij = q'_i . k'_j + r_i + c_j          (the row/column-bias form of nlgraph.affinity)
+
+Each program owns a block of queries and a block of value channels, walks the keys block by block
+with an online (running-max) softmax, and never materialises N x M. The feature dimension d and the
+value dimension e are tiled inside the kernel (BLOCK_D / BLOCK_E chunks), so head dims of 1024 and
+more work (a non-local block's inter-channels). Accumulation is fp32 for fp16/bf16/fp32 inputs. The
+kernel saves the log-sum-exp per query; the backward pass recomputes tiles from it with the
+chunked backend's tile loop (``chunked.tile_backward``), in PyTorch ops on the same device.
+
+Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
+test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
+the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
+Not yet in this backend (they run on ``chunked``): dense masks and float masks, local windows and
+other sparse graphs, Triton backward kernels, dropout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._optional import missing, optional
+from ..affinity import Gaussian, Softmax
+from ..graph import ExcludeSelf
+from .common import lower
+
+__all__ = ["can_run", "prefer", "run"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    # the device test comes first: triton is imported only where it can run (and Triton binds its
+    # interpreter mode at import, so a CPU process must not import it before TRITON_INTERPRET is set)
+    if query.device.type != "cuda" and not _interpreting():
+        return False, f"triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got {query.device}"
+    if optional("triton") is None:
+        return False, missing("triton")
+    if query.dtype not in _DTYPES:
+        return False, f"triton kernels take float16, bfloat16 or float32, got {query.dtype}"
+    if type(affinity) not in (Softmax, Gaussian):
+        return False, f"the triton kernel fuses exp-kernel affinities (Softmax, Gaussian), not {affinity!r}"
+    if graph is not None and not isinstance(graph, ExcludeSelf):
+        return False, f"the triton kernel handles the complete graph and ExcludeSelf so far, not {graph!r}"
+    return True, ""
+
+
+def prefer(query, key, value, affinity, graph) -> bool:
+    return query.device.type == "cuda"
+
+
+_KERNEL = None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(Q, K, V, R, C, O, L,
+            sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
+            N, M, D, E, clamp,
+            HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
+            NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1)
+        pid_e = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < N
+        e_ok = offs_e < E
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        if HAS_ROW:
+            row = tl.load(R + b * srb + offs_n * srn, mask=n_ok, other=0.0).to(tl.float32)
+        for j0 in range(0, M, BLOCK_M):
+            offs_m = j0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for d0 in range(0, D, BLOCK_D):  # the feature dimension, tiled
+                dd = d0 + offs_d
+                d_ok = dd < D
+                q = tl.load(Q + b * sqb + offs_n[:, None] * sqn + dd[None, :] * sqd,
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                k = tl.load(K + b * skb + offs_m[:, None] * skm + dd[None, :] * skd,
+                            mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    q = q.to(tl.float32)
+                    k = k.to(tl.float32)
+                s += tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+            if HAS_ROW:
+                s += row[:, None]
+            if HAS_COL:
+                s += tl.load(C + b * scb + offs_m * scm, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_CLAMP:
+                s = tl.minimum(s + clamp, 0.0)
+            valid = n_ok[:, None] & m_ok[None, :]
+            if EXCL_SELF:
+                valid = valid & (offs_n[:, None] != offs_m[None, :])
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + offs_m[:, None] * svm + offs_e[None, :] * sve,
+                        mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), out_dtype=tl.float32)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+            m_i = m_new
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        if NORM_SUM:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            stat = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        else:
+            out = acc * tl.exp(m_safe)[:, None]
+            stat = m_safe
+        tl.store(O + b * sob + offs_n[:, None] * son + offs_e[None, :] * soe, out, mask=n_ok[:, None] & e_ok[None, :])
+        if pid_e == 0:
+            tl.store(L + b * slb + offs_n * sln, stat, mask=n_ok)
+
+    _KERNEL = fwd
+    return fwd
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(1, x))))))
+
+
+class _TritonAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fq, fk, row, col, bias, value, meta):
+        import triton
+
+        p = meta["problem"]
+        b, n, m, d, e = fq.shape[0], p.n, p.m, fq.shape[-1], p.e
+        out = torch.empty(b, n, e, dtype=torch.float32, device=fq.device)
+        stat = torch.empty(b, n, dtype=torch.float32, device=fq.device)
+        bn, bm = meta["kernel_blocks"]
+        bd, be = _pow2(d, 16, 64), _pow2(e, 16, 64)
+        dummy = out  # unused pointer for absent row/col terms
+        r = row if row is not None else dummy
+        c = col if col is not None else dummy
+        grid = (triton.cdiv(n, bn), b, triton.cdiv(e, be))
+        _kernel()[grid](
+            fq, fk, value, r, c, out, stat,
+            fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            r.stride(0) if row is not None else 0, r.stride(1) if row is not None else 0,
+            c.stride(0) if col is not None else 0, c.stride(1) if col is not None else 0,
+            out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1),
+            n, m, d, e, float(p.form.clamp or 0.0),
+            HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
+            EXCL_SELF=p.graph is not None, NORM_SUM=p.form.norm == "sum",
+            # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16): upcast there
+            DOT_FP32=_interpreting() and fq.dtype == torch.bfloat16,
+            BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, BLOCK_E=be)
+        out = out.to(value.dtype)
+        ctx.meta = meta
+        ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)  # the log-sum-exp stays fp32
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .chunked import default_blocks, tile_backward
+
+        from dataclasses import replace
+
+        fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
+        p = ctx.meta["problem"]
+        cast = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731  (recompute tiles in fp32)
+        q32, k32, r32, c32, v32 = cast(fq), cast(fk), cast(row), cast(col), cast(value)
+        p32 = replace(p, form=replace(p.form, query=q32, key=k32, row=r32, col=c32), value=v32)
+        meta = dict(ctx.meta, problem=p32, blocks=default_blocks(fq.shape[0], p.n, p.m), dropout_p=0.0)
+        grads = tile_backward(meta, ctx.needs_input_grad[:6], q32, k32, r32, c32, bias, v32, cast(out), stat,
+                              dout.to(torch.float32))
+        like = (fq, fk, row, col, bias, value)
+        return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like)) + (None,)
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: Optional[int] = None,
+        block_m: Optional[int] = None) -> Tensor:
+    """Lower to the canonical form, flatten the batch, run the kernel (backward: tile recomputation)."""
+    from dataclasses import replace
+
+    lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    bsz = math.prod(lead)
+    n, m, e = query.shape[-2], key.shape[-2], value.shape[-1]
+    # the canonical form in the input dtype (fp16/bf16 feed tl.dot; it accumulates in fp32)
+    form = affinity.form(query, key)
+    flat = lambda t, shape: None if t is None else t.expand(*lead, *shape).reshape(bsz, *shape).contiguous()  # noqa
+    fq = flat(form.query, (n, form.query.shape[-1]))
+    fk = flat(form.key, (m, form.key.shape[-1]))
+    row = flat(form.row, (n,))
+    col = flat(form.col, (m,))
+    v = flat(value, (m, e))
+    from .common import Problem
+
+    flat_form = replace(form, query=fq, key=fk, row=row, col=col)
+    problem = Problem(flat_form, v, None, graph, (bsz,), n, m, e)
+    for name, val in (("block_n", block_n), ("block_m", block_m)):
+        if val is not None and (not isinstance(val, int) or val < 16 or val & (val - 1)):
+            raise ValueError(f"triton option {name} must be a power of two >= 16, got {val!r}")
+    meta = {"problem": problem, "kernel_blocks": (block_n or 64, block_m or 64)}
+    out = _TritonAggregate.apply(fq, fk, row, col, None, v, meta)
+    return out.reshape(*lead, n, e)

@@ -1,0 +1,106 @@
+"""The triton backend == the reference backend, forward and gradients.
+
+On a machine with a CUDA GPU the kernel runs on the GPU; otherwise Triton's interpreter runs it
+on the CPU (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported), so shapes stay
+small. fp32 is compared
+at rtol 1e-4 / atol 1e-5; fp16/bf16 against the float64 result within twice the error that plain
+PyTorch makes in the same precision (plus the output's rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nlgraph
+from nlgraph import affinity as A
+from nlgraph import graph as G
+
+pytest.importorskip("triton", reason="triton (the nlgraph[triton] extra) not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _inputs(n, m, d, e, dtype, seed=0, scale=1.0, self_graph=False):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale)  # noqa: E731
+    q = mk(2, n, d)
+    k = q.clone() + 0.1 * mk(2, n, d) if self_graph else mk(2, m, d)
+    v = torch.randn(2, k.shape[1], e, generator=gen, dtype=torch.float64)
+    return [t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v)]
+
+
+AFFINITIES = {
+    "softmax": lambda d: A.Softmax(),
+    "gaussian": lambda d: A.Gaussian(2.0),
+    "gaussian_c1": lambda d: A.Gaussian(float(d) ** 0.5, normalize=False),
+    "gaussian_offset": lambda d: A.Gaussian(3.0, offset=0.5),
+}
+
+
+@pytest.mark.parametrize("aff_name", list(AFFINITIES))
+@pytest.mark.parametrize("shape", [(37, 29, 16, 8), (20, 33, 64, 70), (9, 11, 257, 5), (5, 7, 1024, 3)])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_fp32_matches_reference(aff_name, shape, exclude_self):
+    n, m, d, e = shape
+    graph = G.ExcludeSelf() if exclude_self else None
+    q, k, v = _inputs(n, n if exclude_self else m, d, e, torch.float32, self_graph=exclude_self,
+                      scale=0.3 if aff_name == "gaussian_c1" else 1.0)
+    aff = AFFINITIES[aff_name](d)
+    y = nlgraph.aggregate(q, k, v, aff, graph, backend="triton", options={"block_n": 16, "block_m": 16})
+    y_ref = nlgraph.aggregate(q, k, v, aff, graph, backend="reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(y)
+    for name, g, gr in zip("qkv", torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy)):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5, msg=lambda msg: f"d/d{name}: {msg}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("aff_name", ["softmax", "gaussian"])
+def test_low_precision_within_twice_plain_torch(dtype, aff_name):
+    from .formulas import aggregate_formula
+
+    q, k, v = _inputs(40, 36, 64, 16, torch.float64)
+    kind = "softmax" if aff_name == "softmax" else "gaussian"
+    params = {} if kind == "softmax" else {"bandwidth": 2.0}
+    exact = aggregate_formula(kind, q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), params)
+    ql, kl, vl = (t.detach().to(dtype) for t in (q, k, v))
+    plain = aggregate_formula(kind, ql.cpu(), kl.cpu(), vl.cpu(), params)
+    err_plain = (plain.double() - exact).abs().max().item()
+    y = nlgraph.aggregate(ql, kl, vl, AFFINITIES[aff_name](64), backend="triton")
+    assert y.dtype == dtype
+    err = (y.double().cpu() - exact).abs().max().item()
+    assert err <= 2 * err_plain + 2 * torch.finfo(dtype).eps * exact.abs().max().item(), (err, err_plain)
+
+
+def test_rows_without_neighbours_are_zero_with_finite_gradients():
+    q, k, v = _inputs(1, 1, 16, 4, torch.float32)  # ExcludeSelf on one node: no edge at all
+    y = nlgraph.aggregate(q, k, v, A.Softmax(), G.ExcludeSelf(), backend="triton")
+    assert torch.equal(y, torch.zeros_like(y))
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(y.sum(), (q, k, v)))
+
+
+def test_non_contiguous_inputs_work():
+    q, k, v = _inputs(12, 10, 16, 6, torch.float32)
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    vt = v.detach()[..., ::1].transpose(0, 1).contiguous().transpose(0, 1)
+    y = nlgraph.aggregate(qt, k.detach(), vt, backend="triton")
+    torch.testing.assert_close(y, nlgraph.aggregate(q.detach(), k.detach(), v.detach(), backend="reference"),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_capabilities_and_dispatch(monkeypatch):
+    mod = nlgraph.dispatch.get_backend("triton")
+    x = torch.randn(4, 8)
+    ok, why = mod.can_run(x.double(), x.double(), x.double(), A.Softmax(), None)
+    assert not ok and "float16, bfloat16 or float32" in why
+    ok, why = mod.can_run(x, x, x, A.DotProduct(), None)
+    assert not ok and "exp-kernel" in why
+    ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.LocalWindow((4,), 1))
+    assert not ok and "complete graph and ExcludeSelf" in why
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        ok, why = mod.can_run(x, x, x, A.Softmax(), None)
+        assert not ok and "CUDA" in why
+        assert nlgraph.select_backend(x, x, x, A.Softmax(), None)[0] == "chunked"
