@@ -50,6 +50,12 @@ def test_other_benchmarks_quick(name, extra, tmp_path):
         assert all(r["agreement"] >= 0.98 for r in rows)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="measures on the GPU when one is present")
+def test_bench_triton_without_gpu_says_so_and_exits_0(capsys):
+    assert cli.main(["bench", "triton"]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
 def test_unknown_benchmark_is_a_one_line_error(capsys):
     assert cli.main(["bench", "nope"]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,0 +1,91 @@
+"""``nlgraph bench triton`` (CUDA only): the triton backend vs scaled_dot_product_attention.
+
+Forward and forward+backward time and TFLOP/s (4 N M d for the forward, 2.5x that with backward)
+against each SDPA backend PyTorch offers on the device (flash, efficient, math), fp16 and bf16,
+batch 1 x 8 heads, N = M in {1024, 4096, 16384}, d in {64, 128, 256, 512, 1024}; plus the
+Gaussian / C = 1 kernel against a materialised PyTorch implementation. Ratios are ours / SDPA
+(< 1: ours faster). Cases an SDPA backend does not support (e.g. flash above d = 256) are left out.
+Prints a message and exits 0 without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+
+
+def _time_cuda(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    ap = harness.standard_parser("nlgraph bench triton", __doc__)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("nlgraph bench triton: needs a CUDA GPU; none is available here, nothing measured.")
+        return 0
+    import nlgraph
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "math": SDPBackend.MATH}
+    sizes = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    dims = [64, 128] if args.quick else [64, 128, 256, 512, 1024]
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for n in sizes:
+            for d in dims:
+                q, k, v = (torch.randn(1, 8, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                flops = 4 * 8 * n * n * d
+                for mode in ("fwd", "fwd+bwd"):
+                    def step(fn):
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                return fn()
+                        fn().sum().backward()
+
+                    ours = _time_cuda(lambda: step(lambda: nlgraph.aggregate(q, k, v, backend="triton")),
+                                      args.repeats)
+                    total = flops * (1 if mode == "fwd" else 3.5)
+                    for name, be in sdpa_backends.items():
+                        try:
+                            with sdpa_kernel(be):
+                                peer = _time_cuda(lambda: step(lambda: F.scaled_dot_product_attention(q, k, v)),
+                                                  args.repeats)
+                        except RuntimeError:
+                            continue  # this SDPA backend does not support the case
+                        rows.append(dict(name=f"softmax {str(dtype)[6:]} N={n} d={d} {mode}", ours="triton",
+                                         peer=f"sdpa-{name}", ours_s=ours, peer_s=peer, ratio=ours / peer,
+                                         ours_tflops=total / ours / 1e12, peer_tflops=total / peer / 1e12))
+        g = torch.randn(1, 4096, 8, device="cuda", dtype=dtype)
+        val = torch.randn(1, 4096, 16, device="cuda", dtype=dtype)
+        aff = nlgraph.Gaussian(1.0, normalize=False)
+        ours = _time_cuda(lambda: nlgraph.aggregate(g, g, val, aff, backend="triton"), args.repeats)
+        peer = _time_cuda(lambda: torch.exp(-0.5 * torch.cdist(g.float(), g.float()) ** 2) @ val.float(), args.repeats)
+        rows.append(dict(name=f"gaussian C=1 {str(dtype)[6:]} N=4096 d=8 fwd", ours="triton", peer="materialised",
+                         ours_s=ours, peer_s=peer, ratio=ours / peer))
+    harness.print_table(f"nlgraph bench triton ({torch.cuda.get_device_name()}, median s)", rows,
+                        harness.COLUMNS[:5] + [("ours_tflops", "ours TFLOP/s"), ("peer_tflops", "peer TFLOP/s")])
+    if args.json:
+        harness.write_json(args.json, "triton", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
