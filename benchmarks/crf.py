@@ -51,10 +51,7 @@ def _pipeline(dcrf, img, unary, n, backend=None):
 
 
 def main(argv=None) -> int:
-    ap = harness.standard_parser("nlgraph bench crf", __doc__)
-    args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    args = harness.parse_args("crf", __doc__, argv)
     try:
         import pydensecrf.densecrf as peer
     except ImportError:

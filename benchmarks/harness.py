@@ -156,19 +156,25 @@ def standard_parser(prog: str, doc: str):
     return ap
 
 
+def parse_args(name: str, doc: str, argv):
+    """Parse a benchmark's standard options (one-line error for a bad --repeats)."""
+    ap = standard_parser(f"nlgraph bench {name}", doc)
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args
+
+
 def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[[bool], list[dict]],
                time_case: Callable[[dict, int], float], memory_case: Callable[[dict], None],
                describe: Callable[[dict], str], title: str) -> int:
     """The whole command line of an ours-vs-peer benchmark: options, pairs, table, JSON."""
     import json as _json
 
-    ap = standard_parser(f"nlgraph bench {name}", doc)
-    args = ap.parse_args(argv)
+    args = parse_args(name, doc, argv)
     if args.memory_case:
         memory_case(_json.loads(args.memory_case))
         return 0
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
     rows = compare_pairs(plan(args.quick), module, time_case, args.repeats, not args.no_memory, describe)
     print_table(title, rows, COLUMNS)
     if args.json:

@@ -15,10 +15,7 @@ from benchmarks import harness
 
 
 def main(argv=None) -> int:
-    ap = harness.standard_parser("nlgraph bench nlm", __doc__)
-    args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    args = harness.parse_args("nlm", __doc__, argv)
     try:
         from skimage import data, img_as_float
         from skimage.metrics import peak_signal_noise_ratio

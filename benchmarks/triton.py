@@ -35,8 +35,7 @@ def _time_cuda(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = harness.standard_parser("nlgraph bench triton", __doc__)
-    args = ap.parse_args(argv)
+    args = harness.parse_args("triton", __doc__, argv)
     if not torch.cuda.is_available():
         print("nlgraph bench triton: needs a CUDA GPU; none is available here, nothing measured.")
         return 0
