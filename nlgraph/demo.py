@@ -102,8 +102,6 @@ def core_checks(seed: int = 0) -> list[Check]:
 
 def module_checks(seed: int = 0) -> list[Check]:
     """Non-local blocks and attention as instances of the op (float64)."""
-    from attention import MultiheadAttention  # noqa: F401  (the layer above the core)
-
     from .adapters import mha_to_torch, nonlocal_to_mha
     from .nonlocal_blocks import NonLocal2d, NonLocal3d
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -31,7 +32,8 @@ from torch import Tensor
 from .._optional import missing, optional
 from ..affinity import Gaussian, Softmax
 from ..graph import ExcludeSelf
-from .common import lower
+from .chunked import default_blocks, tile_backward
+from .common import Problem
 
 __all__ = ["can_run", "prefer", "run"]
 
@@ -183,10 +185,6 @@ class _TritonAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from .chunked import default_blocks, tile_backward
-
-        from dataclasses import replace
-
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
         p = ctx.meta["problem"]
         cast = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731  (recompute tiles in fp32)
@@ -202,8 +200,6 @@ class _TritonAggregate(torch.autograd.Function):
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: Optional[int] = None,
         block_m: Optional[int] = None) -> Tensor:
     """Lower to the canonical form, flatten the batch, run the kernel (backward: tile recomputation)."""
-    from dataclasses import replace
-
     lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
     bsz = math.prod(lead)
     n, m, e = query.shape[-2], key.shape[-2], value.shape[-1]
@@ -215,8 +211,6 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     row = flat(form.row, (n,))
     col = flat(form.col, (m,))
     v = flat(value, (m, e))
-    from .common import Problem
-
     flat_form = replace(form, query=fq, key=fk, row=row, col=col)
     problem = Problem(flat_form, v, None, graph, (bsz,), n, m, e)
     for name, val in (("block_n", block_n), ("block_m", block_m)):
