@@ -98,9 +98,40 @@ def test_capabilities_and_dispatch(monkeypatch):
     ok, why = mod.can_run(x, x, x, A.DotProduct(), None)
     assert not ok and "exp-kernel" in why
     ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.LocalWindow((4,), 1))
-    assert not ok and "complete graph and ExcludeSelf" in why
+    assert not ok and "complete graph, ExcludeSelf and dense masks" in why
     if not CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
         ok, why = mod.can_run(x, x, x, A.Softmax(), None)
         assert not ok and "CUDA" in why
         assert nlgraph.select_backend(x, x, x, A.Softmax(), None)[0] == "chunked"
+
+
+@pytest.mark.parametrize("kind", ["bool2d", "bool_batch", "key_padding", "float", "float_and_self", "empty_rows"])
+def test_masks_match_reference(kind):
+    gen = torch.Generator().manual_seed(3)
+    b, h, n, d, e = 2, 3, 21, 16, 6
+    mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE).requires_grad_(True)  # noqa: E731
+    q, k, v = mk(b, h, n, d), mk(b, h, n, d), mk(b, h, n, e)
+    bias = None
+    if kind == "bool2d":
+        graph = G.Mask(torch.rand(n, n, generator=gen).to(DEVICE) > 0.4)
+    elif kind == "bool_batch":
+        graph = G.Mask(torch.rand(b, 1, n, n, generator=gen).to(DEVICE) > 0.4)
+    elif kind == "key_padding":
+        pad = torch.ones(b, 1, 1, n, dtype=torch.bool)
+        pad[0, ..., -5:] = False
+        graph = G.Mask(pad.to(DEVICE))
+    elif kind in ("float", "float_and_self"):
+        bias = mk(1, h, n, n)
+        graph = G.Mask(bias) if kind == "float" else G.Mask(bias) & G.ExcludeSelf()
+    else:
+        m = torch.rand(n, n, generator=gen) > 0.5
+        m[4] = False  # a row with no neighbour
+        graph = G.Mask(m.to(DEVICE)) & G.ExcludeSelf()
+    y = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="triton", options={"block_n": 16, "block_m": 16})
+    y_ref = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    leaves = [q, k, v] + ([bias] if bias is not None else [])
+    dy = torch.randn_like(y)
+    for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)

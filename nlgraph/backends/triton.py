@@ -1,7 +1,9 @@
 """The ``triton`` backend: a fused flash-style forward kernel; backward by tile recomputation.
 
 One kernel serves every exp-kernel affinity of the canonical form (``Softmax``; ``Gaussian`` with
-C = sum f or C = 1, with or without a flat top) on the complete graph or with ``ExcludeSelf``:
+C = sum f or C = 1, with or without a flat top) on the complete graph, with ``ExcludeSelf`` (by
+index) and with dense bool / float masks (SDPA semantics; read through broadcast strides, so a
+(B, 1, 1, M) padding mask is never expanded to (B, H, N, M)):
 
     s_ij = q'_i . k'_j + r_i + c_j          (the row/column-bias form of nlgraph.affinity)
 
@@ -15,8 +17,8 @@ chunked backend's tile loop (``chunked.tile_backward``), in PyTorch ops on the s
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
 test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
 the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
-Not yet in this backend (they run on ``chunked``): dense masks and float masks, local windows and
-other sparse graphs, Triton backward kernels, dropout.
+Not yet in this backend (they run on other backends): local windows and other sparse graphs, edge
+weights, Triton backward kernels, dropout.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from .._optional import missing, optional
 from ..affinity import Gaussian, Softmax
-from ..graph import ExcludeSelf
+from ..graph import ExcludeSelf, Intersection, Mask
 from .chunked import default_blocks, tile_backward
 from .common import Problem
 
@@ -55,8 +57,10 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
         return False, f"triton kernels take float16, bfloat16 or float32, got {query.dtype}"
     if type(affinity) not in (Softmax, Gaussian):
         return False, f"the triton kernel fuses exp-kernel affinities (Softmax, Gaussian), not {affinity!r}"
-    if graph is not None and not isinstance(graph, ExcludeSelf):
-        return False, f"the triton kernel handles the complete graph and ExcludeSelf so far, not {graph!r}"
+    members = [] if graph is None else (graph.graphs if isinstance(graph, Intersection) else [graph])
+    if not all(isinstance(g, (ExcludeSelf, Mask)) for g in members):
+        return False, (f"the triton kernel handles the complete graph, ExcludeSelf and dense masks so far, "
+                       f"not {graph!r}")
     return True, ""
 
 
@@ -75,10 +79,12 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def fwd(Q, K, V, R, C, O, L,
+    def fwd(Q, K, V, R, C, O, L, MK, BI,
             sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
-            N, M, D, E, clamp,
+            smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
+            N, M, D, E, B2, clamp,
             HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
+            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
             NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -118,6 +124,17 @@ def _kernel():
             valid = n_ok[:, None] & m_ok[None, :]
             if EXCL_SELF:
                 valid = valid & (offs_n[:, None] != offs_m[None, :])
+            # dense masks are read through two batch strides (e.g. a (B, 1, 1, M) padding mask under
+            # (B, H) leading dims) and per-row/column strides that may be 0 (broadcast)
+            b1 = b // B2
+            b2 = b % B2
+            if HAS_MASK:
+                mk = tl.load(MK + b1 * smb1 + b2 * smb2 + offs_n[:, None] * smn + offs_m[None, :] * smm,
+                             mask=valid, other=0)
+                valid = valid & (mk != 0)
+            if HAS_BIAS:
+                s += tl.load(BI + b1 * sbb1 + b2 * sbb2 + offs_n[:, None] * sbn + offs_m[None, :] * sbm,
+                             mask=valid, other=0.0).to(tl.float32)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -146,6 +163,23 @@ def _kernel():
     return fwd
 
 
+def _strides4(t: Optional[Tensor]) -> tuple[int, int, int, int]:
+    """(batch-1, batch-2, row, column) strides of a (B1, B2, N|1, M|1) view; size-1 dims get stride 0."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4))
+
+
+def _as4(t: Tensor, lead: tuple[int, ...]) -> Tensor:
+    """View a (..., N|1, M|1) mask against the leading dims as (B1, B2, N|1, M|1): B2 = the last leading dim.
+
+    Leading dims are only materialised when they cannot be merged into one stride."""
+    lead = lead or (1,)
+    t = t.reshape((1,) * (len(lead) + 2 - t.dim()) + tuple(t.shape))
+    t = t.expand(*lead, *t.shape[-2:])
+    return t.reshape(-1, lead[-1], *t.shape[-2:])
+
+
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(1, x))))))
 
@@ -165,16 +199,20 @@ class _TritonAggregate(torch.autograd.Function):
         r = row if row is not None else dummy
         c = col if col is not None else dummy
         grid = (triton.cdiv(n, bn), b, triton.cdiv(e, be))
+        mask4, bias4 = meta["mask4"], bias.reshape(meta["bias4_shape"]) if bias is not None else None
         _kernel()[grid](
             fq, fk, value, r, c, out, stat,
+            mask4 if mask4 is not None else out, bias4 if bias4 is not None else out,
             fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             r.stride(0) if row is not None else 0, r.stride(1) if row is not None else 0,
             c.stride(0) if col is not None else 0, c.stride(1) if col is not None else 0,
             out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1),
-            n, m, d, e, float(p.form.clamp or 0.0),
+            *(_strides4(mask4)), *(_strides4(bias4)),
+            n, m, d, e, meta["b2"], float(p.form.clamp or 0.0),
             HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
-            EXCL_SELF=p.graph is not None, NORM_SUM=p.form.norm == "sum",
+            EXCL_SELF=meta["exclude_self"], HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
+            NORM_SUM=p.form.norm == "sum",
             # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16): upcast there
             DOT_FP32=_interpreting() and fq.dtype == torch.bfloat16,
             BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, BLOCK_E=be)
@@ -212,10 +250,28 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     col = flat(form.col, (m,))
     v = flat(value, (m, e))
     flat_form = replace(form, query=fq, key=fk, row=row, col=col)
-    problem = Problem(flat_form, v, None, graph, (bsz,), n, m, e)
+    members = [] if graph is None else (graph.graphs if isinstance(graph, Intersection) else [graph])
+    exclude_self = any(isinstance(g, ExcludeSelf) for g in members)
+    mask = None
+    for g in members:
+        if isinstance(g, Mask) and g.mask.dtype == torch.bool:
+            mask = g.mask if mask is None else mask & g.mask
+    mask4 = None if mask is None else _as4(mask.to(torch.int8), lead)
+    bias = graph.dense_bias() if graph is not None else None
+    bias4 = None if bias is None else _as4(bias.to(fq.dtype if fq.dtype != torch.float64 else torch.float32), lead)
+    # the tile-recomputing backward sees the same graph and bias in the flattened (B, N, M) layout
+    flat_graph = None
+    if graph is not None:
+        parts = ([ExcludeSelf()] if exclude_self else []) + (
+            [Mask(mask4.reshape(-1, *mask4.shape[-2:]).bool())] if mask4 is not None else [])
+        flat_graph = None if not parts else parts[0] if len(parts) == 1 else Intersection(parts)
+    bias_flat = None if bias4 is None else bias4.reshape(-1, *bias4.shape[-2:])
+    problem = Problem(flat_form, v, bias_flat, flat_graph, (bsz,), n, m, e)
     for name, val in (("block_n", block_n), ("block_m", block_m)):
         if val is not None and (not isinstance(val, int) or val < 16 or val & (val - 1)):
             raise ValueError(f"triton option {name} must be a power of two >= 16, got {val!r}")
-    meta = {"problem": problem, "kernel_blocks": (block_n or 64, block_m or 64)}
-    out = _TritonAggregate.apply(fq, fk, row, col, None, v, meta)
+    meta = {"problem": problem, "kernel_blocks": (block_n or 64, block_m or 64), "mask4": mask4,
+            "bias4_shape": None if bias4 is None else tuple(bias4.shape), "b2": (lead or (1,))[-1],
+            "exclude_self": exclude_self}
+    out = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
     return out.reshape(*lead, n, e)
