@@ -98,7 +98,9 @@ def test_capabilities_and_dispatch(monkeypatch):
     ok, why = mod.can_run(x, x, x, A.DotProduct(), None)
     assert not ok and "exp-kernel" in why
     ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.LocalWindow((4,), 1))
-    assert not ok and "complete graph, ExcludeSelf and dense masks" in why
+    assert ok  # local windows run in the kernel
+    ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.CrissCross((2, 2)))
+    assert not ok and "one local window" in why
     if not CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
         ok, why = mod.can_run(x, x, x, A.Softmax(), None)
@@ -135,3 +137,31 @@ def test_masks_match_reference(kind):
     dy = torch.randn_like(y)
     for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
         torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,radius,order", [((6, 7), 1, False), ((5, 8), (2, 1), True), ((3, 4, 4), 1, False)])
+@pytest.mark.parametrize("aff_name", ["softmax", "gaussian_offset"])
+def test_local_window_in_kernel_matches_reference(shape, radius, order, aff_name):
+    n = 1
+    for s_ in shape:
+        n *= s_
+    graph = G.LocalWindow(shape, radius, order=G.blocked_order(shape, 2) if order else None)
+    q, k, v = _inputs(n, n, 16, 5, torch.float32, seed=4)
+    aff = AFFINITIES[aff_name](16)
+    opts = {"block_n": 16, "block_m": 16}
+    y = nlgraph.aggregate(q, k, v, aff, graph & G.ExcludeSelf() if order else graph, backend="triton", options=opts)
+    y_ref = nlgraph.aggregate(q, k, v, aff, graph & G.ExcludeSelf() if order else graph, backend="reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(y)
+    for g, gr in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy)):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_non_local_means_runs_on_the_kernel():
+    import numpy as np
+
+    img = np.random.default_rng(0).random((12, 14)).astype(np.float32)
+    kw = dict(patch_size=3, patch_distance=2, h=0.3)
+    ours = nlgraph.denoise_nl_means(torch.from_numpy(img).to(DEVICE), backend="triton", **kw)
+    ref = nlgraph.denoise_nl_means(img.astype(np.float64), **kw)
+    np.testing.assert_allclose(ours.cpu().numpy(), ref, rtol=1e-4, atol=1e-5)

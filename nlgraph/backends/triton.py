@@ -2,8 +2,9 @@
 
 One kernel serves every exp-kernel affinity of the canonical form (``Softmax``; ``Gaussian`` with
 C = sum f or C = 1, with or without a flat top) on the complete graph, with ``ExcludeSelf`` (by
-index) and with dense bool / float masks (SDPA semantics; read through broadcast strides, so a
-(B, 1, 1, M) padding mask is never expanded to (B, H, N, M)):
+index), with dense bool / float masks (SDPA semantics; read through broadcast strides, so a
+(B, 1, 1, M) padding mask is never expanded to (B, H, N, M)) and with a local window computed
+from the nodes' grid coordinates, whole key blocks outside it skipped by a precomputed tile plan:
 
     s_ij = q'_i . k'_j + r_i + c_j          (the row/column-bias form of nlgraph.affinity)
 
@@ -17,7 +18,7 @@ chunked backend's tile loop (``chunked.tile_backward``), in PyTorch ops on the s
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
 test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
 the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
-Not yet in this backend (they run on other backends): local windows and other sparse graphs, edge
+Not yet in this backend (they run on other backends): criss-cross, k-NN and edge-list graphs, edge
 weights, Triton backward kernels, dropout.
 """
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .._optional import missing, optional
 from ..affinity import Gaussian, Softmax
-from ..graph import ExcludeSelf, Intersection, Mask
+from ..graph import ExcludeSelf, Intersection, LocalWindow, Mask
 from .chunked import default_blocks, tile_backward
 from .common import Problem
 
@@ -58,9 +59,10 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     if type(affinity) not in (Softmax, Gaussian):
         return False, f"the triton kernel fuses exp-kernel affinities (Softmax, Gaussian), not {affinity!r}"
     members = [] if graph is None else (graph.graphs if isinstance(graph, Intersection) else [graph])
-    if not all(isinstance(g, (ExcludeSelf, Mask)) for g in members):
-        return False, (f"the triton kernel handles the complete graph, ExcludeSelf and dense masks so far, "
-                       f"not {graph!r}")
+    if not all(isinstance(g, (ExcludeSelf, Mask, LocalWindow)) for g in members) or sum(
+            isinstance(g, LocalWindow) for g in members) > 1:
+        return False, (f"the triton kernel handles the complete graph, ExcludeSelf, dense masks and one local "
+                       f"window so far, not {graph!r}")
     return True, ""
 
 
@@ -79,12 +81,12 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def fwd(Q, K, V, R, C, O, L, MK, BI,
+    def fwd(Q, K, V, R, C, O, L, MK, BI, CO, PL,
             sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
             smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-            N, M, D, E, B2, clamp,
+            N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks,
             HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
-            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
             NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -101,6 +103,10 @@ def _kernel():
         if HAS_ROW:
             row = tl.load(R + b * srb + offs_n * srn, mask=n_ok, other=0.0).to(tl.float32)
         for j0 in range(0, M, BLOCK_M):
+          take = True
+          if HAS_PLAN:  # block-sparse graph: skip key blocks the plan rules out
+              take = tl.load(PL + pid_n * n_kblocks + j0 // BLOCK_M) != 0
+          if take:
             offs_m = j0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
             s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -124,6 +130,13 @@ def _kernel():
             valid = n_ok[:, None] & m_ok[None, :]
             if EXCL_SELF:
                 valid = valid & (offs_n[:, None] != offs_m[None, :])
+            if WIN_DIMS > 0:  # local window from the nodes' grid coordinates (int32, node order)
+                for ax in tl.static_range(WIN_DIMS):
+                    rad = rad0 if ax == 0 else (rad1 if ax == 1 else rad2)
+                    cq = tl.load(CO + offs_n * WIN_DIMS + ax, mask=n_ok, other=0)
+                    ck = tl.load(CO + offs_m * WIN_DIMS + ax, mask=m_ok, other=0)
+                    diff = cq[:, None] - ck[None, :]
+                    valid = valid & (diff <= rad) & (diff >= -rad)
             # dense masks are read through two batch strides (e.g. a (B, 1, 1, M) padding mask under
             # (B, H) leading dims) and per-row/column strides that may be 0 (broadcast)
             b1 = b // B2
@@ -200,18 +213,22 @@ class _TritonAggregate(torch.autograd.Function):
         c = col if col is not None else dummy
         grid = (triton.cdiv(n, bn), b, triton.cdiv(e, be))
         mask4, bias4 = meta["mask4"], bias.reshape(meta["bias4_shape"]) if bias is not None else None
+        coords, plan = meta["coords"], meta["plan"]
+        radius = tuple(meta["radius"]) + (0,) * (3 - len(meta["radius"]))
         _kernel()[grid](
             fq, fk, value, r, c, out, stat,
             mask4 if mask4 is not None else out, bias4 if bias4 is not None else out,
+            coords if coords is not None else out, plan if plan is not None else out,
             fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             r.stride(0) if row is not None else 0, r.stride(1) if row is not None else 0,
             c.stride(0) if col is not None else 0, c.stride(1) if col is not None else 0,
             out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1),
             *(_strides4(mask4)), *(_strides4(bias4)),
-            n, m, d, e, meta["b2"], float(p.form.clamp or 0.0),
+            n, m, d, e, meta["b2"], float(p.form.clamp or 0.0), *radius, triton.cdiv(m, bm),
             HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
             EXCL_SELF=meta["exclude_self"], HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
+            WIN_DIMS=0 if coords is None else coords.shape[1], HAS_PLAN=plan is not None,
             NORM_SUM=p.form.norm == "sum",
             # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16): upcast there
             DOT_FP32=_interpreting() and fq.dtype == torch.bfloat16,
@@ -238,6 +255,9 @@ class _TritonAggregate(torch.autograd.Function):
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: Optional[int] = None,
         block_m: Optional[int] = None) -> Tensor:
     """Lower to the canonical form, flatten the batch, run the kernel (backward: tile recomputation)."""
+    for name, val in (("block_n", block_n), ("block_m", block_m)):
+        if val is not None and (not isinstance(val, int) or val < 16 or val & (val - 1)):
+            raise ValueError(f"triton option {name} must be a power of two >= 16, got {val!r}")
     lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
     bsz = math.prod(lead)
     n, m, e = query.shape[-2], key.shape[-2], value.shape[-1]
@@ -259,18 +279,24 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     mask4 = None if mask is None else _as4(mask.to(torch.int8), lead)
     bias = graph.dense_bias() if graph is not None else None
     bias4 = None if bias is None else _as4(bias.to(fq.dtype if fq.dtype != torch.float64 else torch.float32), lead)
+    window = next((g for g in members if isinstance(g, LocalWindow)), None)
+    bn, bm = block_n or 64, block_m or 64
+    coords = plan = None
+    if window is not None:
+        coords = window.coords(fq.device).contiguous()
+        rows = [(i, min(n, i + bn)) for i in range(0, n, bn)]
+        cols = [(j, min(m, j + bm)) for j in range(0, m, bm)]
+        plan = window.tile_pairs(rows, cols, fq.device).to(torch.int8).contiguous()
     # the tile-recomputing backward sees the same graph and bias in the flattened (B, N, M) layout
     flat_graph = None
     if graph is not None:
-        parts = ([ExcludeSelf()] if exclude_self else []) + (
+        parts = ([ExcludeSelf()] if exclude_self else []) + ([window] if window is not None else []) + (
             [Mask(mask4.reshape(-1, *mask4.shape[-2:]).bool())] if mask4 is not None else [])
         flat_graph = None if not parts else parts[0] if len(parts) == 1 else Intersection(parts)
     bias_flat = None if bias4 is None else bias4.reshape(-1, *bias4.shape[-2:])
     problem = Problem(flat_form, v, bias_flat, flat_graph, (bsz,), n, m, e)
-    for name, val in (("block_n", block_n), ("block_m", block_m)):
-        if val is not None and (not isinstance(val, int) or val < 16 or val & (val - 1)):
-            raise ValueError(f"triton option {name} must be a power of two >= 16, got {val!r}")
-    meta = {"problem": problem, "kernel_blocks": (block_n or 64, block_m or 64), "mask4": mask4,
+    meta = {"problem": problem, "kernel_blocks": (bn, bm), "mask4": mask4, "coords": coords, "plan": plan,
+            "radius": () if window is None else window.radius,
             "bias4_shape": None if bias4 is None else tuple(bias4.shape), "b2": (lead or (1,))[-1],
             "exclude_self": exclude_self}
     out = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
