@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import nlgraph
+from nlgraph.core import all_finite
 
 __all__ = ["DenseCRF", "DenseCRF2D", "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL", "NO_NORMALIZATION",
            "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"]
@@ -52,7 +53,7 @@ def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
     return t
 
@@ -102,7 +103,7 @@ class _Pairwise:
         else:
             raise ValueError(f"LabelCompatibility of dimension >2 not meaningful (got shape {arr.shape})")
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError("compat contains NaN or Inf")
         return kind, t
 

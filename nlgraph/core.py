@@ -14,9 +14,8 @@ from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .affinity import Affinity, EdgeWeighted, Softmax
-from .backends.common import safe_log
 from .dispatch import select_backend
-from .graph import Complete, EdgeIndex, Graph, Mask
+from .graph import Complete, EdgeIndex, Graph, Mask, safe_log
 
 __all__ = ["aggregate", "validate_inputs", "lower_edge_weights", "all_finite"]
 

@@ -115,7 +115,7 @@ class Graph:
             keep = blk if blk.dtype == torch.bool else blk > 0
         logw = None
         if blk is not None and blk.dtype != torch.bool:
-            logw = _log_weights(blk.expand(n, m))
+            logw = safe_log(blk.expand(n, m))
         if bias is not None:
             b = bias.expand(n, m)
             keep = keep & (b.detach() > -math.inf)
@@ -144,7 +144,8 @@ def _check_unbatched(graph: "Graph") -> None:
                          f"by the batch")
 
 
-def _log_weights(w: Tensor) -> Tensor:
+def safe_log(w: Tensor) -> Tensor:
+    """log(w) with log(0) = -inf and a zero (not NaN) gradient at w = 0 (edge weights -> log-weights)."""
     pos = w > 0
     return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -math.inf))
 
@@ -565,7 +566,7 @@ class EdgeIndex(Graph):
         ei = self.edge_index.to(device)
         if self.edge_weight is None:
             return ei, None
-        return ei, _log_weights(self.edge_weight.to(device))
+        return ei, safe_log(self.edge_weight.to(device))
 
     def __repr__(self) -> str:
         return f"EdgeIndex(E={self.edge_index.shape[1]}, weighted={self.edge_weight is not None})"
@@ -625,7 +626,7 @@ class Intersection(Graph):
                 # several parallel edges in `other`: their weights add (log-sum-exp)
                 w = torch.zeros(uniq.numel(), dtype=other_logw.dtype, device=device).index_add(0, inv,
                                                                                                 torch.exp(other_logw))
-                extra = _log_weights(w)[pos]
+                extra = safe_log(w)[pos]
                 logw = extra if logw is None else logw + extra
             ei, code = ei[:, keep], code[keep]
             logw = None if logw is None else logw[keep]

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .common import Problem, clamp_scores, dropout_keep, lower, tile_linear, tile_log_weights
+from .common import (Problem, clamp_scores, dropout_keep, edge_weights, exp_scores, lower, tile_linear,
+                     tile_log_weights)
 
 __all__ = ["can_run", "run", "default_blocks"]
 
@@ -69,20 +70,6 @@ def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
     return tile_linear(p.form, i0, i1, j0, j1), mask, logw
 
 
-def _exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:
-    s = lin if logw is None else lin + logw
-    if mask is not None:
-        s = s.masked_fill(~mask, _NEG_INF)
-    return s
-
-
-def _edge_weights(mask: Optional[Tensor], logw: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    w = None if logw is None else torch.exp(logw)
-    if mask is not None:
-        w = mask.to(dtype) if w is None else w * mask
-    return w
-
-
 def _keep(meta: dict, lead, i0, i1, j0, j1, device, dtype) -> Optional[Tensor]:
     """This tile's dropout multipliers (regenerated identically in backward), or None."""
     p = meta["dropout_p"]
@@ -124,7 +111,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                 v = value[..., j0:j1, :]
                 keep = _keep(meta, lead, i0, i1, j0, j1, device, dtype)
                 if kernel == "exp":
-                    s = _exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)  # fresh: updated in place
+                    s = exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)  # fresh: updated in place
                     new = torch.maximum(mx, s.amax(-1))
                     # rows can only be all -inf when the graph removes edges
                     restricted = mask is not None or logw is not None
@@ -136,7 +123,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                     mx = new
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
-                    ew = _edge_weights(mask, logw, dtype)
+                    ew = edge_weights(mask, logw, dtype)
                     gw = g if ew is None else g * ew
                     acc = acc + (gw if keep is None else gw * keep) @ v
                     den = den + ((j1 - j0) if ew is None else ew.sum(-1).expand_as(den))
@@ -210,7 +197,7 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
                 dp = dp * keep  # the loss sees the kept messages only
             if kernel == "exp":
                 flat = None if p.form.clamp is None else (lin + p.form.clamp) >= 0  # capped: no gradient
-                s = _exp_scores(clamp_scores(p.form, lin), mask, logw)
+                s = exp_scores(clamp_scores(p.form, lin), mask, logw)
                 if norm == "none":
                     prob = torch.exp(s)  # C = 1: the raw kernel value
                     dlin = prob * dp
@@ -225,7 +212,7 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
                     dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
             else:
                 g = torch.relu(lin) if kernel == "relu" else lin
-                ew = _edge_weights(mask, logw, dtype)
+                ew = edge_weights(mask, logw, dtype)
                 a = inv[..., None] if ew is None else ew * inv[..., None]
                 if need_v:
                     kept = g * a if keep is None else g * a * keep

@@ -14,21 +14,15 @@ import torch
 from torch import Tensor
 
 from ..affinity import Affinity, ScoreForm
-from ..graph import Graph, _slice_rows_cols
+from ..graph import Graph, _slice_rows_cols, safe_log
 
 __all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
-           "clamp_scores"]
+           "clamp_scores", "exp_scores", "edge_weights"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp16/bf16 are computed in fp32; fp32/fp64 in themselves."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def safe_log(w: Tensor) -> Tensor:
-    """log(w) with log(0) = -inf and a zero (not NaN) gradient at w = 0."""
-    pos = w > 0
-    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -math.inf))
 
 
 @dataclass
@@ -118,3 +112,19 @@ def clamp_scores(form: ScoreForm, lin: Tensor, inplace: bool = False) -> Tensor:
     if form.clamp is None:
         return lin
     return lin.add_(form.clamp).clamp_(max=0.0) if inplace else (lin + form.clamp).clamp(max=0.0)
+
+
+def exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:
+    """Scores of an exp kernel: log-weights added, non-edges at -inf."""
+    s = lin if logw is None else lin + logw
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    return s
+
+
+def edge_weights(mask: Optional[Tensor], logw: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Multiplicative edge weights of a linear/relu kernel (None: every edge weighs 1)."""
+    w = None if logw is None else torch.exp(logw)
+    if mask is not None:
+        w = mask.to(dtype) if w is None else w * mask
+    return w

@@ -254,14 +254,18 @@ class _LatticeFilter(torch.autograd.Function):
 _cache: list[tuple[tuple, weakref.ref, Optional[weakref.ref], Lattice]] = []
 
 
-def _cached_lattice(query: Tensor, key: Tensor, same: bool, q: Tensor, k: Tensor, tag: str) -> Lattice:
+def _cached_lattice(query: Tensor, key: Tensor, same: bool, points, tag: str) -> Lattice:
+    """The lattice of (query, key), reused while they are the same, unmodified tensors.
+
+    ``points()`` gives the scaled, flattened (q, k) point sets; it runs only when a lattice is built.
+    """
     sig = (tag, query.data_ptr(), query._version, tuple(query.shape), key.data_ptr(), key._version,
            tuple(key.shape), query.dtype, query.device)
     for entry in _cache:
         s, qref, kref, lat = entry
         if s == sig and qref() is query and (kref() if kref is not None else key) is key:
             return lat
-    lat = build_lattice(q, k, same)
+    lat = build_lattice(*points(), same)
     _cache.insert(0, (sig, weakref.ref(query), None if same else weakref.ref(key), lat))
     del _cache[_CACHE_SIZE:]
     return lat
@@ -272,11 +276,14 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph) ->
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
     cd = compute_dtype(query.dtype)
     same = query is key
-    with torch.no_grad():
+    def points() -> tuple[Tensor, Tensor]:
         form = affinity.form(query.detach().to(cd), key.detach().to(cd))
-        q = form.query.expand(*lead, n, d).reshape(-1, n, d)
-        k = q if same else form.key.expand(*lead, m, d).reshape(-1, m, d)
-        lattice = _cached_lattice(query, key, same, q.contiguous(), k.contiguous(), repr(affinity))
+        q = form.query.expand(*lead, n, d).reshape(-1, n, d).contiguous()
+        k = q if same else form.key.expand(*lead, m, d).reshape(-1, m, d).contiguous()
+        return q, k
+
+    with torch.no_grad():
+        lattice = _cached_lattice(query, key, same, points, repr(affinity))
     v = value.to(cd).expand(*lead, m, e).reshape(-1, e)
     if affinity.normalize:
         v = torch.cat([v, torch.ones(v.shape[0], 1, dtype=cd, device=v.device)], dim=-1)

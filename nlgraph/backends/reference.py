@@ -7,12 +7,10 @@ and the fallback for cases nothing else runs (e.g. gradients w.r.t. per-edge wei
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .common import clamp_scores, dropout_keep, lower, tile_linear, tile_log_weights
+from .common import clamp_scores, dropout_keep, edge_weights, exp_scores, lower, tile_linear, tile_log_weights
 
 __all__ = ["can_run", "run"]
 
@@ -28,10 +26,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
     lin = tile_linear(f, 0, p.n, 0, p.m)
     mask, logw = tile_log_weights(p.graph, p.bias, 0, p.n, 0, p.m, query.device, p.value.dtype)
     if f.kernel == "exp":
-        lin = clamp_scores(f, lin)
-        s = lin if logw is None else lin + logw
-        if mask is not None:
-            s = s.masked_fill(~mask, -math.inf)
+        s = exp_scores(clamp_scores(f, lin), mask, logw)
         if f.norm == "sum":
             mx = s.detach().amax(-1, keepdim=True)
             mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
@@ -42,9 +37,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
             den = None
     else:
         g = torch.relu(lin) if f.kernel == "relu" else lin
-        ew = None if logw is None else torch.exp(logw)
-        if mask is not None:
-            ew = mask.to(g.dtype) if ew is None else ew * mask
+        ew = edge_weights(mask, logw, g.dtype)
         if ew is None:
             w = g
             den = torch.full(g.shape[:-1] + (1,), float(p.m), dtype=g.dtype, device=g.device)
