@@ -102,3 +102,22 @@ def test_new_backend_is_one_module_plus_one_registration(monkeypatch):
     assert calls == [{"flag": 1}]
     with pytest.raises(nlgraph.BackendError, match="gaussians only"):
         nlgraph.aggregate(q, q, q, A.Softmax(), backend="fake")
+
+
+def test_blocked_order_is_a_block_major_permutation():
+    order = G.blocked_order((5, 7), 2)
+    assert torch.equal(torch.sort(order).values, torch.arange(35))
+    # the first block is the 2x2 top-left corner, in row-major order
+    assert order[:4].tolist() == [0, 1, 7, 8]
+    # a window graph in this order is the row-major graph with its nodes permuted
+    dense = G.LocalWindow((5, 7), 1).dense(35, 35)
+    assert torch.equal(G.LocalWindow((5, 7), 1, order=order).dense(35, 35), dense[order][:, order])
+    with pytest.raises(ValueError, match=r"blocked_order\(block\) must be a positive int, got 0"):
+        G.blocked_order((5, 7), 0)
+
+
+def test_grid_order_must_be_a_permutation():
+    with pytest.raises(ValueError, match=r"LocalWindow\(order\) must be an int64 permutation of shape \(6,\)"):
+        G.LocalWindow((2, 3), 1, order=torch.arange(5))
+    with pytest.raises(ValueError, match=r"LocalWindow\(order\) must be a permutation of 0..5"):
+        G.LocalWindow((2, 3), 1, order=torch.zeros(6, dtype=torch.long))
