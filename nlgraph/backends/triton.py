@@ -1,4 +1,4 @@
-"""The ``triton`` backend: a fused flash-style forward kernel; backward by tile recomputation.
+"""The ``triton`` backend: fused flash-style forward and backward kernels.
 
 One kernel serves every exp-kernel affinity of the canonical form (``Softmax``; ``Gaussian`` with
 C = sum f or C = 1, with or without a flat top) on the complete graph, with ``ExcludeSelf`` (by
@@ -11,15 +11,21 @@ from the nodes' grid coordinates, whole key blocks outside it skipped by a preco
 Each program owns a block of queries and a block of value channels, walks the keys block by block
 with an online (running-max) softmax, and never materialises N x M. The feature dimension d and the
 value dimension e are tiled inside the kernel (BLOCK_D / BLOCK_E chunks), so head dims of 1024 and
-more work (a non-local block's inter-channels). Accumulation is fp32 for fp16/bf16/fp32 inputs. The
-kernel saves the log-sum-exp per query; the backward pass recomputes tiles from it with the
-chunked backend's tile loop (``chunked.tile_backward``), in PyTorch ops on the same device.
+more work (a non-local block's inter-channels). Accumulation is fp32 for fp16/bf16/fp32 inputs (fp32
+dot products in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set).
+
+Backward is FlashAttention-2 style: the forward saves the log-sum-exp per query (C = 1: nothing is
+needed), the backward recomputes score tiles from it. One kernel per key block accumulates dV = P^T dO
+and dK = dS^T Q' (one value / feature chunk per program) and the column-bias gradient; one kernel
+per query block accumulates dQ = dS K' and the row-bias gradient, with dS = P (dO V^T - dO.O) (C = 1:
+P dO V^T) and zero where the flat top caps the score. Only a float mask's own gradient (an N x M
+tensor anyway) is left to the PyTorch tile loop (``chunked.tile_backward``).
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
 test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
 the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
-Not yet in this backend (they run on other backends): criss-cross, k-NN and edge-list graphs, edge
-weights, Triton backward kernels, dropout.
+Not in this backend (they run on other backends): criss-cross, k-NN and edge-list graphs, edge
+weights, dropout, and single batches of 2^31 elements or more.
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
             isinstance(g, LocalWindow) for g in members) > 1:
         return False, (f"the triton kernel handles the complete graph, ExcludeSelf, dense masks and one local "
                        f"window so far, not {graph!r}")
+    n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
+    per_batch = max(n * d, m * d, m * e, n * e, n * m if any(isinstance(g, Mask) for g in members) else 0)
+    if per_batch >= 2**31:  # in-batch offsets are 32-bit in the kernels
+        return False, (f"the triton kernels index one batch element with 32-bit offsets; N={n}, M={m}, d={d}, "
+                       f"e={e} needs {per_batch} elements")
     return True, ""
 
 
@@ -70,110 +81,12 @@ def prefer(query, key, value, affinity, graph) -> bool:
     return query.device.type == "cuda"
 
 
-_KERNEL = None
+def _kernels():
+    """(forward, backward dK/dV/dcol, backward dQ/drow): imported on first use, so importing nlgraph
+    never imports Triton (which binds its interpreter mode at import time)."""
+    from . import _triton_kernels as k
 
-
-def _kernel():
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def fwd(Q, K, V, R, C, O, L, MK, BI, CO, PL,
-            sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
-            smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-            N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks,
-            HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
-            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
-            NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-        pid_n = tl.program_id(0)
-        b = tl.program_id(1)
-        pid_e = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_d = tl.arange(0, BLOCK_D)
-        n_ok = offs_n < N
-        e_ok = offs_e < E
-        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_N], tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-        if HAS_ROW:
-            row = tl.load(R + b * srb + offs_n * srn, mask=n_ok, other=0.0).to(tl.float32)
-        for j0 in range(0, M, BLOCK_M):
-          take = True
-          if HAS_PLAN:  # block-sparse graph: skip key blocks the plan rules out
-              take = tl.load(PL + pid_n * n_kblocks + j0 // BLOCK_M) != 0
-          if take:
-            offs_m = j0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
-            s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for d0 in range(0, D, BLOCK_D):  # the feature dimension, tiled
-                dd = d0 + offs_d
-                d_ok = dd < D
-                q = tl.load(Q + b * sqb + offs_n[:, None] * sqn + dd[None, :] * sqd,
-                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                k = tl.load(K + b * skb + offs_m[:, None] * skm + dd[None, :] * skd,
-                            mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_FP32:
-                    q = q.to(tl.float32)
-                    k = k.to(tl.float32)
-                s += tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-            if HAS_ROW:
-                s += row[:, None]
-            if HAS_COL:
-                s += tl.load(C + b * scb + offs_m * scm, mask=m_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_CLAMP:
-                s = tl.minimum(s + clamp, 0.0)
-            valid = n_ok[:, None] & m_ok[None, :]
-            if EXCL_SELF:
-                valid = valid & (offs_n[:, None] != offs_m[None, :])
-            if WIN_DIMS > 0:  # local window from the nodes' grid coordinates (int32, node order)
-                for ax in tl.static_range(WIN_DIMS):
-                    rad = rad0 if ax == 0 else (rad1 if ax == 1 else rad2)
-                    cq = tl.load(CO + offs_n * WIN_DIMS + ax, mask=n_ok, other=0)
-                    ck = tl.load(CO + offs_m * WIN_DIMS + ax, mask=m_ok, other=0)
-                    diff = cq[:, None] - ck[None, :]
-                    valid = valid & (diff <= rad) & (diff >= -rad)
-            # dense masks are read through two batch strides (e.g. a (B, 1, 1, M) padding mask under
-            # (B, H) leading dims) and per-row/column strides that may be 0 (broadcast)
-            b1 = b // B2
-            b2 = b % B2
-            if HAS_MASK:
-                mk = tl.load(MK + b1 * smb1 + b2 * smb2 + offs_n[:, None] * smn + offs_m[None, :] * smm,
-                             mask=valid, other=0)
-                valid = valid & (mk != 0)
-            if HAS_BIAS:
-                s += tl.load(BI + b1 * sbb1 + b2 * sbb2 + offs_n[:, None] * sbn + offs_m[None, :] * sbm,
-                             mask=valid, other=0.0).to(tl.float32)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + offs_m[:, None] * svm + offs_e[None, :] * sve,
-                        mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), out_dtype=tl.float32)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-            m_i = m_new
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        if NORM_SUM:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            stat = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        else:
-            out = acc * tl.exp(m_safe)[:, None]
-            stat = m_safe
-        tl.store(O + b * sob + offs_n[:, None] * son + offs_e[None, :] * soe, out, mask=n_ok[:, None] & e_ok[None, :])
-        if pid_e == 0:
-            tl.store(L + b * slb + offs_n * sln, stat, mask=n_ok)
-
-    _KERNEL = fwd
-    return fwd
+    return k.fwd, k.bwd_kv, k.bwd_q
 
 
 def _strides4(t: Optional[Tensor]) -> tuple[int, int, int, int]:
@@ -197,42 +110,59 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(1, x))))))
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dot products in IEEE fp32 unless torch itself allows TF32 matmuls (its default: it does not)."""
+    if dtype == torch.float32 and not (_interpreting() or torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _shared_args(meta: dict, fq: Tensor, fk: Tensor, value: Tensor, row: Optional[Tensor], col: Optional[Tensor],
+                 bias: Optional[Tensor], dummy: Tensor) -> tuple[list, list, list, dict]:
+    """Launch arguments every kernel takes: (pointers, per-tensor strides, mask/bias strides, constexprs)."""
+    p = meta["problem"]
+    mask4 = meta["mask4"]
+    bias4 = bias.reshape(meta["bias4_shape"]) if bias is not None else None
+    coords, plan = meta["coords"], meta["plan"]
+    ptrs = [fq, fk, value, row if row is not None else dummy, col if col is not None else dummy,
+            mask4 if mask4 is not None else dummy, bias4 if bias4 is not None else dummy,
+            coords if coords is not None else dummy, plan if plan is not None else dummy]
+    strides = [fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
+               value.stride(0), value.stride(1), value.stride(2),
+               row.stride(0) if row is not None else 0, row.stride(1) if row is not None else 0,
+               col.stride(0) if col is not None else 0, col.stride(1) if col is not None else 0]
+    radius = tuple(meta["radius"]) + (0,) * (3 - len(meta["radius"]))
+    bn, bm = meta["kernel_blocks"]
+    sizes = [*_strides4(mask4), *_strides4(bias4), p.n, p.m, fq.shape[-1], p.e, meta["b2"],
+             float(p.form.clamp or 0.0), *radius, -(-p.m // bm)]
+    flags = dict(HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
+                 EXCL_SELF=meta["exclude_self"], HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
+                 WIN_DIMS=0 if coords is None else coords.shape[1], HAS_PLAN=plan is not None,
+                 NORM_SUM=p.form.norm == "sum",
+                 # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16): upcast there
+                 DOT_FP32=_interpreting() and fq.dtype == torch.bfloat16, PREC=_precision(fq.dtype),
+                 BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=_pow2(fq.shape[-1], 16, 64), BLOCK_E=_pow2(p.e, 16, 64))
+    return ptrs, strides, sizes, flags
+
+
 class _TritonAggregate(torch.autograd.Function):
+    """Forward and backward kernels (FlashAttention-2 style: the backward recomputes score tiles from the
+    saved log-sum-exp; one kernel per key block for dK / dV / dcol, one per query block for dQ / drow)."""
+
     @staticmethod
     def forward(ctx, fq, fk, row, col, bias, value, meta):
         import triton
 
+        fwd, _, _ = _kernels()
         p = meta["problem"]
-        b, n, m, d, e = fq.shape[0], p.n, p.m, fq.shape[-1], p.e
-        out = torch.empty(b, n, e, dtype=torch.float32, device=fq.device)
+        b, n = fq.shape[0], p.n
+        out = torch.empty(b, n, p.e, dtype=torch.float32, device=fq.device)
         stat = torch.empty(b, n, dtype=torch.float32, device=fq.device)
-        bn, bm = meta["kernel_blocks"]
-        bd, be = _pow2(d, 16, 64), _pow2(e, 16, 64)
-        dummy = out  # unused pointer for absent row/col terms
-        r = row if row is not None else dummy
-        c = col if col is not None else dummy
-        grid = (triton.cdiv(n, bn), b, triton.cdiv(e, be))
-        mask4, bias4 = meta["mask4"], bias.reshape(meta["bias4_shape"]) if bias is not None else None
-        coords, plan = meta["coords"], meta["plan"]
-        radius = tuple(meta["radius"]) + (0,) * (3 - len(meta["radius"]))
-        _kernel()[grid](
-            fq, fk, value, r, c, out, stat,
-            mask4 if mask4 is not None else out, bias4 if bias4 is not None else out,
-            coords if coords is not None else out, plan if plan is not None else out,
-            fq.stride(0), fq.stride(1), fq.stride(2), fk.stride(0), fk.stride(1), fk.stride(2),
-            value.stride(0), value.stride(1), value.stride(2),
-            r.stride(0) if row is not None else 0, r.stride(1) if row is not None else 0,
-            c.stride(0) if col is not None else 0, c.stride(1) if col is not None else 0,
-            out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1),
-            *(_strides4(mask4)), *(_strides4(bias4)),
-            n, m, d, e, meta["b2"], float(p.form.clamp or 0.0), *radius, triton.cdiv(m, bm),
-            HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
-            EXCL_SELF=meta["exclude_self"], HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
-            WIN_DIMS=0 if coords is None else coords.shape[1], HAS_PLAN=plan is not None,
-            NORM_SUM=p.form.norm == "sum",
-            # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16): upcast there
-            DOT_FP32=_interpreting() and fq.dtype == torch.bfloat16,
-            BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, BLOCK_E=be)
+        ptrs, strides, sizes, flags = _shared_args(meta, fq, fk, value, row, col, bias, out)
+        q_, k_, v_, r_, c_, mk_, bi_, co_, pl_ = ptrs
+        grid = (triton.cdiv(n, flags["BLOCK_N"]), b, triton.cdiv(p.e, flags["BLOCK_E"]))
+        fwd[grid](q_, k_, v_, r_, c_, out, stat, mk_, bi_, co_, pl_, *strides,
+                  out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1), *sizes, **flags)
         out = out.to(value.dtype)
         ctx.meta = meta
         ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)  # the log-sum-exp stays fp32
@@ -240,14 +170,47 @@ class _TritonAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        import triton
+
+        _, bwd_kv, bwd_q = _kernels()
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
-        p = ctx.meta["problem"]
-        cast = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731  (recompute tiles in fp32)
-        q32, k32, r32, c32, v32 = cast(fq), cast(fk), cast(row), cast(col), cast(value)
-        p32 = replace(p, form=replace(p.form, query=q32, key=k32, row=r32, col=c32), value=v32)
-        meta = dict(ctx.meta, problem=p32, blocks=default_blocks(fq.shape[0], p.n, p.m), dropout_p=0.0)
-        grads = tile_backward(meta, ctx.needs_input_grad[:6], q32, k32, r32, c32, bias, v32, cast(out), stat,
-                              dout.to(torch.float32))
+        need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
+        meta = ctx.meta
+        p = meta["problem"]
+        b, n, m, d, e = fq.shape[0], p.n, p.m, fq.shape[-1], p.e
+        dout = dout.to(value.dtype)
+        # D_i = dO_i . O_i (softmax normalisation); unused for C = 1
+        delta = ((dout.float() * out.float()).sum(-1) if p.form.norm == "sum"
+                 else torch.zeros(b, n, dtype=torch.float32, device=fq.device)).contiguous()
+        f32 = lambda *s, need=True: torch.empty(*s, dtype=torch.float32, device=fq.device) if need else delta  # noqa
+        dq, dk, dv = f32(b, n, d, need=need_q), f32(b, m, d, need=need_k), f32(b, m, e, need=need_v)
+        dr, dc = f32(b, n, need=need_r), f32(b, m, need=need_c)
+        ptrs, strides, sizes, flags = _shared_args(meta, fq, fk, value, row, col, bias, delta)
+        bn, bm, bd, be = flags["BLOCK_N"], flags["BLOCK_M"], flags["BLOCK_D"], flags["BLOCK_E"]
+        dstrides = [dout.stride(0), dout.stride(1), dout.stride(2)]
+        q_, k_, v_, r_, c_, mk_, bi_, co_, pl_ = ptrs
+        common = (q_, k_, v_, r_, c_, mk_, bi_, co_, pl_, dout, stat, delta)
+        n_d = triton.cdiv(d, bd) if need_k else 0
+        n_e = triton.cdiv(e, be) if need_v else 0
+        n_c = 1 if need_c else 0
+        if max(n_d, n_e, n_c):
+            bwd_kv[(triton.cdiv(m, bm), b, max(n_d, n_e, n_c))](
+                *common, dk, dv, dc, *strides, *dstrides, *sizes, n_d, n_e, n_c, **flags)
+        n_q = triton.cdiv(d, bd) if need_q else 0
+        n_r = 1 if need_r else 0
+        if max(n_q, n_r):
+            bwd_q[(triton.cdiv(n, bn), b, max(n_q, n_r))](
+                *common, dq, dr, *strides, *dstrides, *sizes, n_q, n_r, **flags)
+        db = None
+        if need_b:  # a float mask's gradient is itself N x M: the PyTorch tile loop computes it
+            cast = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
+            q32, k32, r32, c32, v32 = cast(fq), cast(fk), cast(row), cast(col), cast(value)
+            p32 = replace(p, form=replace(p.form, query=q32, key=k32, row=r32, col=c32), value=v32)
+            tmeta = dict(meta, problem=p32, blocks=default_blocks(b, n, m), dropout_p=0.0)
+            db = tile_backward(tmeta, (False, False, False, False, True, False), q32, k32, r32, c32, bias, v32,
+                               cast(out), stat, dout.to(torch.float32))[4]
+        grads = (dq if need_q else None, dk if need_k else None, dr if need_r else None, dc if need_c else None,
+                 db, dv if need_v else None)
         like = (fq, fk, row, col, bias, value)
         return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like)) + (None,)
 
