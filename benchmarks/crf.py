@@ -1,11 +1,15 @@
 """``nlgraph bench crf``: dense-CRF mean-field, ours (crf.densecrf on the lattice) vs pydensecrf.
 
 Rows:
-* 5 mean-field iterations on 512x512 scikit-image photos (astronaut; camera as RGB), 2 and 21
-  labels, unaries from a noisy ground truth, a smoothness (sxy=3, compat=3) and an appearance
+* "cold": 5 mean-field iterations on 512x512 scikit-image photos (astronaut; camera as RGB), 2 and
+  21 labels, unaries from a noisy ground truth, a smoothness (sxy=3, compat=3) and an appearance
   (sxy=80, srgb=13, compat=10) kernel: the whole pipeline (build the CRF, add both kernels, which
   builds the lattices, run inference) for ``crf.densecrf`` and for ``pydensecrf`` in the same
-  process, their time ratio, label agreement and max |Q difference|.
+  process, their time ratio, label agreement and max |Q difference|. Our lattice cache is
+  cleared before every run, so both build every lattice.
+* "stream": the same pipeline over a stream of distinct same-size images (the photo rolled by a
+  different offset each time), time per image: our appearance lattice is rebuilt for every image,
+  the smoothness lattice (positions only, the same for every 512x512 image) comes from the cache.
 * exact (``chunked``) vs lattice (``permutohedral``) messages in our facade on a 96x96 crop
   (48x48 with --quick; exact is O(N^2)): time ratio and label agreement.
 
@@ -15,6 +19,7 @@ Needs the test extras (pydensecrf2, scikit-image).
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -50,6 +55,23 @@ def _pipeline(dcrf, img, unary, n, backend=None):
     return np.array(d.inference(5))
 
 
+def _cold(dcrf, img, unary, n):
+    from nlgraph.backends import permutohedral
+
+    permutohedral.clear_cache()
+    return _pipeline(dcrf, img, unary, n)
+
+
+def _stream_time(dcrf, img, unary, n, count: int) -> float:
+    """Seconds per image over ``count`` distinct images (one untimed image first)."""
+    frames = [np.ascontiguousarray(np.roll(img, 17 * (i + 1), axis=1)) for i in range(count + 1)]
+    _pipeline(dcrf, frames[0], unary, n)
+    start = time.perf_counter()
+    for f in frames[1:]:
+        _pipeline(dcrf, f, unary, n)
+    return (time.perf_counter() - start) / count
+
+
 def main(argv=None) -> int:
     args = harness.parse_args("crf", __doc__, argv)
     try:
@@ -66,23 +88,29 @@ def main(argv=None) -> int:
             img = np.ascontiguousarray(img[::4, ::4])
         for n in (2, 21):
             unary = _unary(img, n)
-            q_ours = _pipeline(ours, img, unary, n)
+            q_ours = _cold(ours, img, unary, n)
             q_peer = _pipeline(peer, img, unary, n)
-            t_ours = harness.time_call(lambda: _pipeline(ours, img, unary, n), repeats=args.repeats)
+            t_ours = harness.time_call(lambda: _cold(ours, img, unary, n), repeats=args.repeats)
             t_peer = harness.time_call(lambda: _pipeline(peer, img, unary, n), repeats=args.repeats)
-            rows.append(dict(name=f"{name} {img.shape[0]}x{img.shape[1]} L={n} 5 iters", ours="crf.densecrf",
-                             peer="pydensecrf", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer,
-                             agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
-                             max_abs_q_diff=float(np.abs(q_ours - q_peer).max())))
+            common = dict(ours="crf.densecrf", peer="pydensecrf",
+                          agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
+                          max_abs_q_diff=float(np.abs(q_ours - q_peer).max()))
+            size = f"{img.shape[0]}x{img.shape[1]}"
+            rows.append(dict(name=f"{name} {size} L={n} 5 iters, cold", ours_s=t_ours, peer_s=t_peer,
+                             ratio=t_ours / t_peer, **common))
             print(f"  {rows[-1]['name']}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr, flush=True)
+            s_ours = _stream_time(ours, img, unary, n, args.repeats + 1)
+            s_peer = _stream_time(peer, img, unary, n, args.repeats + 1)
+            rows.append(dict(name=f"{name} {size} L={n} 5 iters, stream", ours_s=s_ours, peer_s=s_peer,
+                             ratio=s_ours / s_peer, **common))
+            print(f"  {rows[-1]['name']}: ours {s_ours:.3f}s pydensecrf {s_peer:.3f}s", file=sys.stderr, flush=True)
     size = 48 if args.quick else 96
     crop = np.ascontiguousarray(images["astronaut"][100:100 + size, 200:200 + size])
     for n in (2, 21):
         unary = _unary(crop, n)
-        q_lat = _pipeline(ours, crop, unary, n, backend="permutohedral")
+        q_lat = _cold(ours, crop, unary, n)
         q_ex = _pipeline(ours, crop, unary, n, backend="chunked")
-        t_lat = harness.time_call(lambda: _pipeline(ours, crop, unary, n, backend="permutohedral"),
-                                  repeats=args.repeats)
+        t_lat = harness.time_call(lambda: _cold(ours, crop, unary, n), repeats=args.repeats)
         t_ex = harness.time_call(lambda: _pipeline(ours, crop, unary, n, backend="chunked"), repeats=args.repeats)
         rows.append(dict(name=f"astronaut crop {size}x{size} L={n} 5 iters", ours="permutohedral", peer="chunked (exact)",
                          ours_s=t_lat, peer_s=t_ex, ratio=t_lat / t_ex,

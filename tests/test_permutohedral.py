@@ -108,14 +108,26 @@ def test_bandwidth_and_lattice_cache():
     y1 = nlgraph.aggregate(f, f, v, A.Gaussian(bw, normalize=False), backend="permutohedral")
     y2 = nlgraph.aggregate(f / bw, f / bw, v, A.Gaussian(1.0, normalize=False), backend="permutohedral")
     torch.testing.assert_close(y1, y2)
-    P._cache.clear()
-    nlgraph.aggregate(f, f, v, A.Gaussian(1.0, normalize=False), backend="permutohedral")
-    lat = P._cache[0][-1]
-    nlgraph.aggregate(f, f, v * 2, A.Gaussian(1.0, normalize=False), backend="permutohedral")
-    assert P._cache[0][-1] is lat  # same features: lattice reused
-    f.mul_(1.5)  # in-place change of the features: a new lattice
-    nlgraph.aggregate(f, f, v, A.Gaussian(1.0, normalize=False), backend="permutohedral")
-    assert P._cache[0][-1] is not lat
+    P.clear_cache()
+    g = A.Gaussian(1.0, normalize=False)
+    nlgraph.aggregate(f, f, v, g, backend="permutohedral")
+    lat = P._cache[0].lattice
+    nlgraph.aggregate(f, f, v * 2, g, backend="permutohedral")
+    assert P._cache[0].lattice is lat  # same features: lattice reused
+    fc = f.clone()
+    y_copy = nlgraph.aggregate(fc, fc, v, g, backend="permutohedral")
+    assert P._cache[0].lattice is lat  # equal features in another tensor (a same-size image): reused
+    torch.testing.assert_close(y_copy, nlgraph.aggregate(f, f, v, g, backend="permutohedral"), rtol=0, atol=0)
+    f.mul_(1.5)  # in-place change of the features: a new lattice, and the cached copy is not aliased
+    y_new = nlgraph.aggregate(f, f, v, g, backend="permutohedral")
+    assert P._cache[0].lattice is not lat
+    P.clear_cache()
+    torch.testing.assert_close(y_new, nlgraph.aggregate(f, f, v, g, backend="permutohedral"), rtol=0, atol=0)
+    other = f.clone()
+    other[0, 5, 1] += 0.25  # one point differs: no false hit
+    y_other = nlgraph.aggregate(other, other, v, g, backend="permutohedral")
+    P.clear_cache()
+    torch.testing.assert_close(y_other, nlgraph.aggregate(other, other, v, g, backend="permutohedral"), rtol=0, atol=0)
 
 
 def test_capability_checks_and_dispatch():
