@@ -10,6 +10,8 @@ Rows:
 * "stream": the same pipeline over a stream of distinct same-size images (the photo rolled by a
   different offset each time), time per image: our appearance lattice is rebuilt for every image,
   the smoothness lattice (positions only, the same for every 512x512 image) comes from the cache.
+* the cold pipeline's stages on the astronaut photo: each kernel (lattice construction and the
+  normalisation filter) and the 5 inference iterations, ours vs pydensecrf.
 * exact (``chunked``) vs lattice (``permutohedral``) messages in our facade on a 96x96 crop
   (48x48 with --quick; exact is O(N^2)): time ratio and label agreement.
 
@@ -72,6 +74,28 @@ def _stream_time(dcrf, img, unary, n, count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
+def _stages(dcrf, img, unary, n, repeats: int) -> dict[str, float]:
+    """Median seconds of each cold pipeline stage: the two kernels (lattice construction) and inference."""
+    from nlgraph.backends import permutohedral
+
+    times: dict[str, list[float]] = {"addPairwiseGaussian": [], "addPairwiseBilateral": [], "inference(5)": []}
+    for _ in range(repeats + 1):
+        permutohedral.clear_cache()
+        h, w = img.shape[:2]
+        d = dcrf.DenseCRF2D(w, h, n)
+        d.setUnaryEnergy(unary)
+        t0 = time.perf_counter()
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        t1 = time.perf_counter()
+        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+        t2 = time.perf_counter()
+        d.inference(5)
+        t3 = time.perf_counter()
+        for key, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[key].append(t)
+    return {key: sorted(v[1:])[len(v[1:]) // 2] for key, v in times.items()}  # first run: warm-up
+
+
 def main(argv=None) -> int:
     args = harness.parse_args("crf", __doc__, argv)
     try:
@@ -104,6 +128,13 @@ def main(argv=None) -> int:
             rows.append(dict(name=f"{name} {size} L={n} 5 iters, stream", ours_s=s_ours, peer_s=s_peer,
                              ratio=s_ours / s_peer, **common))
             print(f"  {rows[-1]['name']}: ours {s_ours:.3f}s pydensecrf {s_peer:.3f}s", file=sys.stderr, flush=True)
+    img = images["astronaut"] if not args.quick else np.ascontiguousarray(images["astronaut"][::4, ::4])
+    for n in (2, 21):
+        unary = _unary(img, n)
+        st_ours, st_peer = _stages(ours, img, unary, n, args.repeats), _stages(peer, img, unary, n, args.repeats)
+        for stage in st_ours:
+            rows.append(dict(name=f"astronaut {img.shape[0]}x{img.shape[1]} L={n} {stage}, cold", ours="crf.densecrf", peer="pydensecrf",
+                             ours_s=st_ours[stage], peer_s=st_peer[stage], ratio=st_ours[stage] / st_peer[stage]))
     size = 48 if args.quick else 96
     crop = np.ascontiguousarray(images["astronaut"][100:100 + size, 200:200 + size])
     for n in (2, 21):

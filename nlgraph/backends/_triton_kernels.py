@@ -10,6 +10,28 @@ col (B, M), any strides; gradients, the log-sum-exp and dO . O are written fp32 
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def dot_nt(A, B, b, offs_n, offs_m, n_ok, m_ok, sab, san, sak, sbb, sbm, sbk, K,
+           DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    """A[b, offs_n, :] . B[b, offs_m, :]^T in fp32, the inner dimension K tiled by BLOCK_K (q'.k'^T, dO.V^T)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        x = tl.load(A + b * sab + offs_n[:, None] * san + kk[None, :] * sak,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(B + b * sbb + offs_m[:, None] * sbm + kk[None, :] * sbk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc += tl.dot(x, tl.trans(y), input_precision=PREC, out_dtype=tl.float32)
+    return acc
+
+
 @triton.jit
 def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
            sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
@@ -18,19 +40,8 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, DOT_FP32: tl.constexpr,
            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) score tile, non-edges at -inf; ``live``: where d s / d lin = 1 (not flat)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for d0 in range(0, D, BLOCK_D):  # the feature dimension, tiled
-        dd = d0 + offs_d
-        d_ok = dd < D
-        q = tl.load(Q + b * sqb + offs_n[:, None] * sqn + dd[None, :] * sqd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(K + b * skb + offs_m[:, None] * skm + dd[None, :] * skd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-        s += tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=tl.float32)
+    s = dot_nt(Q, K, b, offs_n, offs_m, n_ok, m_ok, sqb, sqn, sqd, skb, skm, skd, D,
+               DOT_FP32, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
     if HAS_ROW:
         s += tl.load(R + b * srb + offs_n * srn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_COL:
@@ -62,25 +73,6 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                      mask=valid, other=0.0).to(tl.float32)
     return tl.where(valid, s, float("-inf")), live & valid
 
-@triton.jit
-def dout_dot_v(DO, V, b, offs_n, offs_m, n_ok, m_ok, sdb, sdn, sde, svb, svm, sve, E,
-               DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_E: tl.constexpr):
-    """dP = dO . V^T for one tile, the value dimension tiled."""
-    offs_e = tl.arange(0, BLOCK_E)
-    dp = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for e0 in range(0, E, BLOCK_E):
-        ee = e0 + offs_e
-        e_ok = ee < E
-        do = tl.load(DO + b * sdb + offs_n[:, None] * sdn + ee[None, :] * sde,
-                     mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-        v = tl.load(V + b * svb + offs_m[:, None] * svm + ee[None, :] * sve,
-                    mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-        if DOT_FP32:
-            do = do.to(tl.float32)
-            v = v.to(tl.float32)
-        dp += tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=tl.float32)
-    return dp
 
 @triton.jit
 def fwd(Q, K, V, R, C, O, L, MK, BI, CO, PL,
@@ -137,6 +129,7 @@ def fwd(Q, K, V, R, C, O, L, MK, BI, CO, PL,
     if pid_e == 0:
         tl.store(L + b * slb + offs_n * sln, stat, mask=n_ok)
 
+
 @triton.jit
 def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
            sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sdb, sdn, sde,
@@ -187,8 +180,8 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
             else:
                 acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=tl.float32)
         if do_k or do_c:
-            dp = dout_dot_v(DO, V, b, offs_n, offs_m, n_ok, m_ok, sdb, sdn, sde, svb, svm, sve, E,
-                            DOT_FP32, PREC, BLOCK_N, BLOCK_M, BLOCK_E)
+            dp = dot_nt(DO, V, b, offs_n, offs_m, n_ok, m_ok, sdb, sdn, sde, svb, svm, sve, E,
+                        DOT_FP32, PREC, BLOCK_N, BLOCK_M, BLOCK_E)
             if NORM_SUM:
                 dp -= tl.load(DL + b * N + offs_n, mask=n_ok, other=0.0)[:, None]
             ds = tl.where(live, p * dp, 0.0)
@@ -208,6 +201,7 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
         tl.store(DV + b * M * E + offs_m[:, None] * E + ee[None, :], acc_v, mask=m_ok[:, None] & e_ok[None, :])
     if do_c:
         tl.store(DC + b * M + offs_m, acc_c, mask=m_ok)
+
 
 @triton.jit
 def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
@@ -250,8 +244,8 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
             p = tl.exp(s - base[:, None])
         else:
             p = tl.exp(s)
-        dp = dout_dot_v(DO, V, b, offs_n, offs_m, n_ok, m_ok, sdb, sdn, sde, svb, svm, sve, E,
-                        DOT_FP32, PREC, BLOCK_N, BLOCK_M, BLOCK_E)
+        dp = dot_nt(DO, V, b, offs_n, offs_m, n_ok, m_ok, sdb, sdn, sde, svb, svm, sve, E,
+                    DOT_FP32, PREC, BLOCK_N, BLOCK_M, BLOCK_E)
         if NORM_SUM:
             dp -= dsum[:, None]
         ds = tl.where(live, p * dp, 0.0)

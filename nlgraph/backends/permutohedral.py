@@ -189,10 +189,14 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     rem0, rank, bary = _elevate(pts)
     # Lattice points are packed into int64 codes  sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
     rem_d, rank_d = rem0[:, :d], rank[:, :d]
+
+    def rows(t: Tensor, idx: Tensor) -> Tensor:  # t[idx] for the (P, d+1) views of coordinate-major tensors
+        return t.t().index_select(1, idx).t() if t.stride(0) == 1 else t[idx]
     lo = rem_d.amin(0) - 2 * d1  # room for the -d1 of canonical and the +-d1 of blur neighbours
     span = rem_d.amax(0) + 2 * d1 - lo + 1
     sizes = torch.cat([span, torch.tensor([b], device=dev)])
-    if float(torch.log2(sizes.double()).sum()) >= 62:
+    code_bits = float(torch.log2(sizes.double()).sum())
+    if code_bits >= 62:
         raise ValueError(f"permutohedral: feature range too large to index the lattice (coordinate spans "
                          f"{sizes.tolist()}); rescale the features or use an exact backend")
     strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), sizes[:-1]]), 0)
@@ -204,10 +208,14 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     # 1. Simplices. Points with the same remainder-0 point and rank lie in the same simplex and share
     # its d + 1 vertices; there are far fewer simplices than points (a quarter on a 512x512 photo), so
     # vertices are found per simplex. (rank[d] and rem0[d] follow from the first d entries.)
-    per = max(1, int(62 // math.log2(d1)))  # rank digits per int64 sort key
-    digits = d1 ** torch.arange(per, device=dev)
-    keys = [code(rem_d, batch)] + [(rank_d[:, i:i + per] * digits[:min(per, d - i)]).sum(-1)
-                                   for i in range(0, d, per)]
+    pcode = code(rem_d, batch)
+    if code_bits + d * math.log2(d1) < 62:  # (point code, rank digits) in one int64 sort key
+        rcode = (rank_d * d1 ** torch.arange(d, device=dev)).sum(-1)
+        keys = [pcode * d1 ** d + rcode]
+    else:  # several keys, sorted lexicographically
+        per = max(1, int(62 // math.log2(d1)))  # rank digits per int64 sort key
+        digits = d1 ** torch.arange(per, device=dev)
+        keys = [pcode] + [(rank_d[:, i:i + per] * digits[:min(per, d - i)]).sum(-1) for i in range(0, d, per)]
     order = _lex_order(keys)
     new_s = torch.zeros(order.shape[0], dtype=torch.bool, device=dev)
     new_s[0] = True
@@ -220,11 +228,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     num_s = rep.shape[0]
     # vertex r of a simplex: key[i] = rem0[i] + canonical[r, rank[i]] with canonical[r, j] = r - d1 [j > d - r];
     # the [rank > d - r] part is a cumulative sum over r of each coordinate's stride, scattered at r = d - rank + 1
-    srank = rank_d[rep]
+    srank = rows(rank_d, rep)
     steps = torch.zeros(num_s, d1 + 1, dtype=torch.long, device=dev)
     steps.scatter_add_(1, d - srank + 1, s_d.expand_as(srank).contiguous())
     r = torch.arange(d1, device=dev)
-    codes = code(rem_d[rep], batch[rep])[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
+    codes = code(rows(rem_d, rep), batch[rep])[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
     sorted_codes, perm = torch.sort(codes.reshape(-1), stable=True)
     first = torch.ones_like(sorted_codes, dtype=torch.bool)
     first[1:] = sorted_codes[1:] != sorted_codes[:-1]
@@ -235,7 +243,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
     rep_slot = perm[first]  # one corner per vertex: its key, for the blur neighbours
     rp, rr = rep[rep_slot // d1], rep_slot % d1
-    ukeys = rem_d[rp] + rr[:, None] - d1 * (rank_d[rp] > d - rr[:, None]).long()
+    ukeys = rows(rem_d, rp) + rr[:, None] - d1 * (rows(rank_d, rp) > d - rr[:, None]).long()
     ubatch = batch[rp]
 
     # 2. Blur neighbours along each of the d + 1 lattice directions
