@@ -47,7 +47,8 @@ def test_other_benchmarks_quick(name, extra, tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert rows and all({"name", "ours_s", "peer", "peer_s", "ratio"} <= set(r) for r in rows)
     if name == "crf":
-        assert all(r["agreement"] >= 0.98 for r in rows)
+        agreeing = [r for r in rows if "agreement" in r]  # the per-stage rows carry times only
+        assert len(agreeing) >= 10 and all(r["agreement"] >= 0.98 for r in agreeing)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="measures on the GPU when one is present")

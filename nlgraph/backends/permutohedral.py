@@ -77,19 +77,21 @@ def prefer(query, key, value, affinity, graph) -> bool:
 class Lattice:
     """Splat/blur/slice operators of one lattice over a batch of query and key points."""
 
-    splat: Tensor        # (V, B*M) CSR: key points -> vertices
+    splat: Tensor        # (V, B*M) CSR: key points (in splat_order) -> vertices
+    splat_order: Tensor  # (B*M,) the key points grouped by simplex: splat's column j is point splat_order[j]
     splat_t: Tensor      # (B*M, V) CSR
     slice: Tensor        # (B*N, V) CSR: vertices -> query points (without alpha)
-    slice_t: Tensor      # (V, B*N) CSR
+    slice_t: Tensor      # (V, B*N) CSR, columns in slice_t_order
+    slice_t_order: Tensor
     blurs: list[Tensor]  # d + 1 CSR (V, V) matrices, symmetric
     alpha: float
     num_vertices: int
 
     def filter(self, values: Tensor, transpose: bool = False) -> Tensor:
         """values (B*M, e) -> (B*N, e); with ``transpose`` the adjoint map (B*N, e) -> (B*M, e)."""
-        first, last, blurs = ((self.splat, self.slice, self.blurs) if not transpose
-                              else (self.slice_t, self.splat_t, self.blurs[::-1]))
-        x = _csr_mm(first, values)
+        first, order, last, blurs = ((self.splat, self.splat_order, self.slice, self.blurs) if not transpose
+                                     else (self.slice_t, self.slice_t_order, self.splat_t, self.blurs[::-1]))
+        x = _csr_mm(first, values.index_select(0, order))
         for b in blurs:
             x = _csr_mm(b, x)
         return _csr_mm(last, x, alpha=self.alpha)
@@ -108,11 +110,37 @@ def _point_matrix(cols: Tensor, vals: Tensor, num_v: int) -> Tensor:
     return _csr(crow, cols.reshape(-1), vals.reshape(-1), (p, num_v))
 
 
-def _vertex_matrix(vid: Tensor, points: Tensor, vals: Tensor, num_v: int, num_points: int) -> Tensor:
-    """(vertices, points) CSR from entries already sorted by vertex (a CSC layout would be ~10x slower)."""
-    crow = torch.zeros(num_v + 1, dtype=torch.long, device=vid.device)
-    crow[1:] = torch.bincount(vid, minlength=num_v).cumsum(0)
-    return _csr(crow, points, vals, (num_v, num_points))
+def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_order: Tensor, vertex_start: Tensor,
+                   num_s: int, num_v: int) -> Tensor:
+    """(vertices, points) CSR splatting the points ``sel`` onto their simplices' corners, without a sort.
+
+    ``sel``: point indices grouped by simplex (ascending within one), ``sid`` their simplex ids,
+    ``bary`` (P, d+1) the weights of each corner slot (s, r); ``slot_order``: the slots s (d+1) + r
+    sorted by vertex (stable), ``vertex_start``: where each vertex's run begins in that order. Column
+    j is point ``sel[j]``: a vertex's row is then the runs of its corner slots' simplices, in simplex
+    order, so every row comes out sorted although the P (d+1) entries are never sorted (apply the
+    matrix to ``values[sel]``).
+    """
+    d1 = bary.shape[1]
+    dev = sid.device
+    q = sel.shape[0]
+    ssid = sid[sel]  # non-decreasing
+    cnt = torch.bincount(ssid, minlength=num_s)
+    start = cnt.cumsum(0) - cnt
+    run = cnt.repeat_interleave(d1)[slot_order]  # run lengths of the slots, in vertex order
+    run_start = run.cumsum(0) - run
+    slot_start = torch.empty_like(run_start)
+    slot_start[slot_order] = run_start
+    j = torch.arange(q, device=dev)
+    pos = (slot_start.view(num_s, d1).index_select(0, ssid) + (j - start[ssid])[:, None]).reshape(-1)
+    cols = torch.empty(q * d1, dtype=torch.long, device=dev)
+    cols[pos] = j.repeat_interleave(d1)
+    vals = torch.empty(q * d1, dtype=bary.dtype, device=dev)
+    vals[pos] = bary.index_select(0, sel).reshape(-1)
+    crow = torch.empty(num_v + 1, dtype=torch.long, device=dev)
+    crow[:-1] = run_start[vertex_start]
+    crow[-1] = q * d1
+    return _csr(crow, cols, vals, (num_v, q))
 
 
 def _csr_mm(a: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
@@ -189,9 +217,6 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     rem0, rank, bary = _elevate(pts)
     # Lattice points are packed into int64 codes  sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
     rem_d, rank_d = rem0[:, :d], rank[:, :d]
-
-    def rows(t: Tensor, idx: Tensor) -> Tensor:  # t[idx] for the (P, d+1) views of coordinate-major tensors
-        return t.t().index_select(1, idx).t() if t.stride(0) == 1 else t[idx]
     lo = rem_d.amin(0) - 2 * d1  # room for the -d1 of canonical and the +-d1 of blur neighbours
     span = rem_d.amax(0) + 2 * d1 - lo + 1
     sizes = torch.cat([span, torch.tensor([b], device=dev)])
@@ -228,11 +253,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     num_s = rep.shape[0]
     # vertex r of a simplex: key[i] = rem0[i] + canonical[r, rank[i]] with canonical[r, j] = r - d1 [j > d - r];
     # the [rank > d - r] part is a cumulative sum over r of each coordinate's stride, scattered at r = d - rank + 1
-    srank = rows(rank_d, rep)
+    srank = rank_d[rep]
     steps = torch.zeros(num_s, d1 + 1, dtype=torch.long, device=dev)
     steps.scatter_add_(1, d - srank + 1, s_d.expand_as(srank).contiguous())
     r = torch.arange(d1, device=dev)
-    codes = code(rows(rem_d, rep), batch[rep])[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
+    codes = code(rem_d[rep], batch[rep])[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
     sorted_codes, perm = torch.sort(codes.reshape(-1), stable=True)
     first = torch.ones_like(sorted_codes, dtype=torch.bool)
     first[1:] = sorted_codes[1:] != sorted_codes[:-1]
@@ -243,7 +268,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
     rep_slot = perm[first]  # one corner per vertex: its key, for the blur neighbours
     rp, rr = rep[rep_slot // d1], rep_slot % d1
-    ukeys = rows(rem_d, rp) + rr[:, None] - d1 * (rows(rank_d, rp) > d - rr[:, None]).long()
+    ukeys = rem_d[rp] + rr[:, None] - d1 * (rank_d[rp] > d - rr[:, None]).long()
     ubatch = batch[rp]
 
     # 2. Blur neighbours along each of the d + 1 lattice directions
@@ -267,28 +292,26 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
         blurs.append(_csr(crow, cols_t[present_t], blur_vals[present_t], (num_v, num_v)))
 
     # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
+    bary = bary.contiguous()  # point-major from here on (gathers of rows)
     corner_cols, corner_order = torch.sort(slot_vertex, dim=1)
     pt_cols = corner_cols.index_select(0, sid)
     pt_vals = torch.gather(bary, 1, corner_order.index_select(0, sid))
-    # vertex-major rows: every (point, corner) entry grouped by vertex, points ascending (stable sort;
-    # vertex ids fit 32 bits, which sorts ~2x faster)
-    entry_v = pt_cols.reshape(-1)
-    vid_sorted, ent = torch.sort(entry_v.to(torch.int32) if num_v < 2**31 else entry_v, stable=True)
-    vid_sorted = vid_sorted.long()
-    entry_point = ent // d1
-    entry_bary = pt_vals.reshape(-1)[ent]
     nq = b * n
     slice_ = _point_matrix(pt_cols[:nq], pt_vals[:nq], num_v)
+    vm = dict(sid=sid, bary=bary, slot_order=perm, vertex_start=first, num_s=num_s, num_v=num_v)
     if same:
-        splat_t = slice_
-        splat = slice_t = _vertex_matrix(vid_sorted, entry_point, entry_bary, num_v, nq)
+        splat_t, slice_t_order = slice_, order
+        splat = slice_t = _vertex_matrix(order, **vm)
+        splat_order = order
     else:
         splat_t = _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v)
-        is_q = entry_point < nq
-        slice_t = _vertex_matrix(vid_sorted[is_q], entry_point[is_q], entry_bary[is_q], num_v, nq)
-        splat = _vertex_matrix(vid_sorted[~is_q], entry_point[~is_q] - nq, entry_bary[~is_q], num_v,
-                               pts.shape[0] - nq)
-    return Lattice(splat, splat_t, slice_, slice_t, blurs, 1.0 / (1.0 + 2.0 ** (-d)), num_v)
+        is_q = order < nq
+        slice_t_order, splat_order = order[is_q], order[~is_q]
+        slice_t = _vertex_matrix(slice_t_order, **vm)
+        splat = _vertex_matrix(splat_order, **vm)
+        splat_order = splat_order - nq
+    return Lattice(splat, splat_order, splat_t, slice_, slice_t, slice_t_order, blurs, 1.0 / (1.0 + 2.0 ** (-d)),
+                   num_v)
 
 
 class _LatticeFilter(torch.autograd.Function):
