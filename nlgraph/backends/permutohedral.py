@@ -271,30 +271,28 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     slot_vertex = torch.empty_like(perm)
     slot_vertex[perm] = first.cumsum(0) - 1
     slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
-    rep_slot = perm[first]  # one corner per vertex: its key, for the blur neighbours
-    rp, rr = rep[rep_slot // d1], rep_slot % d1
-    ukeys = rem_d[rp] + rr[:, None] - d1 * (rank_d[rp] > d - rr[:, None]).long()
-    ubatch = batch[rp]
 
-    # 2. Blur neighbours along each of the d + 1 lattice directions
+    # 2. Blur neighbours along each of the d + 1 lattice directions. Codes are linear in the key (the
+    # margins in lo/span keep neighbours inside the coordinate ranges), so the neighbours of vertex u
+    # along direction j are code(u) -+ delta_j, delta_j the code of the step (1, ..., 1, -d at j, 1, ...).
+    steps_j = torch.ones(d1, d, dtype=torch.long, device=dev)
+    steps_j[torch.arange(d, device=dev), torch.arange(d, device=dev)] = -d  # direction d: all ones
+    delta = (steps_j * s_d).sum(1)
+    neigh = torch.stack([uniq[:, None] - delta, uniq[:, None] + delta], 2)  # (V, d+1, 2)
+    pos = torch.searchsorted(uniq, neigh.reshape(-1)).clamp_max_(num_v - 1).view(num_v, d1, 2)
+    present = uniq[pos] == neigh
     rows_v = torch.arange(num_v, device=dev)
     blur_vals = torch.tensor([1.0, 0.5, 0.5], dtype=dt, device=dev).expand(num_v, 3)
     blurs = []
     for j in range(d1):
-        # row i of blur j: itself (weight 1) and its two neighbours along direction j (1/2 each, if present)
-        shift = torch.ones(d, dtype=torch.long, device=dev)
-        if j < d:
-            shift[j] = -d
-        cols, present = [rows_v], [torch.ones(num_v, dtype=torch.bool, device=dev)]
-        for sign in (-1, 1):
-            c = code(ukeys + sign * shift, ubatch)
-            pos = torch.searchsorted(uniq, c).clamp_max(num_v - 1)
-            cols.append(pos)
-            present.append(uniq[pos] == c)
-        cols_t, present_t = torch.stack(cols, 1), torch.stack(present, 1)
+        # row i of blur j: itself (weight 1) and its two neighbours along direction j (1/2 each, if
+        # present); absent ones get column num_v and sort last (rows must be column-sorted)
+        cols = torch.cat([rows_v[:, None], torch.where(present[:, j], pos[:, j], num_v)], 1)
+        cols, order_j = torch.sort(cols, 1)
+        keep = cols < num_v
         crow = torch.zeros(num_v + 1, dtype=torch.long, device=dev)
-        crow[1:] = present_t.sum(1).cumsum(0)
-        blurs.append(_csr(crow, cols_t[present_t], blur_vals[present_t], (num_v, num_v)))
+        crow[1:] = keep.sum(1).cumsum(0)
+        blurs.append(_csr(crow, cols[keep], torch.gather(blur_vals, 1, order_j)[keep], (num_v, num_v)))
 
     # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
     bary = bary.contiguous()  # point-major from here on (gathers of rows)
