@@ -172,3 +172,20 @@ def test_matches_pydensecrf_lattice(kw):
     ours = nlgraph.aggregate(f, f, v, A.Gaussian(1.0, normalize=False), backend="permutohedral")
     centred = lambda x: x - x.mean(1, keepdim=True)  # noqa: E731
     assert rel_error(centred(ours), centred(theirs)) < 1e-5
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_lattice_matrices_satisfy_csr_invariants(same):
+    """Every splat / slice / blur matrix is a valid CSR tensor (rows column-sorted, no duplicates),
+    as torch's sparse kernels assume; checked by torch's own validator."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.rand(2, 300, 5, generator=gen) * 4
+    k = q if same else torch.rand(2, 200, 5, generator=gen) * 4
+    lat = P.build_lattice(q, k, same)
+    mats = [lat.splat, lat.splat_t, lat.slice, lat.slice_t, *lat.blurs]
+    for m in mats:
+        torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
+    # the splat applied through its point order == the transposed slice of the same points
+    v = torch.rand(k.shape[0] * k.shape[1], 3, generator=gen)
+    dense_splat = lat.splat_t.to_dense().T
+    torch.testing.assert_close(P._csr_mm(lat.splat, v.index_select(0, lat.splat_order)), dense_splat @ v)
