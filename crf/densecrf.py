@@ -59,8 +59,12 @@ def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
 
 
 def _softmax_labels(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the labels of (N, L) scores; for few labels the (L, N) view is measured 2x faster."""
-    return torch.softmax(x.T, dim=0).T if x.shape[1] <= 4 else torch.softmax(x, dim=1)
+    """Softmax over the labels of (N, L) scores, contiguous (N, L) for the filters.
+
+    For few labels the softmax over the (L, N) view and a transposing copy is measured 1.4-1.6x faster
+    than a row-wise softmax, and a contiguous result makes the filters' gathers ~1.2x faster.
+    """
+    return torch.softmax(x.T, dim=0).T.contiguous() if x.shape[1] <= 4 else torch.softmax(x, dim=1)
 
 
 class _Pairwise:
