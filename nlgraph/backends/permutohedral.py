@@ -216,9 +216,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     d1 = d + 1
     dev, dt = query.device, query.dtype
     pts = query.reshape(-1, d) if same else torch.cat([query.reshape(-1, d), key.reshape(-1, d)])
-    batch = torch.arange(b, device=dev).repeat_interleave(n)
-    if not same:
-        batch = torch.cat([batch, torch.arange(b, device=dev).repeat_interleave(m)])
+    batch = None  # the batch index of each point (None: one image)
+    if b > 1:
+        batch = torch.arange(b, device=dev).repeat_interleave(n)
+        if not same:
+            batch = torch.cat([batch, torch.arange(b, device=dev).repeat_interleave(m)])
     rem0, rank, bary = _elevate(pts)
     # Lattice points are packed into int64 codes  sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
     rem_d, rank_d = rem0[:, :d], rank[:, :d]
@@ -232,8 +234,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), sizes[:-1]]), 0)
     s_d = strides[:d]
 
-    def code(k: Tensor, bidx: Tensor) -> Tensor:
-        return ((k - lo) * s_d).sum(-1) + bidx * strides[d]
+    base = (lo * s_d).sum()
+
+    def code(k: Tensor, bidx: Optional[Tensor]) -> Tensor:
+        c = (k * s_d).sum(-1) - base
+        return c if bidx is None else c + bidx * strides[d]
 
     # 1. Simplices. Points with the same remainder-0 point and rank lie in the same simplex and share
     # its d + 1 vertices; there are far fewer simplices than points (a quarter on a 512x512 photo), so
@@ -262,7 +267,8 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     steps = torch.zeros(num_s, d1 + 1, dtype=torch.long, device=dev)
     steps.scatter_add_(1, d - srank + 1, s_d.expand_as(srank).contiguous())
     r = torch.arange(d1, device=dev)
-    codes = code(rem_d[rep], batch[rep])[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
+    corner0 = code(rem_d[rep], None if batch is None else batch[rep])
+    codes = corner0[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
     sorted_codes, perm = torch.sort(codes.reshape(-1), stable=True)
     first = torch.ones_like(sorted_codes, dtype=torch.bool)
     first[1:] = sorted_codes[1:] != sorted_codes[:-1]
