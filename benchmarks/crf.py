@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         unary = _unary(img, n)
         st_ours, st_peer = _stages(ours, img, unary, n, args.repeats), _stages(peer, img, unary, n, args.repeats)
         for stage in st_ours:
-            rows.append(dict(name=f"astronaut {img.shape[0]}x{img.shape[1]} L={n} {stage}, cold", ours="crf.densecrf", peer="pydensecrf",
+            rows.append(dict(name=f"astronaut {img.shape[0]}x{img.shape[1]} L={n} {stage}, cold",
+                             ours="crf.densecrf", peer="pydensecrf",
                              ours_s=st_ours[stage], peer_s=st_peer[stage], ratio=st_ours[stage] / st_peer[stage]))
     size = 48 if args.quick else 96
     crop = np.ascontiguousarray(images["astronaut"][100:100 + size, 200:200 + size])
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
         q_ex = _pipeline(ours, crop, unary, n, backend="chunked")
         t_lat = harness.time_call(lambda: _cold(ours, crop, unary, n), repeats=args.repeats)
         t_ex = harness.time_call(lambda: _pipeline(ours, crop, unary, n, backend="chunked"), repeats=args.repeats)
-        rows.append(dict(name=f"astronaut crop {size}x{size} L={n} 5 iters", ours="permutohedral", peer="chunked (exact)",
+        rows.append(dict(name=f"astronaut crop {size}x{size} L={n} 5 iters", ours="permutohedral",
+                         peer="chunked (exact)",
                          ours_s=t_lat, peer_s=t_ex, ratio=t_lat / t_ex,
                          agreement=float((q_lat.argmax(0) == q_ex.argmax(0)).mean()),
                          max_abs_q_diff=float(np.abs(q_lat - q_ex).max())))
