@@ -286,19 +286,22 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     delta = (steps_j * s_d).sum(1)
     neigh = torch.stack([uniq[:, None] - delta, uniq[:, None] + delta], 2)  # (V, d+1, 2)
     pos = torch.searchsorted(uniq, neigh.reshape(-1)).clamp_max_(num_v - 1).view(num_v, d1, 2)
-    present = uniq[pos] == neigh
-    rows_v = torch.arange(num_v, device=dev)
-    blur_vals = torch.tensor([1.0, 0.5, 0.5], dtype=dt, device=dev).expand(num_v, 3)
+    pos = torch.where(uniq[pos] == neigh, pos, num_v)  # absent neighbour: column num_v
+    # row i of blur j: itself (weight 1) and its neighbours along direction j (1/2 each, if present),
+    # column-sorted (a CSR invariant) by min / middle / max of the three; absent ones sort last
+    self_ = torch.arange(num_v, device=dev)[:, None].expand(num_v, d1)
+    lo_, hi_ = torch.minimum(pos[..., 0], pos[..., 1]), torch.maximum(pos[..., 0], pos[..., 1])
+    first_c, last_c = torch.minimum(self_, lo_), torch.maximum(self_, hi_)
+    cols3 = torch.stack([first_c, self_ + lo_ + hi_ - first_c - last_c, last_c], 2)  # (V, d+1, 3)
+    vals3 = torch.where(cols3 == self_[..., None], 1.0, 0.5).to(dt)
+    keep3 = cols3 < num_v
+    counts = keep3.sum(2)  # (V, d+1)
     blurs = []
     for j in range(d1):
-        # row i of blur j: itself (weight 1) and its two neighbours along direction j (1/2 each, if
-        # present); absent ones get column num_v and sort last (rows must be column-sorted)
-        cols = torch.cat([rows_v[:, None], torch.where(present[:, j], pos[:, j], num_v)], 1)
-        cols, order_j = torch.sort(cols, 1)
-        keep = cols < num_v
         crow = torch.zeros(num_v + 1, dtype=torch.long, device=dev)
-        crow[1:] = keep.sum(1).cumsum(0)
-        blurs.append(_csr(crow, cols[keep], torch.gather(blur_vals, 1, order_j)[keep], (num_v, num_v)))
+        crow[1:] = counts[:, j].cumsum(0)
+        keep = keep3[:, j]
+        blurs.append(_csr(crow, cols3[:, j][keep], vals3[:, j][keep], (num_v, num_v)))
 
     # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
     bary = bary.contiguous()  # point-major from here on (gathers of rows)
