@@ -189,3 +189,17 @@ def test_lattice_matrices_satisfy_csr_invariants(same):
     v = torch.rand(k.shape[0] * k.shape[1], 3, generator=gen)
     dense_splat = lat.splat_t.to_dense().T
     torch.testing.assert_close(P._csr_mm(lat.splat, v.index_select(0, lat.splat_order)), dense_splat @ v)
+
+
+def test_lexicographic_simplex_sort_gives_the_same_lattice(monkeypatch):
+    """Wide feature ranges sort simplices by several int64 keys; that path builds the same lattice."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 400, 6, generator=gen) * 3
+    one_key = P.build_lattice(q, q, True)
+    monkeypatch.setattr(P, "_ONE_KEY_BITS", 0)  # force (point code, rank digits...) as separate keys
+    several = P.build_lattice(q, q, True)
+    assert one_key.num_vertices == several.num_vertices
+    for a, b in zip([one_key.splat, one_key.slice, *one_key.blurs], [several.splat, several.slice, *several.blurs]):
+        assert torch.equal(a.crow_indices(), b.crow_indices()) and torch.equal(a.col_indices(), b.col_indices())
+        assert torch.equal(a.values(), b.values())
+    assert torch.equal(one_key.splat_order, several.splat_order)

@@ -50,6 +50,8 @@ MAX_FEATURE_DIM = 16
 AUTO_MAX_DIM = 8
 AUTO_MIN_PAIRS = 1 << 22
 _CACHE_SIZE = 4
+#: Simplex sort keys combine (point code, rank digits) into one int64 while they fit in this many bits.
+_ONE_KEY_BITS = 62
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
@@ -97,10 +99,15 @@ class Lattice:
         return _csr_mm(last, x, alpha=self.alpha)
 
 
+def _index_dtype(*sizes: int) -> torch.dtype:
+    """CSR index width: 32 bits where every index and count fits (products run ~1.4x faster: MKL's native width)."""
+    return torch.int32 if max(sizes) < 2**31 else torch.long
+
+
 def _csr(crow: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A CSR matrix, with 32-bit indices where they fit (products run ~1.4x faster: MKL's native width)."""
-    if max(cols.shape[0], *shape) < 2**31:
-        crow, cols = crow.to(torch.int32), cols.to(torch.int32)
+    """A CSR matrix, with 32-bit indices where they fit (see :func:`_index_dtype`)."""
+    idx = _index_dtype(cols.shape[0], *shape)
+    crow, cols = crow.to(idx), cols.to(idx)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
@@ -136,7 +143,7 @@ def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_order: Tensor, v
     slot_start[slot_order] = run_start
     j = torch.arange(q, device=dev)
     pos = (slot_start.view(num_s, d1).index_select(0, ssid) + (j - start[ssid])[:, None]).reshape(-1)
-    idx = torch.int32 if q * d1 < 2**31 else torch.long
+    idx = _index_dtype(q * d1, num_v)
     cols = torch.empty(q * d1, dtype=idx, device=dev)
     cols[pos] = j.to(idx).repeat_interleave(d1)
     vals = torch.empty(q * d1, dtype=bary.dtype, device=dev)
@@ -153,15 +160,26 @@ def _csr_mm(a: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
     return torch.addmm(out, a, x, beta=0.0, alpha=alpha, out=out)
 
 
-def _lex_order(keys: list[Tensor]) -> Tensor:
-    """The permutation sorting rows by (keys[0], keys[1], ...) lexicographically (stable)."""
+def _lex_sort(keys: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """(the permutation sorting rows by (keys[0], keys[1], ...) lexicographically (stable), the keys in that order)."""
+    if len(keys) == 1:
+        ordered, order = torch.sort(keys[0], stable=True)
+        return order, [ordered]
     order = None
     for k in reversed(keys):
-        if order is None:
-            order = torch.sort(k, stable=True)[1]
-        else:
-            order = order[torch.sort(k[order], stable=True)[1]]
-    return order
+        order = torch.sort(k, stable=True)[1] if order is None else order[torch.sort(k[order], stable=True)[1]]
+    return order, [k[order] for k in keys]
+
+
+def _group_ids(order: Tensor, ordered_keys: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Dense ids of equal keys from a lexicographic sort: (id of each row, where each group starts in the order)."""
+    first = torch.zeros(order.shape[0], dtype=torch.bool, device=order.device)
+    first[0] = True
+    for k in ordered_keys:
+        first[1:] |= k[1:] != k[:-1]
+    ids = torch.empty_like(order)
+    ids[order] = first.cumsum(0) - 1
+    return ids, first
 
 
 def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -243,22 +261,16 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     # 1. Simplices. Points with the same remainder-0 point and rank lie in the same simplex and share
     # its d + 1 vertices; there are far fewer simplices than points (a quarter on a 512x512 photo), so
     # vertices are found per simplex. (rank[d] and rem0[d] follow from the first d entries.)
+    per = max(1, int(62 // math.log2(d1)))  # rank digits per int64 sort key
+    digits = d1 ** torch.arange(per, device=dev)
+    rank_keys = [(rank_d[:, i:i + per] * digits[:min(per, d - i)]).sum(-1) for i in range(0, d, per)]
     pcode = code(rem_d, batch)
-    if code_bits + d * math.log2(d1) < 62:  # (point code, rank digits) in one int64 sort key
-        rcode = (rank_d * d1 ** torch.arange(d, device=dev)).sum(-1)
-        keys = [pcode * d1 ** d + rcode]
+    if len(rank_keys) == 1 and code_bits + d * math.log2(d1) < _ONE_KEY_BITS:  # (point code, rank digits) in one key
+        keys = [pcode * d1 ** d + rank_keys[0]]
     else:  # several keys, sorted lexicographically
-        per = max(1, int(62 // math.log2(d1)))  # rank digits per int64 sort key
-        digits = d1 ** torch.arange(per, device=dev)
-        keys = [pcode] + [(rank_d[:, i:i + per] * digits[:min(per, d - i)]).sum(-1) for i in range(0, d, per)]
-    order = _lex_order(keys)
-    new_s = torch.zeros(order.shape[0], dtype=torch.bool, device=dev)
-    new_s[0] = True
-    for k in keys:
-        ks = k[order]
-        new_s[1:] |= ks[1:] != ks[:-1]
-    sid = torch.empty_like(order)
-    sid[order] = new_s.cumsum(0) - 1
+        keys = [pcode] + rank_keys
+    order, ordered = _lex_sort(keys)
+    sid, new_s = _group_ids(order, ordered)
     rep = order[new_s]  # one point per simplex
     num_s = rep.shape[0]
     # vertex r of a simplex: key[i] = rem0[i] + canonical[r, rank[i]] with canonical[r, j] = r - d1 [j > d - r];
@@ -269,14 +281,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     r = torch.arange(d1, device=dev)
     corner0 = code(rem_d[rep], None if batch is None else batch[rep])
     codes = corner0[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
-    sorted_codes, perm = torch.sort(codes.reshape(-1), stable=True)
-    first = torch.ones_like(sorted_codes, dtype=torch.bool)
-    first[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    perm, (sorted_codes,) = _lex_sort([codes.reshape(-1)])
+    slot_vertex, first = _group_ids(perm, [sorted_codes])
+    slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
     uniq = sorted_codes[first]
     num_v = uniq.shape[0]
-    slot_vertex = torch.empty_like(perm)
-    slot_vertex[perm] = first.cumsum(0) - 1
-    slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
 
     # 2. Blur neighbours along each of the d + 1 lattice directions. Codes are linear in the key (the
     # margins in lo/span keep neighbours inside the coordinate ranges), so the neighbours of vertex u
@@ -306,8 +315,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
     bary = bary.contiguous()  # point-major from here on (gathers of rows)
     corner_cols, corner_order = torch.sort(slot_vertex, dim=1)
-    if max(num_v, pts.shape[0] * d1) < 2**31:
-        corner_cols = corner_cols.to(torch.int32)
+    corner_cols = corner_cols.to(_index_dtype(num_v, pts.shape[0] * d1))
     pt_cols = corner_cols.index_select(0, sid)
     pt_vals = torch.gather(bary, 1, corner_order.index_select(0, sid))
     nq = b * n
@@ -376,11 +384,10 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, points, tag: str) ->
                                                              and torch.equal(e.points[1], k)))), None)
     if hit is not None:
         _cache.remove(hit)
-        lat = hit.lattice
+        lat, stored = hit.lattice, hit.points
     else:
-        lat = build_lattice(q, k, same)
-    _cache.insert(0, _CacheEntry(sig, weakref.ref(query), None if same else weakref.ref(key),
-                                 (q.clone(), None if same else k.clone()), lat))
+        lat, stored = build_lattice(q, k, same), (q.clone(), None if same else k.clone())
+    _cache.insert(0, _CacheEntry(sig, weakref.ref(query), None if same else weakref.ref(key), stored, lat))
     del _cache[_CACHE_SIZE:]
     return lat
 
