@@ -75,7 +75,7 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
 
 
 @triton.jit
-def fwd(Q, K, V, R, C, O, L, MK, BI, CO, PL,
+def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,
         sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
         smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
         N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks,

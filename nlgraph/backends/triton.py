@@ -119,7 +119,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _shared_args(meta: dict, fq: Tensor, fk: Tensor, value: Tensor, row: Optional[Tensor], col: Optional[Tensor],
                  bias: Optional[Tensor], dummy: Tensor) -> tuple[list, list, list, dict]:
-    """Launch arguments every kernel takes: (pointers, per-tensor strides, mask/bias strides, constexprs)."""
+    """Launch arguments every kernel takes: (pointers Q K V R C MK BI CO PL, their strides, the mask/bias
+    strides and sizes, constexprs); ``dummy`` stands in for absent tensors."""
     p = meta["problem"]
     mask4 = meta["mask4"]
     bias4 = bias.reshape(meta["bias4_shape"]) if bias is not None else None
@@ -159,9 +160,8 @@ class _TritonAggregate(torch.autograd.Function):
         out = torch.empty(b, n, p.e, dtype=torch.float32, device=fq.device)
         stat = torch.empty(b, n, dtype=torch.float32, device=fq.device)
         ptrs, strides, sizes, flags = _shared_args(meta, fq, fk, value, row, col, bias, out)
-        q_, k_, v_, r_, c_, mk_, bi_, co_, pl_ = ptrs
         grid = (triton.cdiv(n, flags["BLOCK_N"]), b, triton.cdiv(p.e, flags["BLOCK_E"]))
-        fwd[grid](q_, k_, v_, r_, c_, out, stat, mk_, bi_, co_, pl_, *strides,
+        fwd[grid](*ptrs, out, stat, *strides,
                   out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1), *sizes, **flags)
         out = out.to(value.dtype)
         ctx.meta = meta
@@ -188,8 +188,7 @@ class _TritonAggregate(torch.autograd.Function):
         ptrs, strides, sizes, flags = _shared_args(meta, fq, fk, value, row, col, bias, delta)
         bn, bm, bd, be = flags["BLOCK_N"], flags["BLOCK_M"], flags["BLOCK_D"], flags["BLOCK_E"]
         dstrides = [dout.stride(0), dout.stride(1), dout.stride(2)]
-        q_, k_, v_, r_, c_, mk_, bi_, co_, pl_ = ptrs
-        common = (q_, k_, v_, r_, c_, mk_, bi_, co_, pl_, dout, stat, delta)
+        common = (*ptrs, dout, stat, delta)
         n_d = triton.cdiv(d, bd) if need_k else 0
         n_e = triton.cdiv(e, be) if need_v else 0
         n_c = 1 if need_c else 0
