@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -46,15 +47,26 @@ def _unary(img, n, seed=0):
     return unary_from_labels(noisy, n, gt_prob=0.7, zero_unsure=False)
 
 
-def _pipeline(dcrf, img, unary, n, backend=None):
+STAGES = ("addPairwiseGaussian", "addPairwiseBilateral", "inference(5)")
+
+
+def _pipeline(dcrf, img, unary, n, backend=None, stage_times: Optional[list] = None):
+    """Build the CRF, add both kernels, infer; ``stage_times`` receives the seconds of each of STAGES."""
     h, w = img.shape[:2]
     d = dcrf.DenseCRF2D(w, h, n)
     if backend is not None:
         d.backend = backend
     d.setUnaryEnergy(unary)
+    marks = [time.perf_counter()]
     d.addPairwiseGaussian(sxy=3, compat=3)
+    marks.append(time.perf_counter())
     d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
-    return np.array(d.inference(5))
+    marks.append(time.perf_counter())
+    q = d.inference(5)
+    marks.append(time.perf_counter())
+    if stage_times is not None:
+        stage_times.extend(np.diff(marks))
+    return np.array(q)
 
 
 def _cold(dcrf, img, unary, n):
@@ -78,22 +90,13 @@ def _stages(dcrf, img, unary, n, repeats: int) -> dict[str, float]:
     """Median seconds of each cold pipeline stage: the two kernels (lattice construction) and inference."""
     from nlgraph.backends import permutohedral
 
-    times: dict[str, list[float]] = {"addPairwiseGaussian": [], "addPairwiseBilateral": [], "inference(5)": []}
+    runs = []
     for _ in range(repeats + 1):
         permutohedral.clear_cache()
-        h, w = img.shape[:2]
-        d = dcrf.DenseCRF2D(w, h, n)
-        d.setUnaryEnergy(unary)
-        t0 = time.perf_counter()
-        d.addPairwiseGaussian(sxy=3, compat=3)
-        t1 = time.perf_counter()
-        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
-        t2 = time.perf_counter()
-        d.inference(5)
-        t3 = time.perf_counter()
-        for key, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-            times[key].append(t)
-    return {key: sorted(v[1:])[len(v[1:]) // 2] for key, v in times.items()}  # first run: warm-up
+        runs.append([])
+        _pipeline(dcrf, img, unary, n, stage_times=runs[-1])
+    per_stage = zip(*runs[1:])  # first run: warm-up
+    return {stage: sorted(t)[len(t) // 2] for stage, t in zip(STAGES, per_stage)}
 
 
 def main(argv=None) -> int:
