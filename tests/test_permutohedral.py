@@ -203,3 +203,19 @@ def test_lexicographic_simplex_sort_gives_the_same_lattice(monkeypatch):
         assert torch.equal(a.crow_indices(), b.crow_indices()) and torch.equal(a.col_indices(), b.col_indices())
         assert torch.equal(a.values(), b.values())
     assert torch.equal(one_key.splat_order, several.splat_order)
+
+
+def test_segmented_arange_with_empty_runs():
+    """The run-wise ranges the vertex-major splat is built from, against a loop, with empty runs
+    (inside, first and last) and 32- and 64-bit outputs."""
+    gen = torch.Generator().manual_seed(3)
+    run = torch.randint(0, 4, (50,), generator=gen)
+    run[0] = run[17] = run[-1] = 0
+    off = torch.randint(-20, 20, (50,), generator=gen)
+    run_start = run.cumsum(0) - run
+    total = int(run.sum())
+    for step, dtype in ((1, torch.int32), (6, torch.long)):
+        expected = [k * step + int(o) for r, o, s in zip(run.tolist(), off, run_start.tolist())
+                    for k in range(s, s + r)]
+        got = P._segmented_arange(off, run_start, total, step, dtype)
+        assert got.dtype == dtype and got.tolist() == expected

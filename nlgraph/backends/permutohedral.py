@@ -11,7 +11,7 @@ constant 1 / (1 + 2^-d). It computes, in O(N d^2 + M d e) instead of O(N^2 d),
 and, for ``Gaussian(normalize=True)``, that filter divided by the filter of ones.
 
 Written with tensor ops only (no Python loop over points), so the same code runs on CPU and CUDA:
-lattice keys are packed into int64 codes, vertices found with ``unique``, blur neighbours with
+lattice keys are packed into int64 codes, vertices found by sorting, blur neighbours with
 ``searchsorted``; splat, each blur direction and slice are CSR matrices built once per lattice.
 A batch index is part of each key, so one lattice (block diagonal) serves the whole batch. The
 lattices of the last few feature sets are cached: a dense CRF filters the same image at every
@@ -77,17 +77,22 @@ def prefer(query, key, value, affinity, graph) -> bool:
 
 @dataclass
 class Lattice:
-    """Splat/blur/slice operators of one lattice over a batch of query and key points."""
+    """Splat/blur/slice operators of one lattice over a batch of query and key points.
 
-    splat: Tensor        # (V, B*M) CSR: key points (in splat_order) -> vertices
+    Vertex space has V + 2 rows: the V lattice vertices at 1..V and two empty border vertices, 0 and
+    V + 1, that stand for absent blur neighbours (the reference code's zero vertex): no point splats
+    onto them, so they stay 0 and every blur row is [below, self, above].
+    """
+
+    splat: Tensor        # (V+2, B*M) CSR: key points (in splat_order) -> vertices
     splat_order: Tensor  # (B*M,) the key points grouped by simplex: splat's column j is point splat_order[j]
-    splat_t: Tensor      # (B*M, V) CSR
-    slice: Tensor        # (B*N, V) CSR: vertices -> query points (without alpha)
-    slice_t: Tensor      # (V, B*N) CSR, columns in slice_t_order
+    splat_t: Tensor      # (B*M, V+2) CSR
+    slice: Tensor        # (B*N, V+2) CSR: vertices -> query points (without alpha)
+    slice_t: Tensor      # (V+2, B*N) CSR, columns in slice_t_order
     slice_t_order: Tensor
-    blurs: list[Tensor]  # d + 1 CSR (V, V) matrices, symmetric
+    blurs: list[Tensor]  # d + 1 CSR (V+2, V+2) matrices, symmetric
     alpha: float
-    num_vertices: int
+    num_vertices: int    # V
 
     def filter(self, values: Tensor, transpose: bool = False) -> Tensor:
         """values (B*M, e) -> (B*N, e); with ``transpose`` the adjoint map (B*N, e) -> (B*M, e)."""
@@ -120,38 +125,49 @@ def _point_matrix(cols: Tensor, vals: Tensor, num_v: int) -> Tensor:
     return _csr(crow, cols.reshape(-1), vals.reshape(-1), (p, num_v))
 
 
-def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_order: Tensor, vertex_start: Tensor,
-                   num_s: int, num_v: int) -> Tensor:
-    """(vertices, points) CSR splatting the points ``sel`` onto their simplices' corners, without a sort.
+def _segmented_arange(off: Tensor, run_start: Tensor, total: int, step: int, dtype: torch.dtype) -> Tensor:
+    """``k * step + off[t]`` at every position k of run t, for runs laid end to end from ``run_start``.
 
-    ``sel``: point indices grouped by simplex (ascending within one), ``sid`` their simplex ids,
-    ``bary`` (P, d+1) the weights of each corner slot (s, r); ``slot_order``: the slots s (d+1) + r
-    sorted by vertex (stable), ``vertex_start``: where each vertex's run begins in that order. Column
-    j is point ``sel[j]``: a vertex's row is then the runs of its corner slots' simplices, in simplex
-    order, so every row comes out sorted although the P (d+1) entries are never sorted (apply the
-    matrix to ``values[sel]``).
+    Built in one buffer without materialising per-run ranges: the steps, plus the jumps between
+    consecutive runs' offsets at the runs' starts (empty runs share a start; their jumps telescope),
+    summed up in place.
+    """
+    z = torch.full((total + 1,), step, dtype=dtype, device=off.device)
+    z[0] = 0
+    z.index_add_(0, run_start, torch.diff(off, prepend=off.new_zeros(1)).to(dtype))
+    return z.cumsum_(0)[:total]
+
+
+def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_s: Tensor, slot_r: Tensor, vertex_start: Tensor,
+                   num_s: int, num_v: int) -> Tensor:
+    """(V + 2, points) CSR splatting the points ``sel`` onto their simplices' corners, without a sort.
+
+    ``sel``: point indices grouped by simplex (ascending within one), ``sid`` every point's simplex id,
+    ``bary`` (P, d+1) the weights of each corner slot (s, r); ``slot_s``/``slot_r``: the slots'
+    simplex and corner, sorted by vertex (stable); ``vertex_start``: where each vertex's run of slots
+    begins in that order. Column j is point ``sel[j]`` (apply the matrix to ``values[sel]``): a
+    vertex's row is the column ranges of its slots' simplices, in simplex order, so every row comes
+    out sorted although the P (d+1) entries are never sorted. Rows 0 and V + 1 are the lattice's
+    empty border vertices (see :class:`Lattice`).
     """
     d1 = bary.shape[1]
-    dev = sid.device
     q = sel.shape[0]
-    ssid = sid[sel]  # non-decreasing
-    cnt = torch.bincount(ssid, minlength=num_s)
-    start = cnt.cumsum(0) - cnt
-    run = cnt.repeat_interleave(d1)[slot_order]  # run lengths of the slots, in vertex order
+    cnt = torch.bincount(sid.index_select(0, sel), minlength=num_s)  # points per simplex
+    start = cnt.cumsum(0) - cnt  # first column of each simplex
+    run = cnt.index_select(0, slot_s)  # entries of each slot, in vertex order
     run_start = run.cumsum(0) - run
-    slot_start = torch.empty_like(run_start)
-    slot_start[slot_order] = run_start
-    j = torch.arange(q, device=dev)
-    pos = (slot_start.view(num_s, d1).index_select(0, ssid) + (j - start[ssid])[:, None]).reshape(-1)
-    idx = _index_dtype(q * d1, num_v)
-    cols = torch.empty(q * d1, dtype=idx, device=dev)
-    cols[pos] = j.to(idx).repeat_interleave(d1)
-    vals = torch.empty(q * d1, dtype=bary.dtype, device=dev)
-    vals[pos] = bary.index_select(0, sel).reshape(-1)
-    crow = torch.empty(num_v + 1, dtype=torch.long, device=dev)
-    crow[:-1] = run_start[vertex_start]
-    crow[-1] = q * d1
-    return _csr(crow, cols, vals, (num_v, q))
+    off = start.index_select(0, slot_s) - run_start  # entry k of slot t: column k + off[t]
+    nnz = q * d1
+    cols = _segmented_arange(off, run_start, nnz, 1, _index_dtype(nnz, num_v + 2))
+    # its weight: bary[sel[column], r], i.e. entry column * (d+1) + r of the gathered weights
+    flat = _segmented_arange(off * d1 + slot_r, run_start, nnz, d1, _index_dtype(nnz * d1))
+    vals = bary.index_select(0, sel).view(-1).index_select(0, flat)
+    del flat
+    crow = torch.empty(num_v + 3, dtype=torch.long, device=sid.device)
+    crow[0] = 0
+    crow[1:-2] = run_start.masked_select(vertex_start)
+    crow[-2:] = nnz
+    return _csr(crow, cols, vals, (num_v + 2, q))
 
 
 def _csr_mm(a: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
@@ -167,8 +183,9 @@ def _lex_sort(keys: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         return order, [ordered]
     order = None
     for k in reversed(keys):
-        order = torch.sort(k, stable=True)[1] if order is None else order[torch.sort(k[order], stable=True)[1]]
-    return order, [k[order] for k in keys]
+        order = (torch.sort(k, stable=True)[1] if order is None
+                 else order.index_select(0, torch.sort(k.index_select(0, order), stable=True)[1]))
+    return order, [k.index_select(0, order) for k in keys]
 
 
 def _group_ids(order: Tensor, ordered_keys: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -178,53 +195,64 @@ def _group_ids(order: Tensor, ordered_keys: list[Tensor]) -> tuple[Tensor, Tenso
     for k in ordered_keys:
         first[1:] |= k[1:] != k[:-1]
     ids = torch.empty_like(order)
-    ids[order] = first.cumsum(0) - 1
+    ids.index_copy_(0, order, first.cumsum(0) - 1)
     return ids, first
 
 
 def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Points (P, d) -> (remainder-0 point (P, d+1), rank (P, d+1), barycentric weights (P, d+1)).
+    """Points (P, d) -> (remainder-0 point (d+1, P), rank (d+1, P), barycentric weights (P, d+1)).
 
-    Computed coordinate-major ((d+1, P): every operation runs over long contiguous rows, ~2x faster
-    than (P, d+1)); the results are (P, d+1) views of it.
+    The reference code's arithmetic, step for step (float32 products with the bandwidth scale computed
+    in double, rounding by ``* 1/(d+1)``, its tie rules), written over whole coordinate rows: every
+    operation runs over long contiguous rows and temporaries are reused, ~2x faster than (P, d+1).
+    The rank is returned as whole floats (half the memory of int64; exact).
     """
     p, d = features.shape
     d1 = d + 1
     dev, dt = features.device, features.dtype
-    i = torch.arange(d, device=dev, dtype=dt)
-    scale = math.sqrt(2.0 / 3.0) * d1 / torch.sqrt((i + 2) * (i + 1))
-    cf = features.t() * scale[:, None]  # (d, P)
-    # elevated[0] = sum_j cf_j, elevated[c] = sum_{j >= c} cf_j - c cf_{c-1}: suffix sums accumulated
-    # from the last coordinate, in the reference code's order
-    suffix = cf.flip(0).cumsum(0).flip(0)
-    elevated = torch.zeros(d1, p, device=dev, dtype=dt)
-    elevated[:d] = suffix
-    elevated[1:] -= torch.arange(1, d1, device=dev, dtype=dt)[:, None] * cf
-    # nearest remainder-0 point (ties go down, as the reference code rounds)
-    down = torch.floor(elevated / d1).mul_(d1)
-    # rem0 = up (= down + d + 1) where up - elevated < elevated - down, else down; in place
-    rem0 = down.add_((down + d1).sub_(elevated).lt_(elevated - down).mul_(d1))
-    total = torch.round(rem0.sum(0) / d1).int()
+    ft = features.t()
+    # elevated[d] = -d cf[d-1]; elevated[c] = sum_{j >= c} cf_j - c cf[c-1]; elevated[0] = sum_j cf_j,
+    # the sum accumulated from the last coordinate, as the reference does
+    el = torch.empty(d1, p, device=dev, dtype=dt)
+    acc = None
+    for c in range(d, 0, -1):
+        cf = ft[c - 1] * (math.sqrt(2.0 / 3.0) * d1 / math.sqrt((c + 1) * c))
+        if acc is None:
+            torch.mul(cf, -c, out=el[c])
+            acc = cf
+        else:
+            torch.sub(acc, cf * c, out=el[c])
+            acc.add_(cf)
+    el[0] = acc
+    # nearest remainder-0 point: up = down + d + 1 where up - elevated < elevated - down, else down
+    rem0 = torch.mul(el, 1.0 / d1).floor_().mul_(d1)
+    below = el - rem0
+    buf = (rem0 + d1).sub_(el)
+    rem0.add_(buf < below, alpha=d1)
+    total = rem0.sum(0).mul_(1.0 / d1).round_()
     # rank[i] = position of coordinate i when the residuals are sorted in decreasing order, ties
     # broken by index (the reference's pairwise rule: for i < j, d_i < d_j ranks i later, else j)
-    diff = elevated.sub_(rem0)
+    diff = el.sub_(rem0)
     rank = total.expand(d1, p).clone()
     for j in range(d1):
-        rank[:j] += diff[j] > diff[:j]
-        rank[j + 1:] += diff[j] >= diff[j + 1:]
+        if j:
+            rank[:j] += torch.gt(diff[j], diff[:j], out=below[:j])
+        if j < d:
+            rank[j + 1:] += torch.ge(diff[j], diff[j + 1:], out=below[j + 1:])
     # wrap ranks into [0, d], moving the remainder-0 point by -+(d+1) accordingly
-    wrapped = torch.remainder(rank, d1)
-    shift = (rank - wrapped).to(dt)
-    rem0 -= shift
-    val = diff.add_(shift).div_(d1)  # (elevated - rem0) / d1 with the moved rem0
-    rank = wrapped.long()
+    shift = torch.div(rank, d1).floor_().mul_(d1)  # exact: an integer's quotient is exact when whole
+    rank.sub_(shift)
+    rem0.sub_(shift)
+    val = diff.add_(shift).mul_(1.0 / d1)  # (elevated - rem0) / (d + 1) with the moved rem0
     # barycentric weights: with v the residuals ordered by rank (v[d - rank_i] = val_i),
     # bary[k] = v[k] - v[k-1] for k = 1..d and bary[0] = v[0] + 1 - v[d]
-    v = torch.empty(d1, p, device=dev, dtype=dt).scatter_(0, d - rank, val)
-    bary = torch.empty(d1, p, device=dev, dtype=dt)
-    torch.sub(v[1:], v[:-1], out=bary[1:])
-    bary[0] = v[0] + (1.0 - v[d])
-    return rem0.long().t(), rank.t(), bary.t()
+    slot = rank.long()
+    v = below.scatter_(0, slot.neg_().add_(d), val)  # every (slot, point) written once
+    del slot, buf, diff, el, val
+    bary = torch.empty(p, d1, device=dev, dtype=dt)  # written point-major through its transpose
+    torch.sub(v[1:], v[:-1], out=bary.t()[1:])
+    torch.add(v[0], 1.0, out=bary[:, 0]).sub_(v[d])
+    return rem0, rank, bary
 
 
 def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
@@ -239,11 +267,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
         batch = torch.arange(b, device=dev).repeat_interleave(n)
         if not same:
             batch = torch.cat([batch, torch.arange(b, device=dev).repeat_interleave(m)])
-    rem0, rank, bary = _elevate(pts)
+    rem0, rank, bary = _elevate(pts)  # (d + 1, P) each
     # Lattice points are packed into int64 codes  sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
-    rem_d, rank_d = rem0[:, :d], rank[:, :d]
-    lo = rem_d.amin(0) - 2 * d1  # room for the -d1 of canonical and the +-d1 of blur neighbours
-    span = rem_d.amax(0) + 2 * d1 - lo + 1
+    rem_d = rem0[:d]
+    lo = rem_d.amin(1).long() - 2 * d1  # room for the -d1 of canonical and the +-d1 of blur neighbours
+    span = rem_d.amax(1).long() + 2 * d1 - lo + 1
     sizes = torch.cat([span, torch.tensor([b], device=dev)])
     code_bits = float(torch.log2(sizes.double()).sum())
     if code_bits >= 62:
@@ -251,84 +279,99 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
                          f"{sizes.tolist()}); rescale the features or use an exact backend")
     strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), sizes[:-1]]), 0)
     s_d = strides[:d]
-
-    base = (lo * s_d).sum()
-
-    def code(k: Tensor, bidx: Optional[Tensor]) -> Tensor:
-        c = (k * s_d).sum(-1) - base
-        return c if bidx is None else c + bidx * strides[d]
+    stride_list = strides.tolist()
+    # the point codes, one coordinate row at a time
+    pcode = rem_d[0].long().mul_(stride_list[0]).sub_(int((lo * s_d).sum()))
+    for i in range(1, d):
+        pcode.add_(rem_d[i].long(), alpha=stride_list[i])
+    if batch is not None:
+        pcode.add_(batch, alpha=stride_list[d])
 
     # 1. Simplices. Points with the same remainder-0 point and rank lie in the same simplex and share
     # its d + 1 vertices; there are far fewer simplices than points (a quarter on a 512x512 photo), so
     # vertices are found per simplex. (rank[d] and rem0[d] follow from the first d entries.)
     per = max(1, int(62 // math.log2(d1)))  # rank digits per int64 sort key
-    digits = d1 ** torch.arange(per, device=dev)
-    rank_keys = [(rank_d[:, i:i + per] * digits[:min(per, d - i)]).sum(-1) for i in range(0, d, per)]
-    pcode = code(rem_d, batch)
+    rank_keys = []
+    for i in range(0, d, per):
+        k = rank[i].long()
+        for t in range(1, min(per, d - i)):
+            k.add_(rank[i + t].long(), alpha=d1 ** t)
+        rank_keys.append(k)
     if len(rank_keys) == 1 and code_bits + d * math.log2(d1) < _ONE_KEY_BITS:  # (point code, rank digits) in one key
-        keys = [pcode * d1 ** d + rank_keys[0]]
+        keys = [torch.mul(pcode, d1 ** d).add_(rank_keys[0])]
     else:  # several keys, sorted lexicographically
         keys = [pcode] + rank_keys
     order, ordered = _lex_sort(keys)
     sid, new_s = _group_ids(order, ordered)
-    rep = order[new_s]  # one point per simplex
+    rep = order.masked_select(new_s)  # one point per simplex
     num_s = rep.shape[0]
     # vertex r of a simplex: key[i] = rem0[i] + canonical[r, rank[i]] with canonical[r, j] = r - d1 [j > d - r];
     # the [rank > d - r] part is a cumulative sum over r of each coordinate's stride, scattered at r = d - rank + 1
-    srank = rank_d[rep]
+    srank = torch.stack([rank[i].index_select(0, rep) for i in range(d)], 1).long()
+    del rem0, rem_d, rank, rank_keys, keys, ordered  # free the big temporaries early (less heap growth)
     steps = torch.zeros(num_s, d1 + 1, dtype=torch.long, device=dev)
     steps.scatter_add_(1, d - srank + 1, s_d.expand_as(srank).contiguous())
     r = torch.arange(d1, device=dev)
-    corner0 = code(rem_d[rep], None if batch is None else batch[rep])
+    corner0 = pcode.index_select(0, rep)
     codes = corner0[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
     perm, (sorted_codes,) = _lex_sort([codes.reshape(-1)])
     slot_vertex, first = _group_ids(perm, [sorted_codes])
     slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
-    uniq = sorted_codes[first]
+    uniq = sorted_codes.masked_select(first)
     num_v = uniq.shape[0]
 
     # 2. Blur neighbours along each of the d + 1 lattice directions. Codes are linear in the key (the
     # margins in lo/span keep neighbours inside the coordinate ranges), so the neighbours of vertex u
     # along direction j are code(u) -+ delta_j, delta_j the code of the step (1, ..., 1, -d at j, 1, ...).
+    # Only the + neighbours are searched; the - neighbours are their inverse. Matrix indices are vertex
+    # ids + 1: index 0 and V + 1 are empty border vertices (always 0, as in the reference code) that
+    # stand for an absent neighbour below / above, so every row of a blur is [below, self, above].
     steps_j = torch.ones(d1, d, dtype=torch.long, device=dev)
     steps_j[torch.arange(d, device=dev), torch.arange(d, device=dev)] = -d  # direction d: all ones
-    delta = (steps_j * s_d).sum(1)
-    neigh = torch.stack([uniq[:, None] - delta, uniq[:, None] + delta], 2)  # (V, d+1, 2)
-    pos = torch.searchsorted(uniq, neigh.reshape(-1)).clamp_max_(num_v - 1).view(num_v, d1, 2)
-    pos = torch.where(uniq[pos] == neigh, pos, num_v)  # absent neighbour: column num_v
-    # row i of blur j: itself (weight 1) and its neighbours along direction j (1/2 each, if present),
-    # column-sorted (a CSR invariant) by min / middle / max of the three; absent ones sort last
-    self_ = torch.arange(num_v, device=dev)[:, None].expand(num_v, d1)
-    lo_, hi_ = torch.minimum(pos[..., 0], pos[..., 1]), torch.maximum(pos[..., 0], pos[..., 1])
-    first_c, last_c = torch.minimum(self_, lo_), torch.maximum(self_, hi_)
-    cols3 = torch.stack([first_c, self_ + lo_ + hi_ - first_c - last_c, last_c], 2)  # (V, d+1, 3)
-    vals3 = torch.where(cols3 == self_[..., None], 1.0, 0.5).to(dt)
-    keep3 = cols3 < num_v
-    counts = keep3.sum(2)  # (V, d+1)
+    delta = (steps_j * s_d).sum(1)  # never 0: codes are injective
+    up_code = uniq[:, None] + delta
+    up = torch.searchsorted(uniq, up_code.view(-1)).clamp_max_(num_v - 1).view(num_v, d1)
+    found = uniq.index_select(0, up.view(-1)).view_as(up) == up_code
+    ascending = (delta > 0).tolist()  # + neighbour above (higher index) in direction j
+    vid = torch.arange(1, num_v + 1, device=dev)
+    plus = torch.where(found, up + 1, torch.where(delta > 0, num_v + 1, 0))
+    minus = torch.where(delta > 0, 0, num_v + 1).expand(num_v + 2, d1).contiguous()
+    minus.scatter_(0, plus, vid[:, None].expand(num_v, d1))  # absent + neighbours write a border row
+    minus = minus[1:-1]
+    idx = _index_dtype(3 * num_v + 1, num_v + 2)
+    crow = torch.cat([torch.zeros(1, dtype=idx, device=dev),
+                      torch.arange(0, 3 * num_v + 1, 3, dtype=idx, device=dev),
+                      torch.full((1,), 3 * num_v, dtype=idx, device=dev)])
+    weights = torch.tensor([0.5, 1.0, 0.5], dtype=dt, device=dev).repeat(num_v)
     blurs = []
     for j in range(d1):
-        crow = torch.zeros(num_v + 1, dtype=torch.long, device=dev)
-        crow[1:] = counts[:, j].cumsum(0)
-        keep = keep3[:, j]
-        blurs.append(_csr(crow, cols3[:, j][keep], vals3[:, j][keep], (num_v, num_v)))
+        below, above = (minus[:, j], plus[:, j]) if ascending[j] else (plus[:, j], minus[:, j])
+        cols = torch.stack([below, vid, above], 1).view(-1)
+        blurs.append(_csr(crow, cols, weights, (num_v + 2, num_v + 2)))
 
     # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
-    bary = bary.contiguous()  # point-major from here on (gathers of rows)
     corner_cols, corner_order = torch.sort(slot_vertex, dim=1)
-    corner_cols = corner_cols.to(_index_dtype(num_v, pts.shape[0] * d1))
-    pt_cols = corner_cols.index_select(0, sid)
-    pt_vals = torch.gather(bary, 1, corner_order.index_select(0, sid))
+    num_p = pts.shape[0]
+    pt_cols = corner_cols.add_(1).to(_index_dtype(num_v + 2, num_p * d1)).index_select(0, sid)
+    # each point's weights in its sorted corners' order: a flat gather (32-bit indices where they fit)
+    flat_dtype = _index_dtype(num_p * d1)
+    flat = corner_order.to(flat_dtype).index_select(0, sid)
+    flat += torch.arange(0, num_p * d1, d1, dtype=flat_dtype, device=dev)[:, None]
+    pt_vals = bary.view(-1).index_select(0, flat.view(-1)).view(num_p, d1)
+    del flat
     nq = b * n
-    slice_ = _point_matrix(pt_cols[:nq], pt_vals[:nq], num_v)
-    vm = dict(sid=sid, bary=bary, slot_order=perm, vertex_start=first, num_s=num_s, num_v=num_v)
+    slice_ = _point_matrix(pt_cols[:nq], pt_vals[:nq], num_v + 2)
+    slot_s = torch.div(perm, d1, rounding_mode="floor")
+    vm = dict(sid=sid, bary=bary, slot_s=slot_s, slot_r=perm - slot_s * d1, vertex_start=first, num_s=num_s,
+              num_v=num_v)
     if same:
         splat_t, slice_t_order = slice_, order
         splat = slice_t = _vertex_matrix(order, **vm)
         splat_order = order
     else:
-        splat_t = _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v)
+        splat_t = _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v + 2)
         is_q = order < nq
-        slice_t_order, splat_order = order[is_q], order[~is_q]
+        slice_t_order, splat_order = order.masked_select(is_q), order.masked_select(~is_q)
         slice_t = _vertex_matrix(slice_t_order, **vm)
         splat = _vertex_matrix(splat_order, **vm)
         splat_order = splat_order - nq
