@@ -33,6 +33,23 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
+def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 3,
+              warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``fn_a`` and ``fn_b`` timed alternately (a, b, a, b, ...) after ``warmup``
+    untimed calls of each: both sample the same stretch of machine state (on a shared or virtual
+    machine, speed drifts by 10-20% over seconds, which timing one after the other turns into bias)."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * resource.getpagesize()

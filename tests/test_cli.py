@@ -81,3 +81,11 @@ def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "chunked" in out and "reference" in out and "algebra" in out
+
+
+def test_time_pair_alternates_and_returns_each_median():
+    from benchmarks import harness
+
+    calls = []
+    t_a, t_b = harness.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and t_a >= 0 and t_b >= 0

@@ -213,3 +213,21 @@ def test_non_contiguous_and_float64_inputs_work():
     d2.setUnaryEnergy(np.ascontiguousarray(u, dtype=np.float32))
     d2.addPairwiseEnergy(np.ascontiguousarray(f, dtype=np.float32), compat=2.0)
     np.testing.assert_array_equal(d1.inference(3), d2.inference(3))
+
+
+@pytest.mark.parametrize("n_labels", [3, 21])
+def test_inference_with_reused_buffers_equals_fresh_steps(n_labels):
+    """inference() reuses its buffers (and, above 4 labels, a softmax written into one); stepping by
+    hand runs the plain path with fresh arrays. Both give the same Q (float32 rounding)."""
+    img = np.ascontiguousarray(IMAGES["astronaut"]())
+    h, w = img.shape[:2]
+    unary = pydensecrf_utils.unary_from_labels(noisy_labels(img, n_labels), n_labels, gt_prob=0.7,
+                                               zero_unsure=False)
+    d = ours.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+    q, tmp1, tmp2 = d.startInference()
+    for _ in range(4):
+        d.stepInference(q, tmp1, tmp2)
+    np.testing.assert_allclose(d.inference(4), q, rtol=0, atol=1e-6)

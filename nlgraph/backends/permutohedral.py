@@ -52,6 +52,8 @@ AUTO_MIN_PAIRS = 1 << 22
 _CACHE_SIZE = 4
 #: Simplex sort keys combine (point code, rank digits) into one int64 while they fit in this many bits.
 _ONE_KEY_BITS = 62
+#: Points per block where a step runs block-wise to keep its temporaries small.
+_BLOCK = 1 << 16
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
@@ -152,12 +154,13 @@ def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_s: Tensor, slot_
     """
     d1 = bary.shape[1]
     q = sel.shape[0]
-    cnt = torch.bincount(sid.index_select(0, sel), minlength=num_s)  # points per simplex
-    start = cnt.cumsum(0) - cnt  # first column of each simplex
-    run = cnt.index_select(0, slot_s)  # entries of each slot, in vertex order
-    run_start = run.cumsum(0) - run
-    off = start.index_select(0, slot_s) - run_start  # entry k of slot t: column k + off[t]
     nnz = q * d1
+    small = _index_dtype(nnz * d1)  # every count, start and offset below fits
+    cnt = torch.bincount(sid.index_select(0, sel), minlength=num_s).to(small)  # points per simplex
+    start = cnt.cumsum(0, dtype=small).sub_(cnt)  # first column of each simplex
+    run = cnt.index_select(0, slot_s)  # entries of each slot, in vertex order
+    run_start = run.cumsum(0, dtype=small).sub_(run)
+    off = start.index_select(0, slot_s).sub_(run_start)  # entry k of slot t: column k + off[t]
     cols = _segmented_arange(off, run_start, nnz, 1, _index_dtype(nnz, num_v + 2))
     # its weight: bary[sel[column], r], i.e. entry column * (d+1) + r of the gathered weights
     flat = _segmented_arange(off * d1 + slot_r, run_start, nnz, d1, _index_dtype(nnz * d1))
@@ -233,22 +236,25 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # rank[i] = position of coordinate i when the residuals are sorted in decreasing order, ties
     # broken by index (the reference's pairwise rule: for i < j, d_i < d_j ranks i later, else j)
     diff = el.sub_(rem0)
-    rank = total.expand(d1, p).clone()
+    rank = buf.copy_(total.expand(d1, p))  # buffers are reused below: fresh memory costs page faults
     for j in range(d1):
         if j:
             rank[:j] += torch.gt(diff[j], diff[:j], out=below[:j])
         if j < d:
             rank[j + 1:] += torch.ge(diff[j], diff[j + 1:], out=below[j + 1:])
     # wrap ranks into [0, d], moving the remainder-0 point by -+(d+1) accordingly
-    shift = torch.div(rank, d1).floor_().mul_(d1)  # exact: an integer's quotient is exact when whole
+    shift = torch.div(rank, d1, out=below).floor_().mul_(d1)  # exact: an integer's quotient is exact when whole
     rank.sub_(shift)
     rem0.sub_(shift)
     val = diff.add_(shift).mul_(1.0 / d1)  # (elevated - rem0) / (d + 1) with the moved rem0
     # barycentric weights: with v the residuals ordered by rank (v[d - rank_i] = val_i),
-    # bary[k] = v[k] - v[k-1] for k = 1..d and bary[0] = v[0] + 1 - v[d]
-    slot = rank.long()
-    v = below.scatter_(0, slot.neg_().add_(d), val)  # every (slot, point) written once
-    del slot, buf, diff, el, val
+    # bary[k] = v[k] - v[k-1] for k = 1..d and bary[0] = v[0] + 1 - v[d]; every (slot, point) is
+    # written once, in column blocks (the int64 slot indices stay small)
+    v = below
+    for s in range(0, p, _BLOCK):
+        slot = rank[:, s:s + _BLOCK].long().neg_().add_(d)
+        v[:, s:s + _BLOCK].scatter_(0, slot, val[:, s:s + _BLOCK])
+    del slot, diff, el, val
     bary = torch.empty(p, d1, device=dev, dtype=dt)  # written point-major through its transpose
     torch.sub(v[1:], v[:-1], out=bary.t()[1:])
     torch.add(v[0], 1.0, out=bary[:, 0]).sub_(v[d])
@@ -319,6 +325,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
     slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
     uniq = sorted_codes.masked_select(first)
     num_v = uniq.shape[0]
+    del pcode, corner0, codes, sorted_codes, steps, srank
 
     # 2. Blur neighbours along each of the d + 1 lattice directions. Codes are linear in the key (the
     # margins in lo/span keep neighbours inside the coordinate ranges), so the neighbours of vertex u
