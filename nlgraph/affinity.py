@@ -199,9 +199,14 @@ class Gaussian(Affinity):
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.bandwidth,) if isinstance(self.bandwidth, Tensor) else ()
 
-    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+    def scaled(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """The features in bandwidth units (q / b, k / b): fresh tensors (one when key is query)."""
         b = _as(self.bandwidth, query)
-        q, k = query / b, key / b
+        q = query / b
+        return q, (q if key is query else key / b)
+
+    def form(self, query: Tensor, key: Tensor) -> ScoreForm:
+        q, k = self.scaled(query, key)
         col = -0.5 * (k * k).sum(-1)
         # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
         # dropping it keeps the logits small and loses nothing, values and gradients alike. The

@@ -161,10 +161,11 @@ def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_s: Tensor, slot_
     run = cnt.index_select(0, slot_s)  # entries of each slot, in vertex order
     run_start = run.cumsum(0, dtype=small).sub_(run)
     off = start.index_select(0, slot_s).sub_(run_start)  # entry k of slot t: column k + off[t]
-    cols = _segmented_arange(off, run_start, nnz, 1, _index_dtype(nnz, num_v + 2))
-    # its weight: bary[sel[column], r], i.e. entry column * (d+1) + r of the gathered weights
+    # entry k of slot t = (s, r) is the weight bary[sel[column], r]: entry column * (d+1) + r of the
+    # gathered weights; the column is that index // (d+1), computed in place afterwards (one buffer)
     flat = _segmented_arange(off * d1 + slot_r, run_start, nnz, d1, _index_dtype(nnz * d1))
     vals = bary.index_select(0, sel).view(-1).index_select(0, flat)
+    cols = flat.div_(d1, rounding_mode="floor").to(_index_dtype(nnz, num_v + 2))
     del flat
     crow = torch.empty(num_v + 3, dtype=torch.long, device=sid.device)
     crow[0] = 0
@@ -206,20 +207,35 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Points (P, d) -> (remainder-0 point (d+1, P), rank (d+1, P), barycentric weights (P, d+1)).
 
     The reference code's arithmetic, step for step (float32 products with the bandwidth scale computed
-    in double, rounding by ``* 1/(d+1)``, its tie rules), written over whole coordinate rows: every
-    operation runs over long contiguous rows and temporaries are reused, ~2x faster than (P, d+1).
-    The rank is returned as whole floats (half the memory of int64; exact).
+    in double, rounding by ``* 1/(d+1)``, its tie rules), written over coordinate rows: operations run
+    over long contiguous rows (~2x faster than (P, d+1)), in blocks of points whose temporaries stay
+    small and cache-resident (fresh memory costs page faults). The rank is returned as whole floats
+    (half the memory of int64; exact).
     """
     p, d = features.shape
     d1 = d + 1
     dev, dt = features.device, features.dtype
+    rem0 = torch.empty(d1, p, device=dev, dtype=dt)
+    rank = torch.empty(d1, p, device=dev, dtype=dt)
+    bary = torch.empty(p, d1, device=dev, dtype=dt)
+    scale = [math.sqrt(2.0 / 3.0) * d1 / math.sqrt((c + 1) * c) for c in range(1, d + 1)]  # scale[c - 1]
     ft = features.t()
+    for s in range(0, p, _BLOCK):
+        e = min(p, s + _BLOCK)
+        _elevate_block(ft[:, s:e], scale, rem0[:, s:e], rank[:, s:e], bary[s:e])
+    return rem0, rank, bary
+
+
+def _elevate_block(ft: Tensor, scale: list[float], rem0: Tensor, rank: Tensor, bary: Tensor) -> None:
+    """:func:`_elevate` of the points ``ft`` (d, n), into the (d+1, n) / (n, d+1) output views."""
+    d, n = ft.shape
+    d1 = d + 1
     # elevated[d] = -d cf[d-1]; elevated[c] = sum_{j >= c} cf_j - c cf[c-1]; elevated[0] = sum_j cf_j,
     # the sum accumulated from the last coordinate, as the reference does
-    el = torch.empty(d1, p, device=dev, dtype=dt)
+    el = torch.empty(d1, n, device=ft.device, dtype=ft.dtype)
     acc = None
     for c in range(d, 0, -1):
-        cf = ft[c - 1] * (math.sqrt(2.0 / 3.0) * d1 / math.sqrt((c + 1) * c))
+        cf = ft[c - 1] * scale[c - 1]
         if acc is None:
             torch.mul(cf, -c, out=el[c])
             acc = cf
@@ -228,15 +244,15 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             acc.add_(cf)
     el[0] = acc
     # nearest remainder-0 point: up = down + d + 1 where up - elevated < elevated - down, else down
-    rem0 = torch.mul(el, 1.0 / d1).floor_().mul_(d1)
+    torch.mul(el, 1.0 / d1, out=rem0).floor_().mul_(d1)
     below = el - rem0
-    buf = (rem0 + d1).sub_(el)
-    rem0.add_(buf < below, alpha=d1)
+    up_gap = torch.add(rem0, d1, out=rank).sub_(el)  # rank's buffer, free until the rank
+    rem0.add_(up_gap < below, alpha=d1)
     total = rem0.sum(0).mul_(1.0 / d1).round_()
     # rank[i] = position of coordinate i when the residuals are sorted in decreasing order, ties
     # broken by index (the reference's pairwise rule: for i < j, d_i < d_j ranks i later, else j)
     diff = el.sub_(rem0)
-    rank = buf.copy_(total.expand(d1, p))  # buffers are reused below: fresh memory costs page faults
+    rank.copy_(total.expand(d1, n))
     for j in range(d1):
         if j:
             rank[:j] += torch.gt(diff[j], diff[:j], out=below[:j])
@@ -248,17 +264,10 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rem0.sub_(shift)
     val = diff.add_(shift).mul_(1.0 / d1)  # (elevated - rem0) / (d + 1) with the moved rem0
     # barycentric weights: with v the residuals ordered by rank (v[d - rank_i] = val_i),
-    # bary[k] = v[k] - v[k-1] for k = 1..d and bary[0] = v[0] + 1 - v[d]; every (slot, point) is
-    # written once, in column blocks (the int64 slot indices stay small)
-    v = below
-    for s in range(0, p, _BLOCK):
-        slot = rank[:, s:s + _BLOCK].long().neg_().add_(d)
-        v[:, s:s + _BLOCK].scatter_(0, slot, val[:, s:s + _BLOCK])
-    del slot, diff, el, val
-    bary = torch.empty(p, d1, device=dev, dtype=dt)  # written point-major through its transpose
+    # bary[k] = v[k] - v[k-1] for k = 1..d and bary[0] = v[0] + 1 - v[d]; every (slot, point) written once
+    v = below.scatter_(0, rank.long().neg_().add_(d), val)
     torch.sub(v[1:], v[:-1], out=bary.t()[1:])
     torch.add(v[0], 1.0, out=bary[:, 0]).sub_(v[d])
-    return rem0, rank, bary
 
 
 def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
@@ -356,32 +365,36 @@ def build_lattice(query: Tensor, key: Tensor, same: bool) -> Lattice:
         cols = torch.stack([below, vid, above], 1).view(-1)
         blurs.append(_csr(crow, cols, weights, (num_v + 2, num_v + 2)))
 
-    # 3. Splat and slice. Point-major rows: the point's simplex corners, sorted per simplex once.
+    # 3. Splat and slice. Vertex-major matrices first, then the point-major ones (so the temporaries
+    # of each never coexist with the other's results: a smaller peak, fewer page faults).
+    nq = b * n
+    slot_dtype = _index_dtype(perm.shape[0])
+    slot_s = torch.div(perm, d1, rounding_mode="floor").to(slot_dtype)
+    vm = dict(sid=sid, bary=bary, slot_s=slot_s, slot_r=(perm - slot_s * d1).to(slot_dtype), vertex_start=first,
+              num_s=num_s, num_v=num_v)
+    if same:
+        slice_t_order = splat_order = order
+        splat = slice_t = _vertex_matrix(order, **vm)
+    else:
+        is_q = order < nq
+        slice_t_order, splat_order = order.masked_select(is_q), order.masked_select(~is_q)
+        slice_t = _vertex_matrix(slice_t_order, **vm)
+        splat = _vertex_matrix(splat_order, **vm)
+        splat_order = splat_order - nq
+    del vm, slot_s, perm, first
+    # Point-major rows: the point's simplex corners, sorted per simplex once.
     corner_cols, corner_order = torch.sort(slot_vertex, dim=1)
     num_p = pts.shape[0]
     pt_cols = corner_cols.add_(1).to(_index_dtype(num_v + 2, num_p * d1)).index_select(0, sid)
     # each point's weights in its sorted corners' order: a flat gather (32-bit indices where they fit)
     flat_dtype = _index_dtype(num_p * d1)
     flat = corner_order.to(flat_dtype).index_select(0, sid)
+    del corner_cols, corner_order, sid
     flat += torch.arange(0, num_p * d1, d1, dtype=flat_dtype, device=dev)[:, None]
     pt_vals = bary.view(-1).index_select(0, flat.view(-1)).view(num_p, d1)
-    del flat
-    nq = b * n
+    del flat, bary
     slice_ = _point_matrix(pt_cols[:nq], pt_vals[:nq], num_v + 2)
-    slot_s = torch.div(perm, d1, rounding_mode="floor")
-    vm = dict(sid=sid, bary=bary, slot_s=slot_s, slot_r=perm - slot_s * d1, vertex_start=first, num_s=num_s,
-              num_v=num_v)
-    if same:
-        splat_t, slice_t_order = slice_, order
-        splat = slice_t = _vertex_matrix(order, **vm)
-        splat_order = order
-    else:
-        splat_t = _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v + 2)
-        is_q = order < nq
-        slice_t_order, splat_order = order.masked_select(is_q), order.masked_select(~is_q)
-        slice_t = _vertex_matrix(slice_t_order, **vm)
-        splat = _vertex_matrix(splat_order, **vm)
-        splat_order = splat_order - nq
+    splat_t = slice_ if same else _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v + 2)
     return Lattice(splat, splat_order, splat_t, slice_, slice_t, slice_t_order, blurs, 1.0 / (1.0 + 2.0 ** (-d)),
                    num_v)
 
@@ -402,7 +415,7 @@ class _CacheEntry:
     sig: tuple                    # identity of the last (query, key) tensors that used this lattice
     query_ref: weakref.ref
     key_ref: Optional[weakref.ref]
-    points: tuple[Tensor, Optional[Tensor]]  # copies of the scaled point sets the lattice was built on
+    points: tuple[Tensor, Optional[Tensor]]  # the scaled point sets the lattice was built on (private tensors)
     lattice: Lattice
 
 
@@ -418,7 +431,7 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, points, tag: str) ->
     """The lattice of (query, key), reused for the same features.
 
     Two levels: the same unmodified tensors (identity and version: free), then equal point sets
-    (one comparison against a stored copy: e.g. the position-only smoothness features of every
+    (one comparison against the stored point set: e.g. the position-only smoothness features of every
     same-size image in a dataset). ``points()`` gives the scaled, flattened (q, k) point sets.
     """
     sig = (tag, query.data_ptr(), query._version, tuple(query.shape), key.data_ptr(), key._version,
@@ -436,7 +449,7 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, points, tag: str) ->
         _cache.remove(hit)
         lat, stored = hit.lattice, hit.points
     else:
-        lat, stored = build_lattice(q, k, same), (q.clone(), None if same else k.clone())
+        lat, stored = build_lattice(q, k, same), (q, None if same else k)
     _cache.insert(0, _CacheEntry(sig, weakref.ref(query), None if same else weakref.ref(key), stored, lat))
     del _cache[_CACHE_SIZE:]
     return lat
@@ -448,9 +461,9 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph) ->
     cd = compute_dtype(query.dtype)
     same = query is key
     def points() -> tuple[Tensor, Tensor]:
-        form = affinity.form(query.detach().to(cd), key.detach().to(cd))
-        q = form.query.expand(*lead, n, d).reshape(-1, n, d).contiguous()
-        k = q if same else form.key.expand(*lead, m, d).reshape(-1, m, d).contiguous()
+        q, k = affinity.scaled(query.detach().to(cd), key.detach().to(cd))  # fresh tensors: ours alone
+        q = q.expand(*lead, n, d).reshape(-1, n, d).contiguous()
+        k = q if same else k.expand(*lead, m, d).reshape(-1, m, d).contiguous()
         return q, k
 
     with torch.no_grad():
