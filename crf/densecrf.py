@@ -173,7 +173,8 @@ class DenseCRF:
         feats = _float_matrix("features", features)
         if feats.shape[1] != self._nvar:
             raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), got {tuple(feats.shape)})")
-        self._pairwise.append(_Pairwise(self, feats.T.contiguous(), compat, kernel, normalization))
+        # (N, D) as a view of the (D, N) array: the lattice reads coordinate rows (no transposing copy)
+        self._pairwise.append(_Pairwise(self, feats.T, compat, kernel, normalization))
 
     # ---------------------------------------------------------------- inference
 

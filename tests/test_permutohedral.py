@@ -219,3 +219,20 @@ def test_segmented_arange_with_empty_runs():
                     for k in range(s, s + r)]
         got = P._segmented_arange(off, run_start, total, step, dtype)
         assert got.dtype == dtype and got.tolist() == expected
+
+
+@pytest.mark.parametrize("d,scale", [(2, 6.0), (5, 1.0)])  # code spaces of ~1e4 and ~1e7
+def test_dense_table_and_binary_search_find_the_same_neighbours(monkeypatch, d, scale):
+    """Blur neighbours come from a dense code table in small code spaces and a binary search
+    otherwise; forcing each path builds the identical lattice."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.rand(2, 500, d, generator=gen) * scale
+    lattices = []
+    for factor in (0, 1 << 40):  # binary search only / dense table only
+        monkeypatch.setattr(P, "_DENSE_LOOKUP", factor)
+        lattices.append(P.build_lattice(q, q, True))
+    a, b = lattices
+    for x, y in zip(a.blurs, b.blurs):
+        assert torch.equal(x.crow_indices(), y.crow_indices()) and torch.equal(x.col_indices(), y.col_indices())
+    present = (a.blurs[0].col_indices().view(-1, 3)[:, [0, 2]] % (a.num_vertices + 1) != 0).sum()
+    assert present > 0  # the lattice has neighbours to find
