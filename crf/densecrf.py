@@ -199,9 +199,11 @@ class DenseCRF:
         """``niter`` mean-field steps from softmax(-U); returns Q as a float32 (nlabels, nvar) array."""
         if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 0:
             raise ValueError(f"niter must be an int >= 0, got {niter!r}")
-        q = _softmax_labels(-self._energy())
-        # three reused buffers and q's own: the new q is written into the buffer q is not in
-        bufs = [torch.empty_like(q) for _ in range(3)]
+        # four (N, L) buffers for the whole run: tmp1, the next q, a scratch and q's own (the new q is
+        # written into the buffer q is not in)
+        energy = self._energy()
+        bufs = [torch.empty_like(energy) for _ in range(3)]
+        q = _softmax_labels(torch.neg(energy, out=bufs[0]), torch.empty_like(energy))
         for _ in range(int(niter)):
             new_q = self._step(q, bufs)[0]
             if new_q is bufs[1]:
