@@ -11,8 +11,10 @@ constant 1 / (1 + 2^-d). It computes, in O(N d^2 + M d e) instead of O(N^2 d),
 and, for ``Gaussian(normalize=True)``, that filter divided by the filter of ones.
 
 Written with tensor ops only (no Python loop over points), so the same code runs on CPU and CUDA:
-lattice keys are packed into int64 codes, vertices found by sorting, blur neighbours with
-``searchsorted``; splat, each blur direction and slice are CSR matrices built once per lattice.
+lattice keys are packed into int64 codes, points grouped into simplices and simplex corners into
+vertices by sorting codes, blur neighbours found in a dense code table (small code spaces) or by
+``searchsorted``; splat, each blur direction and slice are CSR matrices built once per lattice
+(the vertex-major ones by counting, without sorting the P (d+1) entries).
 A batch index is part of each key, so one lattice (block diagonal) serves the whole batch. The
 lattices of the last few feature sets are cached: a dense CRF filters the same image at every
 mean-field iteration, and every same-size image has the same position-only (smoothness) features.
