@@ -230,6 +230,7 @@ def test_dense_table_and_binary_search_find_the_same_neighbours(monkeypatch, d, 
     lattices = []
     for factor in (0, 1 << 40):  # binary search only / dense table only
         monkeypatch.setattr(P, "_DENSE_LOOKUP", factor)
+        monkeypatch.setattr(P, "_DENSE_MAX", factor)
         lattices.append(P.build_lattice(q, q, True))
     a, b = lattices
     for x, y in zip(a.blurs, b.blurs):

@@ -58,6 +58,7 @@ _ONE_KEY_BITS = 62
 _BLOCK = 1 << 16
 #: Code lookups use a dense table while the code space is at most this many times the number of lookups.
 _DENSE_LOOKUP = 16
+_DENSE_MAX = 1 << 24  # entries (64 MiB of int32) at most
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
@@ -190,7 +191,7 @@ def _find_codes(uniq: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Te
     Small code spaces (``num_codes``, e.g. 2-d position features) use a dense table (a fill, a
     scatter and a gather: ~5x faster than binary search); others a binary search.
     """
-    if num_codes <= _DENSE_LOOKUP * codes.shape[0]:
+    if num_codes <= min(_DENSE_LOOKUP * codes.shape[0], _DENSE_MAX):
         table = torch.full((num_codes,), -1, dtype=_index_dtype(uniq.shape[0]), device=uniq.device)
         table.index_copy_(0, uniq, torch.arange(uniq.shape[0], dtype=table.dtype, device=uniq.device))
         pos = table.index_select(0, codes).long()
