@@ -11,7 +11,7 @@ Rows:
   different offset each time), time per image: our appearance lattice is rebuilt for every image,
   the smoothness lattice (positions only, the same for every 512x512 image) comes from the cache.
 * the cold pipeline's stages on the astronaut photo: each kernel (lattice construction and the
-  normalisation filter) and the 5 inference iterations, ours vs pydensecrf.
+  normalisation filter) and the 5 inference iterations, ours vs pydensecrf (run alternately).
 * exact (``chunked``) vs lattice (``permutohedral``) messages in our facade on a 96x96 crop
   (48x48 with --quick; exact is O(N^2)): time ratio and label agreement.
 
@@ -86,17 +86,18 @@ def _stream_time(dcrf, img, unary, n, count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
-def _stages(dcrf, img, unary, n, repeats: int) -> dict[str, float]:
-    """Median seconds of each cold pipeline stage: the two kernels (lattice construction) and inference."""
+def _stages(modules, img, unary, n, repeats: int) -> list[dict[str, float]]:
+    """Median seconds of each cold pipeline stage (the two kernels: lattice construction; inference),
+    one dict per module, the modules run alternately (one untimed round first)."""
     from nlgraph.backends import permutohedral
 
-    runs = []
+    runs = [[] for _ in modules]
     for _ in range(repeats + 1):
-        permutohedral.clear_cache()
-        runs.append([])
-        _pipeline(dcrf, img, unary, n, stage_times=runs[-1])
-    per_stage = zip(*runs[1:])  # first run: warm-up
-    return {stage: sorted(t)[len(t) // 2] for stage, t in zip(STAGES, per_stage)}
+        for dcrf, mod_runs in zip(modules, runs):
+            permutohedral.clear_cache()
+            mod_runs.append([])
+            _pipeline(dcrf, img, unary, n, stage_times=mod_runs[-1])
+    return [{stage: sorted(t)[len(t) // 2] for stage, t in zip(STAGES, zip(*mod_runs[1:]))} for mod_runs in runs]
 
 
 def main(argv=None) -> int:
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     img = images["astronaut"] if not args.quick else np.ascontiguousarray(images["astronaut"][::4, ::4])
     for n in (2, 21):
         unary = _unary(img, n)
-        st_ours, st_peer = _stages(ours, img, unary, n, args.repeats), _stages(peer, img, unary, n, args.repeats)
+        st_ours, st_peer = _stages((ours, peer), img, unary, n, args.repeats)
         for stage in st_ours:
             rows.append(dict(name=f"astronaut {img.shape[0]}x{img.shape[1]} L={n} {stage}, cold",
                              ours="crf.densecrf", peer="pydensecrf",
