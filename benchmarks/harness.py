@@ -169,6 +169,9 @@ def standard_parser(prog: str, doc: str):
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--threads", type=int, metavar="N",
+                    help="torch intra-op threads (default: torch's, one per core); peers outside torch "
+                         "(pydensecrf, scikit-image) are single-threaded either way")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     return ap
 
@@ -179,6 +182,10 @@ def parse_args(name: str, doc: str, argv):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     return args
 
 

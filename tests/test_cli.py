@@ -63,7 +63,8 @@ def test_unknown_benchmark_is_a_one_line_error(capsys):
     assert err.count("\n") == 0 and "unknown benchmark 'nope'" in err
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["demo", "--seed", "x"], ["frobnicate"]])
+@pytest.mark.parametrize("argv", [["--bogus"], ["demo", "--seed", "x"], ["frobnicate"],
+                                  ["bench", "core", "--threads", "0"]])
 def test_bad_options_exit_2_without_traceback(argv):
     proc = subprocess.run([sys.executable, "-m", "nlgraph.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
