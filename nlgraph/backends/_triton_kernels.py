@@ -33,6 +33,17 @@ def dot_nt(A, B, b, offs_n, offs_m, n_ok, m_ok, sab, san, sak, sbb, sbm, sbk, K,
 
 
 @triton.jit
+def mma(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+    """a . b in fp32 for fp32 weights ``a`` and loaded operands ``b``: both in fp32 (IEEE or tf32 by PREC)
+    when DOT_FP32, else ``a`` rounded to ``b``'s (fp16/bf16) dtype for the tensor cores."""
+    if DOT_FP32:
+        out = tl.dot(a, b.to(tl.float32), input_precision=PREC, out_dtype=tl.float32)
+    else:
+        out = tl.dot(a.to(b.dtype), b, input_precision=PREC, out_dtype=tl.float32)
+    return out
+
+
+@triton.jit
 def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
            sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
            D, B2, clamp, rad0, rad1, rad2,
@@ -112,11 +123,7 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * svb + offs_m[:, None] * svm + offs_e[None, :] * sve,
                     mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-        if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PREC,
-                                                out_dtype=tl.float32)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + mma(p, v, DOT_FP32, PREC)
         m_i = m_new
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     if NORM_SUM:
@@ -175,10 +182,7 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
         if do_v:
             do = tl.load(DO + b * sdb + offs_n[:, None] * sdn + ee[None, :] * sde,
                          mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc_v += tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PREC, out_dtype=tl.float32)
-            else:
-                acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=tl.float32)
+            acc_v += mma(tl.trans(p), do, DOT_FP32, PREC)
         if do_k or do_c:
             dp = dot_nt(DO, V, b, offs_n, offs_m, n_ok, m_ok, sdb, sdn, sde, svb, svm, sve, E,
                         DOT_FP32, PREC, BLOCK_N, BLOCK_M, BLOCK_E)
@@ -190,11 +194,7 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
             if do_k:
                 q = tl.load(Q + b * sqb + offs_n[:, None] * sqn + dd[None, :] * sqd,
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_FP32:
-                    acc_k += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PREC,
-                                    out_dtype=tl.float32)
-                else:
-                    acc_k += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=tl.float32)
+                acc_k += mma(tl.trans(ds), q, DOT_FP32, PREC)
     if do_k:
         tl.store(DK + b * M * D + offs_m[:, None] * D + dd[None, :], acc_k, mask=m_ok[:, None] & d_ok[None, :])
     if do_v:
@@ -254,10 +254,7 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
         if do_q:
             k = tl.load(K + b * skb + offs_m[:, None] * skm + dd[None, :] * skd,
                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc_q += tl.dot(ds, k.to(tl.float32), input_precision=PREC, out_dtype=tl.float32)
-            else:
-                acc_q += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=tl.float32)
+            acc_q += mma(ds, k, DOT_FP32, PREC)
     if do_q:
         tl.store(DQ + b * N * D + offs_n[:, None] * D + dd[None, :], acc_q, mask=n_ok[:, None] & d_ok[None, :])
     if do_r:
