@@ -6,7 +6,8 @@ Rows:
   (sxy=80, srgb=13, compat=10) kernel: the whole pipeline (build the CRF, add both kernels, which
   builds the lattices, run inference) for ``crf.densecrf`` and for ``pydensecrf`` in the same
   process, timed alternately (ours, peer, ours, ...), their time ratio, label agreement and max |Q
-  difference|. Our lattice cache is cleared before every run, so both build every lattice.
+  difference|, and (JSON only) each side's minor page faults per pipeline. Our lattice cache is
+  cleared before every run, so both build every lattice.
 * "stream": the same pipeline over a stream of distinct same-size images (the photo rolled by a
   different offset each time), time per image: our appearance lattice is rebuilt for every image,
   the smoothness lattice (positions only, the same for every 512x512 image) comes from the cache.
@@ -20,6 +21,7 @@ Needs the test extras (pydensecrf2, scikit-image).
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from typing import Optional
@@ -76,6 +78,16 @@ def _cold(dcrf, img, unary, n):
     return _pipeline(dcrf, img, unary, n)
 
 
+def _page_faults(fn, repeats: int = 3) -> int:
+    """Median minor page faults (first touches of fresh memory, ``getrusage``) of one ``fn()`` call."""
+    counts = []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(counts)[len(counts) // 2]
+
+
 def _stream_time(dcrf, img, unary, n, count: int) -> float:
     """Seconds per image over ``count`` distinct images (one untimed image first)."""
     frames = [np.ascontiguousarray(np.roll(img, 17 * (i + 1), axis=1)) for i in range(count + 1)]
@@ -130,8 +142,10 @@ def main(argv=None) -> int:
                           agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
                           max_abs_q_diff=float(np.abs(q_ours - q_peer).max()))
             size = f"{img.shape[0]}x{img.shape[1]}"
+            faults = dict(ours_page_faults=_page_faults(lambda: _cold(ours, img, unary, n)),
+                          peer_page_faults=_page_faults(lambda: _pipeline(peer, img, unary, n)))
             rows.append(dict(name=f"{name} {size} L={n} 5 iters, cold", ours_s=t_ours, peer_s=t_peer,
-                             ratio=t_ours / t_peer, **common))
+                             ratio=t_ours / t_peer, **common, **faults))
             print(f"  {rows[-1]['name']}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr, flush=True)
             s_ours = _stream_time(ours, img, unary, n, args.repeats + 1)
             s_peer = _stream_time(peer, img, unary, n, args.repeats + 1)

@@ -49,6 +49,8 @@ def test_other_benchmarks_quick(name, extra, tmp_path):
     if name == "crf":
         agreeing = [r for r in rows if "agreement" in r]  # the per-stage rows carry times only
         assert len(agreeing) >= 10 and all(r["agreement"] >= 0.98 for r in agreeing)
+        cold = [r for r in rows if r["name"].endswith("cold") and "agreement" in r]
+        assert cold and all(r["ours_page_faults"] >= 0 and r["peer_page_faults"] >= 0 for r in cold)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="measures on the GPU when one is present")
