@@ -68,10 +68,7 @@ def _softmax_labels(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torc
     """
     if x.shape[1] <= 4:
         return torch.softmax(x.T, dim=0).T.contiguous()
-    if out is None:
-        return torch.softmax(x, dim=1)
-    torch.sub(x, x.amax(1, keepdim=True), out=out).exp_()
-    return out.div_(out.sum(1, keepdim=True))
+    return torch.softmax(x, dim=1, out=out)
 
 
 class _Pairwise:
