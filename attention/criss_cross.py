@@ -35,7 +35,8 @@ class CrissCrossAttention(nn.Module):
 
     def __init__(self, in_channels: int, reduction: int = 8, key_channels: Optional[int] = None):
         super().__init__()
-        for name, val in (("in_channels", in_channels), ("reduction", reduction), ("key_channels", key_channels)):
+        sizes = (("in_channels", in_channels), ("reduction", reduction), ("key_channels", key_channels))
+        for name, val in sizes:
             if val is None and name == "key_channels":
                 continue
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:

@@ -83,7 +83,8 @@ def attention_graph(batch: int, heads: int, n: int, m: int, key_padding_mask: Op
         _check_mask("attn_mask", attn_mask)
         if attn_mask.dim() == 2:
             if tuple(attn_mask.shape) != (n, m):
-                raise ValueError(f"attn_mask must have shape (L, S) = ({n}, {m}), got {tuple(attn_mask.shape)}")
+                raise ValueError(f"attn_mask must have shape (L, S) = ({n}, {m}), got "
+                                 f"{tuple(attn_mask.shape)}")
             am = attn_mask
         elif attn_mask.dim() == 3:
             want = (math.prod(lead), n, m)
@@ -160,7 +161,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                             f"(torch.nn.MultiheadAttention outside it refuses them too)")
         if x.dim() not in (2, 3) or x.shape[-1] != width:
             layout = "(B, L, E)" if self.batch_first else "(L, B, E)"
-            raise ValueError(f"{name} must have shape {layout} or (L, E) with E = {width}, got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have shape {layout} or (L, E) with E = {width}, got "
+                             f"{tuple(x.shape)}")
         w = self.out_proj.weight
         if x.dtype != w.dtype and not torch.is_autocast_enabled():
             raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {w.dtype}")
@@ -178,7 +180,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Attend from ``query`` to ``key``/``value``; torch.nn.MultiheadAttention.forward's contract.
 
@@ -206,8 +209,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError(f"query, key and value must all be batched or all unbatched, got shapes "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
         if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask and needs attn_mask too "
-                             "(as torch.nn.MultiheadAttention); e.g. "
+            raise ValueError("is_causal=True is a hint that attn_mask is the causal mask and needs attn_mask "
+                             "too (as torch.nn.MultiheadAttention); e.g. "
                              "nn.Transformer.generate_square_subsequent_mask(L)")
         batched = query.dim() == 3
         q, k, v = self._projections(query, key, value)
@@ -223,8 +226,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         b, n, e = q.shape
         if k.shape[:2] != v.shape[:2] or k.shape[0] != b:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (batch, length) "
-                             f"with query {tuple(query.shape)} (batch_first={self.batch_first})")
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (batch, "
+                             f"length) with query {tuple(query.shape)} (batch_first={self.batch_first})")
         m = k.shape[1]
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(b, 1, e)], dim=1)
@@ -236,7 +239,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(b, h, 1, hd)], dim=2)
         m_all = k.shape[2]
         causal = bool(is_causal) and key_padding_mask is None and not need_weights
-        graph = attention_graph(b, h, n, m, key_padding_mask, attn_mask, extra_keys=m_all - m, is_causal=causal)
+        graph = attention_graph(b, h, n, m, key_padding_mask, attn_mask, extra_keys=m_all - m,
+                                is_causal=causal)
 
         p = self.dropout if self.training else 0.0
         if need_weights:
@@ -261,5 +265,5 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
-                f"add_bias_kv={self.bias_k is not None}, add_zero_attn={self.add_zero_attn}, kdim={self.kdim}, "
-                f"vdim={self.vdim}, batch_first={self.batch_first}")
+                f"add_bias_kv={self.bias_k is not None}, add_zero_attn={self.add_zero_attn}, "
+                f"kdim={self.kdim}, vdim={self.vdim}, batch_first={self.batch_first}")

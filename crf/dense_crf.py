@@ -110,12 +110,12 @@ class DenseCRF(nn.Module):
                 raise ValueError(f"compatibility must be a float ({num_labels}, {num_labels}) tensor, got "
                                  f"{compatibility.dtype} {tuple(compatibility.shape)}")
             if not all_finite(compatibility.detach()):
-                raise ValueError(f"compatibility must be finite, got a ({num_labels}, {num_labels}) tensor with "
-                                 f"NaN or Inf entries")
+                raise ValueError(f"compatibility must be finite, got a ({num_labels}, {num_labels}) tensor "
+                                 f"with NaN or Inf entries")
             mu = compatibility.detach().clone()
         else:
-            raise TypeError(f"compatibility must be 'potts' or a float ({num_labels}, {num_labels}) tensor, got "
-                            f"{type(compatibility).__name__} {compatibility!r}")
+            raise TypeError(f"compatibility must be 'potts' or a float ({num_labels}, {num_labels}) tensor, "
+                            f"got {type(compatibility).__name__} {compatibility!r}")
         weights = torch.tensor([float(w_appearance), float(w_smoothness)])
         if trainable:
             self.kernel_weights = nn.Parameter(weights)

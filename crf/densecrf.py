@@ -104,8 +104,8 @@ def _unary_energy(name: str, u, shape: Optional[tuple] = None) -> torch.Tensor:
         bad = torch.isnan(t) | (t == -np.inf)
         if bool(bad.any()):
             lab, var = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name} contains NaN or -inf (first at label {lab}, variable {var}); energies are "
-                             f"-log(probability): +inf (probability 0) is allowed, NaN and -inf are not")
+            raise ValueError(f"{name} contains NaN or -inf (first at label {lab}, variable {var}); energies "
+                             f"are -log(probability): +inf (probability 0) is allowed, NaN and -inf are not")
         dead = torch.isinf(t).all(0).nonzero()[:, 0]
         if dead.numel():
             raise ValueError(f"{name} is +inf for every label at {dead.numel()} variable(s) (first: "

@@ -20,7 +20,8 @@ __all__ = ["unary_from_labels", "unary_from_softmax", "compute_unary", "softmax_
 def _scales(name: str, values) -> tuple:
     """Bandwidths: positive finite numbers (a zero would make every feature infinite)."""
     vals = tuple(values)
-    bad = [v for v in vals if isinstance(v, bool) or not isinstance(v, Number) or not math.isfinite(v) or v <= 0]
+    bad = [v for v in vals
+           if isinstance(v, bool) or not isinstance(v, Number) or not math.isfinite(v) or v <= 0]
     if bad:
         raise ValueError(f"{name} must be positive finite numbers, got {vals!r}")
     return vals
@@ -63,7 +64,8 @@ def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
 
 def compute_unary(labels, M, GT_PROB=0.5):
     """Deprecated (as in pydensecrf): ``unary_from_labels(labels, M, GT_PROB)``."""
-    warnings.warn("compute_unary is deprecated, use unary_from_labels instead", DeprecationWarning, stacklevel=2)
+    warnings.warn("compute_unary is deprecated, use unary_from_labels instead", DeprecationWarning,
+                  stacklevel=2)
     return unary_from_labels(labels, M, GT_PROB)
 
 
@@ -78,12 +80,13 @@ def unary_from_softmax(sm, scale=None, clip=1e-5):
     """
     sm = np.asarray(sm)
     if sm.ndim < 1 or sm.dtype.kind not in "fiu" or sm.dtype == np.bool_:
-        raise ValueError(f"sm must be a real array with classes on axis 0, got shape {sm.shape}, dtype {sm.dtype}")
+        raise ValueError(f"sm must be a real array with classes on axis 0, got shape {sm.shape}, "
+                         f"dtype {sm.dtype}")
     if np.isnan(sm).any():
         raise ValueError(f"sm contains NaN (shape {sm.shape})")
     if clip is None and ((sm < 0).any() or np.isinf(sm).any()):
-        raise ValueError("with clip=None, sm must hold finite probabilities >= 0 (-log of a negative or infinite "
-                         "probability is NaN / -inf)")
+        raise ValueError("with clip=None, sm must hold finite probabilities >= 0 (-log of a negative or "
+                         "infinite probability is NaN / -inf)")
     num_cls = sm.shape[0]
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, Number) or not 0 < scale <= 1:
@@ -96,7 +99,9 @@ def unary_from_softmax(sm, scale=None, clip=1e-5):
 
 
 def softmax_to_unary(sm, GT_PROB=1):
-    """Deprecated (as in pydensecrf): ``unary_from_softmax(sm, None if GT_PROB == 1 else GT_PROB, clip=None)``."""
+    """Deprecated (as in pydensecrf): ``unary_from_softmax(sm, scale, clip=None)``.
+
+    ``scale`` is None for ``GT_PROB == 1``, else GT_PROB."""
     warnings.warn("softmax_to_unary is deprecated, use unary_from_softmax instead", DeprecationWarning,
                   stacklevel=2)
     return unary_from_softmax(sm, None if GT_PROB == 1 else GT_PROB, clip=None)

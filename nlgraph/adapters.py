@@ -203,7 +203,8 @@ def mha_to_nonlocal(mha, dim: int = 2) -> _NonLocalNd:
         raise ValueError(f"mha_to_nonlocal needs one head and kdim = vdim = embed_dim, got num_heads="
                          f"{mha.num_heads}, kdim={mha.kdim}, vdim={mha.vdim}, embed_dim={mha.embed_dim}")
     if mha.bias_k is not None or mha.add_zero_attn:
-        raise ValueError("mha_to_nonlocal: add_bias_kv / add_zero_attn append keys a non-local block does not have")
+        raise ValueError("mha_to_nonlocal: add_bias_kv / add_zero_attn append keys a non-local block does "
+                         "not have")
     e = mha.embed_dim
     ref = mha.out_proj.weight
     block = _BLOCKS[dim](e, inter_channels=e, mode="embedded_gaussian", sub_sample=False, bn_layer=False,
@@ -227,7 +228,8 @@ def _check_layout(layout: Any, known: tuple) -> None:
         raise ValueError(f"layout must be one of {known}, got {layout!r}")
 
 
-def _find_prefix(sd: Mapping[str, Any], prefix: Optional[str], probes: list[tuple[str, str]], what: str) -> str:
+def _find_prefix(sd: Mapping[str, Any], prefix: Optional[str], probes: list[tuple[str, str]],
+                 what: str) -> str:
     """The key prefix of one block in ``sd``: ``prefix`` (normalised to end in '.'), or found from probes.
 
     A probe (a, b) matches prefix P when both P + a and P + b are keys."""
@@ -251,7 +253,8 @@ def _find_prefix(sd: Mapping[str, Any], prefix: Optional[str], probes: list[tupl
         sample = sorted(sd)[:6]
         raise ValueError(f"no {what} found in the state_dict (looked for keys ending in "
                          f"{sorted({a for a, _ in probes})}); its keys start with {sample}")
-    raise ValueError(f"the state_dict holds several {what}s, at prefixes {sorted(found)}; pass prefix= to pick one")
+    raise ValueError(f"the state_dict holds several {what}s, at prefixes {sorted(found)}; pass prefix= to "
+                     f"pick one")
 
 
 def _mmcv_norm(norm_cfg: Optional[Mapping], recorded: Optional[str]) -> Optional[dict]:
@@ -261,18 +264,23 @@ def _mmcv_norm(norm_cfg: Optional[Mapping], recorded: Optional[str]) -> Optional
                         f"got {type(norm_cfg).__name__}")
     if norm_cfg is None:
         if recorded == "gn":
-            raise ValueError("the state_dict has a GroupNorm (conv_out.gn.*) whose number of groups its weights do "
-                             "not record: pass norm_cfg=dict(type='GN', num_groups=...) as the model's config does")
-        return None if recorded is None else {"kind": "bn", "eps": 1e-5, "momentum": 0.1, "requires_grad": True}
+            raise ValueError("the state_dict has a GroupNorm (conv_out.gn.*) whose number of groups its "
+                             "weights do not record: pass norm_cfg=dict(type='GN', num_groups=...) as the "
+                             "model's config does")
+        if recorded is None:
+            return None
+        return {"kind": "bn", "eps": 1e-5, "momentum": 0.1, "requires_grad": True}
     cfg = dict(norm_cfg)
     kind_name = cfg.pop("type", None)
     kind = {"BN": "bn", "BN1d": "bn", "BN2d": "bn", "BN3d": "bn", "SyncBN": "bn", "GN": "gn"}.get(kind_name)
     if kind is None:
         raise ValueError(f"norm_cfg type must be one of BN, BN1d, BN2d, BN3d, SyncBN, GN, got {kind_name!r}")
     if recorded != kind:
-        has = "no norm (conv_out.conv.bias, no conv_out.bn/gn)" if recorded is None else f"conv_out.{recorded}.*"
+        has = ("no norm (conv_out.conv.bias, no conv_out.bn/gn)" if recorded is None
+               else f"conv_out.{recorded}.*")
         raise ValueError(f"norm_cfg type {kind_name!r} contradicts the state_dict, which records {has}")
-    out = {"kind": kind, "eps": float(cfg.pop("eps", 1e-5)), "requires_grad": bool(cfg.pop("requires_grad", True))}
+    out = {"kind": kind, "eps": float(cfg.pop("eps", 1e-5)),
+           "requires_grad": bool(cfg.pop("requires_grad", True))}
     if kind == "bn":
         out["momentum"] = cfg.pop("momentum", 0.1)
     else:
@@ -286,7 +294,8 @@ def _mmcv_norm(norm_cfg: Optional[Mapping], recorded: Optional[str]) -> Optional
     return out
 
 
-def _layout_keys(layout: str, mode: str, sub_sample: bool, norm: Optional[str]) -> list[tuple[str, str, bool]]:
+def _layout_keys(layout: str, mode: str, sub_sample: bool,
+                 norm: Optional[str]) -> list[tuple[str, str, bool]]:
     """(our key, the layout's key, required) for every tensor of a block."""
     nest = ".0" if sub_sample else ""
     pairs: list[tuple[str, str, bool]] = []
@@ -295,7 +304,8 @@ def _layout_keys(layout: str, mode: str, sub_sample: bool, norm: Optional[str]) 
         pairs.append((ours, theirs, required))
 
     conv = "" if layout in ("non_local_pytorch", "timm") else ".conv"
-    names = {"theta": "t", "phi": "p", "g": "g"} if layout == "timm" else {n: n for n in ("theta", "phi", "g")}
+    names = ({"theta": "t", "phi": "p", "g": "g"} if layout == "timm"
+             else {n: n for n in ("theta", "phi", "g")})
     for ours in ("g", "theta", "phi"):
         if ours != "g" and mode == "gaussian":
             continue
@@ -303,7 +313,8 @@ def _layout_keys(layout: str, mode: str, sub_sample: bool, norm: Optional[str]) 
         for s in ("weight", "bias"):
             add(f"{ours}.{s}", f"{names[ours]}{pooled}{conv}.{s}")
     if mode == "concatenation":
-        add("concat_project", "concat_project.0.weight" if layout == "non_local_pytorch" else "concat_project.conv.weight")
+        add("concat_project",
+            "concat_project.0.weight" if layout == "non_local_pytorch" else "concat_project.conv.weight")
     if layout == "non_local_pytorch":
         if norm is None:
             add("W.weight", "W.weight")
@@ -333,7 +344,8 @@ def _layout_keys(layout: str, mode: str, sub_sample: bool, norm: Optional[str]) 
 
 _G_KEYS = {"non_local_pytorch": ("g.weight", "g.0.weight"), "mmcv": ("g.conv.weight", "g.0.conv.weight"),
            "timm": ("g.weight",)}
-_OUT_KEYS = {"non_local_pytorch": ("W.weight", "W.0.weight"), "mmcv": ("conv_out.conv.weight",), "timm": ("z.weight",)}
+_OUT_KEYS = {"non_local_pytorch": ("W.weight", "W.0.weight"), "mmcv": ("conv_out.conv.weight",),
+             "timm": ("z.weight",)}
 _DEFAULT_SCALE = {"non_local_pytorch": False, "mmcv": True, "timm": True}
 
 
@@ -344,8 +356,9 @@ def _layout_scale(layout: str, use_scale: bool, in_channels: int, inter_channels
     return in_channels ** -0.5 if layout == "timm" else inter_channels ** -0.5
 
 
-def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[str], sub_sample: Optional[bool],
-                 use_scale: Optional[bool], prefix: Optional[str], norm_cfg: Optional[Mapping]):
+def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[str],
+                 sub_sample: Optional[bool], use_scale: Optional[bool], prefix: Optional[str],
+                 norm_cfg: Optional[Mapping]):
     """Parse a layout's block: (our state_dict (copies), the block's constructor arguments, norm config)."""
     _check_layout(layout, NONLOCAL_LAYOUTS)
     if not isinstance(state_dict, Mapping):
@@ -381,8 +394,8 @@ def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[s
         if (phi_pooled in sd and not pooled) or (phi_plain in sd and pooled):
             g_key = g_keys[1] if pooled else g_keys[0]
             phi_key = phi_pooled if phi_pooled in sd else phi_plain
-            raise ValueError(f"the {layout} state_dict{where} is inconsistent: {g_key!r} says sub_sample={pooled} "
-                             f"but {phi_key!r} says sub_sample={not pooled}")
+            raise ValueError(f"the {layout} state_dict{where} is inconsistent: {g_key!r} says "
+                             f"sub_sample={pooled} but {phi_key!r} says sub_sample={not pooled}")
     # mode: gaussian has no theta/phi, concatenation has concat_project; the rest needs mode=
     theta_key = {"non_local_pytorch": "theta.weight", "mmcv": "theta.conv.weight", "timm": "t.weight"}[layout]
     concat = any(k.startswith("concat_project.") for k in sd)
@@ -390,11 +403,13 @@ def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[s
     if layout == "timm":
         recorded = "embedded_gaussian"
     if mode is not None and recorded is not None and mode != recorded:
-        raise ValueError(f"mode={mode!r} contradicts the {layout} state_dict{where}, which records {recorded!r} ("
-                         + ("timm's NonLocalAttn is embedded gaussian" if layout == "timm" else
-                            "no theta convolution" if recorded == "gaussian" else "a concat_project") + ")")
+        why = ("timm's NonLocalAttn is embedded gaussian" if layout == "timm" else
+               "no theta convolution" if recorded == "gaussian" else "a concat_project")
+        raise ValueError(f"mode={mode!r} contradicts the {layout} state_dict{where}, which records "
+                         f"{recorded!r} ({why})")
     if mode == "concatenation" and not concat:
-        raise ValueError(f"mode='concatenation' contradicts the {layout} state_dict{where}: it has no concat_project")
+        raise ValueError(f"mode='concatenation' contradicts the {layout} state_dict{where}: it has no "
+                         f"concat_project")
     mode = mode or recorded or "embedded_gaussian"
     # the norm after W
     if layout == "non_local_pytorch":
@@ -403,7 +418,8 @@ def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[s
     elif layout == "timm":
         norm_kind, norm = "bn", {"kind": "bn"}
     else:
-        kinds = sorted({k.split(".")[1] for k in sd if k.startswith("conv_out.") and k.count(".") >= 2} - {"conv"})
+        kinds = sorted({k.split(".")[1] for k in sd if k.startswith("conv_out.") and k.count(".") >= 2}
+                       - {"conv"})
         if len(kinds) > 1 or (kinds and kinds[0] not in ("bn", "gn")):
             raise ValueError(f"conv_out norm {kinds} not understood{where}: mmcv names BatchNorm 'bn' and "
                              f"GroupNorm 'gn'")
@@ -413,8 +429,8 @@ def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[s
     pairs = _layout_keys(layout, mode, pooled, norm_kind)
     missing = [theirs for _, theirs, required in pairs if required and theirs not in sd]
     if missing:
-        raise ValueError(f"the {layout} state_dict{where} lacks {[pre + k for k in missing]} (expected for mode "
-                         f"{mode!r}, sub_sample={pooled}, norm={norm_kind})")
+        raise ValueError(f"the {layout} state_dict{where} lacks {[pre + k for k in missing]} (expected for "
+                         f"mode {mode!r}, sub_sample={pooled}, norm={norm_kind})")
     unknown = sorted(set(sd) - {theirs for _, theirs, _ in pairs})
     if unknown:
         raise ValueError(f"keys not understood for layout {layout!r} (mode {mode!r}, sub_sample={pooled}, "
@@ -440,7 +456,7 @@ def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[s
         use_scale = _DEFAULT_SCALE[layout]
     ours_scale = use_scale and layout != "timm"
     if layout == "timm" and use_scale and mode == "embedded_gaussian":
-        # timm multiplies the logits by in_channels ** -0.5; fold that into theta (the block has use_scale=False)
+        # timm multiplies the logits by in_channels ** -0.5: folded into theta (the block has use_scale=False)
         s = _layout_scale("timm", True, c, d)
         out["theta.weight"].mul_(s)
         out["theta.bias"].mul_(s)
@@ -451,7 +467,8 @@ def _read_layout(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[s
 
 def nonlocal_state_dict(state_dict: Mapping[str, Tensor], layout: str, mode: Optional[str] = None,
                         sub_sample: Optional[bool] = None, use_scale: Optional[bool] = None, *,
-                        prefix: Optional[str] = None, norm_cfg: Optional[Mapping] = None) -> dict[str, Tensor]:
+                        prefix: Optional[str] = None,
+                        norm_cfg: Optional[Mapping] = None) -> dict[str, Tensor]:
     """Convert a public implementation's non-local state_dict to this library's layout (copies).
 
     Args:
@@ -502,14 +519,15 @@ def nonlocal_from_state_dict(state_dict: Mapping[str, Tensor], layout: str, mode
     expected = block.state_dict()
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"{k}: the state_dict's tensor has shape {tuple(v.shape)}, a block with in_channels="
-                             f"{arch['in_channels']}, inter_channels={arch['inter_channels']} needs "
-                             f"{tuple(expected[k].shape)}")
+            raise ValueError(f"{k}: the state_dict's tensor has shape {tuple(v.shape)}, a block with "
+                             f"in_channels={arch['in_channels']}, inter_channels={arch['inter_channels']} "
+                             f"needs {tuple(expected[k].shape)}")
     block.load_state_dict(sd)
     return block
 
 
-def nonlocal_to_state_dict(block: _NonLocalNd, layout: str, use_scale: Optional[bool] = None) -> dict[str, Tensor]:
+def nonlocal_to_state_dict(block: _NonLocalNd, layout: str,
+                           use_scale: Optional[bool] = None) -> dict[str, Tensor]:
     """Export a block to a public layout's state_dict (copies), for the peer's ``load_state_dict``.
 
     Args:
@@ -525,7 +543,8 @@ def nonlocal_to_state_dict(block: _NonLocalNd, layout: str, use_scale: Optional[
     """
     _check_layout(layout, NONLOCAL_LAYOUTS)
     if not isinstance(block, _NonLocalNd):
-        raise TypeError(f"nonlocal_to_state_dict expects a NonLocal1d/2d/3d block, got {type(block).__name__}")
+        raise TypeError(f"nonlocal_to_state_dict expects a NonLocal1d/2d/3d block, got "
+                        f"{type(block).__name__}")
     if use_scale is not None and not isinstance(use_scale, bool):
         raise TypeError(f"use_scale must be None or a bool, got {use_scale!r}")
     use_scale = _DEFAULT_SCALE[layout] if use_scale is None else use_scale
@@ -535,14 +554,15 @@ def nonlocal_to_state_dict(block: _NonLocalNd, layout: str, use_scale: Optional[
     norm = None if norm_mod is None else "gn" if isinstance(norm_mod, nn.GroupNorm) else "bn"
     if layout == "timm":
         if block.dim != 2 or block.mode != "embedded_gaussian" or block.sub_sample or norm != "bn":
-            raise ValueError(f"timm's NonLocalAttn is a 2-D embedded-gaussian block without sub-sampling and with "
-                             f"BatchNorm; got {type(block).__name__}(mode={block.mode!r}, sub_sample="
+            raise ValueError(f"timm's NonLocalAttn is a 2-D embedded-gaussian block without sub-sampling and "
+                             f"with BatchNorm; got {type(block).__name__}(mode={block.mode!r}, sub_sample="
                              f"{block.sub_sample}, norm={norm})")
     if layout == "non_local_pytorch" and norm == "gn":
         raise ValueError("non_local_pytorch's W has BatchNorm or no norm, not GroupNorm")
     ours = {k: v.detach().clone() for k, v in block.state_dict().items()}
     if block.mode == "embedded_gaussian":
-        ratio = block.affinity().scale / _layout_scale(layout, use_scale, block.in_channels, block.inter_channels)
+        target = _layout_scale(layout, use_scale, block.in_channels, block.inter_channels)
+        ratio = block.affinity().scale / target
         if ratio != 1.0:
             ours["theta.weight"].mul_(ratio)
             ours["theta.bias"].mul_(ratio)
@@ -555,8 +575,8 @@ def nonlocal_to_state_dict(block: _NonLocalNd, layout: str, use_scale: Optional[
             if norm == "bn":  # BN(conv + b) == BN'(conv) with running_mean - b (batch statistics cancel b)
                 ours["W.1.running_mean"].sub_(t)
             elif bool((t != 0).any()):
-                raise ValueError("mmcv's conv_out has no bias before its GroupNorm, and a non-zero W[0].bias does "
-                                 "not fold into GroupNorm")
+                raise ValueError("mmcv's conv_out has no bias before its GroupNorm, and a non-zero W[0].bias "
+                                 "does not fold into GroupNorm")
             continue
         out[theirs] = t
     return out
@@ -593,8 +613,8 @@ def criss_cross_from_state_dict(state_dict: Mapping[str, Tensor], layout: str = 
         raise ValueError(f"keys not understood for layout {layout!r}: {unknown}")
     wq, wv, g = sd["query_conv.weight"], sd["value_conv.weight"], sd[gamma]
     if wq.dim() != 4 or wv.dim() != 4 or wv.shape[0] != wv.shape[1] or wq.shape[1] != wv.shape[1]:
-        raise ValueError(f"query_conv.weight {tuple(wq.shape)} / value_conv.weight {tuple(wv.shape)} are not the "
-                         f"1x1 convs (d, C, 1, 1) / (C, C, 1, 1) of a criss-cross module")
+        raise ValueError(f"query_conv.weight {tuple(wq.shape)} / value_conv.weight {tuple(wv.shape)} are not "
+                         f"the 1x1 convs (d, C, 1, 1) / (C, C, 1, 1) of a criss-cross module")
     if g.numel() != 1:
         raise ValueError(f"{gamma} must hold one number, got shape {tuple(g.shape)}")
     mod = _attention().CrissCrossAttention(wq.shape[1], key_channels=wq.shape[0]).to(wq.device, wq.dtype)

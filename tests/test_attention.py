@@ -248,7 +248,8 @@ def test_bad_input():
         m(x, x, x, attn_mask=torch.zeros(7, 7, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"is_causal=True .* needs attn_mask"):
         m(x, x, x, is_causal=True)
-    with pytest.raises(TypeError, match=r"query has dtype torch.float64 but the module's parameters are torch.float32"):
+    with pytest.raises(TypeError, match=r"query has dtype torch.float64 but the module's parameters are "
+                                        r"torch.float32"):
         m(x.double(), x, x)
     with pytest.raises(ValueError, match=r"must share \(batch, length\)"):
         m(x, x, torch.randn(2, 6, E))

@@ -97,7 +97,7 @@ class MmcvCrissCrossAttention(torch.nn.Module):
 
 
 class CCNetCrissCrossAttention(torch.nn.Module):
-    """speedinghzl/CCNet's pure-PyTorch CrissCrossAttention (cc.py): bmm energies, INF diagonal, gamma (1,)."""
+    """speedinghzl/CCNet's pure-PyTorch CrissCrossAttention (cc.py): bmm energies, INF diagonal, gamma."""
 
     def __init__(self, in_dim):
         super().__init__()
@@ -109,7 +109,8 @@ class CCNetCrissCrossAttention(torch.nn.Module):
 
     def forward(self, x):
         b, _, h, w = x.size()
-        inf = -torch.diag(torch.tensor(float("inf"), dtype=x.dtype).repeat(h), 0).unsqueeze(0).repeat(b * w, 1, 1)
+        inf = -torch.diag(torch.tensor(float("inf"), dtype=x.dtype).repeat(h), 0)
+        inf = inf.unsqueeze(0).repeat(b * w, 1, 1)
         q = self.query_conv(x)
         q_h = q.permute(0, 3, 1, 2).contiguous().view(b * w, -1, h).permute(0, 2, 1)
         q_w = q.permute(0, 2, 1, 3).contiguous().view(b * h, -1, w).permute(0, 2, 1)
@@ -129,7 +130,8 @@ class CCNetCrissCrossAttention(torch.nn.Module):
         return self.gamma * (out_h + out_w) + x
 
 
-@pytest.mark.parametrize("layout,cls", [("mmcv", MmcvCrissCrossAttention), ("ccnet", CCNetCrissCrossAttention)])
+@pytest.mark.parametrize("layout,cls", [("mmcv", MmcvCrissCrossAttention),
+                                        ("ccnet", CCNetCrissCrossAttention)])
 def test_peer_state_dicts_load_into_ours(layout, cls):
     from nlgraph.adapters import criss_cross_from_state_dict
 

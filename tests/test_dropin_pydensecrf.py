@@ -177,7 +177,8 @@ def test_unary_utilities_and_their_deprecated_names():
     labels = rng.integers(0, 5, size=(6, 7))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        np.testing.assert_array_equal(ours_utils.compute_unary(labels, 4, 0.7), pd_utils.compute_unary(labels, 4, 0.7))
+        np.testing.assert_array_equal(ours_utils.compute_unary(labels, 4, 0.7),
+                                      pd_utils.compute_unary(labels, 4, 0.7))
         np.testing.assert_array_equal(ours_utils.compute_unary(labels, 4), pd_utils.compute_unary(labels, 4))
     assert any("compute_unary is deprecated" in str(w.message) for w in caught)
     sm = rng.dirichlet(np.ones(3), size=(6, 7)).transpose(2, 0, 1)
@@ -187,9 +188,10 @@ def test_unary_utilities_and_their_deprecated_names():
         warnings.simplefilter("ignore", DeprecationWarning)
         for gt in (1, 0.8):
             with np.errstate(divide="ignore"):
-                np.testing.assert_array_equal(ours_utils.softmax_to_unary(sm, gt), pd_utils.softmax_to_unary(sm, gt))
+                np.testing.assert_array_equal(ours_utils.softmax_to_unary(sm, gt),
+                                              pd_utils.softmax_to_unary(sm, gt))
         assert np.isposinf(ours_utils.softmax_to_unary(sm)[0, :3]).all()
-    # probabilities a hair outside [0, 1] (float32 softmax, bilinear upsampling) are clipped, as pydensecrf does
+    # probabilities a hair outside [0, 1] (float32 softmax, bilinear upsampling) are clipped, as there
     hair = sm.astype(np.float32)
     hair[0, 1, 0], hair[1, 1, 1], hair[2, 2, 2] = -1e-7, 1.0 + 1e-6, -3e-3
     for scale, clip in ((None, 1e-5), (0.7, 1e-5), (None, 1e-3), (0.9, 0.2)):
@@ -209,7 +211,8 @@ def test_unary_utilities_and_their_deprecated_names():
     with pytest.raises(ValueError, match=r"sdims must be positive finite numbers, got \(3, 0\)"):
         ours_utils.create_pairwise_bilateral(sdims=(3, 0), schan=(1,), img=labels[..., None], chdim=2)
     with pytest.raises(ValueError, match=r"schan must be positive finite numbers"):
-        ours_utils.create_pairwise_bilateral(sdims=(3, 3), schan=(1, float("nan"), 1), img=np.zeros((4, 4, 3)), chdim=2)
+        ours_utils.create_pairwise_bilateral(sdims=(3, 3), schan=(1, float("nan"), 1),
+                                             img=np.zeros((4, 4, 3)), chdim=2)
 
 
 def test_const_and_logistic_unaries():
@@ -217,7 +220,7 @@ def test_const_and_logistic_unaries():
     n, nl = 30, 3
     u = rng.random((nl, n)).astype(np.float32) * 3
     f = rng.random((n, n)).astype(np.float32) / n
-    # grid features, as images give (sparse random points in 5-D are where the two lattices part: see the README)
+    # grid features, as images give (sparse random points in 5-D are where the lattices part: see the README)
     feats = pd_utils.create_pairwise_gaussian(sdims=(2, 2), shape=(5, 6))
     for setter in ("setUnaryEnergy(u)", "setUnary(ConstUnary(u))", "setUnaryEnergy(u, f)",
                    "setUnary(LogisticUnary(u, f))"):
@@ -242,7 +245,8 @@ def test_const_and_logistic_unaries():
     for _ in range(2):  # an instance serves several CRFs (pydensecrf's is moved into the first)
         d = ours.DenseCRF(n, nl)
         d.setUnary(one)
-        np.testing.assert_allclose(np.array(d.inference(0)), np.exp(-u) / np.exp(-u).sum(0), rtol=0, atol=8 * U32)
+        np.testing.assert_allclose(np.array(d.inference(0)), np.exp(-u) / np.exp(-u).sum(0), rtol=0,
+                                   atol=8 * U32)
     with pytest.raises(ValueError, match=r"Bad shape for unary energy \(need \(3, 30\), got \(3, 29\)\)"):
         ours.DenseCRF(n, nl).setUnary(ours.ConstUnary(u[:, :29]))
     with pytest.raises(TypeError, match=r"setUnary expects a ConstUnary or LogisticUnary, got ndarray"):
@@ -266,11 +270,11 @@ def test_integral_floats_for_sizes_and_niter():
     tol = q_tol(u, [3.0], 2, d=2)
     for args in ((4.0, 4, 2, 2.0), (np.float32(4), np.int64(4), 2.0, np.float64(2)), (4, 4, 2, np.int32(2))):
         compare(*run_both(script, *args), tol)
-    compare(np.array(pydensecrf.DenseCRF(16.0, 2.0).inference(1)), np.array(ours.DenseCRF(16.0, 2.0).inference(1)),
-            tol)
+    compare(pydensecrf.DenseCRF(16.0, 2.0).inference(1), ours.DenseCRF(16.0, 2.0).inference(1), tol)
     # pydensecrf truncates what is not integral (4.5 -> 4, 2.5 -> 2): a clear error here
     compare(np.array(script(pydensecrf, 4.5, 4, 2, 2.5)), np.array(script(ours, 4, 4, 2, 2)), tol)
-    with pytest.raises(ValueError, match=r"w must be an int >= 1, got 4.5 \(pydensecrf would silently truncate it\)"):
+    with pytest.raises(ValueError, match=r"w must be an int >= 1, got 4.5 \(pydensecrf would silently "
+                                         r"truncate it\)"):
         ours.DenseCRF2D(4.5, 4, 2)
     with pytest.raises(ValueError, match=r"niter must be an int >= 0, got 2.5"):
         script(ours, 4, 4, 2, 2.5)
@@ -356,7 +360,7 @@ def test_energies_pydensecrf_turns_into_nan_raise_here():
     d.setUnaryEnergy(v)
     d.addPairwiseGaussian(sxy=3, compat=3)
     nan_pixels = np.isnan(np.array(d.inference(2))).any(0)
-    assert nan_pixels[[11, 40]].all() and nan_pixels.sum() > 2  # and the lattice spreads the NaN to neighbours
+    assert nan_pixels[[11, 40]].all() and nan_pixels.sum() > 2  # the lattice spreads NaN to neighbours
     with pytest.raises(ValueError, match=r"unary energy is \+inf for every label at 2 variable\(s\) \(first: "
                                          r"\[11, 40\]\): such a variable has no possible label"):
         ours.DenseCRF2D(w, h, 3).setUnaryEnergy(v)
@@ -364,7 +368,7 @@ def test_energies_pydensecrf_turns_into_nan_raise_here():
         ours.ConstUnary(np.full((3, 4), np.nan))
 
 
-# ---------------------------------------------------------------- post-processing helpers as projects write them
+# ---------------------------------------------------------------- post-processing helpers as projects ship
 
 
 def unet_dense_crf(dcrf, img, output_probs):
@@ -455,3 +459,15 @@ def test_fortran_order_arrays():
         fortran_unary_crf(pydensecrf, img, unary)
     theirs = fortran_unary_crf(pydensecrf, img, np.ascontiguousarray(unary))
     compare(theirs, fortran_unary_crf(ours, img, unary), q_tol(unary, [3], 5, d=2))
+
+
+def test_crf_layer_compatibility_must_be_finite():
+    """crf.DenseCRF (the differentiable layer): a NaN compatibility is refused, naming the argument."""
+    import torch
+
+    from crf import DenseCRF
+
+    with pytest.raises(ValueError, match=r"compatibility must be finite, got a \(3, 3\) tensor with NaN"):
+        DenseCRF(3, compatibility=torch.full((3, 3), float("nan")))
+    with pytest.raises(TypeError, match=r"must be 'potts' or a float \(3, 3\) tensor, got float nan"):
+        DenseCRF(3, compatibility=float("nan"))

@@ -184,7 +184,8 @@ def test_transformer_encoder_stack_with_nested_tensor_fast_path(mode):
 def test_a_fast_path_refusal_reaches_our_forward():
     """Odd heads: the encoder layer's fast path declines and calls self_attn, as for torch's module."""
     torch.manual_seed(2)
-    theirs = nn.TransformerEncoderLayer(15, 3, dim_feedforward=8, batch_first=True, dtype=torch.float64).eval()
+    theirs = nn.TransformerEncoderLayer(15, 3, dim_feedforward=8, batch_first=True, dtype=torch.float64)
+    theirs.eval()
     ours = copy.deepcopy(theirs)
     ours.self_attn = mha_from_torch(ours.self_attn)
     calls = _run_both(theirs, ours, [_x(B, L, 15)], {}, grad=False)
