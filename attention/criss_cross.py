@@ -9,6 +9,8 @@ gamma starts at zero so a new module is the identity. CCNet applies the module R
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 import nlgraph
@@ -22,7 +24,8 @@ class CrissCrossAttention(nn.Module):
 
     Args:
         in_channels: C.
-        reduction: query/key width is max(1, C // reduction) (CCNet uses 8).
+        reduction: query/key width is max(1, C // reduction) (CCNet and mmcv use 8).
+        key_channels: the query/key width itself (overrides ``reduction``), e.g. read from weights.
 
     Attributes:
         query_conv, key_conv, value_conv: 1x1 convolutions (value keeps C channels).
@@ -30,13 +33,15 @@ class CrissCrossAttention(nn.Module):
         backend: the core op's backend ("auto").
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8):
+    def __init__(self, in_channels: int, reduction: int = 8, key_channels: Optional[int] = None):
         super().__init__()
-        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
-        d = max(1, in_channels // reduction)
+        sizes = (("in_channels", in_channels), ("reduction", reduction), ("key_channels", key_channels))
+        for name, val in sizes:
+            if val is None and name == "key_channels":
+                continue
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        d = max(1, in_channels // reduction) if key_channels is None else key_channels
         self.in_channels = in_channels
         self.query_conv = nn.Conv2d(in_channels, d, 1)
         self.key_conv = nn.Conv2d(in_channels, d, 1)

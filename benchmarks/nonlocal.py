@@ -53,7 +53,7 @@ def _setup(case: dict):
     from attention import MultiheadAttention
     from nlgraph.adapters import mha_to_torch
 
-    ours = MultiheadAttention(256, 8)
+    ours = MultiheadAttention(256, 8, batch_first=True)
     mod = ours if case["impl"] == "nlgraph" else mha_to_torch(ours)
     x = torch.randn(1, case["n"], 256, requires_grad=True)
     return lambda: mod(x, x, x, need_weights=False)[0].sum().backward()

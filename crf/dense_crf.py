@@ -109,9 +109,13 @@ class DenseCRF(nn.Module):
             if compatibility.shape != (num_labels, num_labels) or not compatibility.is_floating_point():
                 raise ValueError(f"compatibility must be a float ({num_labels}, {num_labels}) tensor, got "
                                  f"{compatibility.dtype} {tuple(compatibility.shape)}")
+            if not all_finite(compatibility.detach()):
+                raise ValueError(f"compatibility must be finite, got a ({num_labels}, {num_labels}) tensor "
+                                 f"with NaN or Inf entries")
             mu = compatibility.detach().clone()
         else:
-            raise TypeError(f"compatibility must be 'potts' or a tensor, got {type(compatibility).__name__}")
+            raise TypeError(f"compatibility must be 'potts' or a float ({num_labels}, {num_labels}) tensor, "
+                            f"got {type(compatibility).__name__} {compatibility!r}")
         weights = torch.tensor([float(w_appearance), float(w_smoothness)])
         if trainable:
             self.kernel_weights = nn.Parameter(weights)

@@ -15,9 +15,16 @@ backend, the same lattice pydensecrf runs (``backend = "chunked"`` on an instanc
 Gaussian sums instead). Kernel types (CONST/DIAG/FULL) only matter to pydensecrf's parameter
 learning; inference is the same for all three and all are accepted.
 
+Unaries: ``setUnaryEnergy(u)`` (energies -log p; +inf means "label impossible", as mean-field
+handles it in pydensecrf), ``setUnaryEnergy(L, f)`` (pydensecrf's logistic unary ``L @ f``) and
+``setUnary(ConstUnary(u))`` / ``setUnary(LogisticUnary(L, f))``. Sizes and ``niter`` take ints or
+integral floats (``DenseCRF2D(4.0, 4, 2)``, ``inference(2.0)``), as pydensecrf's ``int`` arguments do.
+
 Where pydensecrf crashes or silently misbehaves (wrong dtypes, wrong shapes, compatibility of the
-wrong length, NaN energies, images of the wrong size), this module raises ValueError/TypeError
-naming the argument and the shapes. Non-contiguous and float64 inputs are accepted (converted).
+wrong length, NaN or -inf energies, a pixel with every label impossible, non-integral sizes that it
+truncates, images of the wrong size), this module raises ValueError/TypeError naming the argument
+and the shapes. Non-contiguous and float64 inputs are accepted (converted); the README lists every
+deliberate difference.
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ import torch
 import nlgraph
 from nlgraph.core import all_finite
 
-__all__ = ["DenseCRF", "DenseCRF2D", "CONST_KERNEL", "DIAG_KERNEL", "FULL_KERNEL", "NO_NORMALIZATION",
-           "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"]
+__all__ = ["DenseCRF", "DenseCRF2D", "Unary", "ConstUnary", "LogisticUnary", "CONST_KERNEL", "DIAG_KERNEL",
+           "FULL_KERNEL", "NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"]
 
 # pydensecrf's enum values (KernelType, NormalizationType)
 CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
@@ -55,6 +62,54 @@ def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+def _count(name: str, val, minimum: int) -> int:
+    """An int argument (pydensecrf's C ``int``): ints, numpy ints and integral floats (4.0) are accepted."""
+    if isinstance(val, (bool, np.bool_)) or not isinstance(val, Number):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(val).__name__} {val!r}")
+    if not isinstance(val, (int, np.integer)):
+        try:
+            integral = float(val).is_integer()
+        except (TypeError, ValueError, OverflowError):
+            integral = False
+        if not integral:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {val!r} (pydensecrf would silently "
+                             f"truncate it)")
+    if int(val) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {val!r}")
+    return int(val)
+
+
+def _unary_energy(name: str, u, shape: Optional[tuple] = None) -> torch.Tensor:
+    """Unary energies as an owned float32 (n_labels, n_vars) tensor.
+
+    +inf (probability 0: the label is impossible) is valid, as in pydensecrf's mean field; NaN, -inf
+    and a variable whose every label is +inf (no possible label: pydensecrf returns NaN everywhere)
+    raise ValueError naming the first offending entries."""
+    if isinstance(u, torch.Tensor):
+        u = u.detach().cpu().numpy()
+    arr = np.asarray(u)
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_labels, n_vars), got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"Bad shape for {name} (need {shape}, got {arr.shape})")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    t = torch.tensor(np.array(arr, dtype=np.float32, order="C"))  # a copy: never a view of the caller's array
+    if not all_finite(t):
+        bad = torch.isnan(t) | (t == -np.inf)
+        if bool(bad.any()):
+            lab, var = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} contains NaN or -inf (first at label {lab}, variable {var}); energies "
+                             f"are -log(probability): +inf (probability 0) is allowed, NaN and -inf are not")
+        dead = torch.isinf(t).all(0).nonzero()[:, 0]
+        if dead.numel():
+            raise ValueError(f"{name} is +inf for every label at {dead.numel()} variable(s) (first: "
+                             f"{dead[:5].tolist()}): such a variable has no possible label")
     return t
 
 
@@ -137,6 +192,37 @@ class _Pairwise:
         return x.mul_(self.compat) if self.kind == "diagonal" else x @ self.compat.T
 
 
+class Unary:
+    """A unary term for :meth:`DenseCRF.setUnary` (pydensecrf's ``Unary``); holds (n_labels, n_vars) energies.
+
+    Unlike pydensecrf's (moved into the CRF on first use), an instance can be set on several CRFs."""
+
+    energy: torch.Tensor
+
+    def __init__(self, *_, **__):
+        if type(self) is Unary:
+            raise TypeError("Unary is abstract: use ConstUnary(u) or LogisticUnary(L, f)")
+
+
+class ConstUnary(Unary):
+    """Fixed unary energies u, (n_labels, n_vars): ``setUnary(ConstUnary(u))`` == ``setUnaryEnergy(u)``."""
+
+    def __init__(self, u):
+        self.energy = _unary_energy("unary energy", u)
+
+
+class LogisticUnary(Unary):
+    """pydensecrf's logistic unary: energies ``L @ f`` for L (n_labels, D) and features f (D, n_vars)."""
+
+    def __init__(self, L, f):
+        lm = _float_matrix("L", L).double()
+        fm = _float_matrix("f", f).double()
+        if lm.shape[1] != fm.shape[0]:
+            raise ValueError(f"LogisticUnary: L {tuple(lm.shape)} and f {tuple(fm.shape)} do not multiply "
+                             f"(need L (n_labels, D) and f (D, n_vars))")
+        self.energy = _unary_energy("unary energy L @ f", (lm @ fm).float())
+
+
 class DenseCRF:
     """A fully connected CRF over ``nvar`` variables with ``nlabels`` labels (pydensecrf's DenseCRF).
 
@@ -146,10 +232,7 @@ class DenseCRF:
     """
 
     def __init__(self, nvar: int, nlabels: int, *_, **__):
-        for name, val in (("nvar", nvar), ("nlabels", nlabels)):
-            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        self._nvar, self._nlabel = int(nvar), int(nlabels)
+        self._nvar, self._nlabel = _count("nvar", nvar, 1), _count("nlabels", nlabels, 1)
         self._unary: Optional[torch.Tensor] = None  # (N, L) energies
         self._pairwise: list[_Pairwise] = []
         self.backend = "permutohedral"
@@ -159,11 +242,23 @@ class DenseCRF:
         return self._nlabel
 
     def setUnaryEnergy(self, u, f=None) -> None:
-        """Set the unary energies U, (nlabels, nvar): -log probabilities."""
+        """Set the unary energies U, (nlabels, nvar): -log probabilities (+inf: label impossible).
+
+        With ``f``: pydensecrf's logistic unary, energies ``u @ f`` for u (nlabels, D) and f (D, nvar)
+        (pydensecrf's wrapper also insists on D = nvar)."""
         if f is not None:
-            raise ValueError("setUnaryEnergy(u, f): the logistic (learned) unary is not supported; "
-                             "pass precomputed energies u only")
-        self._unary = _float_matrix("unary energy", u, (self._nlabel, self._nvar)).T.contiguous()
+            self.setUnary(LogisticUnary(u, f))
+            return
+        self._unary = _unary_energy("unary energy", u, (self._nlabel, self._nvar)).T.contiguous()
+
+    def setUnary(self, u: Unary) -> None:
+        """Set the unary term from a :class:`ConstUnary` or :class:`LogisticUnary` (pydensecrf's setUnary)."""
+        if not isinstance(u, Unary):
+            raise TypeError(f"setUnary expects a ConstUnary or LogisticUnary, got {type(u).__name__}")
+        want = (self._nlabel, self._nvar)
+        if tuple(u.energy.shape) != want:
+            raise ValueError(f"Bad shape for unary energy (need {want}, got {tuple(u.energy.shape)})")
+        self._unary = u.energy.T.contiguous()
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
         """Add a Gaussian pairwise term over ``features`` (D, nvar) (already divided by their bandwidths)."""
@@ -194,8 +289,7 @@ class DenseCRF:
 
     def inference(self, niter: int) -> np.ndarray:
         """``niter`` mean-field steps from softmax(-U); returns Q as a float32 (nlabels, nvar) array."""
-        if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 0:
-            raise ValueError(f"niter must be an int >= 0, got {niter!r}")
+        niter = _count("niter", niter, 0)
         # four (N, L) buffers for the whole run: tmp1, the next q, a scratch and q's own (the new q is
         # written into the buffer q is not in)
         energy = self._energy()
@@ -237,7 +331,8 @@ class DenseCRF:
         q = self._marginals("Q", Q).double()
         kl = float((q * torch.log(q.clamp_min(1e-20))).sum())
         if self._unary is not None:
-            kl += float((self._unary.double() * q).sum())
+            # an impossible label (+inf energy) at Q = 0 contributes 0 (its limit), not inf * 0 = NaN
+            kl += float(torch.where(q > 0, self._unary.double() * q, 0.0).sum())
         for p in self._pairwise:
             kl += float((q * p.apply(q.float()).double()).sum())
         return kl
@@ -247,11 +342,9 @@ class DenseCRF2D(DenseCRF):
     """A dense CRF over a ``w`` x ``h`` image (pixel index j * w + i), as pydensecrf's DenseCRF2D."""
 
     def __init__(self, w: int, h: int, nlabels: int, *_, **__):
-        for name, val in (("w", w), ("h", h)):
-            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        super().__init__(int(w) * int(h), nlabels)
-        self._w, self._h = int(w), int(h)
+        w, h = _count("w", w, 1), _count("h", h, 1)
+        super().__init__(w * h, nlabels)
+        self._w, self._h = w, h
 
     def _grid(self) -> tuple[np.ndarray, np.ndarray]:
         j, i = np.meshgrid(np.arange(self._h, dtype=np.float32), np.arange(self._w, dtype=np.float32),

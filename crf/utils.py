@@ -1,16 +1,30 @@
 """Drop-in replacement for ``pydensecrf.utils``: unaries from labels / softmax, pairwise features.
 
-Same names, argument names, defaults and return shapes/dtypes (float32) as pydensecrf's utils;
-invalid arguments raise ValueError instead of asserting (asserts vanish under ``python -O``).
+Same names (the deprecated ``compute_unary`` and ``softmax_to_unary`` included), argument names,
+defaults and return shapes/dtypes (float32) as pydensecrf's utils; invalid arguments raise
+ValueError instead of asserting (asserts vanish under ``python -O``) or returning NaN energies.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from numbers import Number
 
 import numpy as np
 
-__all__ = ["unary_from_labels", "unary_from_softmax", "create_pairwise_gaussian", "create_pairwise_bilateral"]
+__all__ = ["unary_from_labels", "unary_from_softmax", "compute_unary", "softmax_to_unary",
+           "create_pairwise_gaussian", "create_pairwise_bilateral"]
+
+
+def _scales(name: str, values) -> tuple:
+    """Bandwidths: positive finite numbers (a zero would make every feature infinite)."""
+    vals = tuple(values)
+    bad = [v for v in vals
+           if isinstance(v, bool) or not isinstance(v, Number) or not math.isfinite(v) or v <= 0]
+    if bad:
+        raise ValueError(f"{name} must be positive finite numbers, got {vals!r}")
+    return vals
 
 
 def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
@@ -48,16 +62,34 @@ def unary_from_labels(labels, n_labels, gt_prob, zero_unsure=True):
     return u
 
 
+def compute_unary(labels, M, GT_PROB=0.5):
+    """Deprecated (as in pydensecrf): ``unary_from_labels(labels, M, GT_PROB)``."""
+    warnings.warn("compute_unary is deprecated, use unary_from_labels instead", DeprecationWarning,
+                  stacklevel=2)
+    return unary_from_labels(labels, M, GT_PROB)
+
+
 def unary_from_softmax(sm, scale=None, clip=1e-5):
-    """Unary energies -log(p), (n_classes, n_pixels) float32, from class probabilities (n_classes, ...)."""
+    """Unary energies -log(p), (n_classes, n_pixels) float32, from class probabilities (n_classes, ...).
+
+    As pydensecrf: ``scale`` mixes the probabilities with the uniform distribution, then ``clip``
+    clips them to [clip, 1] (so values a hair outside [0, 1] are fine). With ``clip=None`` a zero
+    probability gives a +inf energy (the label is impossible; DenseCRF accepts it). NaN
+    probabilities, and negative or infinite ones with ``clip=None``, raise ValueError (pydensecrf
+    returns NaN / -inf energies).
+    """
     sm = np.asarray(sm)
-    if sm.ndim < 1 or sm.dtype.kind not in "fiu":
-        raise ValueError(f"sm must be a real array with classes on axis 0, got shape {sm.shape}, dtype {sm.dtype}")
-    if not np.isfinite(sm).all() or (sm < 0).any():
-        raise ValueError("sm must hold finite, non-negative probabilities")
+    if sm.ndim < 1 or sm.dtype.kind not in "fiu" or sm.dtype == np.bool_:
+        raise ValueError(f"sm must be a real array with classes on axis 0, got shape {sm.shape}, "
+                         f"dtype {sm.dtype}")
+    if np.isnan(sm).any():
+        raise ValueError(f"sm contains NaN (shape {sm.shape})")
+    if clip is None and ((sm < 0).any() or np.isinf(sm).any()):
+        raise ValueError("with clip=None, sm must hold finite probabilities >= 0 (-log of a negative or "
+                         "infinite probability is NaN / -inf)")
     num_cls = sm.shape[0]
     if scale is not None:
-        if not 0 < scale <= 1:
+        if isinstance(scale, bool) or not isinstance(scale, Number) or not 0 < scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {scale!r}")
         sm = scale * sm + (1 - scale) * (np.ones(sm.shape) / num_cls)
     if clip is not None:
@@ -66,14 +98,21 @@ def unary_from_softmax(sm, scale=None, clip=1e-5):
         return -np.log(sm).reshape([num_cls, -1]).astype(np.float32)
 
 
+def softmax_to_unary(sm, GT_PROB=1):
+    """Deprecated (as in pydensecrf): ``unary_from_softmax(sm, scale, clip=None)``.
+
+    ``scale`` is None for ``GT_PROB == 1``, else GT_PROB."""
+    warnings.warn("softmax_to_unary is deprecated, use unary_from_softmax instead", DeprecationWarning,
+                  stacklevel=2)
+    return unary_from_softmax(sm, None if GT_PROB == 1 else GT_PROB, clip=None)
+
+
 def create_pairwise_gaussian(sdims, shape):
     """Position features (len(sdims), prod(shape)), float32: the grid (C order) divided by ``sdims``."""
     shape = tuple(shape)
-    sdims = tuple(sdims)
+    sdims = _scales("sdims", sdims)
     if len(sdims) != len(shape):
         raise ValueError(f"sdims has {len(sdims)} entries but shape {shape} has {len(shape)} dims")
-    if not all(isinstance(s, Number) and s > 0 for s in sdims):
-        raise ValueError(f"sdims must be positive numbers, got {sdims}")
     mesh = np.array(np.meshgrid(*[range(s) for s in shape], indexing="ij"), dtype=np.float32)
     for i, s in enumerate(sdims):
         mesh[i] /= s
@@ -95,14 +134,15 @@ def create_pairwise_bilateral(sdims, schan, img, chdim=-1):
         if not -img.ndim <= chdim < img.ndim:
             raise ValueError(f"chdim {chdim} is out of range for an image of shape {img.shape}")
         im_feat = np.rollaxis(img, chdim).astype(np.float32)
-    sdims = tuple(sdims)
+    sdims = _scales("sdims", sdims)
     if len(sdims) != im_feat.ndim - 1:
         raise ValueError(f"sdims has {len(sdims)} entries but the image has {im_feat.ndim - 1} spatial dims "
                          f"(shape {img.shape}, chdim={chdim})")
     if isinstance(schan, Number):
+        (schan,) = _scales("schan", (schan,))
         im_feat /= schan
     else:
-        schan = tuple(schan)
+        schan = _scales("schan", schan)
         if len(schan) != im_feat.shape[0]:
             raise ValueError(f"schan has {len(schan)} entries but the image has {im_feat.shape[0]} channels")
         for i, s in enumerate(schan):

@@ -121,15 +121,17 @@ def module_checks(seed: int = 0) -> list[Check]:
     theirs = mha_to_torch(ours)
     x = torch.randn(2, 16, 12, 10, dtype=torch.float64)
     checks.append(_compare("NonLocal2d (embedded gaussian) == our MultiheadAttention",
-                           lambda x: tokens(block(x)), lambda x: tokens(x) + ours(tokens(x))[0], (x,), tol))
+                           lambda x: tokens(block(x)), lambda x: tokens(x) + ours(*[tokens(x)] * 3)[0],
+                           (x,), tol))
     checks.append(_compare("our MultiheadAttention == torch.nn.MultiheadAttention",
-                           lambda x: ours(tokens(x))[0],
+                           lambda x: ours(*[tokens(x)] * 3, need_weights=False)[0],
                            lambda x: theirs(tokens(x), tokens(x), tokens(x), need_weights=False)[0], (x,), tol))
     clip = trained(NonLocal3d(8, sub_sample=False, bn_layer=False)).double()
     att = nonlocal_to_mha(clip)
     v = torch.randn(1, 8, 4, 6, 6, dtype=torch.float64)
     checks.append(_compare("NonLocal3d on a clip == attention over T*H*W tokens",
-                           lambda v: tokens(clip(v)), lambda v: tokens(v) + att(tokens(v))[0], (v,), tol))
+                           lambda v: tokens(clip(v)), lambda v: tokens(v) + att(*[tokens(v)] * 3)[0],
+                           (v,), tol))
     return checks
 
 
