@@ -24,7 +24,9 @@ affinity          f(q_i, k_j)                                canonical form     
 normalisation, C_i becomes sum_j w_ij, i.e. weights act as edge multiplicities).
 
 Parameters given as tensors (``scale``, ``bandwidth``, ``weight``) receive gradients: the lowering
-to the canonical form is ordinary autograd, outside any backend.
+to the canonical form is ordinary autograd, outside any backend. They stay the caller's tensors (an
+optimiser's in-place update is seen), so their values are checked at construction and again at every
+call (:meth:`Affinity.check_values`, eager mode only).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class Affinity:
         return ()
 
     def _checked(self) -> tuple[tuple[str, Tensor, bool], ...]:
-        """(name, tensor, must be > 0) for each tensor parameter whose values :meth:`check_values` checks."""
+        """(name, tensor, must be > 0) for each tensor parameter :meth:`check_values` checks."""
         return ()
 
     def check_values(self) -> None:
@@ -226,7 +228,8 @@ class Gaussian(Affinity):
         return (self.bandwidth,) if isinstance(self.bandwidth, Tensor) else ()
 
     def _checked(self):
-        return (("Gaussian(bandwidth)", self.bandwidth, True),) if isinstance(self.bandwidth, Tensor) else ()
+        b = self.bandwidth
+        return (("Gaussian(bandwidth)", b, True),) if isinstance(b, Tensor) else ()
 
     def scaled(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
         """The features in bandwidth units (q / b, k / b): fresh tensors (one when key is query)."""
@@ -351,7 +354,8 @@ class EdgeWeighted(Affinity):
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             raise TypeError("EdgeWeighted(weight) must be a floating-point tensor")
         if weight.dim() == 0:
-            raise ValueError("EdgeWeighted(weight) must be (E,) per edge or dense (..., N, M), got a 0-dim tensor")
+            raise ValueError("EdgeWeighted(weight) must be (E,) per edge or dense (..., N, M), got a 0-dim "
+                             "tensor")
         self.base = base
         self.weight = weight  # the caller's tensor: read (and re-checked) at every call
         self.kernel = base.kernel
@@ -361,7 +365,8 @@ class EdgeWeighted(Affinity):
 
     def _check_weight(self) -> None:
         if not finite_nonnegative(self.weight):
-            raise ValueError(f"EdgeWeighted(weight) must be finite and >= 0 (shape {tuple(self.weight.shape)})")
+            raise ValueError(f"EdgeWeighted(weight) must be finite and >= 0 (shape "
+                             f"{tuple(self.weight.shape)})")
 
     def check_values(self) -> None:
         self.base.check_values()

@@ -58,7 +58,7 @@ def _cmd_demo(args) -> int:
             return 2
     try:
         return demo.main(args)
-    except demo.FigureWriteError as err:  # the figure's folder or file became unwritable while the demo ran
+    except demo.FigureWriteError as err:  # the figure's folder became unwritable while the demo ran
         print(f"nlgraph demo: {err}", file=sys.stderr)
         return 2
 

@@ -95,7 +95,8 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
         validate_values(query, key, value, affinity, graph)
 
 
-def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph]) -> None:
+def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
+                    graph: Optional[Graph]) -> None:
     """The data-dependent checks, on the values the tensors hold now (one host sync each).
 
     NaN/Inf in query, key or value; the affinity's tensor parameters (finite, bandwidths > 0, edge
@@ -215,7 +216,8 @@ def _featureless(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
 
 def _nothing_to_aggregate(query: Tensor, key: Tensor, value: Tensor, graph: Optional[Graph]) -> bool:
     """True when the result is empty (an empty batch, N = 0 or e = 0) or no query has a key (M = 0)."""
-    return query.shape[-2] == 0 or key.shape[-2] == 0 or value.shape[-1] == 0 or 0 in _lead(query, key, value, graph)
+    return (query.shape[-2] == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
+            or 0 in _lead(query, key, value, graph))
 
 
 def _lead(query: Tensor, key: Tensor, value: Tensor, graph: Optional[Graph]) -> tuple[int, ...]:
@@ -225,7 +227,8 @@ def _lead(query: Tensor, key: Tensor, value: Tensor, graph: Optional[Graph]) -> 
     return tuple(torch.broadcast_shapes(*shapes))
 
 
-def _zeros_result(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph]) -> Tensor:
+def _zeros_result(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
+                  graph: Optional[Graph]) -> Tensor:
     """The result when there is nothing to sum: zeros of shape (..., N, e), as SDPA returns.
 
     An empty sum is 0 and a query without neighbours gets zeros (the op's convention), so the result

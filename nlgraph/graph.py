@@ -156,8 +156,13 @@ class Graph:
         self.validate(n, m, device)
         b = self.block(0, n, 0, m, device)
         if b is None:
-            return torch.ones(n, m, dtype=torch.bool, device=device)
-        return b if b.dtype == torch.bool else b > 0
+            out = torch.ones(n, m, dtype=torch.bool, device=device)
+        else:
+            out = b if b.dtype == torch.bool else b > 0
+        bias = self.dense_bias()
+        if bias is not None:  # a float mask's -inf removes the edge
+            out = out & (bias.detach() > -math.inf)
+        return out
 
     def __and__(self, other: "Graph") -> "Graph":
         if not isinstance(other, Graph):
@@ -228,8 +233,8 @@ class Mask(Graph):
 
     def _check_entries(self) -> None:
         if self.mask.is_floating_point() and not no_nan_or_posinf(self.mask):
-            raise ValueError(f"Mask(mask) float entries must be finite or -inf (no NaN, no +inf); the mask of shape "
-                             f"{tuple(self.mask.shape)} has one")
+            raise ValueError(f"Mask(mask) float entries must be finite or -inf (no NaN, no +inf); the mask "
+                             f"of shape {tuple(self.mask.shape)} has one")
 
     def check_values(self, n, m):
         self._check_entries()
@@ -290,7 +295,8 @@ def _check_grid_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     if isinstance(shape, int):
         shape = (shape,)
     shape = tuple(shape)
-    if not 1 <= len(shape) <= 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+    if not 1 <= len(shape) <= 3 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"{name}(shape) must be 1 to 3 positive ints, got {shape}")
     return shape
 
@@ -324,7 +330,7 @@ class _GridGraph(Graph):
             if not isinstance(order, Tensor) or order.dtype != torch.long or order.shape != (self.num_nodes,):
                 raise ValueError(f"{type(self).__name__}(order) must be an int64 permutation of shape "
                                  f"({self.num_nodes},), got {getattr(order, 'shape', order)}")
-            order = order.detach().to("cpu", copy=True)  # a private copy: the inverse below is derived from it
+            order = order.detach().to("cpu", copy=True)  # private: the inverse below is derived from it
             if not torch.equal(torch.sort(order).values, torch.arange(self.num_nodes)):
                 raise ValueError(f"{type(self).__name__}(order) must be a permutation of 0..{self.num_nodes - 1}")
             self.order = order
@@ -362,7 +368,8 @@ def _radius_tuple(radius, dims: int) -> tuple[int, ...]:
     out = []
     for x in items:
         if isinstance(x, bool) or isinstance(x, float) or not hasattr(x, "__index__"):
-            raise TypeError(f"LocalWindow(radius) must be an int or a sequence of {dims} ints, got {radius!r}")
+            raise TypeError(f"LocalWindow(radius) must be an int or a sequence of {dims} ints, "
+                            f"got {radius!r}")
         out.append(operator.index(x))
     if len(out) != dims or any(x < 0 for x in out):
         raise ValueError(f"LocalWindow(radius) must be an int >= 0 or {dims} of them, got {radius!r}")
@@ -467,9 +474,10 @@ class KNN(Graph):
             raise TypeError("KNN(index) must be an int64/int32 tensor of shape (..., N, k)")
         if index.dim() < 2:
             raise ValueError(f"KNN(index) must have shape (..., N, k), got {tuple(index.shape)}")
-        if num_keys is not None and (isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 0):
+        if num_keys is not None and (isinstance(num_keys, bool) or not isinstance(num_keys, int)
+                                     or num_keys < 0):
             raise ValueError(f"KNN(num_keys) must be None or an int >= 0, got {num_keys!r}")
-        self.index = index.detach().to(torch.long, copy=True)  # private: its bounds are checked once, below
+        self.index = index.detach().to(torch.long, copy=True)  # private: its bounds are checked once
         self.num_keys = num_keys
         self._max: Optional[int] = None
         if checking_values():
@@ -517,17 +525,17 @@ class KNN(Graph):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"KNN.from_points(chunk) must be a positive int, got {chunk!r}")
         if query_points.device != key_points.device:
-            raise ValueError(f"KNN.from_points: query_points are on {query_points.device} but key_points on "
-                             f"{key_points.device}")
+            raise ValueError(f"KNN.from_points: query_points are on {query_points.device} but key_points "
+                             f"on {key_points.device}")
         try:
             torch.broadcast_shapes(query_points.shape[:-2], key_points.shape[:-2])
         except RuntimeError:
-            raise ValueError(f"KNN.from_points: leading dims of query_points {tuple(query_points.shape)} and "
-                             f"key_points {tuple(key_points.shape)} do not broadcast") from None
+            raise ValueError(f"KNN.from_points: leading dims of query_points {tuple(query_points.shape)} "
+                             f"and key_points {tuple(key_points.shape)} do not broadcast") from None
         for name, pts in (("query_points", query_points), ("key_points", key_points)):
             if not all_finite(pts):
-                raise ValueError(f"KNN.from_points({name}) contains NaN or Inf (shape {tuple(pts.shape)}); "
-                                 f"nearest neighbours are undefined there")
+                raise ValueError(f"KNN.from_points({name}) contains NaN or Inf (shape "
+                                 f"{tuple(pts.shape)}); nearest neighbours are undefined there")
         n, m = query_points.shape[-2], key_points.shape[-2]
         k_eff = min(k, m - 1 if exclude_self else m)
         if k_eff < 1:
@@ -553,7 +561,8 @@ class KNN(Graph):
 
     def check_values(self, n, m):
         if self._bounds() >= m:
-            raise ValueError(f"KNN(index) refers to key {self._max} (num_keys={self.num_keys}) but there are M={m} keys")
+            raise ValueError(f"KNN(index) refers to key {self._max} (num_keys={self.num_keys}) but there "
+                             f"are M={m} keys")
 
     @property
     def lead_shape(self):
@@ -638,7 +647,8 @@ class EdgeIndex(Graph):
 
     def _check_weights(self) -> None:
         if self.edge_weight is not None and not finite_nonnegative(self.edge_weight):
-            raise ValueError(f"EdgeIndex(edge_weight) must be finite and >= 0 (shape {tuple(self.edge_weight.shape)})")
+            raise ValueError(f"EdgeIndex(edge_weight) must be finite and >= 0 (shape "
+                             f"{tuple(self.edge_weight.shape)})")
 
     def with_weight(self, edge_weight: Optional[Tensor]) -> "EdgeIndex":
         """The same edges with other (E,) weights, sharing this graph's sorted structure (no copy)."""
@@ -650,7 +660,8 @@ class EdgeIndex(Graph):
         if self.size is not None and tuple(self.size) != (m, n):
             raise ValueError(f"EdgeIndex(size) is {tuple(self.size)} but the inputs have (M, N) = ({m}, {n})")
         if self.edge_index.device != device:
-            raise ValueError(f"EdgeIndex(edge_index) is on {self.edge_index.device} but the inputs are on {device}")
+            raise ValueError(f"EdgeIndex(edge_index) is on {self.edge_index.device} but the inputs are "
+                             f"on {device}")
 
     def check_values(self, n, m):
         max_src, max_dst = self._bounds()
@@ -721,8 +732,8 @@ class Intersection(Graph):
         try:
             return tuple(torch.broadcast_shapes(*[g.lead_shape for g in self.graphs]))
         except RuntimeError:
-            raise ValueError(f"the members of {self!r} have batch dims {[g.lead_shape for g in self.graphs]} that "
-                             f"do not broadcast") from None
+            raise ValueError(f"the members of {self!r} have batch dims {[g.lead_shape for g in self.graphs]} "
+                             f"that do not broadcast") from None
 
     @property
     def block_requires_grad(self):
@@ -761,7 +772,7 @@ class Intersection(Graph):
                 extra = safe_log(w)[pos]
                 logw = extra if logw is None else logw + extra
             elif uniq.numel() and bool(counts.max() > 1):
-                # parallel unweighted edges in `other` (EdgeIndex duplicates): their multiplicity is a weight
+                # parallel unweighted edges in `other` (EdgeIndex duplicates): multiplicity is a weight
                 extra = torch.log(counts.to(torch.float64))[pos]
                 logw = extra if logw is None else logw + extra.to(logw.dtype)
             ei, code = ei[:, keep], code[keep]

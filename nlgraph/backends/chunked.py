@@ -68,7 +68,7 @@ def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
     if mask is not None and not bool(mask.any()):
         return None, None, None
     lin = tile_linear(p.form, i0, i1, j0, j1)
-    if lin.shape[:-2] != p.lead:  # batch dims only value or the graph has: the tile's scores are per batch entry
+    if lin.shape[:-2] != p.lead:  # batch dims that only value or the graph has: scores per batch entry
         lin = lin.expand(*p.lead, *lin.shape[-2:]).contiguous()
     return lin, mask, logw
 
@@ -130,8 +130,10 @@ class _ChunkedAggregate(torch.autograd.Function):
                     gw = g if ew is None else g * ew
                     acc = acc + (gw if keep is None else gw * keep) @ v
                     # C_i sums the weights of all tm keys, also when they broadcast over keys (width 1)
-                    den = den + ((j1 - j0) if ew is None else (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)
-                                                               ).expand_as(den))
+                    if ew is None:
+                        den = den + (j1 - j0)
+                    else:
+                        den = den + (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)).expand_as(den)
             if kernel == "exp":
                 safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
                 if norm == "sum":
