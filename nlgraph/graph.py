@@ -217,7 +217,8 @@ class Mask(Graph):
         mask: bool (..., N, M) (broadcastable; True = edge, as in
             :func:`torch.nn.functional.scaled_dot_product_attention`) or float (..., N, M): an
             additive log-weight on the scores (-inf removes the edge), which receives gradients.
-            For the count-normalised affinities a float mask b weights edges by exp(b).
+            For the count-normalised affinities a float mask b weights edges by exp(b). The
+            caller's tensor: every call reads (and checks) its current values.
     """
 
     def __init__(self, mask: Tensor):
@@ -463,7 +464,7 @@ class KNN(Graph):
 
     Args:
         index: int64 (..., N, k) key indices; -1 marks padding (fewer than k neighbours).
-            Repeated indices count once.
+            Repeated indices count once. Copied: later edits of the caller's tensor do not reach the graph.
         num_keys: M, if known (checked against the inputs).
 
     Use :meth:`KNN.from_points` to build the k nearest neighbours of point sets.
@@ -594,8 +595,10 @@ class EdgeIndex(Graph):
     Args:
         edge_index: int64 (2, E). Repeated edges add up (as PyG's sum aggregation does): with
             the softmax they count twice in numerator and denominator, with the count
-            normalisation twice in C.
-        edge_weight: optional (E,) non-negative weights (multiply f; 0 removes the edge).
+            normalisation twice in C. Copied (with its sort order and bounds): later edits of the
+            caller's tensor do not reach the graph.
+        edge_weight: optional (E,) non-negative weights (multiply f; 0 removes the edge and gives it
+            a zero gradient). The caller's tensor, read and re-checked at every call.
         size: optional (M, N) = (number of source nodes, number of target nodes), checked against
             the inputs.
     """

@@ -386,7 +386,13 @@ def _lowered_lead(case: Case) -> tuple[int, ...]:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float, atol: float) -> None:
-    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, elementwise."""
+    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, elementwise.
+
+    The absolute part scales with the tensor's largest entry: a gradient entry can be a cancelling sum
+    of terms as large as the others. In float64 (u = 2^-53 ~ 1.1e-16) the table's atol = 1e-10 is
+    ~1e6 u: sums of <= 27 terms up to 1e4 times the largest entry (exp of scores within +-10 after
+    the running max, weights <= 2, values ~ N(0, 1)) round by far less.
+    """
     expected = expected.detach().to(F64)
     actual = actual.detach().to(F64)
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
@@ -423,7 +429,7 @@ def check_case(case: Case, rtol: float, atol: float, backends: list[str]) -> Non
             _close(g, g_ref, f"d/d{name}, {what}", rtol, atol)
 
 
-@profile(examples=1000)
+@profile(examples=900)
 @given(cases())
 def test_every_backend_matches_the_formula(case: Case):
     """float64, every affinity x graph x weighting, every exact backend (chunked with 1-4 query/key tiles)."""
