@@ -24,7 +24,9 @@ affinity          f(q_i, k_j)                                canonical form     
 normalisation, C_i becomes sum_j w_ij, i.e. weights act as edge multiplicities).
 
 Parameters given as tensors (``scale``, ``bandwidth``, ``weight``) receive gradients: the lowering
-to the canonical form is ordinary autograd, outside any backend.
+to the canonical form is ordinary autograd, outside any backend. They stay the caller's tensors (an
+optimiser's in-place update is seen), so their values are checked at construction and again at every
+call (:meth:`Affinity.check_values`, eager mode only).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from ._values import all_finite, checking_values, finite_nonnegative
+from ._values import positive as _positive
 
 __all__ = [
     "Affinity",
@@ -76,16 +81,17 @@ class ScoreForm:
     clamp: Optional[float] = None
 
 
-def _check_scalar(name: str, value: Scalar, *, positive: bool) -> None:
+def _check_scalar(name: str, value: Scalar, *, positive: bool, scalar: bool = False) -> None:
+    """Type, shape and (in eager mode) value checks of one parameter; ``scalar``: one entry only."""
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
         if value.numel() == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
-        if not torch.isfinite(value.detach()).all():
-            raise ValueError(f"{name} must be finite")
-        if positive and not (value.detach() > 0).all():
-            raise ValueError(f"{name} must be > 0")
+        if scalar and value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (one entry), got shape {tuple(value.shape)}")
+        if checking_values():
+            _check_tensor_values(name, value, positive=positive)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
@@ -93,6 +99,14 @@ def _check_scalar(name: str, value: Scalar, *, positive: bool) -> None:
             raise ValueError(f"{name} must be > 0, got {value}")
     else:
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _check_tensor_values(name: str, value: Tensor, *, positive: bool) -> None:
+    if positive:
+        if not _positive(value):
+            raise ValueError(f"{name} must be finite and > 0 (shape {tuple(value.shape)})")
+    elif not all_finite(value):
+        raise ValueError(f"{name} must be finite (shape {tuple(value.shape)})")
 
 
 def _fmt(value: Scalar) -> str:
@@ -122,6 +136,19 @@ class Affinity:
         """Tensor parameters (for device checks)."""
         return ()
 
+    def _checked(self) -> tuple[tuple[str, Tensor, bool], ...]:
+        """(name, tensor, must be > 0) for each tensor parameter :meth:`check_values` checks."""
+        return ()
+
+    def check_values(self) -> None:
+        """Check the current values of the tensor parameters (finite; bandwidths > 0).
+
+        Parameters are the caller's tensors, so an in-place edit after construction is seen here.
+        Data-dependent: the core op runs it once per call in eager mode, not under ``torch.compile``.
+        """
+        for name, t, positive in self._checked():
+            _check_tensor_values(name, t, positive=positive)
+
     def form(self, query: Tensor, key: Tensor) -> ScoreForm:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -142,13 +169,14 @@ class Softmax(Affinity):
 
     def __init__(self, scale: Optional[Scalar] = None):
         if scale is not None:
-            _check_scalar("Softmax(scale)", scale, positive=False)
-            if isinstance(scale, Tensor) and scale.numel() != 1:
-                raise ValueError(f"Softmax(scale) must be a scalar, got shape {tuple(scale.shape)}")
+            _check_scalar("Softmax(scale)", scale, positive=False, scalar=True)
         self.scale = scale
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.scale,) if isinstance(self.scale, Tensor) else ()
+
+    def _checked(self):
+        return (("Softmax(scale)", self.scale, False),) if isinstance(self.scale, Tensor) else ()
 
     def form(self, query: Tensor, key: Tensor) -> ScoreForm:
         scale = 1.0 / math.sqrt(query.shape[-1]) if self.scale is None else _as(self.scale, query)
@@ -199,6 +227,10 @@ class Gaussian(Affinity):
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.bandwidth,) if isinstance(self.bandwidth, Tensor) else ()
 
+    def _checked(self):
+        b = self.bandwidth
+        return (("Gaussian(bandwidth)", b, True),) if isinstance(b, Tensor) else ()
+
     def scaled(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
         """The features in bandwidth units (q / b, k / b): fresh tensors (one when key is query)."""
         b = _as(self.bandwidth, query)
@@ -229,11 +261,14 @@ class DotProduct(Affinity):
     kernel, norm = "linear", "count"
 
     def __init__(self, scale: Scalar = 1.0):
-        _check_scalar("DotProduct(scale)", scale, positive=False)
+        _check_scalar("DotProduct(scale)", scale, positive=False, scalar=True)
         self.scale = scale
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.scale,) if isinstance(self.scale, Tensor) else ()
+
+    def _checked(self):
+        return (("DotProduct(scale)", self.scale, False),) if isinstance(self.scale, Tensor) else ()
 
     def form(self, query: Tensor, key: Tensor) -> ScoreForm:
         scale = _as(self.scale, query)
@@ -266,7 +301,7 @@ class Concatenation(Affinity):
             raise ValueError(f"Concatenation(weight) must have shape (2*d,), got {tuple(weight.shape)}")
         _check_scalar("Concatenation(weight)", weight, positive=False)
         if bias is not None:
-            _check_scalar("Concatenation(bias)", bias, positive=False)
+            _check_scalar("Concatenation(bias)", bias, positive=False, scalar=True)
         self.weight = weight
         self.bias = bias
 
@@ -280,6 +315,10 @@ class Concatenation(Affinity):
     def tensors(self) -> tuple[Tensor, ...]:
         extra = (self.bias,) if isinstance(self.bias, Tensor) else ()
         return (self.weight,) + extra
+
+    def _checked(self):
+        extra = (("Concatenation(bias)", self.bias, False),) if isinstance(self.bias, Tensor) else ()
+        return (("Concatenation(weight)", self.weight, False),) + extra
 
     def form(self, query: Tensor, key: Tensor) -> ScoreForm:
         w = _as(self.weight, query)
@@ -314,15 +353,24 @@ class EdgeWeighted(Affinity):
             raise TypeError(f"EdgeWeighted(base) must be a non-weighted Affinity, got {base!r}")
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
             raise TypeError("EdgeWeighted(weight) must be a floating-point tensor")
-        if weight.numel() == 0:
-            raise ValueError(f"EdgeWeighted(weight) must not be empty, got shape {tuple(weight.shape)}")
-        wd = weight.detach()
-        if not torch.isfinite(wd).all() or (wd < 0).any():
-            raise ValueError("EdgeWeighted(weight) must be finite and >= 0")
+        if weight.dim() == 0:
+            raise ValueError("EdgeWeighted(weight) must be (E,) per edge or dense (..., N, M), got a 0-dim "
+                             "tensor")
         self.base = base
-        self.weight = weight
+        self.weight = weight  # the caller's tensor: read (and re-checked) at every call
         self.kernel = base.kernel
         self.norm = base.norm
+        if checking_values():
+            self._check_weight()
+
+    def _check_weight(self) -> None:
+        if not finite_nonnegative(self.weight):
+            raise ValueError(f"EdgeWeighted(weight) must be finite and >= 0 (shape "
+                             f"{tuple(self.weight.shape)})")
+
+    def check_values(self) -> None:
+        self.base.check_values()
+        self._check_weight()
 
     def validate(self, query: Tensor, key: Tensor) -> None:
         self.base.validate(query, key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Optional, Sequence
@@ -19,10 +20,47 @@ def _benchmarks() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name not in ("harness",))
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: an int in [0, 2**64), the range torch and numpy both accept."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= seed < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _writable(path: str) -> Optional[str]:
+    """None if a file can be written at ``path`` (its folder is created), else the reason.
+
+    Probed before the demo's minutes of work: a file that did not exist is created empty and removed.
+    """
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        existed = os.path.exists(path)
+        with open(path, "ab"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def _cmd_demo(args) -> int:
     from . import demo
 
-    return demo.main(args)
+    if args.out:
+        why = _writable(args.out)
+        if why is not None:
+            print(f"nlgraph demo: cannot write the figure to {args.out!r}: {why}", file=sys.stderr)
+            return 2
+    try:
+        return demo.main(args)
+    except demo.FigureWriteError as err:  # the figure's folder became unwritable while the demo ran
+        print(f"nlgraph demo: {err}", file=sys.stderr)
+        return 2
 
 
 def _cmd_bench(args) -> int:
@@ -67,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build each equivalence live (forward and all gradients, float64) and print a "
                                    "table, then refine a noisy segmentation of a photo with the dense CRF and write "
                                    "a figure; exits non-zero if any equivalence fails.")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the generated inputs (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="random seed for the generated inputs, in [0, 2**64) (default 0)")
     p.add_argument("--out", default="out/nlgraph-demo.png",
                    help="where to write the segmentation figure (default out/nlgraph-demo.png)")
     p.add_argument("--no-figure", dest="out", action="store_const", const="", help="skip the figure")

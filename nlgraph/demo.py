@@ -19,7 +19,11 @@ from . import affinity as A
 from . import graph as G
 from .core import aggregate
 
-__all__ = ["Check", "core_checks", "run_checks", "main"]
+__all__ = ["Check", "FigureWriteError", "core_checks", "run_checks", "main"]
+
+
+class FigureWriteError(OSError):
+    """The demo's figure could not be written (the command line reports it in one line)."""
 
 
 @dataclass
@@ -279,9 +283,13 @@ def segmentation_figure(out: str, seed: int = 0) -> dict:
     fig.tight_layout()
     import os
 
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        fig.savefig(out, dpi=90)
+    except OSError as err:
+        raise FigureWriteError(f"cannot write the figure to {out!r}: {err.strerror or err}") from err
+    finally:
+        plt.close(fig)
     return stats
 
 

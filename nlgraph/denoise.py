@@ -130,12 +130,22 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
         raise TypeError(f"fast_mode must be a bool, got {type(fast_mode).__name__}")
     scale = _patch_weights(patch_size, len(spatial), channels, float(h), fast_mode, cd, x.device)
     feats = _patches(x, patch_size) * scale
+    if not all_finite(feats):
+        raise ValueError(f"h={h!r} is too small for this image: the patches scaled by 1/h overflow {cd} "
+                         f"(image values up to {float(x.abs().max()):.3g})")
+    # the noise correction subtracts 2 sigma^2 per weighted squared difference: 2 sigma^2 sum(w)
+    try:
+        offset = float(sigma) ** 2 * float((scale * scale).sum())
+    except OverflowError:
+        offset = math.inf
+    if not math.isfinite(offset):
+        raise ValueError(f"sigma={sigma!r} is too large for h={h!r}: the noise correction 2 sigma^2 / h^2 "
+                         f"overflows a float")
     values = x.reshape(channels, -1).T
     order = blocked_order(spatial, block).to(x.device)
     graph = LocalWindow(spatial, patch_distance, order=order)
     f = feats[order].contiguous()
-    # the noise correction subtracts 2 sigma^2 per weighted squared difference: 2 sigma^2 sum(w)
-    aff = A.Gaussian(1.0, normalize=True, offset=2.0 * float(sigma) ** 2 * float((scale * scale).sum()) / 2.0)
+    aff = A.Gaussian(1.0, normalize=True, offset=offset)
     y_ordered = aggregate(f, f, values[order].contiguous(), aff, graph, backend=backend)
     y = torch.empty_like(y_ordered)
     y[order] = y_ordered

@@ -13,15 +13,27 @@ intersect, biases add).
 
 Node order for grid graphs is row-major (C order) over ``shape``, i.e. the order of
 ``x.flatten(2)`` for an image ``x`` of shape (B, C, H, W).
+
+Which tensors a graph keeps: index tensors that fix the graph's structure (``EdgeIndex``'s
+``edge_index``, ``KNN``'s ``index``, a grid ``order``) are copied when the graph is built, together
+with everything derived from them (sort order, bounds, inverse permutation): a later in-place edit of
+the caller's tensor does not reach the graph. Value tensors (a ``Mask``'s bool or float mask, edge
+weights) stay the caller's own: every aggregation reads their current values, so gradients reach
+the caller's tensor and an optimiser's in-place update is seen, and :meth:`Graph.check_values`
+checks those values again at every call.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ._values import all_finite, checking_values, finite_nonnegative, no_nan_or_posinf
 
 __all__ = [
     "Graph",
@@ -73,7 +85,21 @@ class Graph:
     is_complete: bool = False
 
     def validate(self, n: int, m: int, device: torch.device) -> None:
-        """Raise ValueError if the graph cannot describe N=n queries and M=m keys on ``device``."""
+        """Raise ValueError if the graph cannot describe N=n queries and M=m keys on ``device``.
+
+        Shape, size and device checks only: nothing here reads tensor values (see :meth:`check_values`).
+        """
+
+    def check_values(self, n: int, m: int) -> None:
+        """Raise ValueError if the current values of the graph's tensors are invalid for N=n, M=m.
+
+        Data-dependent (synchronises with the device): the core op runs it once per call in eager
+        mode and skips it under ``torch.compile``.
+        """
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The caller's floating-point tensors the graph reads (float masks, edge weights)."""
+        return ()
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
@@ -112,12 +138,13 @@ class Graph:
         if blk is None:
             keep = torch.ones(n, m, dtype=torch.bool, device=device)
         else:
+            blk = _unbatched(blk, n, m)  # a (1, M), (N, 1) or (1, 1) block broadcasts over the graph
             keep = blk if blk.dtype == torch.bool else blk > 0
         logw = None
         if blk is not None and blk.dtype != torch.bool:
-            logw = safe_log(blk.expand(n, m))
+            logw = safe_log(blk)
         if bias is not None:
-            b = bias.expand(n, m)
+            b = _unbatched(bias, n, m)
             keep = keep & (b.detach() > -math.inf)
             logw = b if logw is None else logw + b
         dst, src = keep.nonzero(as_tuple=True)
@@ -129,8 +156,13 @@ class Graph:
         self.validate(n, m, device)
         b = self.block(0, n, 0, m, device)
         if b is None:
-            return torch.ones(n, m, dtype=torch.bool, device=device)
-        return b if b.dtype == torch.bool else b > 0
+            out = torch.ones(n, m, dtype=torch.bool, device=device)
+        else:
+            out = b if b.dtype == torch.bool else b > 0
+        bias = self.dense_bias()
+        if bias is not None:  # a float mask's -inf removes the edge
+            out = out & (bias.detach() > -math.inf)
+        return out
 
     def __and__(self, other: "Graph") -> "Graph":
         if not isinstance(other, Graph):
@@ -139,9 +171,14 @@ class Graph:
 
 
 def _check_unbatched(graph: "Graph") -> None:
-    if graph.lead_shape:
+    if math.prod(graph.lead_shape) != 1:
         raise ValueError(f"{graph!r} has batch dims {graph.lead_shape}; an edge list describes one graph shared "
                          f"by the batch")
+
+
+def _unbatched(t: Tensor, n: int, m: int) -> Tensor:
+    """A block or bias of a graph shared by the batch (batch dims all 1) as an (n, m) view."""
+    return t.reshape(t.shape[-2:]).expand(n, m)
 
 
 def safe_log(w: Tensor) -> Tensor:
@@ -180,7 +217,8 @@ class Mask(Graph):
         mask: bool (..., N, M) (broadcastable; True = edge, as in
             :func:`torch.nn.functional.scaled_dot_product_attention`) or float (..., N, M): an
             additive log-weight on the scores (-inf removes the edge), which receives gradients.
-            For the count-normalised affinities a float mask b weights edges by exp(b).
+            For the count-normalised affinities a float mask b weights edges by exp(b). The
+            caller's tensor: every call reads (and checks) its current values.
     """
 
     def __init__(self, mask: Tensor):
@@ -190,13 +228,20 @@ class Mask(Graph):
             raise ValueError(f"Mask(mask) must have at least 2 dims (..., N, M), got shape {tuple(mask.shape)}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(f"Mask(mask) must be bool or floating point, got {mask.dtype}")
-        if mask.numel() == 0:
-            raise ValueError(f"Mask(mask) must not be empty, got shape {tuple(mask.shape)}")
-        if mask.is_floating_point():
-            md = mask.detach()
-            if torch.isnan(md).any() or (md == math.inf).any():
-                raise ValueError("Mask(mask) float entries must be finite or -inf (no NaN, no +inf)")
-        self.mask = mask
+        self.mask = mask  # the caller's tensor: read (and re-checked) at every call
+        if checking_values():
+            self._check_entries()
+
+    def _check_entries(self) -> None:
+        if self.mask.is_floating_point() and not no_nan_or_posinf(self.mask):
+            raise ValueError(f"Mask(mask) float entries must be finite or -inf (no NaN, no +inf); the mask "
+                             f"of shape {tuple(self.mask.shape)} has one")
+
+    def check_values(self, n, m):
+        self._check_entries()
+
+    def tensors(self):
+        return (self.mask,) if self.mask.is_floating_point() else ()
 
     def validate(self, n, m, device):
         rows, cols = self.mask.shape[-2:]
@@ -251,7 +296,8 @@ def _check_grid_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     if isinstance(shape, int):
         shape = (shape,)
     shape = tuple(shape)
-    if not 1 <= len(shape) <= 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+    if not 1 <= len(shape) <= 3 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"{name}(shape) must be 1 to 3 positive ints, got {shape}")
     return shape
 
@@ -285,9 +331,10 @@ class _GridGraph(Graph):
             if not isinstance(order, Tensor) or order.dtype != torch.long or order.shape != (self.num_nodes,):
                 raise ValueError(f"{type(self).__name__}(order) must be an int64 permutation of shape "
                                  f"({self.num_nodes},), got {getattr(order, 'shape', order)}")
-            if not torch.equal(torch.sort(order.cpu()).values, torch.arange(self.num_nodes)):
+            order = order.detach().to("cpu", copy=True)  # private: the inverse below is derived from it
+            if not torch.equal(torch.sort(order).values, torch.arange(self.num_nodes)):
                 raise ValueError(f"{type(self).__name__}(order) must be a permutation of 0..{self.num_nodes - 1}")
-            self.order = order.cpu()
+            self.order = order
             self._inverse = torch.empty_like(self.order)
             self._inverse[self.order] = torch.arange(self.num_nodes)
 
@@ -316,22 +363,37 @@ class _GridGraph(Graph):
             )
 
 
+def _radius_tuple(radius, dims: int) -> tuple[int, ...]:
+    """LocalWindow's radius as ``dims`` ints >= 0; TypeError/ValueError naming what was given."""
+    items = radius if isinstance(radius, (tuple, list)) else (radius,) * dims
+    out = []
+    for x in items:
+        if isinstance(x, bool) or isinstance(x, float) or not hasattr(x, "__index__"):
+            raise TypeError(f"LocalWindow(radius) must be an int or a sequence of {dims} ints, "
+                            f"got {radius!r}")
+        out.append(operator.index(x))
+    if len(out) != dims or any(x < 0 for x in out):
+        raise ValueError(f"LocalWindow(radius) must be an int >= 0 or {dims} of them, got {radius!r}")
+    return tuple(out)
+
+
 class LocalWindow(_GridGraph):
     """Neighbours within a (2r+1)^D window on a 1d/2d/3d grid (Chebyshev distance <= radius).
 
     Args:
         shape: grid shape, e.g. (H, W) or (T, H, W); N = M = prod(shape), row-major.
-        radius: int or one int per axis (>= 0). The window is clipped at the borders.
+        radius: int or one int per axis (>= 0). The window is clipped at the borders (a radius past
+            the grid's extent is stored as extent - 1, which changes no edge).
         order: optional node order, the row-major grid index of each node (e.g.
             :func:`blocked_order`); default row-major.
     """
 
     def __init__(self, shape: Sequence[int], radius: Union[int, Sequence[int]], order: Optional[Tensor] = None):
         super().__init__(shape, order)
-        r = (radius,) * len(self.shape) if isinstance(radius, int) else tuple(radius)
-        if len(r) != len(self.shape) or not all(isinstance(x, int) and x >= 0 for x in r):
-            raise ValueError(f"LocalWindow(radius) must be an int >= 0 or {len(self.shape)} of them, got {radius}")
-        self.radius = r
+        r = _radius_tuple(radius, len(self.shape))
+        # A radius past the grid's extent reaches no further than extent - 1: clipping changes no edge
+        # and keeps the offsets (and 32-bit coordinate arithmetic) within the grid.
+        self.radius = tuple(min(x, s - 1) for x, s in zip(r, self.shape))
         self._radius_t: dict[torch.device, Tensor] = {}
 
     def tile_pairs(self, row_tiles, col_tiles, device):
@@ -402,7 +464,7 @@ class KNN(Graph):
 
     Args:
         index: int64 (..., N, k) key indices; -1 marks padding (fewer than k neighbours).
-            Repeated indices count once.
+            Repeated indices count once. Copied: later edits of the caller's tensor do not reach the graph.
         num_keys: M, if known (checked against the inputs).
 
     Use :meth:`KNN.from_points` to build the k nearest neighbours of point sets.
@@ -411,14 +473,28 @@ class KNN(Graph):
     def __init__(self, index: Tensor, num_keys: Optional[int] = None):
         if not isinstance(index, Tensor) or index.dtype not in (torch.int64, torch.int32):
             raise TypeError("KNN(index) must be an int64/int32 tensor of shape (..., N, k)")
-        if index.dim() < 2 or index.numel() == 0:
-            raise ValueError(f"KNN(index) must have shape (..., N, k) with N, k > 0, got {tuple(index.shape)}")
-        self.index = index.long()
+        if index.dim() < 2:
+            raise ValueError(f"KNN(index) must have shape (..., N, k), got {tuple(index.shape)}")
+        if num_keys is not None and (isinstance(num_keys, bool) or not isinstance(num_keys, int)
+                                     or num_keys < 0):
+            raise ValueError(f"KNN(num_keys) must be None or an int >= 0, got {num_keys!r}")
+        self.index = index.detach().to(torch.long, copy=True)  # private: its bounds are checked once
         self.num_keys = num_keys
-        lo, hi = int(self.index.min()), int(self.index.max())
-        if lo < -1:
-            raise ValueError(f"KNN(index) entries must be >= -1 (-1 = padding), found {lo}")
-        self._max = hi
+        self._max: Optional[int] = None
+        if checking_values():
+            self._bounds()
+
+    def _bounds(self) -> int:
+        """The largest key index (checks the entries once; the index is a private copy)."""
+        if self._max is None:
+            if self.index.numel() == 0:
+                self._max = -1
+            else:
+                lo, hi = int(self.index.min()), int(self.index.max())
+                if lo < -1:
+                    raise ValueError(f"KNN(index) entries must be >= -1 (-1 = padding), found {lo}")
+                self._max = hi
+        return self._max
 
     @classmethod
     def from_points(cls, query_points: Tensor, key_points: Optional[Tensor] = None, k: int = 8,
@@ -445,8 +521,22 @@ class KNN(Graph):
             )
         if exclude_self and not same:
             raise ValueError("KNN.from_points(exclude_self=True) needs key_points=None (keys are the queries)")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"KNN.from_points(k) must be a positive int, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"KNN.from_points(k) must be a positive int, got {k!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"KNN.from_points(chunk) must be a positive int, got {chunk!r}")
+        if query_points.device != key_points.device:
+            raise ValueError(f"KNN.from_points: query_points are on {query_points.device} but key_points "
+                             f"on {key_points.device}")
+        try:
+            torch.broadcast_shapes(query_points.shape[:-2], key_points.shape[:-2])
+        except RuntimeError:
+            raise ValueError(f"KNN.from_points: leading dims of query_points {tuple(query_points.shape)} "
+                             f"and key_points {tuple(key_points.shape)} do not broadcast") from None
+        for name, pts in (("query_points", query_points), ("key_points", key_points)):
+            if not all_finite(pts):
+                raise ValueError(f"KNN.from_points({name}) contains NaN or Inf (shape "
+                                 f"{tuple(pts.shape)}); nearest neighbours are undefined there")
         n, m = query_points.shape[-2], key_points.shape[-2]
         k_eff = min(k, m - 1 if exclude_self else m)
         if k_eff < 1:
@@ -465,10 +555,15 @@ class KNN(Graph):
     def validate(self, n, m, device):
         if self.index.shape[-2] != n:
             raise ValueError(f"KNN(index) has shape {tuple(self.index.shape)} but there are N={n} queries")
-        if self._max >= m or (self.num_keys is not None and self.num_keys != m):
-            raise ValueError(f"KNN(index) refers to key {self._max} (num_keys={self.num_keys}) but there are M={m} keys")
+        if self.num_keys is not None and self.num_keys != m:
+            raise ValueError(f"KNN(num_keys) is {self.num_keys} but there are M={m} keys")
         if self.index.device != device:
             raise ValueError(f"KNN(index) is on {self.index.device} but the inputs are on {device}")
+
+    def check_values(self, n, m):
+        if self._bounds() >= m:
+            raise ValueError(f"KNN(index) refers to key {self._max} (num_keys={self.num_keys}) but there "
+                             f"are M={m} keys")
 
     @property
     def lead_shape(self):
@@ -484,7 +579,7 @@ class KNN(Graph):
 
     def edges(self, n, m, device):
         _check_unbatched(self)
-        idx, _ = torch.sort(self.index.to(device), dim=-1)
+        idx, _ = torch.sort(self.index.reshape(self.index.shape[-2:]).to(device), dim=-1)
         keep = idx >= 0
         keep[:, 1:] &= idx[:, 1:] != idx[:, :-1]  # repeated indices count once
         dst = torch.arange(idx.shape[0], device=device)[:, None].expand_as(idx)[keep]
@@ -500,8 +595,10 @@ class EdgeIndex(Graph):
     Args:
         edge_index: int64 (2, E). Repeated edges add up (as PyG's sum aggregation does): with
             the softmax they count twice in numerator and denominator, with the count
-            normalisation twice in C.
-        edge_weight: optional (E,) non-negative weights (multiply f; 0 removes the edge).
+            normalisation twice in C. Copied (with its sort order and bounds): later edits of the
+            caller's tensor do not reach the graph.
+        edge_weight: optional (E,) non-negative weights (multiply f; 0 removes the edge and gives it
+            a zero gradient). The caller's tensor, read and re-checked at every call.
         size: optional (M, N) = (number of source nodes, number of target nodes), checked against
             the inputs.
     """
@@ -512,39 +609,74 @@ class EdgeIndex(Graph):
             raise TypeError("EdgeIndex(edge_index) must be an int64/int32 tensor of shape (2, E)")
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
             raise ValueError(f"EdgeIndex(edge_index) must have shape (2, E), got {tuple(edge_index.shape)}")
-        if edge_index.numel() and int(edge_index.min()) < 0:
-            raise ValueError("EdgeIndex(edge_index) entries must be >= 0")
         e = edge_index.shape[1]
         if edge_weight is not None:
             if not isinstance(edge_weight, Tensor) or not edge_weight.is_floating_point():
                 raise TypeError("EdgeIndex(edge_weight) must be a floating-point tensor of shape (E,)")
             if edge_weight.shape != (e,):
                 raise ValueError(f"EdgeIndex(edge_weight) must have shape (E,) = ({e},), got {tuple(edge_weight.shape)}")
-            wd = edge_weight.detach()
-            if not torch.isfinite(wd).all() or (wd < 0).any():
-                raise ValueError("EdgeIndex(edge_weight) must be finite and >= 0")
-        self.edge_index = edge_index.long()
-        self.edge_weight = edge_weight
-        self.size = size
-        # Sort by (target, source) once so each tile is a contiguous slice of the edges.
+            if edge_weight.device != edge_index.device:
+                raise ValueError(f"EdgeIndex(edge_weight) is on {edge_weight.device} but edge_index on "
+                                 f"{edge_index.device}")
+        if size is not None:
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in size)):
+                raise ValueError(f"EdgeIndex(size) must be None or (M, N), two ints >= 0, got {size!r}")
+            size = (size[0], size[1])
+        # The structure is a private copy, sorted by (target, source) once so each tile is a
+        # contiguous slice of the edges (two stable sorts: no bound on the indices is needed).
+        self.edge_index = edge_index.detach().to(torch.long, copy=True)
         src, dst = self.edge_index
-        n_src = int(src.max()) + 1 if e else 1
-        order = torch.argsort(dst * n_src + src)
-        self._src, self._dst = src[order], dst[order]
-        self._order = order
-        self._max_src = int(src.max()) if e else -1
-        self._max_dst = int(dst.max()) if e else -1
+        by_src = torch.argsort(src, stable=True)
+        order = by_src[torch.argsort(dst[by_src], stable=True)]
+        self._src, self._dst, self._order = src[order], dst[order], order
+        self.size = size
+        self.edge_weight = edge_weight  # the caller's tensor: read (and re-checked) at every call
+        self._max: Optional[tuple[int, int]] = None
+        if checking_values():
+            self._bounds()
+            self._check_weights()
+
+    def _bounds(self) -> tuple[int, int]:
+        """(largest source, largest target) of the private edge list; checks the entries once."""
+        if self._max is None:
+            if self.edge_index.shape[1] == 0:
+                self._max = (-1, -1)
+            else:
+                if int(self.edge_index.min()) < 0:
+                    raise ValueError("EdgeIndex(edge_index) entries must be >= 0")
+                self._max = (int(self.edge_index[0].max()), int(self.edge_index[1].max()))
+        return self._max
+
+    def _check_weights(self) -> None:
+        if self.edge_weight is not None and not finite_nonnegative(self.edge_weight):
+            raise ValueError(f"EdgeIndex(edge_weight) must be finite and >= 0 (shape "
+                             f"{tuple(self.edge_weight.shape)})")
+
+    def with_weight(self, edge_weight: Optional[Tensor]) -> "EdgeIndex":
+        """The same edges with other (E,) weights, sharing this graph's sorted structure (no copy)."""
+        out = copy.copy(self)
+        out.edge_weight = edge_weight
+        return out
 
     def validate(self, n, m, device):
         if self.size is not None and tuple(self.size) != (m, n):
             raise ValueError(f"EdgeIndex(size) is {tuple(self.size)} but the inputs have (M, N) = ({m}, {n})")
-        if self._max_src >= m or self._max_dst >= n:
+        if self.edge_index.device != device:
+            raise ValueError(f"EdgeIndex(edge_index) is on {self.edge_index.device} but the inputs are "
+                             f"on {device}")
+
+    def check_values(self, n, m):
+        max_src, max_dst = self._bounds()
+        if max_src >= m or max_dst >= n:
             raise ValueError(
-                f"EdgeIndex(edge_index) refers to source {self._max_src} / target {self._max_dst} but there are "
+                f"EdgeIndex(edge_index) refers to source {max_src} / target {max_dst} but there are "
                 f"M={m} keys and N={n} queries"
             )
-        if self.edge_index.device != device:
-            raise ValueError(f"EdgeIndex(edge_index) is on {self.edge_index.device} but the inputs are on {device}")
+        self._check_weights()
+
+    def tensors(self):
+        return () if self.edge_weight is None else (self.edge_weight,)
 
     @property
     def block_requires_grad(self):
@@ -559,6 +691,8 @@ class EdgeIndex(Graph):
             w = torch.ones(src.shape[0], device=device)
         else:
             w = self.edge_weight[self._order[lo:hi][sel]]
+            # a zero weight removes its edge: no gradient, also when a parallel edge keeps the pair
+            w = torch.where(w > 0, w, torch.zeros_like(w))
         tile = torch.zeros(i1 - i0, j1 - j0, dtype=w.dtype, device=device)
         return tile.index_put((dst, src), w, accumulate=True)
 
@@ -587,10 +721,22 @@ class Intersection(Graph):
     def validate(self, n, m, device):
         for g in self.graphs:
             g.validate(n, m, device)
+        self.lead_shape  # noqa: B018  (raises ValueError when the members' batch dims do not broadcast)
+
+    def check_values(self, n, m):
+        for g in self.graphs:
+            g.check_values(n, m)
+
+    def tensors(self):
+        return tuple(t for g in self.graphs for t in g.tensors())
 
     @property
     def lead_shape(self):
-        return tuple(torch.broadcast_shapes(*[g.lead_shape for g in self.graphs]))
+        try:
+            return tuple(torch.broadcast_shapes(*[g.lead_shape for g in self.graphs]))
+        except RuntimeError:
+            raise ValueError(f"the members of {self!r} have batch dims {[g.lead_shape for g in self.graphs]} "
+                             f"that do not broadcast") from None
 
     @property
     def block_requires_grad(self):
@@ -619,7 +765,7 @@ class Intersection(Graph):
         code = ei[1] * m + ei[0]
         for other_ei, other_logw in parts[1:]:
             other_code = other_ei[1] * m + other_ei[0]
-            uniq, inv = torch.unique(other_code, return_inverse=True)
+            uniq, inv, counts = torch.unique(other_code, return_inverse=True, return_counts=True)
             pos = torch.searchsorted(uniq, code).clamp_max(max(uniq.numel() - 1, 0))
             keep = uniq[pos] == code if uniq.numel() else torch.zeros_like(code, dtype=torch.bool)
             if other_logw is not None:
@@ -628,6 +774,10 @@ class Intersection(Graph):
                                                                                                 torch.exp(other_logw))
                 extra = safe_log(w)[pos]
                 logw = extra if logw is None else logw + extra
+            elif uniq.numel() and bool(counts.max() > 1):
+                # parallel unweighted edges in `other` (EdgeIndex duplicates): multiplicity is a weight
+                extra = torch.log(counts.to(torch.float64))[pos]
+                logw = extra if logw is None else logw + extra.to(logw.dtype)
             ei, code = ei[:, keep], code[keep]
             logw = None if logw is None else logw[keep]
         return ei, logw

@@ -75,15 +75,64 @@ def test_non_finite(bad, which):
         nlgraph.aggregate(t["query"], t["key"], t["value"])
 
 
-@pytest.mark.parametrize("which,shape", [("query", (2, 0, 4)), ("key", (2, 0, 4)), ("value", (2, 7, 0)),
-                                         ("query", (0, 6, 4))])
-def test_empty(which, shape):
-    t = dict(zip(("query", "key", "value"), qkv()))
-    t[which] = torch.randn(*shape)
-    if which == "key":
-        t["value"] = torch.randn(2, 0, 3)
-    with pytest.raises(ValueError, match=rf"{which} must not be empty, got shape"):
-        nlgraph.aggregate(t["query"], t["key"], t["value"])
+EMPTY_SHAPES = {  # (query, key, value) shapes with a zero somewhere: torch's SDPA answers each
+    "batch": ((0, 6, 4), (0, 7, 4), (0, 7, 3)),
+    "broadcast batch": ((2, 0, 6, 4), (1, 7, 4), (1, 1, 7, 3)),
+    "no queries": ((2, 0, 4), (2, 7, 4), (2, 7, 3)),
+    "no keys": ((2, 6, 4), (2, 0, 4), (2, 0, 3)),
+    "no features": ((2, 6, 0), (2, 7, 0), (2, 7, 3)),
+    "no value channels": ((2, 6, 4), (2, 7, 4), (2, 7, 0)),
+    "nothing": ((0, 0, 0), (0, 0, 0), (0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_SHAPES))
+def test_empty_dims_follow_sdpa(case):
+    """Empty batches, N = 0, M = 0, d = 0 and e = 0 give SDPA's result and gradients, not an error."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(True)
+              for s in EMPTY_SHAPES[case]]
+    y = nlgraph.aggregate(*leaves)
+    y_ref = F.scaled_dot_product_attention(*leaves)
+    assert y.shape == y_ref.shape
+    # 1e-12: sums of at most 7 terms of size < 10 in float64 round by < 7 * 10 * 2^-53 ~ 1e-14
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, dy)
+    for name, g, g_ref in zip("qkv", grads, torch.autograd.grad(y_ref, leaves, dy)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"d/d{name}: {m}")
+
+
+@pytest.mark.parametrize("case", list(EMPTY_SHAPES))
+def test_empty_dims_other_affinities_and_graphs(case):
+    """The same shapes with count and C = 1 normalisations, a float mask and every backend that runs them."""
+    from .formulas import aggregate_formula
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = [torch.randn(s, generator=gen, dtype=torch.float64) for s in EMPTY_SHAPES[case]]
+    n, m = q.shape[-2], k.shape[-2]
+    bias = torch.randn(n, 1, generator=gen, dtype=torch.float64).requires_grad_(True)
+    for aff, kind, params in ((A.DotProduct(), "dot", {}),
+                              (A.Gaussian(1.3, normalize=False), "gaussian_unnorm", {"bandwidth": 1.3})):
+        y_ref = aggregate_formula(kind, q, k, v, params, bias=bias)
+        (g_ref,) = torch.autograd.grad(y_ref.sum(), bias)
+        backends = nlgraph.dispatch.exact_backends(q, k, v, aff, G.Mask(bias))
+        assert {"chunked", "reference"} <= set(backends)
+        for b in backends:
+            y = nlgraph.aggregate(q, k, v, aff, G.Mask(bias), backend=b)
+            torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"{aff!r} {b}: {m}")
+            (g,) = torch.autograd.grad(y.sum(), bias)
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"d/dmask {aff!r} {b}: {m}")
+
+
+def test_empty_still_needs_consistent_shapes():
+    with pytest.raises(ValueError, match=r"same number of keys M, got key \(2, 0, 4\) and value \(2, 7, 3\)"):
+        nlgraph.aggregate(torch.randn(2, 6, 4), torch.randn(2, 0, 4), torch.randn(2, 7, 3))
+    with pytest.raises(ValueError, match=r"ExcludeSelf needs as many queries as keys, got N=6, M=0"):
+        nlgraph.aggregate(torch.randn(6, 4), torch.randn(0, 4), torch.randn(0, 3), graph=G.ExcludeSelf())
 
 
 def test_mask_wrong_shape():

@@ -43,8 +43,14 @@ def _dot_product(query: Tensor, key: Tensor, value: Tensor, affinity: DotProduct
     y = f.query @ kv
     if _exclude_self(graph):
         y = y - (f.query * f.key).sum(-1, keepdim=True) * value
-        return y / (m - 1) if m > 1 else torch.zeros_like(y)
+        return y / (m - 1) if m > 1 else _no_neighbour(y)
     return y / m
+
+
+def _no_neighbour(y: Tensor) -> Tensor:
+    """Zeros in y's place (M = 1 with ExcludeSelf: no query has a neighbour), still in the autograd graph
+    (its gradients are zeros, as for any query without neighbours)."""
+    return y.masked_fill(torch.ones_like(y, dtype=torch.bool), 0.0)
 
 
 def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concatenation, graph) -> Tensor:
@@ -69,7 +75,7 @@ def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concaten
     y = a.to(acc)[..., None] * s_v + s_bv
     if _exclude_self(graph):
         y = y - torch.relu(a + b).to(acc)[..., None] * v.to(acc)
-        return (y / (m - 1)).to(value.dtype) if m > 1 else torch.zeros_like(value)
+        return (y / (m - 1)).to(value.dtype) if m > 1 else _no_neighbour(y.to(value.dtype))
     return (y / m).to(value.dtype)
 
 

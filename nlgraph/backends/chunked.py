@@ -67,7 +67,10 @@ def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
     mask, logw = tile_log_weights(p.graph, p.bias, i0, i1, j0, j1, device, p.value.dtype)
     if mask is not None and not bool(mask.any()):
         return None, None, None
-    return tile_linear(p.form, i0, i1, j0, j1), mask, logw
+    lin = tile_linear(p.form, i0, i1, j0, j1)
+    if lin.shape[:-2] != p.lead:  # batch dims that only value or the graph has: scores per batch entry
+        lin = lin.expand(*p.lead, *lin.shape[-2:]).contiguous()
+    return lin, mask, logw
 
 
 def _keep(meta: dict, lead, i0, i1, j0, j1, device, dtype) -> Optional[Tensor]:
@@ -126,7 +129,11 @@ class _ChunkedAggregate(torch.autograd.Function):
                     ew = edge_weights(mask, logw, dtype)
                     gw = g if ew is None else g * ew
                     acc = acc + (gw if keep is None else gw * keep) @ v
-                    den = den + ((j1 - j0) if ew is None else ew.sum(-1).expand_as(den))
+                    # C_i sums the weights of all tm keys, also when they broadcast over keys (width 1)
+                    if ew is None:
+                        den = den + (j1 - j0)
+                    else:
+                        den = den + (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)).expand_as(den)
             if kernel == "exp":
                 safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
                 if norm == "sum":

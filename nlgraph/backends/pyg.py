@@ -62,7 +62,7 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
         return False, missing("torch_geometric")
     if graph is None:
         return True, ""
-    if graph.lead_shape:
+    if math.prod(graph.lead_shape) != 1:
         return False, f"pyg runs one edge list shared by the batch; {graph!r} has batch dims {graph.lead_shape}"
     return True, ""
 
@@ -138,7 +138,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
     if f.col is not None:
         c = f.col.expand(*lead, m).index_select(-1, src)
         s = c if s is None else s + c
-    s = s.reshape(-1, s.shape[-1]) if lead else s.reshape(1, -1)  # (B, E)
+    s = s.expand(*lead, s.shape[-1]).reshape(math.prod(lead), s.shape[-1])  # (B, E), also for E = 0
     if f.kernel == "exp":
         if f.clamp is not None:  # flat top of the Gaussian
             s = (s + f.clamp).clamp(max=0.0)

@@ -43,7 +43,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
             den = torch.full(g.shape[:-1] + (1,), float(p.m), dtype=g.dtype, device=g.device)
         else:
             w = g * ew
-            den = ew.sum(-1, keepdim=True).expand(*w.shape[:-1], 1)
+            # C_i = sum_j w_ij over all M keys, also when the weights broadcast over them ((..., N|1, 1))
+            den = ew.expand(torch.broadcast_shapes(ew.shape, g.shape)).sum(-1, keepdim=True)
     if dropout_p > 0:
         # dropout acts on the normalised weights: the normaliser above is computed without it
         w = w * dropout_keep((*p.lead, p.n, p.m), dropout_p, seed, 0, query.device, w.dtype)
