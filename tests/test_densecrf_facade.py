@@ -231,3 +231,28 @@ def test_inference_with_reused_buffers_equals_fresh_steps(n_labels):
     for _ in range(4):
         d.stepInference(q, tmp1, tmp2)
     np.testing.assert_allclose(d.inference(4), q, rtol=0, atol=1e-6)
+
+
+def test_a_reused_feature_buffer_does_not_change_earlier_crfs():
+    """One feature buffer refilled for each of six CRFs (more than the lattice cache holds): every CRF
+    keeps the features it was given, as pydensecrf (which copies them) does. Each equals a CRF built
+    from a private copy of its features (bit for bit: the same computation)."""
+    img = np.ascontiguousarray(IMAGES["chelsea"]()[::4, ::4])
+    h, w = img.shape[:2]
+    unary = pydensecrf_utils.unary_from_labels(noisy_labels(img, 3), 3, gt_prob=0.7, zero_unsure=False)
+    frames = [np.ascontiguousarray(np.roll(img, 11 * i, axis=1)) for i in range(6)]
+    feats = [pydensecrf_utils.create_pairwise_bilateral(sdims=(20, 20), schan=(13, 13, 13), img=f, chdim=2)
+             for f in frames]
+    buf = np.empty_like(feats[0])
+    shared = []
+    for f in feats:
+        buf[...] = f
+        d = ours.DenseCRF(h * w, 3)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseEnergy(buf, compat=5.0)
+        shared.append(d)
+    for d, f in zip(shared, feats):
+        own = ours.DenseCRF(h * w, 3)
+        own.setUnaryEnergy(unary)
+        own.addPairwiseEnergy(f.copy(), compat=5.0)
+        np.testing.assert_array_equal(d.inference(3), own.inference(3))
