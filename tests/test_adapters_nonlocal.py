@@ -20,6 +20,7 @@ from nlgraph.adapters import (mha_from_torch, mha_to_nonlocal, mha_to_torch, non
                               nonlocal_state_dict, nonlocal_to_mha)
 from nlgraph.nonlocal_blocks import MODES
 
+# float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 

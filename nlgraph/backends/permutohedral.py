@@ -16,8 +16,9 @@ vertices by sorting codes, blur neighbours found in a dense code table (small co
 ``searchsorted``; splat, each blur direction and slice are CSR matrices built once per lattice
 (the vertex-major ones by counting, without sorting the P (d+1) entries).
 A batch index is part of each key, so one lattice (block diagonal) serves the whole batch. The
-lattices of the last few feature sets are cached: a dense CRF filters the same image at every
-mean-field iteration, and every same-size image has the same position-only (smoothness) features.
+lattices of the last few feature sets are cached, keyed on the features' and the bandwidth's values
+(see the cache section below): a dense CRF filters the same image at every mean-field iteration, and
+every same-size image has the same position-only (smoothness) features.
 
 Differentiable w.r.t. the values (the filter is linear; its adjoint is the same matrices
 transposed, blurs in reverse order). Not differentiable w.r.t. the features: the lattice's
@@ -25,7 +26,10 @@ structure is piecewise constant in them, so ``can_run`` refuses inputs whose fea
 gradients (the exact backends handle those).
 
 Approximation: a few percent relative error against the exact Gaussian sum on typical CRF
-features (measured in tests/test_permutohedral.py, reported in the README).
+features (measured in tests/test_permutohedral.py, reported in the README). Float32 points far from
+the origin (lattice coordinates beyond 2^12) are elevated in float64, where float32 would no longer
+resolve their barycentric weights; points beyond float64's reach or spanning more lattice cells than
+int64 codes index raise a ValueError.
 """
 
 from __future__ import annotations
