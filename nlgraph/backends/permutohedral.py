@@ -360,8 +360,9 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     code_bits = float(torch.log2(sizes.double()).sum())
     if code_bits >= 62:
         raise ValueError(f"permutohedral: the query/key features divided by the bandwidth span too wide a "
-                         f"range to index the lattice (lattice coordinate spans {sizes.tolist()[:-1]}, batch {b}: "
-                         f"{code_bits:.1f} bits of 62); rescale the features or use an exact backend")
+                         f"range to index the lattice (lattice coordinate spans {sizes.tolist()[:-1]}, "
+                         f"batch {b}: {code_bits:.1f} bits of 62); rescale the features or use an exact "
+                         f"backend")
     strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), sizes[:-1]]), 0)
     s_d = strides[:d]
     stride_list = strides.tolist()
@@ -506,10 +507,10 @@ class _LatticeFilter(torch.autograd.Function):
 # VALUE, the broadcast batch shape, the compute dtype and whether key is query. The cache compares
 # exactly these against private copies: never a repr, an identity or a version counter (a repr prints
 # a tensor's shape only; ``x.data`` edits and writes through numpy-shared memory leave the version
-# alone; inference tensors have none). One bitwise comparison of the features per call (~0.2 ms per
-# million floats, measured: a few per cent of one filter) keeps the fast paths: a dense CRF filters
-# the same features at every mean-field iteration, and every same-size image has the same
-# position-only (smoothness) features.
+# alone; inference tensors have none). One bitwise comparison of the features per call (measured
+# ~0.5 ms per million floats at 512 x 512, about 1% of one filter of 2 labels) keeps the fast paths:
+# a dense CRF filters the same features at every mean-field iteration, and every same-size image has
+# the same position-only (smoothness) features.
 
 
 @dataclass(eq=False)
