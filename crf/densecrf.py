@@ -262,7 +262,8 @@ class DenseCRF:
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
         """Add a Gaussian pairwise term over ``features`` (D, nvar) (already divided by their bandwidths)."""
-        feats = _float_matrix("features", features)
+        # our own copy, as pydensecrf keeps one: the caller may reuse its buffer (for the next CRF)
+        feats = _float_matrix("features", features).clone()
         if feats.shape[1] != self._nvar:
             raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), got {tuple(feats.shape)})")
         # (N, D) as a view of the (D, N) array: the lattice reads coordinate rows (no transposing copy)

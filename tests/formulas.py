@@ -12,9 +12,22 @@ import math
 
 import torch
 
-# Tolerances (rtol, atol) for comparing a backend with a float64 formula, per compute dtype of the
-# backend. fp16/bf16 are not in this table: they are judged against twice the error that plain
-# PyTorch makes in the same precision (see test_numerics.py).
+# Tolerances (rtol, atol) for comparing a backend with a float64 formula or a peer, per compute dtype.
+# fp16/bf16 are not in this table: they are judged against twice the error that plain PyTorch makes in
+# the same precision (see test_numerics.py). Each entry is a rounding bound at the sizes it is used
+# for, from the arithmetic, not a reading: an output computed through dependent sums of total length
+# L, whose terms add up to S in magnitude, errs by at most ~L u S, and a softmax turns a relative error
+# e of its logits into (1 + max |logit|) e of its weights (u: unit roundoff, 2^-24 / 2^-53).
+# - float32, used by test_sdpa (N = 33, M = 29, D = 16, E = 8, ours vs SDPA in float32): the logits'
+#   sums of |terms| reach 9.3 (max |logit| 4.6), so weights err by <= (D + 1) u 9.3 + (M + 3) u = 190 u
+#   and outputs (sum p |v| <= 1.6) by <= 1.1e-5 per side, 2.2e-5 for the two: atol 2e-5. Relative to
+#   an output: ~220 u per side forward, the backward's chains about twice as long with dy . v up to 11
+#   in the softmax's Jacobian: rtol 2e-4 (~3400 u).
+# - float64 (u = 1.1e-16), every float64 comparison in the suite (the TOL of the other files too):
+#   chains L <= ~300 and logits whose sums of |terms| reach ~250 (criss-cross with unit-variance
+#   random weights) bound weights' relative errors by ~(d + M + 3) u 250 < 1e-12 and outputs' by
+#   ~L u S <= 1e-12 S (S: sum of the output's |terms|); atol 1e-10 covers every output with S < 100,
+#   rtol 1e-9 the larger ones (gradients up to ~200, as large as their sums).
 TOLERANCES = {
     torch.float64: (1e-9, 1e-10),
     torch.float32: (2e-4, 2e-5),

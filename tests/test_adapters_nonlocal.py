@@ -31,6 +31,7 @@ from nlgraph.adapters import (mha_from_torch, mha_to_nonlocal, mha_to_torch, non
                               nonlocal_state_dict, nonlocal_to_mha, nonlocal_to_state_dict)
 from nlgraph.nonlocal_blocks import MODES
 
+# float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
 TOL = dict(rtol=1e-9, atol=1e-10)
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

@@ -194,9 +194,10 @@ def test_broadcast_leading_dims(backend, kind):
     y = nlgraph.aggregate(q, k, v, aff, backend=backend, options=CHUNK_OPTIONS if backend == "chunked" else None)
     assert y.shape == (2, 3, 7, E)
     y_ref = aggregate_formula(kind, q, k, v, {})
-    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)  # float64 bound (formulas.TOLERANCES)
     dout = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     for name, g, gr in zip("qkv", torch.autograd.grad(y, (q, k, v), dout), torch.autograd.grad(y_ref, (q, k, v), dout)):
+        # float64 bound (formulas.TOLERANCES)
         torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
 
 
@@ -211,6 +212,7 @@ def test_cross_attention_rectangular():
     for b in nlgraph.dispatch.exact_backends(q, k, v, A.Softmax(), G.Mask(mask)):
         y = nlgraph.aggregate(q, k, v, graph=G.Mask(mask), backend=b,
                               options={"block_n": 3, "block_m": 5} if b == "chunked" else None)
+        # float64 bound (formulas.TOLERANCES)
         torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10, msg=lambda m: f"{b}: {m}")
 
 
@@ -222,4 +224,4 @@ def test_large_logit_softmax_matches_formula_in_float64():
     v = torch.randn(1, 20, 2, generator=gen, dtype=torch.float64)
     y = nlgraph.aggregate(q, k, v, A.Softmax(scale=1.0), backend="chunked", options={"block_n": 4, "block_m": 3})
     y_ref = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
-    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)  # float64 bound (formulas.TOLERANCES)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from attention import CrissCrossAttention
 
+# float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 

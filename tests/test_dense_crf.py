@@ -9,6 +9,7 @@ import nlgraph
 from crf import DenseCRF
 from nlgraph import graph as G
 
+# float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
@@ -102,6 +103,8 @@ def test_gradcheck_trainable_crf():
     def fn(u, w_, mu_):
         return torch.func.functional_call(crf, {"kernel_weights": w_, "compatibility": mu_}, (u, image))
 
+    # central differences at eps = 1e-6 err by ~eps^2 |f^(3)| / 6 (~1e-12 x O(10)) plus
+    # ~100 u |f| / eps (~1e-8): far below atol 1e-6
     assert torch.autograd.gradcheck(fn, (unary.requires_grad_(True), w, mu), eps=1e-6, atol=1e-6)
 
 
@@ -143,6 +146,8 @@ def test_refines_a_noisy_segmentation():
     for backend in ("permutohedral", "chunked"):
         crf.backend = backend
         acc_crf = (crf(unary, image).argmax(1)[0] == truth).double().mean()
+        # not a rounding tolerance: the CRF's effect on a seeded scene (rounding could flip only near-tied
+        # labels, none here)
         assert acc_unary < 0.9 and acc_crf > 0.98, (backend, acc_unary, acc_crf)
 
 

@@ -38,7 +38,9 @@ def test_crf_refine_example_runs_on_both_libraries(original):
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     before, after = map(float, proc.stdout.split("label accuracy ")[1].split(" (")[0].split(" -> "))
-    assert after > before + 0.1  # measured 0.768 -> 0.885 at 64x64 (0.769 -> 0.981 at 256x256)
+    # not a rounding tolerance: the refinement's effect on the seeded scene (labels move with rounding only
+    # at near-ties); measured 0.768 -> 0.885 at 64x64 (0.769 -> 0.981 at 256x256)
+    assert after > before + 0.1
 
 
 def test_crf_refine_same_labels_as_pydensecrf():
@@ -53,6 +55,8 @@ def test_crf_refine_same_labels_as_pydensecrf():
     image, truth, noisy = scene(64)
     ours = refine(dcrf, utils, image, noisy, 3)
     theirs = refine(pd_dcrf, pd_utils, image, noisy, 3)
+    # labels only: where the marginals agree to the mean-field rounding bound (test_densecrf_facade) a
+    # label can differ only at a near-tie of the top two; 1% of the pixels is room for such ties
     assert np.mean(ours == theirs) >= 0.99
 
 
@@ -78,5 +82,8 @@ def test_video_example_reduced():
     lines = []
     results = run(steps=3, n_train=32, n_test=16, seed=0, log=lines.append)
     assert 0.0 <= results["C2D"] <= 1.0 and 0.0 <= results["C2D + space-time non-local"] <= 1.0
-    assert results["max |NonLocal3d - attention over T*H*W tokens|"] < 1e-4  # float32
+    # float32: both sides add the same z (|z| <= 0.8) to the attention term (|BN(W y)| <= ~1e-2 after
+    # 3 steps from the zero-initialised BN scale), whose chains (~260 roundings, logits << 100) err by
+    # <= 260 u 100 1e-2 ~ 2e-5 at most, plus the final additions' 2 u |z| ~ 1e-7
+    assert results["max |NonLocal3d - attention over T*H*W tokens|"] < 1e-4
     assert len(lines) == 3

@@ -61,6 +61,10 @@ def test_equals_loop_implementation(case, fast_mode, sigma):
     ours = nlgraph.denoise_nl_means(img, **kw)
     ref = loop_nl_means(img, 3, 2, 0.3, sigma, fast_mode, ca)
     assert ours.shape == img.shape and ours.dtype == img.dtype
+    # float64, positive weights normalised over <= 25 entries, outputs in [0, 1]: a weight's logit (a
+    # patch distance / h^2, a sum of squares) errs by ~(log2 patch + 3) u logit relative, and weights
+    # e^-logit make that <= ~6 u / e per entry of these positive averages (<= 1e-14), plus the sums'
+    # ~log2 25 u
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -77,7 +81,10 @@ def _psnr(a, b):
 @pytest.mark.parametrize("fast_mode", [False, True])
 @pytest.mark.parametrize("sigma", [0.0, 0.08])
 def test_psnr_matches_scikit_image(image, fast_mode, sigma):
-    """Measured (2026-11-25): |PSNR difference| <= 0.05 dB on these crops; asserted <= 0.2 dB."""
+    """Measured (2026-11-25): |PSNR difference| <= 0.05 dB on these crops; asserted <= 0.2 dB.
+
+    Not a rounding tolerance: scikit-image's and our implementations differ in details (a deterministic
+    difference, the same on every machine; float64 rounding moves the PSNR by ~1e-12 dB)."""
     from skimage import data, img_as_float
     from skimage.restoration import denoise_nl_means as sk_nl_means
 
@@ -107,6 +114,8 @@ def test_torch_in_torch_out_and_float32():
     out = nlgraph.denoise_nl_means(img, patch_size=3, patch_distance=2, h=0.2, channel_axis=0)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == img.shape
     ref = nlgraph.denoise_nl_means(img.double().numpy(), patch_size=3, patch_distance=2, h=0.2, channel_axis=0)
+    # float32 vs float64, the bound of the previous test with u = 2^-24: ~(log2 18 + 3) u / e per entry
+    # (25) plus ~log2 25 u: <= ~5e-6 relative
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ import nlgraph
 from nlgraph import NonLocal1d, NonLocal2d, NonLocal3d, dispatch
 from nlgraph.nonlocal_blocks import MODES
 
+# float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
 TOL = dict(rtol=1e-9, atol=1e-10)
 SHAPES = {1: (2, 6, 10), 2: (2, 6, 6, 4), 3: (2, 6, 2, 4, 4)}
 BLOCKS = {1: NonLocal1d, 2: NonLocal2d, 3: NonLocal3d}

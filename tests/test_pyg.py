@@ -14,6 +14,7 @@ from nlgraph import graph as G
 
 pyg = pytest.importorskip("torch_geometric", reason="torch-geometric (test dependency) not installed")
 
+# float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 

@@ -235,4 +235,5 @@ def test_non_contiguous_inputs_work(backend):
     aff = A.DotProduct() if backend == "algebra" else A.Softmax()
     y = nlgraph.aggregate(q, k, v, aff, backend=backend)
     y_ref = nlgraph.aggregate(q.contiguous(), k.contiguous(), v.contiguous(), aff, backend="reference")
+    # float64, N = 9, M = 11, d = 4 (chains ~30, sums ~4, logits ~5): ~30 u 4 6 ~ 1e-13
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
