@@ -85,7 +85,7 @@ def digit_scenes(n: int, seed: int, size: int = 48, scale: int = 2, separation: 
 
 
 def moving_digit_clips(n: int, seed: int, frames: int = 4, size: int = 28, scale: int = 2, speed: int = 3,
-                       noise: float = 0.05) -> tuple[Tensor, Tensor]:
+                       noise: float = 0.05, classes: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
     """Clips whose label needs a comparison across time.
 
     Args:
@@ -96,11 +96,17 @@ def moving_digit_clips(n: int, seed: int, frames: int = 4, size: int = 28, scale
         scale: each 8x8 digit is upscaled to (8 scale)^2 pixels.
         speed: pixels per frame along each axis (the direction is random).
         noise: std of the noise added to every frame.
+        classes: the digit classes drawn (default all ten); a changed digit is of another of them.
 
     Returns:
         (n, 1, T, size, size) float32 clips in [0, 1] and (n,) int64 labels (1: the digit stays the same).
     """
     images, target = _digits()
+    if classes is not None:
+        if len(set(classes)) < 2 or not set(classes) <= set(range(10)):
+            raise ValueError(f"classes must hold at least two distinct digits 0-9, got {classes!r}")
+        keep = np.isin(target, list(classes))
+        images, target = images[keep], target[keep]
     images = np.kron(images, np.ones((1, scale, scale)))
     side = 8 * scale
     travel = speed * (frames - 1)

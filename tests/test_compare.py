@@ -127,6 +127,10 @@ def test_tasks_are_generated_reproducibly():
     again = tasks.moving_digit_clips(40, seed=2, frames=4, size=28)
     assert torch.equal(clips, again[0]) and torch.equal(labels, again[1])
     assert clips.shape == (40, 1, 4, 28, 28) and 5 < int(labels.sum()) < 35
+    two, _ = tasks.moving_digit_clips(40, seed=2, frames=4, size=28, classes=(0, 1))
+    assert two.shape == clips.shape and not torch.equal(two, clips)
+    with pytest.raises(ValueError, match="classes must hold at least two distinct digits 0-9"):
+        tasks.moving_digit_clips(4, seed=0, classes=(3, 3))
     with pytest.raises(ValueError, match="cannot hold two 16-px digits 20 px apart"):
         tasks.digit_scenes(1, seed=0, size=30, scale=2, separation=20)
     with pytest.raises(ValueError, match="stride must be 2 or 4"):
