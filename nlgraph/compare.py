@@ -690,10 +690,12 @@ def figure(doc: dict, path: str) -> Optional[str]:
     for ax, task in zip(axes[0], task_names):
         rows = [r for r in doc["rows"] if r["task"] == task and r["time_s"]]
         for r in rows:
-            crf = r["variant"].startswith("crf")
-            colour = "black" if r["variant"] == "local" else "tab:red" if crf else None
-            ax.errorbar(1000 * r["time_s"], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", capsize=3,
-                        color=colour)
+            if r["variant"] == "local":
+                ax.axhline(r["accuracy_mean"], color="black", lw=0.8, ls="--", alpha=0.6)
+            style = dict(fmt="s", color="tab:red") if r["base"] else dict(fmt="o")
+            if r["variant"] == "local":
+                style = dict(fmt="o", color="black")
+            ax.errorbar(1000 * r["time_s"], r["accuracy_mean"], yerr=r["accuracy_std"], capsize=3, **style)
             ax.annotate(r["variant"], (1000 * r["time_s"], r["accuracy_mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
