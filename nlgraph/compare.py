@@ -695,13 +695,15 @@ def figure(doc: dict, path: str) -> Optional[str]:
             style = dict(fmt="s", color="tab:red") if r["base"] else dict(fmt="o")
             if r["variant"] == "local":
                 style = dict(fmt="o", color="black")
-            ax.errorbar(1000 * r["time_s"], r["accuracy_mean"], yerr=r["accuracy_std"], capsize=3, **style)
+            bar = ax.errorbar(1000 * r["time_s"], r["accuracy_mean"], yerr=r["accuracy_std"], capsize=3, **style)
+            ax.scatter([1000 * r["time_s"]] * len(r["accuracies"]), r["accuracies"], s=12, marker="x",
+                       color=bar[0].get_color(), alpha=0.6, linewidths=0.8)  # each seed
             ax.annotate(r["variant"], (1000 * r["time_s"], r["accuracy_mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("time per training step (ms, forward+backward; crf: forward)")
         ax.set_ylabel(rows[0]["metric"] if rows else "accuracy")
-        ax.set_title(f"{task}: mean +- std over {len(doc['seeds'])} seed(s)")
+        ax.set_title(f"{task}: mean +- std over {len(doc['seeds'])} seed(s) (x: each seed)")
         ax.grid(True, alpha=0.3)
     fig.suptitle(f"nlgraph compare ({doc['preset']}, {doc['date']}, {doc['machine']})", fontsize=9)
     fig.tight_layout()
