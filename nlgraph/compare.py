@@ -695,7 +695,8 @@ def figure(doc: dict, path: str) -> Optional[str]:
             style = dict(fmt="s", color="tab:red") if r["base"] else dict(fmt="o")
             if r["variant"] == "local":
                 style = dict(fmt="o", color="black")
-            bar = ax.errorbar(1000 * r["time_s"], r["accuracy_mean"], yerr=r["accuracy_std"], capsize=3, **style)
+            bar = ax.errorbar(1000 * r["time_s"], r["accuracy_mean"], yerr=r["accuracy_std"], capsize=3,
+                              **style)
             ax.scatter([1000 * r["time_s"]] * len(r["accuracies"]), r["accuracies"], s=12, marker="x",
                        color=bar[0].get_color(), alpha=0.6, linewidths=0.8)  # each seed
             ax.annotate(r["variant"], (1000 * r["time_s"], r["accuracy_mean"]), textcoords="offset points",

@@ -12,9 +12,10 @@ from nlgraph import cli, compare, tasks
 
 pytest.importorskip("sklearn", reason="scikit-learn (test dependency: the digits) not installed")
 
-FIELDS = {"variant", "label", "task", "f", "C", "graph", "params", "head_params", "accuracy_mean", "accuracy_std",
-          "accuracies", "metric", "seeds", "gain_mean", "gain_ci_low", "gain_ci_high", "time_s", "time_kind",
-          "peak_mib", "base"}
+FIELDS = {"variant", "label", "task", "f", "C", "graph", "params", "head_params", "accuracy_mean",
+          "accuracy_std", "accuracies", "metric", "seeds", "gain_mean", "gain_ci_low", "gain_ci_high",
+          "time_s", "time_kind", "peak_mib", "base", "gain_over_base_mean", "gain_over_base_ci_low",
+          "gain_over_base_ci_high"}
 
 
 def test_reduced_compare_writes_every_field(tmp_path, capsys):
@@ -87,7 +88,7 @@ def test_paired_interval():
 @pytest.mark.parametrize("dilations,stride", [((1, 2, 4), 1), ((1, 1), 2), ((2, 1, 3), 2)])
 def test_receptive_field_is_the_gradient_support(dilations, stride):
     """The body's output at one position depends on exactly receptive_field() input pixels per axis."""
-    net = tasks.SegNet(None, width=4, dilations=dilations, stride=stride).double().eval()  # BN: no batch stats
+    net = tasks.SegNet(None, width=4, dilations=dilations, stride=stride).double().eval()  # no batch stats
     x = torch.randn(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
     feats = net.body(x)
     feats[0, :, feats.shape[2] // 2, feats.shape[3] // 2].sum().backward()
@@ -121,7 +122,8 @@ def test_tasks_are_generated_reproducibly():
     x1, y1 = tasks.digit_scenes(6, seed=5, size=32, scale=1, separation=16)
     x2, y2 = tasks.digit_scenes(6, seed=5, size=32, scale=1, separation=16)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert x1.shape == (6, 1, 32, 32) and y1.shape == (6, 32, 32) and 0 <= float(x1.min()) <= float(x1.max()) <= 1
+    assert x1.shape == (6, 1, 32, 32) and y1.shape == (6, 32, 32)
+    assert 0 <= float(x1.min()) <= float(x1.max()) <= 1
     assert all(len(set(torch.unique(lab).tolist()) - {0}) == 1 for lab in y1)  # one class per scene
     clips, labels = tasks.moving_digit_clips(40, seed=2, frames=4, size=28)
     again = tasks.moving_digit_clips(40, seed=2, frames=4, size=28)

@@ -18,8 +18,14 @@ import torch.nn.functional as F
 
 import nlgraph
 from nlgraph import dispatch
-from nlgraph.blocks import (CompactNonLocal, DisentangledNonLocal, GlobalContextBlock, LatentGraphBlock,
-                            NeighborhoodAttention, PyramidNonLocal)
+from nlgraph.blocks import (
+    CompactNonLocal,
+    DisentangledNonLocal,
+    GlobalContextBlock,
+    LatentGraphBlock,
+    NeighborhoodAttention,
+    PyramidNonLocal,
+)
 from nlgraph.blocks.pyramid import pyramid_cells
 
 from .formulas import TOLERANCES
@@ -214,7 +220,7 @@ def _check_against_formula(block, formula, x):
     grads_ref = torch.autograd.grad(z_ref, [x2, *params.values()], dz)
     torch.testing.assert_close(z, z_ref, **TOL, msg=lambda msg: f"forward: {msg}")
     for name, g, gr in zip(["x", *params], grads, grads_ref):
-        torch.testing.assert_close(g, gr, **TOL, msg=lambda msg: f"d/d{name}: {msg}")
+        torch.testing.assert_close(g, gr, **TOL, msg=lambda msg, name=name: f"d/d{name}: {msg}")
 
 
 @pytest.mark.parametrize("case,backend", [(c, b) for c in CASES for b in BACKENDS[c]])

@@ -107,8 +107,8 @@ def run(steps: int = 400, crf_steps: int = 60, n_train: int = 2000, n_test: int 
         f"({time.perf_counter() - t:.0f}s)")
     ours, theirs = predict(model, x_te), predict_with_torch_mha(model, x_te)
     results["identical to torch.nn.MultiheadAttention"] = float((ours == theirs).float().mean())
-    log(f"head as torch.nn.MultiheadAttention: {results['identical to torch.nn.MultiheadAttention']:.2%} of the "
-        f"pixel predictions identical")
+    same = results["identical to torch.nn.MultiheadAttention"]
+    log(f"head as torch.nn.MultiheadAttention: {same:.2%} of the pixel predictions identical")
     return results
 
 

@@ -72,7 +72,8 @@ def run(steps: int = 600, n_train: int = 3000, n_test: int = 500, seed: int = 0,
         train(model, x_tr, y_tr, steps, seed)
         results[name] = accuracy(model, x_te, y_te)
         log(f"{name:<28} test accuracy {results[name]:.3f}   ({time.perf_counter() - t:.0f}s training)")
-    results["max |NonLocal3d - attention over T*H*W tokens|"] = nonlocal_as_attention_max_diff(model, x_te[:8])
+    diff = nonlocal_as_attention_max_diff(model, x_te[:8])
+    results["max |NonLocal3d - attention over T*H*W tokens|"] = diff
     log(f"NonLocal3d == torch.nn.MultiheadAttention over T*H*W tokens: max abs difference "
         f"{results['max |NonLocal3d - attention over T*H*W tokens|']:.2e}")
     return results
