@@ -8,6 +8,8 @@ graphs (N(i)) in :mod:`nlgraph.graph`, backends behind one dispatch in :mod:`nlg
 
 from . import affinity, graph
 from .affinity import Concatenation, DotProduct, EdgeWeighted, Gaussian, Softmax
+from .blocks import (CompactNonLocal, DisentangledNonLocal, GlobalContextBlock, LatentGraphBlock,
+                     NeighborhoodAttention, PyramidNonLocal)
 from .core import aggregate
 from .denoise import denoise_nl_means
 from .dispatch import BackendError, backend_names, compatible_backends, select_backend
@@ -28,6 +30,12 @@ __all__ = [
     "NonLocal1d",
     "NonLocal2d",
     "NonLocal3d",
+    "GlobalContextBlock",
+    "PyramidNonLocal",
+    "LatentGraphBlock",
+    "CompactNonLocal",
+    "DisentangledNonLocal",
+    "NeighborhoodAttention",
     "BackendError",
     "backend_names",
     "compatible_backends",

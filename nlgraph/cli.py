@@ -1,4 +1,4 @@
-"""The ``nlgraph`` command line: ``demo``, ``bench NAME``, ``info``."""
+"""The ``nlgraph`` command line: ``demo``, ``bench NAME``, ``compare``, ``info``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def _cmd_bench(args) -> int:
     return int(mod.main(args.args) or 0)
 
 
+def _cmd_compare(args) -> int:
+    from . import compare
+
+    return compare.main(args)
+
+
 def _cmd_info(args) -> int:
     import platform
 
@@ -116,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help=f"benchmark name ({', '.join(_benchmarks()) or 'none found'})")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("compare", help="train every non-local variant on the same tasks and seeds: "
+                                       "accuracy, cost, memory (table, JSON, figure)",
+                       description="Train the non-local family (NL modes, attention, criss-cross, window, "
+                                   "GCNet, ANN, LatentGNN, CGNL, DNL, dense CRF, CRF-as-RNN) on generated "
+                                   "segmentation and video tasks with the same budget and seeds; print one "
+                                   "table per task, write JSON and a figure.")
+    from .compare import build_parser as _compare_parser
+
+    _compare_parser(p)
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("info", help="versions, registered backends and benchmarks",
                        description="Print versions, the registered backends in priority order and the benchmarks.")
     p.set_defaults(func=_cmd_info)

@@ -18,74 +18,28 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nlgraph import NonLocal3d
+from nlgraph import NonLocal3d, tasks
 from nlgraph.adapters import mha_to_torch, nonlocal_to_mha
 
 T, SIZE = 4, 28
 
 
 def make_clips(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 1, T, 28, 28) clips in [0, 1] and (n,) labels (1: the digit stays the same)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.kron(digits.images / 16.0, np.ones((1, 2, 2)))  # (1797, 16, 16)
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, 1, T, SIZE, SIZE), np.float32)
-    y = rng.integers(0, 2, n)
-    for s in range(n):
-        first = rng.integers(len(images))
-        if y[s]:
-            last = first
-        else:
-            last = rng.choice(np.flatnonzero(digits.target != digits.target[first]))
-        v = rng.choice([-3, 3], size=2)
-        start = rng.integers(0, SIZE - 16 - 3 * (T - 1) + 1, size=2)
-        start = np.where(v < 0, start + 3 * (T - 1), start)
-        for t in range(T):
-            r, c = start + v * t
-            x[s, 0, t, r:r + 16, c:c + 16] = images[last if t == T - 1 else first]
-    x += rng.normal(0, 0.05, x.shape).astype(np.float32)
-    return torch.from_numpy(np.clip(x, 0, 1)), torch.from_numpy(y)
+    """(n, 1, T, 28, 28) clips in [0, 1] and (n,) labels (:func:`nlgraph.tasks.moving_digit_clips`)."""
+    return tasks.moving_digit_clips(n, seed, frames=T, size=SIZE)
 
 
-class C2D(nn.Module):
-    """Per-frame 2-D convolutions (as 1x3x3 Conv3d), optional space-time NonLocal3d blocks, global
-    average pooling over T, H, W and a linear classifier."""
-
-    def __init__(self, nonlocal_blocks: bool, width: int = 32):
-        super().__init__()
-
-        def conv(cin, cout):
-            return nn.Sequential(nn.Conv3d(cin, cout, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(cout), nn.ReLU())
-
-        self.stem = nn.Sequential(conv(2, width), nn.MaxPool3d((1, 2, 2)), conv(width, width))
-        self.nonlocal_block = NonLocal3d(width, inter_channels=width // 2, sub_sample=True) if nonlocal_blocks \
-            else nn.Identity()
-        self.top = conv(width, width)
-        self.fc = nn.Linear(width, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = torch.linspace(0, 1, x.shape[2], dtype=x.dtype, device=x.device).view(1, 1, -1, 1, 1)
-        x = torch.cat([x, t.expand(x.shape[0], 1, -1, x.shape[3], x.shape[4])], dim=1)  # a time channel
-        return self.fc(self.top(self.nonlocal_block(self.stem(x))).mean(dim=(2, 3, 4)))
+def C2D(nonlocal_blocks: bool, width: int = 32) -> tasks.C2D:  # noqa: N802  (the script's old class name)
+    """Per-frame 2-D convolutions, optional space-time NonLocal3d block, pooling, linear classifier."""
+    block = (lambda w: NonLocal3d(w, inter_channels=w // 2, sub_sample=True)) if nonlocal_blocks else None
+    return tasks.C2D(block, width)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, batch: int = 32) -> None:
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        i = torch.randint(0, x.shape[0], (batch,))
-        loss = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    tasks.train(model, x, y, steps, seed, batch=batch, lr=3e-3)
 
 
 @torch.no_grad()
@@ -98,8 +52,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def nonlocal_as_attention_max_diff(model: C2D, x: torch.Tensor) -> float:
     """|NonLocal3d(z) - (z + torch MHA over the T*H*W tokens)| on the block's real input z."""
     model.eval()
-    tt = torch.linspace(0, 1, x.shape[2]).view(1, 1, -1, 1, 1).expand(x.shape[0], 1, -1, x.shape[3], x.shape[4])
-    z = model.stem(torch.cat([x, tt], dim=1))
+    z = model.features(x)
     block = model.nonlocal_block
     mha = mha_to_torch(nonlocal_to_mha(block))
     tokens = z.flatten(2).transpose(1, 2)  # (B, T*H*W, C)
@@ -119,7 +72,8 @@ def run(steps: int = 600, n_train: int = 3000, n_test: int = 500, seed: int = 0,
         train(model, x_tr, y_tr, steps, seed)
         results[name] = accuracy(model, x_te, y_te)
         log(f"{name:<28} test accuracy {results[name]:.3f}   ({time.perf_counter() - t:.0f}s training)")
-    results["max |NonLocal3d - attention over T*H*W tokens|"] = nonlocal_as_attention_max_diff(model, x_te[:8])
+    diff = nonlocal_as_attention_max_diff(model, x_te[:8])
+    results["max |NonLocal3d - attention over T*H*W tokens|"] = diff
     log(f"NonLocal3d == torch.nn.MultiheadAttention over T*H*W tokens: max abs difference "
         f"{results['max |NonLocal3d - attention over T*H*W tokens|']:.2e}")
     return results
