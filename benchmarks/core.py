@@ -10,7 +10,7 @@ Rows:
   operators the profiler saw in one call (``peer_kernels``).
 * ``algebra`` vs the materialised product ``(q k^T) v / M`` in torch (what public non-local
   implementations compute for the dot-product mode; there is no fused torch kernel for it) at
-  N = 16384 (4096 with ``--quick``).
+  the largest N (4096 with ``--quick``), d = 64.
 
 Time ratios are ours / peer (< 1 means ours is faster); peak memory is the measured rise of peak
 RSS in a fresh subprocess per case.
@@ -73,15 +73,15 @@ def memory_case(case: dict) -> None:
     harness.report_peak(lambda: _step(impl, q, k, v, case["mode"]))
 
 
-def plan(quick: bool) -> list[dict]:
-    sizes = [1024, 4096] if quick else [1024, 4096, 16384]
-    dims = [64] if quick else [64, 512]
+def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
+    sizes = sizes or ([1024, 4096] if quick else [1024, 4096, 16384])
+    dims = dims or ([64] if quick else [64, 512])
     pairs = []
     for n in sizes:
         for d in dims:
             for mode in ("fwd", "fwd+bwd"):
                 pairs.append(dict(n=n, d=d, mode=mode, affinity="softmax", ours="chunked", peer="sdpa"))
-    n_alg = 4096 if quick else 16384
+    n_alg = 4096 if quick else max(sizes)
     for mode in ("fwd", "fwd+bwd"):
         pairs.append(dict(n=n_alg, d=64, mode=mode, affinity="dot", ours="algebra", peer="materialised"))
     return pairs

@@ -89,14 +89,14 @@ def _auto_backend(graph_kind: str, n: int) -> str:
     return nlgraph.select_backend(q, q, q, nlgraph.Softmax(), _graph(dict(graph=graph_kind, n=n), gen))[0]
 
 
-def plan(quick: bool) -> list[dict]:
+def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
     pairs = []
-    sizes = [4096] if quick else [4096, 65536]
+    sizes = sizes or ([4096] if quick else [4096, 65536])
     for n in sizes:
         for g in ("window", "knn"):
             ours = _auto_backend(g, n)
             pairs.append(dict(graph=g, n=n, ours=ours, peer="pyg[softmax+scatter]"))
-            if n <= 4096:
+            if n <= 4096:  # the dense mask: N^2 bools
                 pairs.append(dict(graph=g, n=n, ours=ours, peer="sdpa"))
     for n in sizes:  # the backend choice behind dispatch (not a peer comparison)
         for g in ("window", "knn"):

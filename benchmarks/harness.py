@@ -247,6 +247,10 @@ def standard_parser(prog: str, doc: str):
     ap.add_argument("--threads", type=int, metavar="N",
                     help="torch intra-op threads (default: torch's, one per core); peers outside torch "
                          "(pydensecrf, scikit-image) are single-threaded either way")
+    ap.add_argument("--sizes", type=int, nargs="+", metavar="N",
+                    help="problem sizes to run: N (core, graph) or the feature map side (nonlocal); default: their own")
+    ap.add_argument("--dims", type=int, nargs="+", metavar="D",
+                    help="feature widths d to run (core; default: its own)")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     return ap
 
@@ -257,6 +261,9 @@ def parse_args(name: str, doc: str, argv):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    for opt in ("sizes", "dims"):
+        if any(x < 1 for x in getattr(args, opt) or ()):
+            ap.error(f"--{opt} must be positive")
     if args.threads is not None:
         if args.threads < 1:
             ap.error("--threads must be >= 1")
@@ -264,20 +271,20 @@ def parse_args(name: str, doc: str, argv):
     return args
 
 
-def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[[bool], list[dict]],
+def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[..., list[dict]],
                make_step: Callable[[dict], Callable[[], object]], memory_case: Callable[[dict], None],
                describe: Callable[[dict], str], title: str,
                peer_paths: Optional[Callable[[dict], Optional[list[str]]]] = None,
                kernel_pattern: Optional[str] = None, columns: Optional[list[tuple[str, str]]] = None) -> int:
     """The whole command line of an ours-vs-peer benchmark: options, pairs, table (``columns``, default
-    COLUMNS), JSON."""
+    COLUMNS), JSON. ``plan(quick, sizes=..., dims=...)`` lists the pairs (sizes/dims: None = its own)."""
     import json as _json
 
     args = parse_args(name, doc, argv)
     if args.memory_case:
         memory_case(_json.loads(args.memory_case))
         return 0
-    rows = compare_pairs(plan(args.quick), module, make_step, args.repeats, not args.no_memory, describe,
+    rows = compare_pairs(plan(args.quick, sizes=args.sizes, dims=args.dims), module, make_step, args.repeats, not args.no_memory, describe,
                          peer_paths=peer_paths, kernel_pattern=kernel_pattern)
     print_table(title, rows, columns or COLUMNS)
     if args.json:

@@ -90,9 +90,9 @@ def peer_paths(pair: dict):
     return None
 
 
-def plan(quick: bool) -> list[dict]:
+def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
     pairs = []
-    for size in ([32] if quick else [32, 64, 128]):
+    for size in sizes or ([32] if quick else [32, 64, 128]):
         for mode in ("gaussian", "embedded_gaussian", "dot_product", "concatenation"):
             peer = "sdpa" if mode in ("gaussian", "embedded_gaussian") else "materialised"
             pairs.append(dict(kind="nonlocal", mode=mode, size=size, ours="nlgraph", peer=peer))

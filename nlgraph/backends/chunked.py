@@ -7,7 +7,9 @@ extra memory is O((N + M) (d + e) + B tn tm) for B = batch x heads. Tiles whose 
 no edge are skipped (local windows, criss-cross and k-NN graphs are block sparse).
 
 Everything is computed in fp32 for fp16/bf16 inputs and in the input dtype otherwise. This is
-the default backend on CPU and the fallback on every device.
+the default backend on CPU and the fallback on every device. It traces under torch.compile /
+torch.export (every tile is then computed: skipping empty tiles is a data-dependent branch), and
+its autograd Function works under torch.func (vmap, grad, vjp, jacrev).
 
 Options (``nlgraph.aggregate(..., backend="chunked", options={...})``):
     block_n: queries per tile (default: chosen from the problem size).

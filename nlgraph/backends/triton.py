@@ -21,7 +21,8 @@ per query block accumulates dQ = dS K' and the row-bias gradient, with dS = P (d
 P dO V^T) and zero where the flat top caps the score. Only a float mask's own gradient (an N x M
 tensor anyway) is left to the PyTorch tile loop (``chunked.tile_backward``).
 
-Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
+torch.func (vmap, grad, vjp, jacrev) runs the same kernels: the vmapped dimension is folded into
+the kernels' batch. Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
 test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
 the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
 Not in this backend (they run on other backends): criss-cross, k-NN and edge-list graphs, edge
