@@ -4,8 +4,10 @@ Rows:
 * ``NonLocal2d`` (512 channels, inter 256, sub_sample=True as the paper's default, batch 1, float32)
   forward+backward, against the same block (same weights, same embed / W / BN) with its aggregation
   computed by the peer's fastest path: for the softmax modes (gaussian, embedded_gaussian) that is
-  ``scaled_dot_product_attention`` with the block's logit scale on 4-D input, every SDPA kernel
-  forced in turn and the fastest taken (``sdpa[flash-cpu]``); dot product and concatenation have no
+  ``scaled_dot_product_attention`` with the block's logit scale on contiguous 4-D input, every SDPA
+  kernel forced in turn and the fastest taken (``sdpa[flash-cpu]``; for the gaussian mode, whose
+  values are narrower than its 512-channel queries, also flash with the values zero-padded,
+  ``sdpa[flash-cpu+pad]``); dot product and concatenation have no
   fused torch kernel, so the peer is the (N x M) pairwise matrix materialised as public
   implementations compute it (for concatenation the N x M matrix of ReLU(a_i + b_j), already
   cheaper than concatenating features per pair). Feature maps 32x32, 64x64, 128x128.
@@ -37,8 +39,16 @@ def peer_nonlocal(block, x, path=None):
 
     q, k, v = block.embed(x)
     if block.mode in ("gaussian", "embedded_gaussian"):
-        with harness.sdpa_forced(path):  # 4-D (batch, heads, N, d): the fused CPU kernel needs the heads dim
-            y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=block.affinity().scale)[:, 0]
+        # 4-D (batch, heads, N, d) and contiguous rows: the fused kernels need both (the tokens are
+        # transposed views of the feature maps); flash also needs v as wide as q, so the "+pad"
+        # path zero-pads v (gaussian mode: d = 512 raw channels, e = 256) and drops the padding
+        e = v.shape[-1]
+        pad = path is not None and path.endswith("+pad")
+        if pad:
+            v = F.pad(v, (0, q.shape[-1] - e))
+        q, k, v = (t[:, None].contiguous() for t in (q, k, v))
+        with harness.sdpa_forced(path.removesuffix("+pad") if pad else path):
+            y = F.scaled_dot_product_attention(q, k, v, scale=block.affinity().scale)[:, 0, :, :e]
     else:
         if block.mode == "dot_product":
             f = q @ k.transpose(1, 2) / k.shape[1]
@@ -85,8 +95,10 @@ def memory_case(case: dict) -> None:
 
 def peer_paths(pair: dict):
     """Softmax modes and MHA: each SDPA kernel forced in turn; the materialised peers have one path."""
-    if pair["kind"] == "mha" or pair["mode"] in ("gaussian", "embedded_gaussian"):
+    if pair["kind"] == "mha" or pair["mode"] == "embedded_gaussian":
         return harness.sdpa_paths("cpu")
+    if pair["mode"] == "gaussian":  # q, k: the raw 512 channels, v: 256 (flash needs equal widths)
+        return ["flash-cpu", "flash-cpu+pad", "math"]
     return None
 
 
