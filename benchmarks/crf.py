@@ -16,6 +16,9 @@ Rows:
 * exact (``chunked``) vs lattice (``permutohedral``) messages in our facade on a 96x96 crop
   (48x48 with --quick; exact is O(N^2)): time ratio and label agreement.
 
+The peer is pydensecrf's one path, ``pydensecrf[C++ lattice]`` (single-threaded; ours uses torch's
+threads, ``--threads 1`` for core for core). The exact-vs-lattice rows compare two of our backends.
+
 Needs the test extras (pydensecrf2, scikit-image).
 """
 
@@ -49,6 +52,7 @@ def _unary(img, n, seed=0):
     return unary_from_labels(noisy, n, gt_prob=0.7, zero_unsure=False)
 
 
+PEER = "pydensecrf[C++ lattice]"
 STAGES = ("addPairwiseGaussian", "addPairwiseBilateral", "inference(5)")
 
 
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
             q_peer = _pipeline(peer, img, unary, n)
             t_ours, t_peer = harness.time_pair(lambda: _cold(ours, img, unary, n),
                                                lambda: _pipeline(peer, img, unary, n), repeats=args.repeats)
-            common = dict(ours="crf.densecrf", peer="pydensecrf",
+            common = dict(ours="crf.densecrf", peer=PEER,
                           agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
                           max_abs_q_diff=float(np.abs(q_ours - q_peer).max()))
             size = f"{img.shape[0]}x{img.shape[1]}"
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
         st_ours, st_peer = _stages((ours, peer), img, unary, n, args.repeats)
         for stage in st_ours:
             rows.append(dict(name=f"astronaut {img.shape[0]}x{img.shape[1]} L={n} {stage}, cold",
-                             ours="crf.densecrf", peer="pydensecrf",
+                             ours="crf.densecrf", peer=PEER,
                              ours_s=st_ours[stage], peer_s=st_peer[stage], ratio=st_ours[stage] / st_peer[stage]))
     size = 48 if args.quick else 96
     crop = np.ascontiguousarray(images["astronaut"][100:100 + size, 200:200 + size])

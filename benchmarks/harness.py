@@ -1,13 +1,20 @@
 """Shared benchmark harness: timing, peak-memory subprocesses, tables and JSON.
 
 Timing runs ours and the peer in the same process with the same torch thread count, after a
-warm-up, and reports the median of the repeats. Peak memory is measured, never computed: each case
-is re-run once in a fresh subprocess that resets the kernel's peak-RSS mark (VmHWM) just before
-the call and reports how far the peak rose above the RSS at that moment.
+warm-up, in turns (ours, peer path 1, peer path 2, ours, ...), and reports each side's median. A
+peer that has several paths for a case (``scaled_dot_product_attention``'s flash / efficient /
+cuDNN / math kernels) has every path that can run the case timed, and the row compares against
+the fastest, named in the row (``sdpa[flash-cpu]``). Which kernel ran is not assumed: each path
+is forced (``torch.nn.attention.sdpa_kernel``; a path that cannot run the case raises and is left
+out), and the kernels the profiler saw in one call of the chosen path are recorded in the JSON
+(``peer_kernels``). Peak memory is measured, never computed: each case is re-run once in a fresh
+subprocess that resets the kernel's peak-RSS mark (VmHWM) just before the call and reports how far
+the peak rose above the RSS at that moment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import resource
@@ -33,21 +40,58 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
-def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 3,
-              warmup: int = 1) -> tuple[float, float]:
-    """Median wall times of ``fn_a`` and ``fn_b`` timed alternately (a, b, a, b, ...) after ``warmup``
-    untimed calls of each: both sample the same stretch of machine state (on a shared or virtual
-    machine, speed drifts by 10-20% over seconds, which timing one after the other turns into bias)."""
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, timed in turns (a, b, c, a, b, c, ...) after ``warmup`` untimed
+    calls of each: all sample the same stretch of machine state (on a shared or virtual machine, speed
+    drifts by 10-20% over seconds, which timing one after the other turns into bias)."""
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    times_a, times_b = [], []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 3,
+              warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of ``fn_a`` and ``fn_b`` timed alternately (a, b, a, b, ...); see time_round_robin."""
+    t = time_round_robin({"a": fn_a, "b": fn_b}, repeats=repeats, warmup=warmup)
+    return t["a"], t["b"]
+
+
+def sdpa_paths(device: torch.device | str) -> list[str]:
+    """The ``scaled_dot_product_attention`` kernels worth trying on ``device`` (each is forced in turn).
+
+    On CPU: the fused flash kernel (``flash-cpu``, 4-D input only) and the unfused math path."""
+    if torch.device(device).type == "cuda":
+        return ["flash", "efficient", "cudnn", "math"]
+    return ["flash-cpu", "math"]
+
+
+def sdpa_forced(path: Optional[str]):
+    """A context that lets SDPA run only ``path`` (it raises where that kernel cannot run the case)."""
+    if path is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "flash-cpu": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[path])
+
+
+def kernels_seen(fn: Callable[[], object], pattern: str) -> list[str]:
+    """Names of the profiled operators of one ``fn()`` call that contain ``pattern`` (the evidence of
+    which kernel ran, e.g. ``aten::_scaled_dot_product_flash_attention_for_cpu``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.key for e in prof.key_averages() if pattern in e.key})
 
 
 def current_rss_bytes() -> int:
@@ -126,32 +170,63 @@ def write_json(path: str, name: str, rows: list[dict]) -> None:
     print(f"\nwrote {path}")
 
 
-def compare_pairs(pairs: list[dict], module: str, time_case: Callable[[dict, int], float], repeats: int,
-                  memory: bool, describe: Callable[[dict], str]) -> list[dict]:
-    """Time ours and the peer of each pair in this process; measure peak memory in subprocesses.
+def compare_pairs(pairs: list[dict], module: str, make_step: Callable[[dict], Callable[[], object]], repeats: int,
+                  memory: bool, describe: Callable[[dict], str],
+                  peer_paths: Optional[Callable[[dict], Optional[list[str]]]] = None,
+                  kernel_pattern: Optional[str] = None) -> list[dict]:
+    """Time ours and the peer of each pair in this process, in turns; measure peak memory in subprocesses.
 
     Each pair holds ``ours`` and ``peer`` implementation names plus the case parameters; a case for
-    one side is the pair's parameters with ``impl`` set. Returns rows with at least ``name``,
-    ``ours_s``, ``peer``, ``peer_s``, ``ratio`` (ours / peer) and, with ``memory``, the peaks in MiB.
+    one side is the pair's parameters with ``impl`` set (and, for a peer with several paths, ``path``).
+    ``make_step(case)`` returns the function to time. ``peer_paths(pair)`` lists the peer's paths to
+    try (None: one path); every path that runs is timed, the fastest is the row's peer, named
+    ``peer[path]``, and all are recorded (``peer_paths_s``; ``peer_skipped``: paths that cannot run
+    the case, with the reason). ``kernel_pattern``: record the profiled operators of one call of each
+    side whose names contain it (``ours_kernels``, ``peer_kernels``). Returns rows with at least
+    ``name``, ``ours_s``, ``peer``, ``peer_s``, ``ratio`` (ours / peer) and, with ``memory``, the
+    peaks in MiB.
     """
     rows = []
     mem_cache: dict[tuple, Optional[float]] = {}
     for p in pairs:
         params = {k: v for k, v in p.items() if k not in ("ours", "peer")}
+        paths = peer_paths(p) if peer_paths is not None else None
+        ours_case = dict(params, impl=p["ours"])
+        fns = {"ours": make_step(ours_case)}
+        cases, skipped = {}, {}
+        for path in paths or [None]:
+            case = dict(params, impl=p["peer"]) if path is None else dict(params, impl=p["peer"], path=path)
+            step = make_step(case)
+            try:
+                step()  # a forced kernel that cannot run the case raises here
+            except RuntimeError as exc:
+                skipped[path] = str(exc).strip().splitlines()[0][:200]
+                continue
+            fns[path] = step
+            cases[path] = case
+        if not cases:
+            raise RuntimeError(f"no path of {p['peer']} runs {describe(p)}: {skipped}")
+        times = time_round_robin(fns, repeats=repeats)
+        best = min(cases, key=lambda path: times[path])
+        peer_name = p["peer"] if best is None else f"{p['peer']}[{best}]"
         rec: dict = {}
-        for role in ("ours", "peer"):
-            case = dict(params, impl=p[role])
-            rec[f"{role}_s"] = time_case(case, repeats)
-            if memory:
+        if memory:
+            for role, case in (("ours", ours_case), ("peer", cases[best])):
                 key = tuple(sorted(case.items()))
                 if key not in mem_cache:
                     mem_cache[key] = measure_peak_in_subprocess(module, case)
                 rec[f"{role}_peak_mib"] = mem_cache[key]
-        row = dict(params, name=describe(p), ours=p["ours"], peer=p["peer"], ours_s=rec["ours_s"],
-                   peer_s=rec["peer_s"], ratio=rec["ours_s"] / rec["peer_s"],
+        row = dict(params, name=describe(p), ours=p["ours"], peer=peer_name, ours_s=times["ours"],
+                   peer_s=times[best], ratio=times["ours"] / times[best],
                    ours_peak_mib=rec.get("ours_peak_mib"), peer_peak_mib=rec.get("peer_peak_mib"))
+        if paths:
+            row["peer_paths_s"] = {str(path): times[path] for path in cases}
+            row["peer_skipped"] = skipped
+        if kernel_pattern:
+            row["ours_kernels"] = kernels_seen(fns["ours"], kernel_pattern)
+            row["peer_kernels"] = kernels_seen(fns[best], kernel_pattern)
         rows.append(row)
-        print(f"  {row['name']:<44} vs {row['peer']:<12} ours {row['ours_s']:.4f}s peer {row['peer_s']:.4f}s "
+        print(f"  {row['name']:<44} vs {row['peer']:<18} ours {row['ours_s']:.4f}s peer {row['peer_s']:.4f}s "
               f"ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
     return rows
 
@@ -172,6 +247,10 @@ def standard_parser(prog: str, doc: str):
     ap.add_argument("--threads", type=int, metavar="N",
                     help="torch intra-op threads (default: torch's, one per core); peers outside torch "
                          "(pydensecrf, scikit-image) are single-threaded either way")
+    ap.add_argument("--sizes", type=int, nargs="+", metavar="N",
+                    help="problem sizes to run: N (core, graph) or the feature map side (nonlocal); default: their own")
+    ap.add_argument("--dims", type=int, nargs="+", metavar="D",
+                    help="feature widths d to run (core; default: its own)")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     return ap
 
@@ -182,6 +261,9 @@ def parse_args(name: str, doc: str, argv):
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    for opt in ("sizes", "dims"):
+        if any(x < 1 for x in getattr(args, opt) or ()):
+            ap.error(f"--{opt} must be positive")
     if args.threads is not None:
         if args.threads < 1:
             ap.error("--threads must be >= 1")
@@ -189,18 +271,22 @@ def parse_args(name: str, doc: str, argv):
     return args
 
 
-def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[[bool], list[dict]],
-               time_case: Callable[[dict, int], float], memory_case: Callable[[dict], None],
-               describe: Callable[[dict], str], title: str) -> int:
-    """The whole command line of an ours-vs-peer benchmark: options, pairs, table, JSON."""
+def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[..., list[dict]],
+               make_step: Callable[[dict], Callable[[], object]], memory_case: Callable[[dict], None],
+               describe: Callable[[dict], str], title: str,
+               peer_paths: Optional[Callable[[dict], Optional[list[str]]]] = None,
+               kernel_pattern: Optional[str] = None, columns: Optional[list[tuple[str, str]]] = None) -> int:
+    """The whole command line of an ours-vs-peer benchmark: options, pairs, table (``columns``, default
+    COLUMNS), JSON. ``plan(quick, sizes=..., dims=...)`` lists the pairs (sizes/dims: None = its own)."""
     import json as _json
 
     args = parse_args(name, doc, argv)
     if args.memory_case:
         memory_case(_json.loads(args.memory_case))
         return 0
-    rows = compare_pairs(plan(args.quick), module, time_case, args.repeats, not args.no_memory, describe)
-    print_table(title, rows, COLUMNS)
+    rows = compare_pairs(plan(args.quick, sizes=args.sizes, dims=args.dims), module, make_step, args.repeats, not args.no_memory, describe,
+                         peer_paths=peer_paths, kernel_pattern=kernel_pattern)
+    print_table(title, rows, columns or COLUMNS)
     if args.json:
         write_json(args.json, name, rows)
     return 0

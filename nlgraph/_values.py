@@ -11,13 +11,23 @@ import math
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType, get_interpreter_stack
 
 __all__ = ["checking_values", "all_finite", "finite_nonnegative", "no_nan_or_posinf", "positive"]
 
 
 def checking_values() -> bool:
-    """True when value checks run: in eager mode, not while torch.compile / torch.export trace."""
-    return not torch.compiler.is_compiling()
+    """True when value checks may read tensor values on the host: in eager mode.
+
+    False while ``torch.compile`` / ``torch.export`` trace the code (a data-dependent branch would
+    break the graph: ``fullgraph=True`` and export refuse it) and inside ``torch.func.vmap`` (a
+    batched tensor has no single value to branch on). There the checks step aside and the traced
+    code computes the same result without them.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    stack = get_interpreter_stack()
+    return not stack or all(level.key() != TransformType.Vmap for level in stack)
 
 
 def all_finite(t: Tensor) -> bool:

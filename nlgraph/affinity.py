@@ -13,7 +13,8 @@ tiled loop (and one fused GPU kernel) serve attention, non-local blocks and the 
 affinity          f(q_i, k_j)                                canonical form      C_i
 ================  =========================================  ==================  ===========
 ``Softmax``       exp(s q_i.k_j)                             q'=s q, k'=k        sum_j f
-``Gaussian``      exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))      q'=q/b, k'=k/b,     sum_j f or 1
+``Gaussian``      exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))      q'=(q-m)/b,         sum_j f or 1
+                                                             k'=(k-m)/b,
                                                              r=-|q'|^2/2,
                                                              c=-|k'|^2/2
 ``DotProduct``    s q_i.k_j                                  q'=s q, k'=k        number of neighbours
@@ -27,6 +28,20 @@ Parameters given as tensors (``scale``, ``bandwidth``, ``weight``) receive gradi
 to the canonical form is ordinary autograd, outside any backend. They stay the caller's tensors (an
 optimiser's in-place update is seen), so their values are checked at construction and again at every
 call (:meth:`Affinity.check_values`, eager mode only).
+
+Numerics of the lowering (every backend that consumes the form inherits them):
+
+* The Gaussian is translation invariant, so its features are centred on a common shift m (the keys'
+  mean, detached: f does not depend on m, so values and gradients are exact for any m) before the
+  expansion |q' - k'|^2 = |q'|^2 + |k'|^2 - 2 q'.k'. The expansion's rounding error is then about
+  u (|q'|^2 + |k'|^2) with q', k' measured from the data's centre, not from the origin: features
+  far from the origin (pixel coordinates of a large image or volume, a crop at an offset) keep
+  their float32 precision.
+* In eager mode each form checks that its scores cannot overflow the accumulation dtype (float32
+  for fp16/bf16/fp32 inputs, float64 for float64): |s_ij| <= sum_d max_i |q'_id| max_j |k'_jd| +
+  max |r| + max |c| must stay below its largest finite number, else a ValueError says so (instead
+  of the NaN, or the silently zero weights, an overflowed score gives). Under torch.compile /
+  export and inside vmap the check steps aside (nlgraph._values.checking_values).
 """
 
 from __future__ import annotations
@@ -79,6 +94,57 @@ class ScoreForm:
     #: exp kernels only: the score is capped at 0 after adding this offset, s <- min(s + clamp, 0)
     #: (a Gaussian with a flat top, as non-local means uses to discount the noise variance).
     clamp: Optional[float] = None
+
+
+def _centre(query: Tensor, key: Tensor) -> Tensor:
+    """A common shift for the Gaussian's features: the keys' mean, detached, (..., 1, d).
+
+    Averaged further over the leading dims where the query has size 1 (or none), so that neither
+    ``query - centre`` nor ``key - centre`` grows beyond its own shape.
+    """
+    c = key.detach().mean(-2, keepdim=True)
+    nq, nc = query.dim() - 2, c.dim() - 2
+    dims = [i for i in range(nc) if c.shape[i] != 1 and (i < nc - nq or query.shape[i - (nc - nq)] == 1)]
+    if dims:
+        c = c.mean(dims, keepdim=True)
+    if nc > nq:
+        c = c.reshape(c.shape[nc - nq:])
+    return c
+
+
+def _checked(affinity: "Affinity", form: ScoreForm) -> ScoreForm:
+    """Raise ValueError when the scores of ``form`` may overflow the accumulation dtype (eager only).
+
+    Every partial sum of q'_i . k'_j is at most S = sum_d max_i |q'_id| max_j |k'_jd| in magnitude
+    (exactly; rounded, S (1 + d u) to first order), so |s_ij| <= S + max |r| + max |c|. Computed in
+    float64 from the form's own tensors (one host sync); a non-finite term (an overflow while forming
+    q * scale, |k'|^2, ...) fails the check as well.
+    """
+    if not checking_values():
+        return form
+    terms = [t for t in (form.query, form.row, form.col) if t is not None]
+    dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
+    info = torch.finfo(dtype)
+    with torch.no_grad():
+        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
+        width = 0
+        if form.query is not None:
+            width = form.query.shape[-1]
+            qa = form.query.detach().abs().reshape(-1, width).amax(0).double()
+            ka = form.key.detach().abs().reshape(-1, width).amax(0).double()
+            bound = bound + (qa * ka).sum()
+        for t in (form.row, form.col):
+            if t is not None:
+                bound = bound + t.detach().abs().amax().double()
+        bound = float(bound)
+    if not bound * (1 + (width + 2) * info.eps) < info.max:  # also False for inf / NaN
+        reach = f"can reach {bound:.3g}" if math.isfinite(bound) else "overflow already in their terms"
+        raise ValueError(
+            f"{affinity!r}: the scores of these query/key values {reach} (bilinear term q'.k' plus row and "
+            f"column biases; {dtype} holds at most {info.max:.3g}), so the result would be NaN or wrong. "
+            f"Rescale query/key (or the affinity's parameters), or pass float64 inputs"
+        )
+    return form
 
 
 def _check_scalar(name: str, value: Scalar, *, positive: bool, scalar: bool = False) -> None:
@@ -182,7 +248,7 @@ class Softmax(Affinity):
         scale = 1.0 / math.sqrt(query.shape[-1]) if self.scale is None else _as(self.scale, query)
         if isinstance(scale, Tensor):
             scale = scale.reshape(())
-        return ScoreForm(query * scale, key, None, None, "exp", "sum")
+        return _checked(self, ScoreForm(query * scale, key, None, None, "exp", "sum"))
 
     def __repr__(self) -> str:
         return f"Softmax(scale={_fmt(self.scale)})"
@@ -238,13 +304,17 @@ class Gaussian(Affinity):
         return q, (q if key is query else key / b)
 
     def form(self, query: Tensor, key: Tensor) -> ScoreForm:
-        q, k = self.scaled(query, key)
+        # Centred on a common (detached) shift, so the expansion of |q' - k'|^2 below loses only
+        # rounding relative to the data's spread, not to its distance from the origin.
+        centre = _centre(query, key)
+        shifted = query - centre
+        q, k = self.scaled(shifted, shifted if key is query else key - centre)
         col = -0.5 * (k * k).sum(-1)
         # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
         # dropping it keeps the logits small and loses nothing, values and gradients alike. The
         # flat top (offset > 0) needs the true distance, so it keeps the row term.
         row = None if (self.normalize and not self.offset) else -0.5 * (q * q).sum(-1)
-        return ScoreForm(q, k, row, col, "exp", self.norm, self.offset or None)
+        return _checked(self, ScoreForm(q, k, row, col, "exp", self.norm, self.offset or None))
 
     def __repr__(self) -> str:
         extra = f", offset={self.offset}" if self.offset else ""
@@ -274,7 +344,7 @@ class DotProduct(Affinity):
         scale = _as(self.scale, query)
         if isinstance(scale, Tensor):
             scale = scale.reshape(())
-        return ScoreForm(query * scale, key, None, None, "linear", "count")
+        return _checked(self, ScoreForm(query * scale, key, None, None, "linear", "count"))
 
     def __repr__(self) -> str:
         return f"DotProduct(scale={_fmt(self.scale)})"
@@ -327,7 +397,7 @@ class Concatenation(Affinity):
         if self.bias is not None:
             row = row + (_as(self.bias, query).reshape(()) if isinstance(self.bias, Tensor) else self.bias)
         col = key @ w[d:]
-        return ScoreForm(None, None, row, col, "relu", "count")
+        return _checked(self, ScoreForm(None, None, row, col, "relu", "count"))
 
     def __repr__(self) -> str:
         return f"Concatenation(weight={_fmt(self.weight)}, bias={_fmt(self.bias)})"

@@ -1,7 +1,9 @@
 """The core op: ``y_i = (1 / C_i) sum_{j in N(i)} f(q_i, k_j) v_j``.
 
 :func:`aggregate` validates every argument once, lowers per-edge weights into the graph and hands
-the case to the one dispatch point. Nothing below it re-validates.
+the case to the one dispatch point. Nothing below it re-validates. Checks that read tensor values
+(the NaN/Inf scan) run in eager mode and step aside under torch.compile / torch.export and inside
+torch.func.vmap (:func:`nlgraph._values.checking_values`), so the op traces without a graph break.
 """
 
 from __future__ import annotations

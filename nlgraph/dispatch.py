@@ -12,13 +12,13 @@ dependency is missing costs nothing until asked for (its ``can_run`` says what i
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from types import ModuleType
 from typing import Optional
 
 from torch import Tensor
 
+from ._optional import import_module
 from .affinity import Affinity
 from .graph import Graph
 
@@ -47,7 +47,7 @@ def get_backend(name: str) -> ModuleType:
     if name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
     if name not in _MODULES:
-        _MODULES[name] = importlib.import_module(_REGISTRY[name])
+        _MODULES[name] = import_module(_REGISTRY[name])  # compile-friendly
     return _MODULES[name]
 
 

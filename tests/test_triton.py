@@ -272,3 +272,25 @@ def test_kernels_compile_for_gpu_targets():
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("compiled") == 12, res.stdout
+
+
+@pytest.mark.parametrize("graph_kind", ["complete", "bool_mask", "float_mask"])
+def test_torch_func_vmap_and_jacrev(graph_kind):
+    """torch.func through the kernels: the vmap rule folds the vmapped dim into the kernels' batch
+    (forward and the backward Function), so vmap and jacrev (vmap over vjp) match the reference."""
+    q, k, v = (t.detach() for t in _inputs(5, 6, 4, 3, torch.float32, seed=11))
+    gen = torch.Generator().manual_seed(12)
+    graph = {"complete": None, "bool_mask": G.Mask((torch.rand(2, 5, 6, generator=gen) > 0.3).to(DEVICE)),
+             "float_mask": G.Mask(torch.randn(5, 6, generator=gen).to(DEVICE))}[graph_kind]
+    aff = A.Gaussian(1.3, normalize=graph_kind != "complete")
+
+    def fn(backend):
+        opts = {"block_n": 16, "block_m": 16} if backend == "triton" else None
+        return lambda q_, k_, v_: nlgraph.aggregate(q_, k_, v_, aff, graph, backend=backend, options=opts)
+
+    for argnum in (0, 2):
+        torch.testing.assert_close(torch.func.jacrev(fn("triton"), argnums=argnum)(q, k, v),
+                                   torch.func.jacrev(fn("reference"), argnums=argnum)(q, k, v), rtol=1e-4, atol=1e-5)
+    qb = torch.randn(3, *q.shape, generator=gen).to(DEVICE)
+    torch.testing.assert_close(torch.func.vmap(fn("triton"), in_dims=(0, None, None))(qb, k, v),
+                               fn("reference")(qb, k, v), rtol=1e-4, atol=1e-5)

@@ -7,7 +7,9 @@ extra memory is O((N + M) (d + e) + B tn tm) for B = batch x heads. Tiles whose 
 no edge are skipped (local windows, criss-cross and k-NN graphs are block sparse).
 
 Everything is computed in fp32 for fp16/bf16 inputs and in the input dtype otherwise. This is
-the default backend on CPU and the fallback on every device.
+the default backend on CPU and the fallback on every device. It traces under torch.compile /
+torch.export (every tile is then computed: skipping empty tiles is a data-dependent branch), and
+its autograd Function works under torch.func (vmap, grad, vjp, jacrev).
 
 Options (``nlgraph.aggregate(..., backend="chunked", options={...})``):
     block_n: queries per tile (default: chosen from the problem size).
@@ -22,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._values import checking_values
+from ..affinity import ScoreForm
 from .common import (Problem, clamp_scores, dropout_keep, edge_weights, exp_scores, lower, tile_linear,
                      tile_log_weights)
 
@@ -54,8 +58,8 @@ def default_blocks(batch: int, n: int, m: int) -> tuple[int, int]:
 
 def _tile_plan(p: Problem, bn: int, bm: int, device: torch.device) -> Optional[list[list[bool]]]:
     """Which tile pairs may hold edges (one vectorised test per call), or None to try them all."""
-    if p.graph is None:
-        return None
+    if p.graph is None or not checking_values():
+        return None  # traced code takes no data-dependent branch: every tile is computed
     rows = [(i, min(p.n, i + bn)) for i in range(0, p.n, bn)]
     cols = [(j, min(p.m, j + bm)) for j in range(0, p.m, bm)]
     pairs = p.graph.tile_pairs(rows, cols, device)
@@ -65,7 +69,7 @@ def _tile_plan(p: Problem, bn: int, bm: int, device: torch.device) -> Optional[l
 def _tile(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
     """(linear scores, validity mask, log-weights) of one tile; (None, None, None) when it has no edge."""
     mask, logw = tile_log_weights(p.graph, p.bias, i0, i1, j0, j1, device, p.value.dtype)
-    if mask is not None and not bool(mask.any()):
+    if mask is not None and checking_values() and not bool(mask.any()):
         return None, None, None
     lin = tile_linear(p.form, i0, i1, j0, j1)
     if lin.shape[:-2] != p.lead:  # batch dims that only value or the graph has: scores per batch entry
@@ -82,28 +86,44 @@ def _keep(meta: dict, lead, i0, i1, j0, j1, device, dtype) -> Optional[Tensor]:
     return dropout_keep((*lead, i1 - i0, j1 - j0), p, meta["seed"], tile, device, dtype)
 
 
+def _bind(p: Problem, fq, fk, row, col, bias, value) -> Problem:
+    """The problem with its tensors replaced by the Function's own inputs (or saved tensors).
+
+    Under torch.func transforms a Function's forward and backward receive unwrapped tensors, not the
+    ones the problem was lowered with; the tiles must read exactly the tensors they are given."""
+    f = p.form
+    form = ScoreForm(fq, fk, row, col, f.kernel, f.norm, f.clamp)
+    return Problem(form, value, bias, p.graph, p.lead, p.n, p.m, p.e)
+
+
 class _ChunkedAggregate(torch.autograd.Function):
+    """The tiled forward (online softmax) and the tile-recomputing backward of the canonical form.
+
+    Written for torch.func: ``setup_context`` is separate from ``forward``, and forward and backward
+    are vmap-compatible (accumulators are combined out of place and gradients concatenated per tile,
+    never written into a buffer created inside the function; in-place updates touch only tiles
+    computed from the inputs), so the vmap rule is generated (``generate_vmap_rule``) and
+    ``torch.func.vmap``, ``grad``, ``vjp`` and ``jacrev`` work. Returns (out, stat); stat (log-sum-exp,
+    running max or normaliser per query) is not differentiable.
+    """
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, fq, fk, row, col, bias, value, meta):
-        p: Problem = meta["problem"]
-        # The autograd inputs are the problem's own tensors; re-bind so tiles use exactly them.
+    def forward(fq, fk, row, col, bias, value, meta):
+        p = _bind(meta["problem"], fq, fk, row, col, bias, value)
         bn, bm = meta["blocks"]
         kernel, norm = p.form.kernel, p.form.norm
         device, dtype = value.device, value.dtype
         lead, n, m, e = p.lead, p.n, p.m, p.e
-        out = torch.empty(*lead, n, e, dtype=dtype, device=device)
-        # stat: log-sum-exp (exp/sum), running max (exp/none) or normaliser C (count).
-        stat = torch.empty(*lead, n, dtype=dtype, device=device)
+        outs, stats = [], []  # per query tile; out = cat(outs), stat = cat(stats)
         plan = _tile_plan(p, bn, bm, device)
         for ti, i0 in enumerate(range(0, n, bn)):
             i1 = min(n, i0 + bn)
             tn = i1 - i0
             acc = torch.zeros(*lead, tn, e, dtype=dtype, device=device)
-            if kernel == "exp":
-                mx = torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device)
-                den = torch.zeros(*lead, tn, dtype=dtype, device=device)
-            else:
-                den = torch.zeros(*lead, tn, dtype=dtype, device=device)
+            den = torch.zeros(*lead, tn, dtype=dtype, device=device)
+            mx = torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device) if kernel == "exp" else None
             for tj, j0 in enumerate(range(0, m, bm)):
                 if plan is not None and not plan[ti][tj]:
                     continue  # block-sparse graph: no edge can be in this tile
@@ -121,8 +141,9 @@ class _ChunkedAggregate(torch.autograd.Function):
                     safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if restricted else new
                     w = s.sub_(safe[..., None]).exp_()
                     alpha = torch.exp(mx - safe)
-                    den = den.mul_(alpha).add_(w.sum(-1))
-                    acc = acc.mul_(alpha[..., None]).add_((w if keep is None else w * keep) @ v)
+                    # accumulators combine out of place (vmap: a batched tile never writes into them)
+                    den = den * alpha + w.sum(-1)
+                    acc = acc * alpha[..., None] + (w if keep is None else w * keep) @ v
                     mx = new
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
@@ -137,23 +158,47 @@ class _ChunkedAggregate(torch.autograd.Function):
             if kernel == "exp":
                 safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
                 if norm == "sum":
-                    out[..., i0:i1, :] = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-                    stat[..., i0:i1] = torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF))
+                    outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])
+                    stats.append(torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF)))
                 else:
-                    out[..., i0:i1, :] = acc * torch.exp(safe)[..., None]
-                    stat[..., i0:i1] = safe
+                    outs.append(acc * torch.exp(safe)[..., None])
+                    stats.append(safe)
             else:
-                out[..., i0:i1, :] = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-                stat[..., i0:i1] = den
-        ctx.meta = meta
-        ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
-        return out
+                outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])
+                stats.append(den)
+        return torch.cat(outs, -2), torch.cat(stats, -1)
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        fq, fk, row, col, bias, value, meta = inputs
+        out, stat = output
+        ctx.meta = meta
+        ctx.mark_non_differentiable(stat)
+        ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
+
+    @staticmethod
+    def backward(ctx, dout, _dstat):
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
         return tile_backward(ctx.meta, ctx.needs_input_grad[:6], fq, fk, row, col, bias, value, out, stat,
                              dout) + (None,)
+
+
+def _add(parts: dict, key, grad: Tensor) -> None:
+    """parts[key] += grad, out of place (vmap-compatible)."""
+    parts[key] = grad if key not in parts else parts[key] + grad
+
+
+def _assemble(parts: dict, spans: list[tuple[int, int]], dim: int, like: Tensor) -> Tensor:
+    """Concatenate per-tile gradients (tile index -> tensor) along ``dim``; missing tiles are zeros."""
+    def unit(shape):  # the shape with the tiled dimension set to 1, for broadcasting
+        return tuple(1 if i == dim % len(shape) else d for i, d in enumerate(shape))
+
+    shape = list(torch.broadcast_shapes(*(unit(t.shape) for t in parts.values())) if parts else like.shape)
+    pieces = []
+    for idx, (a, b) in enumerate(spans):
+        shape[dim] = b - a
+        pieces.append(parts[idx].expand(shape) if idx in parts else like.new_zeros(shape))
+    return torch.cat(pieces, dim)
 
 
 def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, dout):
@@ -161,27 +206,26 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
 
     ``stat`` is the log-sum-exp per query (exp kernel, C = sum f), the running max (C = 1, unused)
     or the normaliser (count). Shared by every backend whose forward saves that statistic.
+    Gradients are collected per tile and concatenated (nothing is written into a preallocated
+    buffer), so the backward is vmap-compatible (``torch.func.jacrev``).
     Returns the gradients of (fq, fk, row, col, bias, value).
     """
-    p: Problem = meta["problem"]
+    p = _bind(meta["problem"], fq, fk, row, col, bias, value)
     bn, bm = meta["blocks"]
     kernel, norm = p.form.kernel, p.form.norm
     need_q, need_k, need_r, need_c, need_b, need_v = needs
     device, dtype = value.device, value.dtype
-    lead, n, m, e = p.lead, p.n, p.m, p.e
+    lead, n, m = p.lead, p.n, p.m
     dout = dout.to(dtype)
-
-    dq = torch.zeros(*lead, *fq.shape[-2:], dtype=dtype, device=device) if need_q else None
-    dk = torch.zeros(*lead, *fk.shape[-2:], dtype=dtype, device=device) if need_k else None
-    dr = torch.zeros(*lead, n, dtype=dtype, device=device) if need_r else None
-    dc = torch.zeros(*lead, m, dtype=dtype, device=device) if need_c else None
-    dv = torch.zeros(*lead, m, e, dtype=dtype, device=device) if need_v else None
-    db = torch.zeros_like(bias) if need_b else None
+    rows = [(i, min(n, i + bn)) for i in range(0, n, bn)]
+    cols = [(j, min(m, j + bm)) for j in range(0, m, bm)]
+    dq, dk, dr, dc, dv, db = {}, {}, {}, {}, {}, {}  # tile index (db: (row, col) block) -> gradient
     need_lin = need_q or need_k or need_r or need_c
+    b_rows = need_b and bias.shape[-2] != 1  # the float mask has a row per query (else it broadcasts)
+    b_cols = need_b and bias.shape[-1] != 1
 
     plan = _tile_plan(p, bn, bm, device)
-    for ti, i0 in enumerate(range(0, n, bn)):
-        i1 = min(n, i0 + bn)
+    for ti, (i0, i1) in enumerate(rows):
         do = dout[..., i0:i1, :]
         st = stat[..., i0:i1]
         # D_i = dO_i . O_i (softmax and count normalisations).
@@ -190,10 +234,9 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
             base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
         else:
             inv = torch.where(st > 0, 1.0 / torch.where(st > 0, st, torch.ones_like(st)), torch.zeros_like(st))
-        for tj, j0 in enumerate(range(0, m, bm)):
+        for tj, (j0, j1) in enumerate(cols):
             if plan is not None and not plan[ti][tj]:
                 continue
-            j1 = min(m, j0 + bm)
             lin, mask, logw = _tile(p, i0, i1, j0, j1, device)
             if lin is None:
                 continue
@@ -216,14 +259,14 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
                     dlin = dlin.masked_fill(flat, 0.0)
                 if need_v:
                     kept = prob if keep is None else prob * keep
-                    dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
+                    _add(dv, tj, kept.transpose(-1, -2) @ do)
             else:
                 g = torch.relu(lin) if kernel == "relu" else lin
                 ew = edge_weights(mask, logw, dtype)
                 a = inv[..., None] if ew is None else ew * inv[..., None]
                 if need_v:
                     kept = g * a if keep is None else g * a * keep
-                    dv[..., j0:j1, :] += kept.transpose(-1, -2) @ do
+                    _add(dv, tj, kept.transpose(-1, -2) @ do)
                 if need_lin:
                     dlin = a * dp
                     if kernel == "relu":
@@ -232,23 +275,32 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
                     dlogw = ew * (g * dp - dsum[..., None]) * inv[..., None]
             if need_lin:
                 if need_q:
-                    dq[..., i0:i1, :] += dlin @ fk[..., j0:j1, :]
+                    _add(dq, ti, dlin @ fk[..., j0:j1, :])
                 if need_k:
-                    dk[..., j0:j1, :] += dlin.transpose(-1, -2) @ fq[..., i0:i1, :]
+                    _add(dk, tj, dlin.transpose(-1, -2) @ fq[..., i0:i1, :])
                 if need_r:
-                    dr[..., i0:i1] += dlin.sum(-1)
+                    _add(dr, ti, dlin.sum(-1))
                 if need_c:
-                    dc[..., j0:j1] += dlin.sum(-2)
+                    _add(dc, tj, dlin.sum(-2))
             if need_b:
-                rows = slice(0, 1) if bias.shape[-2] == 1 else slice(i0, i1)
-                cols = slice(0, 1) if bias.shape[-1] == 1 else slice(j0, j1)
-                target = db[..., rows, cols]
-                target += dlogw.sum_to_size(target.shape)
+                key = (ti if b_rows else 0, tj if b_cols else 0)
+                target = (*bias.shape[:-2], i1 - i0 if b_rows else 1, j1 - j0 if b_cols else 1)
+                _add(db, key, dlogw.sum_to_size(target))
 
-    def reduce(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
-        return None if grad is None else grad.sum_to_size(like.shape)
+    def reduce(parts: dict, spans, dim: int, like: Optional[Tensor], need: bool) -> Optional[Tensor]:
+        if not need:
+            return None
+        return _assemble(parts, spans, dim, like).sum_to_size(like.shape)
 
-    return (reduce(dq, fq), reduce(dk, fk), reduce(dr, row), reduce(dc, col), db, reduce(dv, value))
+    grad_b = None
+    if need_b:  # the float mask's blocks, (N|1) x (M|1) of them, zeros where no tile contributed
+        r_spans = rows if b_rows else [(0, 1)]
+        c_spans = cols if b_cols else [(0, 1)]
+        block = lambda ri, cj, r, c: db[(ri, cj)] if (ri, cj) in db else bias.new_zeros(*bias.shape[:-2], r, c)  # noqa
+        grad_b = torch.cat([torch.cat([block(ri, cj, a1 - a0, c1 - c0) for cj, (c0, c1) in enumerate(c_spans)], -1)
+                            for ri, (a0, a1) in enumerate(r_spans)], -2)
+    return (reduce(dq, rows, -2, fq, need_q), reduce(dk, cols, -2, fk, need_k), reduce(dr, rows, -1, row, need_r),
+            reduce(dc, cols, -1, col, need_c), grad_b, reduce(dv, cols, -2, value, need_v))
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p: float = 0.0, seed: int = 0,
@@ -261,6 +313,6 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
     bn, bm = default_blocks(batch, p.n, p.m)
     bn, bm = block_n or bn, block_m or bm
     f = p.form
-    out = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value,
-                                  {"problem": p, "blocks": (bn, bm), "dropout_p": dropout_p, "seed": seed})
+    out, _ = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value,
+                                     {"problem": p, "blocks": (bn, bm), "dropout_p": dropout_p, "seed": seed})
     return out.to(query.dtype)

@@ -111,7 +111,7 @@ def clamp_scores(form: ScoreForm, lin: Tensor, inplace: bool = False) -> Tensor:
     """The flat top of an exp kernel: ``min(s + clamp, 0)`` (identity when ``form.clamp`` is None)."""
     if form.clamp is None:
         return lin
-    return lin.add_(form.clamp).clamp_(max=0.0) if inplace else (lin + form.clamp).clamp(max=0.0)
+    return lin.add_(form.clamp).clamp_max_(0.0) if inplace else (lin + form.clamp).clamp(max=0.0)
 
 
 def exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:

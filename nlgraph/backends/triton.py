@@ -21,7 +21,8 @@ per query block accumulates dQ = dS K' and the row-bias gradient, with dS = P (d
 P dO V^T) and zero where the flat top caps the score. Only a float mask's own gradient (an N x M
 tensor anyway) is left to the PyTorch tile loop (``chunked.tile_backward``).
 
-Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
+torch.func (vmap, grad, vjp, jacrev) runs the same kernels: the vmapped dimension is folded into
+the kernels' batch. Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
 test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
 the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
 Not in this backend (they run on other backends): criss-cross, k-NN and edge-list graphs, edge
@@ -146,12 +147,55 @@ def _shared_args(meta: dict, fq: Tensor, fk: Tensor, value: Tensor, row: Optiona
     return ptrs, strides, sizes, flags
 
 
+def _flat_graph(exclude_self: bool, window: Optional[LocalWindow], mask4: Optional[Tensor]):
+    """The graph in the flattened (B, N, M) layout, for the tile-recomputing backward of a float mask."""
+    parts = ([ExcludeSelf()] if exclude_self else []) + ([window] if window is not None else []) + (
+        [Mask(mask4.reshape(-1, *mask4.shape[-2:]).bool())] if mask4 is not None else [])
+    return None if not parts else parts[0] if len(parts) == 1 else Intersection(parts)
+
+
+def _fold(batch: int, in_dims, tensors) -> list[Optional[Tensor]]:
+    """vmap support: fold the vmapped dimension into the kernels' batch, (V, B, ...) -> (V * B, ...).
+
+    Every tensor the kernels take leads with the batch B; an input that is not vmapped is repeated."""
+    out = []
+    for t, dim in zip(tensors, in_dims):
+        if t is None:
+            out.append(None)
+            continue
+        t = t.movedim(dim, 0) if dim is not None else t.expand(batch, *t.shape)
+        out.append(t.reshape(batch * t.shape[1], *t.shape[2:]))
+    return out
+
+
+def _fold_meta(meta: dict, batch: int) -> dict:
+    """The launch description for ``batch`` copies of the problem side by side in the batch dimension."""
+    p, mask4 = meta["problem"], meta["mask4"]
+    if mask4 is not None:  # the masks' first batch dim (b // B2) grows by the factor ``batch``
+        mask4 = mask4.unsqueeze(0).expand(batch, *mask4.shape).reshape(batch * mask4.shape[0], *mask4.shape[1:])
+    shape4 = meta["bias4_shape"]
+    return dict(meta, mask4=mask4,
+                bias4_shape=None if shape4 is None else (batch * shape4[0], *shape4[1:]),
+                problem=replace(p, lead=(batch * p.lead[0],),
+                                graph=_flat_graph(meta["exclude_self"], meta["window"], mask4)))
+
+
+def _unfold(batch: int, tensors) -> tuple:
+    return tuple(None if t is None else t.reshape(batch, t.shape[0] // batch, *t.shape[1:]) for t in tensors)
+
+
 class _TritonAggregate(torch.autograd.Function):
-    """Forward and backward kernels (FlashAttention-2 style: the backward recomputes score tiles from the
-    saved log-sum-exp; one kernel per key block for dK / dV / dcol, one per query block for dQ / drow)."""
+    """Forward kernel; backward through :class:`_TritonBackward` (FlashAttention-2 style: score tiles
+    recomputed from the saved log-sum-exp; one kernel per key block for dK / dV / dcol, one per query
+    block for dQ / drow).
+
+    torch.func: ``setup_context`` is separate from ``forward``; the vmap rule folds the vmapped
+    dimension into the kernels' batch (one launch), and the backward is a Function with the same
+    rule, so ``vmap``, ``grad``, ``vjp`` and ``jacrev`` run the kernels. Returns (out, log-sum-exp).
+    """
 
     @staticmethod
-    def forward(ctx, fq, fk, row, col, bias, value, meta):
+    def forward(fq, fk, row, col, bias, value, meta):
         import triton
 
         fwd, _, _ = _kernels()
@@ -163,19 +207,42 @@ class _TritonAggregate(torch.autograd.Function):
         grid = (triton.cdiv(n, flags["BLOCK_N"]), b, triton.cdiv(p.e, flags["BLOCK_E"]))
         fwd[grid](*ptrs, out, stat, *strides,
                   out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1), *sizes, **flags)
-        out = out.to(value.dtype)
-        ctx.meta = meta
-        ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)  # the log-sum-exp stays fp32
-        return out
+        return out.to(value.dtype), stat  # the log-sum-exp stays fp32
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        fq, fk, row, col, bias, value, meta = inputs
+        out, stat = output
+        ctx.meta = meta
+        ctx.mark_non_differentiable(stat)
+        ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
+
+    @staticmethod
+    def vmap(info, in_dims, fq, fk, row, col, bias, value, meta):
+        folded = _fold(info.batch_size, in_dims[:6], (fq, fk, row, col, bias, value))
+        out, stat = _TritonAggregate.apply(*folded, _fold_meta(meta, info.batch_size))
+        return _unfold(info.batch_size, (out, stat)), (0, 0)
+
+    @staticmethod
+    def backward(ctx, dout, _dstat):
+        fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
+        grads = _TritonBackward.apply(fq, fk, row, col, bias, value, out, stat, dout, ctx.meta,
+                                      tuple(ctx.needs_input_grad[:6]))
+        return tuple(grads) + (None,)
+
+
+class _TritonBackward(torch.autograd.Function):
+    """The backward kernels as a Function of their own, so that torch.func can vmap them (jacrev).
+
+    Returns the gradients of (fq, fk, row, col, bias, value), None where not needed. Not
+    differentiable again (the kernels have no double backward)."""
+
+    @staticmethod
+    def forward(fq, fk, row, col, bias, value, out, stat, dout, meta, needs):
         import triton
 
         _, bwd_kv, bwd_q = _kernels()
-        fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
-        need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
-        meta = ctx.meta
+        need_q, need_k, need_r, need_c, need_b, need_v = needs
         p = meta["problem"]
         b, n, m, d, e = fq.shape[0], p.n, p.m, fq.shape[-1], p.e
         dout = dout.to(value.dtype)
@@ -211,7 +278,22 @@ class _TritonAggregate(torch.autograd.Function):
         grads = (dq if need_q else None, dk if need_k else None, dr if need_r else None, dc if need_c else None,
                  db, dv if need_v else None)
         like = (fq, fk, row, col, bias, value)
-        return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like)) + (None,)
+        return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, fq, fk, row, col, bias, value, out, stat, dout, meta, needs):
+        folded = _fold(info.batch_size, in_dims[:9], (fq, fk, row, col, bias, value, out, stat, dout))
+        grads = _TritonBackward.apply(*folded, _fold_meta(meta, info.batch_size), needs)
+        return _unfold(info.batch_size, grads), tuple(None if g is None else 0 for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the triton backend's backward kernels are not differentiable again (no double "
+                           "backward); use backend='chunked' or 'reference' for higher-order gradients")
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: Optional[int] = None,
@@ -250,16 +332,12 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
         cols = [(j, min(m, j + bm)) for j in range(0, m, bm)]
         plan = window.tile_pairs(rows, cols, fq.device).to(torch.int8).contiguous()
     # the tile-recomputing backward sees the same graph and bias in the flattened (B, N, M) layout
-    flat_graph = None
-    if graph is not None:
-        parts = ([ExcludeSelf()] if exclude_self else []) + ([window] if window is not None else []) + (
-            [Mask(mask4.reshape(-1, *mask4.shape[-2:]).bool())] if mask4 is not None else [])
-        flat_graph = None if not parts else parts[0] if len(parts) == 1 else Intersection(parts)
+    flat_graph = None if graph is None else _flat_graph(exclude_self, window, mask4)
     bias_flat = None if bias4 is None else bias4.reshape(-1, *bias4.shape[-2:])
     problem = Problem(flat_form, v, bias_flat, flat_graph, (bsz,), n, m, e)
     meta = {"problem": problem, "kernel_blocks": (bn, bm), "mask4": mask4, "coords": coords, "plan": plan,
             "radius": () if window is None else window.radius,
             "bias4_shape": None if bias4 is None else tuple(bias4.shape), "b2": (lead or (1,))[-1],
-            "exclude_self": exclude_self}
-    out = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
+            "exclude_self": exclude_self, "window": window}
+    out, _ = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
     return out.reshape(*lead, n, e)

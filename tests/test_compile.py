@@ -1,0 +1,137 @@
+"""PyTorch workflows keep working: torch.compile(fullgraph=True), torch.export and torch.func.
+
+Eager validation is thorough; under torch.compile / torch.export the data-dependent checks (the NaN
+scan, range checks, empty-tile skipping) step aside, so the modules trace into one graph
+(``fullgraph=True`` refuses any graph break) and export. Results are compared with eager mode.
+
+Tolerances: the compiled graph may reorder and fuse float64 sums. Every quantity here is a sum of
+at most K <= 256 products of O(1) factors (projections of width <= 16, softmax weights <= 1,
+values O(1)) nested at most four deep, so a reordering moves it by at most ~4 K u S with
+u = 2^-53 and S the magnitude of the sums (<= ~10 here): below 1e-11 absolute. Shapes are small
+to keep CPU compilation (inductor, C++ through gcc) fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nlgraph
+from attention import MultiheadAttention
+from nlgraph import NonLocal2d
+from nlgraph import affinity as A
+from nlgraph import graph as G
+
+ATOL, RTOL = 1e-11, 1e-11
+
+
+def _nonlocal(mode: str) -> NonLocal2d:
+    torch.manual_seed(0)
+    block = NonLocal2d(8, inter_channels=4, mode=mode).double().eval()
+    with torch.no_grad():  # a trained-looking block: W and BN non-zero, so y matters
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
+def _mha() -> MultiheadAttention:
+    torch.manual_seed(1)
+    return MultiheadAttention(16, 4, batch_first=True).double().eval()
+
+
+def _mha_inputs():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    return x, pad
+
+
+def _grads(out, params):
+    return torch.autograd.grad(out.square().sum(), params)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian", "dot_product", "concatenation"])
+def test_nonlocal2d_compiles_fullgraph(mode):
+    """One graph, forward and backward (AOTAutograd traces both): chunked backend for the softmax
+    modes, algebra for the others. Inductor's code generation is checked separately (slower)."""
+    block = _nonlocal(mode)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    params = [x] + list(block.parameters())
+    y_eager = block(x)
+    g_eager = _grads(y_eager, params)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, y_eager, atol=ATOL, rtol=RTOL)
+    for name, g, ge in zip(["x"] + [n for n, _ in block.named_parameters()], _grads(y, params), g_eager):
+        torch.testing.assert_close(g, ge, atol=ATOL, rtol=RTOL, msg=lambda m: f"d/d{name}: {m}")
+
+
+def test_multihead_attention_compiles_fullgraph():
+    """batch_first=True explicitly; a key-padding mask (a masked graph on the chunked backend)."""
+    mha = _mha()
+    x, pad = _mha_inputs()
+    x.requires_grad_(True)
+    params = [x] + list(mha.parameters())
+    y_eager = mha(x, x, x, key_padding_mask=pad)[0]
+    g_eager = _grads(y_eager, params)
+    compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
+    y = compiled(x, x, x, key_padding_mask=pad)[0]
+    torch.testing.assert_close(y, y_eager, atol=ATOL, rtol=RTOL)
+    for g, ge in zip(_grads(y, params), g_eager):
+        torch.testing.assert_close(g, ge, atol=ATOL, rtol=RTOL)
+
+
+def test_inductor_compiles_both_modules():
+    """The default backend (inductor: generated C++ on CPU) runs the same graphs (inference)."""
+    block = _nonlocal("embedded_gaussian")
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    mha = _mha()
+    q, pad = _mha_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(torch.compile(mha, fullgraph=True)(q, q, q, key_padding_mask=pad)[0],
+                                   mha(q, q, q, key_padding_mask=pad)[0], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_modules_export(strict):
+    block = _nonlocal("embedded_gaussian")
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ep = torch.export.export(block, (x,), strict=strict)
+    torch.testing.assert_close(ep.module()(x), block(x), atol=ATOL, rtol=RTOL)
+
+    mha = _mha()
+    q, pad = _mha_inputs()
+    ep = torch.export.export(mha, (q, q, q), {"key_padding_mask": pad}, strict=strict)
+    torch.testing.assert_close(ep.module()(q, q, q, key_padding_mask=pad)[0],
+                               mha(q, q, q, key_padding_mask=pad)[0], atol=ATOL, rtol=RTOL)
+
+
+def test_compiled_code_skips_only_the_checks():
+    """Eager mode still rejects NaN; the compiled function computes the same op without the scan."""
+    q = torch.randn(5, 3, dtype=torch.float64)
+    bad = q.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nlgraph.aggregate(bad, q, q)
+    fn = torch.compile(lambda a, b, c: nlgraph.aggregate(a, b, c, A.Gaussian(1.5), G.ExcludeSelf()),
+                       fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q, q, q), nlgraph.aggregate(q, q, q, A.Gaussian(1.5), G.ExcludeSelf()),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_optional_probe_is_traceable():
+    """The optional-import probe runs inside a compiled graph (importlib itself is untraceable)."""
+    from nlgraph._optional import optional
+
+    fn = torch.compile(lambda x: x + (1.0 if optional("nlgraph_no_such_module") is None else 0.0),
+                       fullgraph=True, backend="eager")
+    assert fn(torch.zeros(1)).item() == 1.0
