@@ -13,11 +13,10 @@ __all__ = ["main"]
 
 
 def _benchmarks() -> list[str]:
-    try:
-        import benchmarks
-    except ImportError:
-        return []
-    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name not in ("harness",))
+    from . import bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_")
+                  and m.name not in ("harness",))
 
 
 def _seed(text: str) -> int:
@@ -65,14 +64,10 @@ def _cmd_demo(args) -> int:
 
 def _cmd_bench(args) -> int:
     names = _benchmarks()
-    if not names:
-        print("nlgraph bench: the benchmarks package is not importable (install nlgraph from its source tree)",
-              file=sys.stderr)
-        return 2
     if args.name not in names:
         print(f"nlgraph bench: unknown benchmark {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(f"benchmarks.{args.name}")
+    mod = importlib.import_module(f"nlgraph.bench.{args.name}")
     return int(mod.main(args.args) or 0)
 
 
@@ -118,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figure", dest="out", action="store_const", const="", help="skip the figure")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("bench", help="run a benchmark: nlgraph bench NAME [--json PATH] [...]",
-                       description="Run benchmarks/NAME.py; pass --help after NAME for its options.")
+                       description="Run nlgraph/bench/NAME.py; pass --help after NAME for its options.")
     p.add_argument("name", help=f"benchmark name ({', '.join(_benchmarks()) or 'none found'})")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
     p.set_defaults(func=_cmd_bench)

@@ -87,7 +87,7 @@ def test_info(capsys):
 
 
 def test_time_pair_alternates_and_returns_each_median():
-    from benchmarks import harness
+    from nlgraph.bench import harness
 
     calls = []
     t_a, t_b = harness.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1)

@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from nlgraph.bench import harness
 
 
 def _time_cuda(fn, repeats: int) -> float:

@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from benchmarks import harness
+from nlgraph.bench import harness
 
-MODULE = "benchmarks.graph"
+MODULE = "nlgraph.bench.graph"
 
 
 def _graph(case: dict, gen):

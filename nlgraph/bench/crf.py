@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from benchmarks import harness
+from nlgraph.bench import harness
 
 
 def _images():

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from benchmarks import harness
+from nlgraph.bench import harness
 
 
 def main(argv=None) -> int:

@@ -26,9 +26,9 @@ import sys
 
 import torch
 
-from benchmarks import harness
+from nlgraph.bench import harness
 
-MODULE = "benchmarks.nonlocal"
+MODULE = "nlgraph.bench.nonlocal"
 CHANNELS = 512
 
 

@@ -23,9 +23,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from nlgraph.bench import harness
 
-MODULE = "benchmarks.core"
+MODULE = "nlgraph.bench.core"
 
 
 def _inputs(n: int, d: int, grad: bool, seed: int = 0):
