@@ -1,0 +1,177 @@
+"""nlgraph.distributed.aggregate over spawned gloo process groups == the single-process op.
+
+Each world (2, 3 and 4 ranks, uneven shards, one with an empty rank) is spawned once and runs every
+case: every rank builds the same global float64 problem from one seed, passes its shard and compares
+its rows of y and its slices of every gradient with the single-process op it computes itself. The
+two sides sum the same terms in different groupings (per-shard partial sums merged by log-sum-exp or
+added), so they agree to float64 rounding of sums of O(1) terms: rtol 1e-9 / atol 1e-10 leaves
+orders of magnitude of room (N <= 40 terms, u = 1.1e-16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nlgraph
+from nlgraph import distributed as nd
+from nlgraph import graph as G
+from nlgraph.affinity import Concatenation, DotProduct, Gaussian, Softmax
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+RTOL, ATOL = 1e-9, 1e-10
+H, W, D, E = 8, 5, 4, 3  # a grid of 8 x 5 = 40 nodes; shards are whole rows for the window graphs
+
+
+def _affinities():
+    gen = torch.Generator().manual_seed(7)
+    return {
+        "softmax": Softmax(),
+        "gaussian": Gaussian(1.5),
+        "gaussian_unnormalised": Gaussian(2.0, normalize=False),
+        "dot": DotProduct(0.3),
+        "concat": Concatenation(torch.randn(2 * D, generator=gen, dtype=torch.float64) * 0.3),
+    }
+
+
+def _graphs(n):
+    gen = torch.Generator().manual_seed(11)
+    bool_mask = torch.rand(2, 1, n, n, generator=gen) > 0.4
+    bool_mask[..., 0] = True
+    float_mask = torch.where(torch.rand(n, n, generator=gen) > 0.3,
+                             torch.randn(n, n, generator=gen, dtype=torch.float64), torch.tensor(-torch.inf,
+                                                                                                   dtype=torch.float64))
+    return {
+        "complete": None,
+        "bool_mask": G.Mask(bool_mask),
+        "float_mask": G.Mask(float_mask),
+        "exclude_self": G.ExcludeSelf(),
+        "window_1d": G.LocalWindow((n,), 3),
+        "window_2d": G.LocalWindow((H, W), 1),
+        "criss_cross": G.CrissCross((H, W)),
+    }
+
+
+def _problem(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = H * W
+    q = torch.randn(2, 3, n, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 3, n, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 3, n, E, generator=gen, dtype=torch.float64)
+    dy = torch.randn(2, 3, n, E, generator=gen, dtype=torch.float64)
+    return q, k, v, dy
+
+
+def _check(name, got, want, errors):
+    try:
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    except AssertionError as err:
+        errors.append(str(err)[:400])
+
+
+def _run_cases(rank, world, rows, errors, traffic):
+    sizes = [r * W for r in rows]
+    sl = nd.shard_slice(sizes, rank)
+    q, k, v, dy = _problem()
+    for aname, aff in _affinities().items():
+        for gname, graph in _graphs(H * W).items():
+            ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            y_ref = nlgraph.aggregate(*ref_in, aff, graph)
+            y_ref.backward(dy)
+            for method in os.environ.get("NLG_METHODS", "ring,allgather").split(","):
+                tag = f"rank {rank}/{world} {aname} x {gname} [{method}]"
+                mine = [t[..., sl, :].clone().requires_grad_(True) for t in (q, k, v)]
+                try:
+                    y = nd.aggregate(*mine, aff, graph, method=method)
+                    y.backward(dy[..., sl, :])
+                except Exception:  # noqa: BLE001 - reported to the parent test
+                    errors.append(f"{tag}: {traceback.format_exc()[-600:]}")
+                    continue
+                _check(f"{tag} y", y, y_ref[..., sl, :], errors)
+                for nm, t, r in zip("qkv", mine, ref_in, strict=True):
+                    _check(f"{tag} d{nm}", t.grad, r.grad[..., sl, :], errors)
+                traffic[f"{aname}|{gname}|{method}"] = nd.last_exchange().bytes_sent
+
+
+def _worker(rank, world, rows, init_file, out_dir):
+    errors, traffic = [], {}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        torch.set_num_threads(1)
+        _run_cases(rank, world, rows, errors, traffic)
+        # ranks that disagree on the problem get a ValueError on every rank, not a hang
+        q, k, v, _ = _problem()
+        d = D if rank else D - 1
+        try:
+            nd.aggregate(q[..., :W, :d], k[..., :W, :d], v[..., :W, :])
+            errors.append(f"rank {rank}: disagreeing shapes did not raise")
+        except ValueError as err:
+            if "disagree" not in str(err):
+                errors.append(f"rank {rank}: unexpected message {err}")
+        dist.barrier()
+    except Exception:  # noqa: BLE001
+        errors.append(f"rank {rank}: {traceback.format_exc()[-800:]}")
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump({"errors": errors, "traffic": traffic}, fh)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(rows):
+    world = len(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(world, rows, os.path.join(tmp, "init"), tmp), nprocs=world,
+                           join=True, start_method="spawn")
+        results = []
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.json")) as fh:
+                results.append(json.load(fh))
+    return results
+
+
+# shard sizes in grid rows (8 rows of 5 nodes): uneven, and one world with an empty rank
+WORLDS = {2: [3, 5], 3: [2, 0, 6], 4: [1, 2, 3, 2]}
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_sharded_equals_single_process(world):
+    results = _spawn(WORLDS[world])
+    errors = [e for r in results for e in r["errors"]]
+    assert not errors, "\n".join(errors[:10]) + f"\n... {len(errors)} mismatches in all"
+    if world == 4:
+        # a window of radius 1 row: each rank sends at most one row to each neighbour (key + value)
+        row_bytes = 2 * 3 * W * (D + E) * 8
+        for r in results:
+            assert r["traffic"]["softmax|window_2d|allgather"] <= 2 * row_bytes
+            assert r["traffic"]["softmax|window_2d|ring"] <= 2 * row_bytes
+        complete = max(r["traffic"]["softmax|complete|allgather"] for r in results)
+        assert complete > 2 * row_bytes  # the complete graph needs every shard
+
+
+def test_errors_without_process_group():
+    q = torch.randn(4, 2)
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        nd.aggregate(q, q, q)
+    with pytest.raises(ValueError, match="method"):
+        nd.aggregate(q, q, q, method="ulysses")
+
+
+def test_shard_helpers():
+    assert nd.shard_sizes(10, 3) == [4, 3, 3]
+    assert nd.shard_sizes(0, 2) == [0, 0]
+    assert nd.shard_slice([4, 3, 3], 2) == slice(7, 10)
+    with pytest.raises(ValueError):
+        nd.shard_sizes(3, 0)
