@@ -133,11 +133,20 @@ class MultiheadAttention(nn.MultiheadAttention):
         in_proj_weight / q_proj_weight, k_proj_weight, v_proj_weight, in_proj_bias, out_proj, bias_k,
             bias_v: torch's parameters, under torch's names.
         backend: the core op's backend ("auto" by default); set it to compare paths on one instance.
+
+    Context parallelism (an nlgraph extension, keyword-only): with ``process_group=`` (a
+    ``torch.distributed`` group) query, key and value are this rank's contiguous shards of the
+    sequence (rank order) and the output is this rank's shard; the attention runs on
+    :func:`nlgraph.distributed.aggregate` (``distributed_method`` "ring" or "allgather"), exactly the
+    single-process module's. ``attn_mask`` / ``key_padding_mask`` are then the *global* masks
+    ((L, S) / (B, S) over all ranks' positions), ``need_weights`` must be False, ``add_bias_kv`` /
+    ``add_zero_attn`` are not supported, and attention dropout must be 0.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None) -> None:
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None, *,
+                 process_group=None, distributed_method: str = "ring") -> None:
         _positive_int("embed_dim", embed_dim)
         _positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
@@ -152,6 +161,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         super().__init__(embed_dim, num_heads, float(dropout), bias, add_bias_kv, add_zero_attn, kdim, vdim,
                          batch_first, device, dtype)
         self.backend = "auto"
+        #: a torch.distributed process group for context parallelism (class docstring)
+        self.process_group = process_group
+        self.distributed_method = distributed_method
 
     def _check(self, name: str, x: Tensor, width: int) -> None:
         if not isinstance(x, Tensor):
@@ -239,10 +251,17 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(b, h, 1, hd)], dim=2)
         m_all = k.shape[2]
         causal = bool(is_causal) and key_padding_mask is None and not need_weights
-        graph = attention_graph(b, h, n, m, key_padding_mask, attn_mask, extra_keys=m_all - m,
+        gn, gm = n, m  # the masks' sizes: with a process group, the whole sequence's
+        if self.process_group is not None:
+            from nlgraph import distributed
+
+            gn, gm = (sum(t) for t in distributed.global_sizes(n, m, self.process_group))
+        graph = attention_graph(b, h, gn, gm, key_padding_mask, attn_mask, extra_keys=m_all - m,
                                 is_causal=causal)
 
         p = self.dropout if self.training else 0.0
+        if self.process_group is not None:
+            return self._forward_sharded(q, k, v, graph, p, need_weights, n, b, e, batched)
         if need_weights:
             # the weights are the op applied to one-hot values: same call, same dropout mask
             eye = torch.eye(m_all, dtype=v.dtype, device=v.device).expand(b, h, m_all, m_all)
@@ -262,6 +281,25 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _forward_sharded(self, q, k, v, graph, p, need_weights, n, b, e, batched):
+        """The attention on this rank's shard, the rest as :meth:`forward` (class docstring)."""
+        from nlgraph import distributed
+
+        if need_weights:
+            raise ValueError("MultiheadAttention(process_group=...) returns no attention weights: pass "
+                             "need_weights=False")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("MultiheadAttention(process_group=...) does not support add_bias_kv / add_zero_attn")
+        if p > 0:
+            raise ValueError(f"MultiheadAttention(process_group=...) has no attention dropout, got "
+                             f"dropout={self.dropout} in training mode")
+        y = distributed.aggregate(q, k, v, nlgraph.Softmax(), graph, group=self.process_group,
+                                  method=self.distributed_method, backend=self.backend)
+        out = F.linear(y.permute(2, 0, 1, 3).reshape(n, b, e), self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            return out[:, 0], None
+        return (out.transpose(0, 1) if self.batch_first else out), None
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "

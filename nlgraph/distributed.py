@@ -43,7 +43,7 @@ from torch import Tensor
 from .affinity import Affinity, Softmax
 from .graph import Block, Graph
 
-__all__ = ["aggregate", "shard_sizes", "shard_slice", "ExchangeStats", "last_exchange"]
+__all__ = ["aggregate", "global_sizes", "shard_sizes", "shard_slice", "ExchangeStats", "last_exchange"]
 
 _METHODS = ("ring", "allgather")
 
@@ -71,6 +71,13 @@ def shard_sizes(total: int, world_size: int) -> list[int]:
         raise ValueError(f"shard_sizes needs total >= 0 and world_size >= 1, got {total}, {world_size}")
     base, extra = divmod(total, world_size)
     return [base + (r < extra) for r in range(world_size)]
+
+
+def global_sizes(n: int, m: int, group: Optional[Any] = None) -> tuple[list[int], list[int]]:
+    """Every rank's (query rows, key rows), in rank order (one small collective)."""
+    table: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(table, (int(n), int(m)), group=group)
+    return [t[0] for t in table], [t[1] for t in table]
 
 
 def shard_slice(sizes: Sequence[int], rank: int) -> slice:

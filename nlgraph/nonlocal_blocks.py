@@ -20,6 +20,13 @@ All four are exact (no approximation): ``dot_product`` and ``concatenation`` go 
 ``sub_sample`` max-pools the keys and values (phi and g) by 2 in space (also in time for 1d/2d:
 there is no time axis; 3d pools (1, 2, 2), as the paper does for video). W (or BN's scale when
 ``bn_layer``) starts at zero, so a new block is exactly the identity.
+
+Context parallelism: with ``process_group=`` each rank passes its shard of the input along the
+first spatial axis (L, H or T: whole rows or frames, in rank order) and gets its shard of z; the
+aggregation runs on :func:`nlgraph.distributed.aggregate`, exactly the single-process block's. With
+``sub_sample`` the 1d/2d shards must have an even length along that axis (a pooling window must
+not straddle two ranks). BatchNorm statistics in training are per rank, as under DDP without
+SyncBatchNorm.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ class _NonLocalNd(nn.Module):
     dim = 0
 
     def __init__(self, in_channels: int, inter_channels: Optional[int] = None, mode: str = "embedded_gaussian",
-                 sub_sample: bool = True, bn_layer: bool = True, use_scale: bool = False):
+                 sub_sample: bool = True, bn_layer: bool = True, use_scale: bool = False, *,
+                 process_group=None, distributed_method: str = "ring"):
         super().__init__()
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
@@ -80,6 +88,9 @@ class _NonLocalNd(nn.Module):
             nn.init.zeros_(self.W.bias)
         #: backend of the core op ("auto": algebra for dot_product/concatenation, chunked otherwise)
         self.backend = "auto"
+        #: a torch.distributed process group: the input is this rank's shard (module docstring)
+        self.process_group = process_group
+        self.distributed_method = distributed_method
 
     def affinity(self) -> A.Affinity:
         """The core op's affinity for this block's mode."""
@@ -109,7 +120,17 @@ class _NonLocalNd(nn.Module):
         if self.sub_sample and min(x.shape[-2:] if self.dim > 1 else x.shape[-1:]) < 2:
             raise ValueError(f"sub_sample halves the spatial size, which must be >= 2, got {tuple(x.shape)}")
         q, k, v = self.embed(x)
-        y = aggregate(q, k, v, self.affinity(), backend=self.backend)
+        if self.process_group is None:
+            y = aggregate(q, k, v, self.affinity(), backend=self.backend)
+        else:
+            if self.sub_sample and self.dim < 3 and x.shape[2] % 2:
+                raise ValueError(f"with process_group and sub_sample, each rank's shard must have an even "
+                                 f"length along the first spatial axis (pooling windows must not straddle "
+                                 f"ranks), got {tuple(x.shape)}")
+            from . import distributed
+
+            y = distributed.aggregate(q, k, v, self.affinity(), group=self.process_group,
+                                      method=self.distributed_method, backend=self.backend)
         y = y.transpose(1, 2).reshape(x.shape[0], self.inter_channels, *x.shape[2:])
         return self.W(y) + x
 

@@ -29,6 +29,7 @@ from nlgraph.affinity import Concatenation, DotProduct, Gaussian, Softmax
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 RTOL, ATOL = 1e-9, 1e-10
+METHODS = os.environ.get("NLG_METHODS", "ring,allgather").split(",")
 H, W, D, E = 8, 5, 4, 3  # a grid of 8 x 5 = 40 nodes; shards are whole rows for the window graphs
 
 
@@ -87,7 +88,7 @@ def _run_cases(rank, world, rows, errors, traffic):
             ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
             y_ref = nlgraph.aggregate(*ref_in, aff, graph)
             y_ref.backward(dy)
-            for method in os.environ.get("NLG_METHODS", "ring,allgather").split(","):
+            for method in METHODS:
                 tag = f"rank {rank}/{world} {aname} x {gname} [{method}]"
                 mine = [t[..., sl, :].clone().requires_grad_(True) for t in (q, k, v)]
                 try:
@@ -102,6 +103,78 @@ def _run_cases(rank, world, rows, errors, traffic):
                 traffic[f"{aname}|{gname}|{method}"] = nd.last_exchange().bytes_sent
 
 
+MODULE_ROWS = {2: [4, 4], 3: [2, 0, 6], 4: [2, 2, 2, 2]}  # even shards: sub_sample pools 2 x 2
+
+
+def _sync_grads(module):
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+def _run_modules(rank, world, errors):
+    """NonLocal2d and MultiheadAttention with process_group == the same module on one process."""
+    from attention import MultiheadAttention
+
+    group = dist.group.WORLD
+    rows = MODULE_ROWS[world]
+    sl = nd.shard_slice(rows, rank)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 8, 4, generator=gen, dtype=torch.float64)
+    dz = torch.randn(2, 6, 8, 4, generator=gen, dtype=torch.float64)
+    for mode in ("embedded_gaussian", "dot_product"):
+        torch.manual_seed(0)
+        block = nlgraph.NonLocal2d(6, 3, mode=mode).double()
+        torch.nn.init.normal_(block.W[1].weight)  # a non-identity block
+        block.eval()
+        ref_x = x.clone().requires_grad_(True)
+        block(ref_x).backward(dz)
+        want = {n: p.grad.clone() for n, p in block.named_parameters()}
+        block.zero_grad()
+        block.process_group, block.distributed_method = group, METHODS[-1]
+        mine = x[:, :, sl].clone().requires_grad_(True)
+        try:
+            z = block(mine)
+            z.backward(dz[:, :, sl])
+            _sync_grads(block)
+        except Exception:  # noqa: BLE001
+            errors.append(f"rank {rank} NonLocal2d {mode}: {traceback.format_exc()[-600:]}")
+            continue
+        _check(f"rank {rank} NonLocal2d {mode} dx", mine.grad, ref_x.grad[:, :, sl], errors)
+        for n, p in block.named_parameters():
+            _check(f"rank {rank} NonLocal2d {mode} d{n}", p.grad, want[n], errors)
+
+    seq = [3 * r for r in rows]  # 3 tokens per row share
+    ssl = nd.shard_slice(seq, rank)
+    length = sum(seq)
+    torch.manual_seed(1)
+    mha = MultiheadAttention(8, 2, batch_first=True).double()
+    tok = torch.randn(2, length, 8, generator=gen, dtype=torch.float64)
+    dy = torch.randn(2, length, 8, generator=gen, dtype=torch.float64)
+    kpm = torch.zeros(2, length, dtype=torch.bool)
+    kpm[0, -2:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float64)
+    for name, kw in (("padding", {"key_padding_mask": kpm}), ("causal", {"attn_mask": causal, "is_causal": True})):
+        mha.process_group = None
+        mha.zero_grad()
+        ref = tok.clone().requires_grad_(True)
+        mha(ref, ref, ref, need_weights=False, **kw)[0].backward(dy)
+        want = {n: p.grad.clone() for n, p in mha.named_parameters()}
+        mha.zero_grad()
+        mha.process_group, mha.distributed_method = group, METHODS[0]
+        mine = tok[:, ssl].clone().requires_grad_(True)
+        try:
+            out = mha(mine, mine, mine, need_weights=False, **kw)[0]
+            out.backward(dy[:, ssl])
+            _sync_grads(mha)
+        except Exception:  # noqa: BLE001
+            errors.append(f"rank {rank} MHA {name}: {traceback.format_exc()[-600:]}")
+            continue
+        _check(f"rank {rank} MHA {name} dx", mine.grad, ref.grad[:, ssl], errors)
+        for n, p in mha.named_parameters():
+            _check(f"rank {rank} MHA {name} d{n}", p.grad, want[n], errors)
+
+
 def _worker(rank, world, rows, init_file, out_dir):
     errors, traffic = [], {}
     try:
@@ -109,6 +182,7 @@ def _worker(rank, world, rows, init_file, out_dir):
                                 timeout=timedelta(seconds=60))
         torch.set_num_threads(1)
         _run_cases(rank, world, rows, errors, traffic)
+        _run_modules(rank, world, errors)
         # ranks that disagree on the problem get a ValueError on every rank, not a hang
         q, k, v, _ = _problem()
         d = D if rank else D - 1
