@@ -290,7 +290,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError("MultiheadAttention(process_group=...) returns no attention weights: pass "
                              "need_weights=False")
         if self.bias_k is not None or self.add_zero_attn:
-            raise ValueError("MultiheadAttention(process_group=...) does not support add_bias_kv / add_zero_attn")
+            raise ValueError("MultiheadAttention(process_group=...) does not support add_bias_kv or "
+                             "add_zero_attn")
         if p > 0:
             raise ValueError(f"MultiheadAttention(process_group=...) has no attention dropout, got "
                              f"dropout={self.dropout} in training mode")

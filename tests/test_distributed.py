@@ -154,7 +154,8 @@ def _run_modules(rank, world, errors):
     kpm = torch.zeros(2, length, dtype=torch.bool)
     kpm[0, -2:] = True
     causal = torch.nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float64)
-    for name, kw in (("padding", {"key_padding_mask": kpm}), ("causal", {"attn_mask": causal, "is_causal": True})):
+    cases = (("padding", {"key_padding_mask": kpm}), ("causal", {"attn_mask": causal, "is_causal": True}))
+    for name, kw in cases:
         mha.process_group = None
         mha.zero_grad()
         ref = tok.clone().requires_grad_(True)
