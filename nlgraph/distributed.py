@@ -43,7 +43,8 @@ from torch import Tensor
 from .affinity import Affinity, Softmax
 from .graph import Block, Graph
 
-__all__ = ["aggregate", "global_sizes", "shard_sizes", "shard_slice", "ExchangeStats", "last_exchange"]
+__all__ = ["aggregate", "all_reduce_sum", "global_sizes", "shard_sizes", "shard_slice", "ExchangeStats",
+           "last_exchange"]
 
 _METHODS = ("ring", "allgather")
 
@@ -71,6 +72,30 @@ def shard_sizes(total: int, world_size: int) -> list[int]:
         raise ValueError(f"shard_sizes needs total >= 0 and world_size >= 1, got {total}, {world_size}")
     base, extra = divmod(total, world_size)
     return [base + (r < extra) for r in range(world_size)]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.detach().clone().contiguous()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def all_reduce_sum(tensor: Tensor, group: Optional[Any] = None) -> Tensor:
+    """Differentiable sum of ``tensor`` over the ranks of ``group`` (every rank gets the sum; the
+    backward sums the ranks' gradients), e.g. global pooling or BatchNorm statistics over sharded
+    tokens."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    return _AllReduceSum.apply(tensor, group)
 
 
 def global_sizes(n: int, m: int, group: Optional[Any] = None) -> tuple[list[int], list[int]]:

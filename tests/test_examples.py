@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +88,16 @@ def test_video_example_reduced():
     # <= 260 u 100 1e-2 ~ 2e-5 at most, plus the final additions' 2 u |z| ~ 1e-7
     assert results["max |NonLocal3d - attention over T*H*W tokens|"] < 1e-4
     assert len(lines) == 3
+
+
+def test_video_example_context_parallel_float64():
+    """--world-size: 2 gloo ranks holding 2 frames each compute the single-process step (float64)."""
+    pytest.importorskip("sklearn", reason="scikit-learn (test dependency) not installed")
+    from examples.video.train import run_context_parallel
+
+    res = run_context_parallel(2, steps=1, n_train=16, n_test=8, seed=0, dtype=torch.float64)
+    assert res["one process"] == res["2 ranks"]
+    # the same sums in another grouping (per-rank partial sums, then all-reduced): float64 rounding,
+    # ~ (log2 of ~25k terms) u relative to the largest magnitudes involved; 1e-9 leaves ample room
+    assert res["first step |loss difference|"] < 1e-9
+    assert res["first step max |gradient difference| / max |gradient|"] < 1e-9

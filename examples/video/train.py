@@ -1,6 +1,6 @@
 """Video classification that needs the time axis: C2D with and without space-time non-local blocks.
 
-    python examples/video/train.py [--steps 600] [--seed 0]
+    python examples/video/train.py [--steps 600] [--seed 0] [--world-size 1]
 
 Clips of 4 frames (28x28) show one scikit-learn digit moving in a straight line; in the last frame
 it either stays the same digit (label 1) or turns into a digit of another class (label 0). Every
@@ -10,19 +10,30 @@ classifier) cannot: averaged per-frame features of "A, A, A, B" are not linearly
 "A, A, A, A" for every pair of classes. A NonLocal3d block (attention over all T*H*W positions, as
 in Wang et al. 2018) compares the frames. The script reports both accuracies and shows that the
 block is exactly attention over the T*H*W tokens (torch.nn.MultiheadAttention after conversion).
+
+``--world-size N`` (N > 1) trains the non-local model with context parallelism: N spawned gloo
+processes on this machine each hold T / N frames of every clip; the NonLocal3d block runs on
+:func:`nlgraph.distributed.aggregate` (process_group=), BatchNorm statistics and the final pooling
+are summed across ranks, and gradients are averaged as DDP does, so every step is the
+single-process step (to rounding) and the accuracy is the single-process one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nlgraph import NonLocal3d, tasks
 from nlgraph.adapters import mha_to_torch, nonlocal_to_mha
+from nlgraph.distributed import all_reduce_sum
 
 T, SIZE = 4, 28
 
@@ -61,6 +72,134 @@ def nonlocal_as_attention_max_diff(model: C2D, x: torch.Tensor) -> float:
     return float((block(z).flatten(2).transpose(1, 2) - via_attention).abs().max())
 
 
+# ---------------------------------------------------------------------------------------------
+# context parallelism: every rank holds frames [t0, t0 + T_r) of every clip
+# ---------------------------------------------------------------------------------------------
+class GlobalBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d whose training statistics are over every rank's frames (a differentiable
+    all-reduce of the per-channel sums), i.e. the single-process statistics of the whole clip."""
+
+    group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims, c = (0, 2, 3, 4), x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        first = all_reduce_sum(torch.cat([x.sum(dims), count]), self.group)  # two passes, as torch's
+        total = first[-1]
+        mean = first[:c] / total
+        centred = x - mean.view(1, c, 1, 1, 1)
+        var = all_reduce_sum((centred * centred).sum(dims), self.group) / total
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * total / (total - 1), self.momentum)
+        shape = (1, c, 1, 1, 1)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+def make_context_parallel(model: tasks.C2D, group) -> tasks.C2D:
+    """Point the NonLocal3d block at ``group`` and make every BatchNorm3d global (in place)."""
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is nn.BatchNorm3d:
+                new = GlobalBatchNorm3d(child.num_features, child.eps, child.momentum,
+                                        device=child.weight.device, dtype=child.weight.dtype)
+                new.load_state_dict(child.state_dict())
+                new.group = group
+                setattr(mod, child_name, new)
+    if isinstance(model.nonlocal_block, NonLocal3d):
+        model.nonlocal_block.process_group = group
+        model.nonlocal_block.distributed_method = os.environ.get("NLG_CP_METHOD", "ring")
+    return model
+
+
+def sharded_logits(model: tasks.C2D, x: torch.Tensor, t0: int, frames: int, group) -> torch.Tensor:
+    """The model's logits from this rank's frames ``x`` (B, 1, T_r, H, W) starting at frame ``t0``."""
+    t = torch.linspace(0, 1, frames, dtype=x.dtype, device=x.device)[t0:t0 + x.shape[2]]
+    t = t.view(1, 1, -1, 1, 1)
+    z = model.stem(torch.cat([x, t.expand(x.shape[0], 1, -1, x.shape[3], x.shape[4])], dim=1))
+    z = model.top(model.nonlocal_block(z))
+    pooled = all_reduce_sum(z.sum(dim=(2, 3, 4)), group) / (frames * z.shape[3] * z.shape[4])
+    return model.fc(pooled)
+
+
+def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test: int, seed: int,
+               dtype: torch.dtype) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank,
+                            world_size=world, timeout=timedelta(minutes=10))
+    torch.set_num_threads(1)
+    try:
+        frames = [T // world + (r < T % world) for r in range(world)]
+        t0 = sum(frames[:rank])
+        sl = slice(t0, t0 + frames[rank])
+        x_tr, y_tr = make_clips(n_train, seed)
+        x_te, y_te = make_clips(n_test, seed + 1)
+        x_tr, x_te = x_tr.to(dtype), x_te.to(dtype)
+        model = C2D(nonlocal_blocks=True).to(dtype)
+        model.load_state_dict(torch.load(os.path.join(tmp, "init.pt")))
+        make_context_parallel(model, dist.group.WORLD)
+        torch.manual_seed(seed)  # the batches of tasks.train(..., seed)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        first = None
+        for _ in range(steps):
+            i = torch.randint(0, x_tr.shape[0], (32,))
+            loss = nn.functional.cross_entropy(sharded_logits(model, x_tr[i][:, :, sl], t0, T, None), y_tr[i])
+            opt.zero_grad()
+            loss.backward()
+            for p in model.parameters():  # every rank holds a copy of the loss: average, as DDP does
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            if first is None:
+                first = {"loss": float(loss), "grads": [p.grad.clone() for p in model.parameters()]}
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            logits = sharded_logits(model, x_te[:, :, sl], t0, T, None)
+        if rank == 0:
+            torch.save({"accuracy": float((logits.argmax(1) == y_te).float().mean()), **first},
+                       os.path.join(tmp, "out.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_test: int = 500,
+                         seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """Train the non-local model on one process and on ``world`` spawned gloo processes (frames
+    sharded) from the same initial weights and batches: both test accuracies, and how far the first
+    step's loss and gradients are apart (rounding only: the trajectories then drift apart as any two
+    float32 runs summing in different orders do, since Adam amplifies differences of near-zero
+    gradients)."""
+    if not 1 < world <= T:
+        raise ValueError(f"world must be in 2..{T} (the clips have {T} frames), got {world}")
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(seed)
+    model = C2D(nonlocal_blocks=True).to(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(model.state_dict(), os.path.join(tmp, "init.pt"))
+        mp.start_processes(_cp_worker, args=(world, tmp, steps, n_train, n_test, seed, dtype), nprocs=world,
+                           join=True, start_method="spawn")
+        out = torch.load(os.path.join(tmp, "out.pt"))
+    x_tr, y_tr = make_clips(n_train, seed)
+    x_te, y_te = make_clips(n_test, seed + 1)
+    x_tr, x_te = x_tr.to(dtype), x_te.to(dtype)
+    torch.manual_seed(seed)
+    i = torch.randint(0, x_tr.shape[0], (32,))
+    model.train()
+    loss = nn.functional.cross_entropy(model(x_tr[i]), y_tr[i])
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    scale = max(float(g.abs().max()) for g in grads)
+    gdiff = max(float((a - b).abs().max()) for a, b in zip(grads, out["grads"], strict=True)) / scale
+    train(model, x_tr, y_tr, steps, seed)
+    return {"one process": accuracy(model, x_te, y_te), f"{world} ranks": out["accuracy"],
+            "first step |loss difference|": abs(float(loss) - out["loss"]),
+            "first step max |gradient difference| / max |gradient|": gdiff}
+
+
 def run(steps: int = 600, n_train: int = 3000, n_test: int = 500, seed: int = 0, log=print) -> dict:
     torch.manual_seed(seed)
     x_tr, y_tr = make_clips(n_train, seed)
@@ -83,10 +222,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600, help="training steps per model (default 600)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--world-size", type=int, default=1,
+                    help=f"train the non-local model on this many gloo processes too, 2..{T} (default 1)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    run(args.steps, seed=args.seed)
+    if not 1 <= args.world_size <= T:
+        ap.error(f"--world-size must be in 1..{T}")
+    if args.world_size == 1:
+        run(args.steps, seed=args.seed)
+        return 0
+    t = time.perf_counter()
+    res = run_context_parallel(args.world_size, args.steps, seed=args.seed)
+    print(f"C2D + space-time non-local, same initial weights and batches ({time.perf_counter() - t:.0f}s):")
+    for name, val in res.items():
+        print(f"  {name:<28} {val:.3g}" if "difference" in name else f"  {name:<28} test accuracy {val:.3f}")
     return 0
 
 
