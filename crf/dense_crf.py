@@ -37,7 +37,7 @@ __all__ = ["DenseCRF", "crf_features"]
 
 
 def crf_features(image: Tensor, theta_pos: float, theta_col: Optional[float] = None,
-                 theta_time: Optional[float] = None) -> Tensor:
+                 theta_time: Optional[float] = None, origin: int = 0) -> Tensor:
     """Per-pixel kernel features (B, N, D): scaled positions (and scaled colours).
 
     Args:
@@ -45,9 +45,12 @@ def crf_features(image: Tensor, theta_pos: float, theta_col: Optional[float] = N
         theta_pos: spatial bandwidth (pixels).
         theta_col: colour bandwidth, or None for a position-only kernel.
         theta_time: temporal bandwidth (frames) for clips; defaults to ``theta_pos``.
+        origin: position of the image's first row (frame, for clips) in a larger one: a shard's
+            offset under context parallelism.
     """
     b, spatial = image.shape[0], image.shape[2:]
     axes = [torch.arange(s, dtype=image.dtype, device=image.device) for s in spatial]
+    axes[0] = axes[0] + origin
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(spatial))
     scale = torch.full((len(spatial),), 1.0 / theta_pos, dtype=image.dtype, device=image.device)
     if len(spatial) == 3:
@@ -82,6 +85,11 @@ class DenseCRF(nn.Module):
     Attributes:
         backend: the core op's backend for the messages: "permutohedral" (default, approximate,
             O(N)) or an exact one ("chunked", "reference"; O(N^2)), or "auto".
+        process_group: a ``torch.distributed`` group for context parallelism (default None): each
+            rank passes its shard of unary and image along the first spatial axis (rows, or frames
+            for clips; rank order) and gets its shard of Q. The messages then run exactly
+            (:func:`nlgraph.distributed.aggregate` with ``chunked``, or ``backend`` if it is an
+            exact one), so Q equals the single-process CRF with an exact backend.
     """
 
     def __init__(self, num_labels: int, theta_alpha: float = 80.0, theta_beta: float = 13.0,
@@ -125,6 +133,8 @@ class DenseCRF(nn.Module):
             self.register_buffer("compatibility", mu)
         self.num_iterations = num_iterations
         self.backend = "permutohedral"
+        self.process_group = None
+        self.distributed_method = "ring"
 
     def _check(self, unary: Tensor, image: Tensor) -> None:
         for name, t in (("unary", unary), ("image", image)):
@@ -151,7 +161,17 @@ class DenseCRF(nn.Module):
         for feat, w in features:
             # complete graph minus the self term k(i, i) = 1: exact backends give the j != i sum exactly,
             # and the lattice (which filters over all points) can serve the same call
-            m = nlgraph.aggregate(feat, feat, q, nlgraph.Gaussian(1.0, normalize=False), backend=self.backend) - q
+            if self.process_group is None:
+                m = nlgraph.aggregate(feat, feat, q, nlgraph.Gaussian(1.0, normalize=False),
+                                      backend=self.backend)
+            else:
+                from nlgraph import distributed
+
+                backend = "chunked" if self.backend in ("permutohedral", "auto") else self.backend
+                m = distributed.aggregate(feat, feat, q, nlgraph.Gaussian(1.0, normalize=False), None,
+                                          group=self.process_group, method=self.distributed_method,
+                                          backend=backend)
+            m = m - q
             total = w * m if total is None else total + w * m
         return torch.zeros_like(q) if total is None else total
 
@@ -159,11 +179,20 @@ class DenseCRF(nn.Module):
         """Marginals Q (B, L, ...) from unary logits (B, L, ...) (= -unary energy) and an image (B, C, ...)."""
         self._check(unary, image)
         kw = self.kernel_weights.to(unary.dtype)
+        origin = 0
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            from nlgraph import distributed
+
+            first, _ = distributed.global_sizes(unary.shape[2], unary.shape[2], self.process_group)
+            origin = sum(first[:dist.get_rank(self.process_group)])
         feats = []
         if self.kernel_weights.requires_grad or float(self.kernel_weights[0]) != 0:
-            feats.append((crf_features(image, self.theta_alpha, self.theta_beta, self.theta_time), kw[0]))
+            feat = crf_features(image, self.theta_alpha, self.theta_beta, self.theta_time, origin)
+            feats.append((feat, kw[0]))
         if self.kernel_weights.requires_grad or float(self.kernel_weights[1]) != 0:
-            feats.append((crf_features(image, self.theta_gamma, None, self.theta_time), kw[1]))
+            feats.append((crf_features(image, self.theta_gamma, None, self.theta_time, origin), kw[1]))
         logits = unary.flatten(2).transpose(1, 2)  # (B, N, L)
         mu = self.compatibility.to(unary.dtype)
         q = torch.softmax(logits, dim=-1)
