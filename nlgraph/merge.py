@@ -112,5 +112,5 @@ def merge(parts: Sequence[tuple[Tensor, Tensor]],
     total = w.sum(0)
     lse = top + safe_log(total)
     w = w / torch.where(total > 0, total, torch.ones_like(total))
-    y = sum(w_s[..., None] * y.to(acc) for w_s, (y, _) in zip(w, pairs))
+    y = sum(w_s[..., None] * y.to(acc) for w_s, (y, _) in zip(w, pairs, strict=True))
     return y.to(y_dtype), lse.to(lse_dtype)
