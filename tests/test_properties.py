@@ -479,7 +479,9 @@ def test_return_lse_matches_the_formula(case: Case):
     aff, graph = nlgraph.core.lower_edge_weights(case.affinity, case.graph, n, m)
     graph = None if isinstance(graph, G.Complete) else graph
     backends = nlgraph.dispatch.exact_backends(case.q, case.k, case.v, aff, graph, return_lse=True)
-    assert backends == _backends(case), case.describe()  # every built-in backend returns lse
+    assert "reference" in backends, case.describe()
+    if not any(name.startswith(("edge_weight", "per_edge")) for name in case.named):
+        assert "chunked" in backends, case.describe()
     rtol, atol = TOLERANCES[F64]
     check_case(case, rtol, atol, backends, lse=True)
 
