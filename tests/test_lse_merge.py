@@ -27,7 +27,7 @@ from nlgraph import affinity as A
 from nlgraph import dispatch
 from nlgraph import graph as G
 
-from .formulas import TOLERANCES, aggregate_formula, log_normaliser
+from .formulas import TOLERANCES, aggregate_formula, log_affinity, log_normaliser
 
 F64 = torch.float64
 
@@ -449,3 +449,31 @@ def test_criss_cross_is_the_merge_of_its_row_and_column():
     g_ref = torch.autograd.grad(y_ref.square().sum() + l_ref.sum(), [x, v])
     for a, b in zip(g, g_ref):
         _close(a, b, "criss-cross gradients", rtol, atol)
+
+
+@pytest.mark.parametrize("kind", ["softmax_default", "gaussian"])
+def test_lse_half_precision_is_float32(kind):
+    """fp16/bf16 inputs: lse comes back in float32 (the accumulation dtype), == the formula on the rounded
+    inputs. Bound: the lowering rounds q' (q * scale, or (q - centre) / b) and the Gaussian's dropped row
+    term to the input dtype, a relative error of u_h (2^-11 fp16, 2^-8 bf16) per factor, so a logit
+    |s| <= S moves by <= 3 u_h S and lse (a convex combination of the logits' errors) by as much."""
+    gen = _gen(13)
+    q, k, v = (torch.randn(1, 6, 4, generator=gen) for _ in range(3))
+    aff = A.Softmax() if kind == "softmax_default" else A.Gaussian(2.0)
+    params = {} if kind == "softmax_default" else {"bandwidth": 2.0}
+    fkind = "softmax" if kind == "softmax_default" else "gaussian"
+    for dtype, u in ((torch.float16, 2.0 ** -11), (torch.bfloat16, 2.0 ** -8)):
+        qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+        q64, k64 = qh.double(), kh.double()
+        want = log_normaliser(fkind, q64, k64, params)
+        big = float(log_affinity(fkind, q64, k64, params).abs().max())
+        if kind == "gaussian":  # the row term -|q'|^2/2 the lowering drops and lse adds back
+            big += float((((q64 - k64.mean(-2, keepdim=True)) / 2.0) ** 2).sum(-1).max()) / 2
+        names = [b for b in nlgraph.compatible_backends(qh, kh, vh, aff, None, return_lse=True)
+                 if b in ("triton", "chunked", "reference")]
+        assert "chunked" in names
+        for b in names:
+            _, lse = nlgraph.aggregate(qh, kh, vh, aff, backend=b, return_lse=True)
+            assert lse.dtype == torch.float32, b
+            torch.testing.assert_close(lse.double(), want, rtol=0, atol=3 * u * big + 1e-5,
+                                       msg=lambda m: f"{b} {dtype}: {m}")  # noqa: B023
