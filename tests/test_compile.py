@@ -153,12 +153,13 @@ def _finite(lse):
     return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
-LSE_AFFINITIES = {"softmax": A.Softmax(), "dot": A.DotProduct(), "gaussian_c1": A.Gaussian(1.2, normalize=False)}
+LSE_AFFINITIES = {"softmax": A.Softmax(), "dot": A.DotProduct(),
+                  "gaussian_c1": A.Gaussian(1.2, normalize=False)}
 
 
 @pytest.mark.parametrize("name", list(LSE_AFFINITIES))
 def test_return_lse_and_merge_compile_fullgraph(name):
-    """aggregate(return_lse=True) and a merge of two key halves in one graph (chunked), forward and backward."""
+    """aggregate(return_lse=True) and a merge of two key halves in one graph (chunked), forward, backward."""
     aff = LSE_AFFINITIES[name]
     q, k, v, mask = _lse_inputs()
 
@@ -172,11 +173,12 @@ def test_return_lse_and_merge_compile_fullgraph(name):
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     eager = fn(*leaves)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
-    for a, b in zip(compiled, eager):
+    for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(eager[2], eager[0], atol=ATOL, rtol=RTOL)  # merged halves == the whole
     loss = lambda out: out[0].square().sum() + _finite(out[1]).sum() + out[2].sum() + _finite(out[3]).sum()  # noqa
-    for g, ge in zip(torch.autograd.grad(loss(compiled), leaves), torch.autograd.grad(loss(eager), leaves)):
+    for g, ge in zip(torch.autograd.grad(loss(compiled), leaves), torch.autograd.grad(loss(eager), leaves),
+                     strict=True):
         torch.testing.assert_close(g, ge, atol=ATOL, rtol=RTOL)
 
 
@@ -189,7 +191,7 @@ def test_return_lse_exports(strict):
             return nlgraph.aggregate(q_, k_, v_, graph=G.Mask(mask), return_lse=True)
 
     ep = torch.export.export(Attend(), (q, k, v), strict=strict)
-    for a, b in zip(ep.module()(q, k, v), Attend()(q, k, v)):
+    for a, b in zip(ep.module()(q, k, v), Attend()(q, k, v), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
@@ -201,12 +203,14 @@ def test_return_lse_under_torch_func(name):
     weight = torch.rand(6, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
     def lse_of(backend):
-        return lambda q_, k_, w_: _finite(nlgraph.aggregate(q_, k_, v[0], A.EdgeWeighted(aff, w_), G.Mask(mask[0]),
-                                                            backend=backend, return_lse=True)[1])
+        def lse(q_, k_, w_):
+            return _finite(nlgraph.aggregate(q_, k_, v[0], A.EdgeWeighted(aff, w_), G.Mask(mask[0]),
+                                             backend=backend, return_lse=True)[1])
+        return lse
 
     for argnum in (0, 1, 2):  # the count's gradient reaches the edge weights through C_i = sum_j w_ij
         jac = torch.func.jacrev(lse_of("chunked"), argnums=argnum)(q[0], k[0], weight)
         want = torch.func.jacrev(lse_of("reference"), argnums=argnum)(q[0], k[0], weight)
-        torch.testing.assert_close(jac, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"argnum {argnum}: {m}")
+        torch.testing.assert_close(jac, want, atol=ATOL, rtol=RTOL, msg=f"jacrev of lse, argnum {argnum}")
     batched = torch.func.vmap(lse_of("chunked"), in_dims=(0, None, None))(q, k[0], weight)
     torch.testing.assert_close(batched, lse_of("reference")(q, k[0], weight), atol=ATOL, rtol=RTOL)

@@ -147,7 +147,7 @@ def _check(kind: str, graph_name: str, dtype=F64, backends=None, seed: int = 0, 
         _close(lse, l_ref, f"lse, {what}", rtol, atol)
         loss = (y.to(F64) * dy).sum() + (_masked(lse).to(F64) * dl).sum()
         grads = torch.autograd.grad(loss, libs, allow_unused=True)
-        for i, (g, gr) in enumerate(zip(grads, g_ref)):
+        for i, (g, gr) in enumerate(zip(grads, g_ref, strict=True)):
             g = torch.zeros_like(libs[i]) if g is None else g
             gr = torch.zeros_like(twins[i]) if gr is None else gr
             if graph_name == "weighted" and i == len(libs) - 1:
@@ -312,7 +312,7 @@ def _splits(m: int, parts: int, gen: torch.Generator, allow_empty: bool) -> list
     else:
         cuts = (torch.randperm(m - 1, generator=gen)[:parts - 1] + 1).sort().values.tolist()
     bounds = [0, *cuts, m]
-    return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 MERGE_KINDS = ["softmax", "gaussian", "gaussian_unnorm", "dot", "concat", "weighted_dot", "weighted_softmax"]
@@ -358,7 +358,7 @@ def test_merge_of_random_key_splits_equals_the_whole(kind, masked, seed):
     dl = torch.randn(lse.shape, generator=gen, dtype=F64)
     g_whole = torch.autograd.grad((y * dy).sum() + (_masked(lse) * dl).sum(), leaves, allow_unused=True)
     g_merged = torch.autograd.grad((ym * dy).sum() + (_masked(lm) * dl).sum(), leaves, allow_unused=True)
-    for i, (a, b) in enumerate(zip(g_merged, g_whole)):
+    for i, (a, b) in enumerate(zip(g_merged, g_whole, strict=True)):
         a = torch.zeros_like(leaves[i]) if a is None else a
         b = torch.zeros_like(leaves[i]) if b is None else b
         assert torch.isfinite(a).all(), f"non-finite gradient {i}, {what}"
@@ -447,7 +447,7 @@ def test_criss_cross_is_the_merge_of_its_row_and_column():
     _close(lse, l_ref, "criss-cross lse", rtol, atol)
     g = torch.autograd.grad(y.square().sum() + lse.sum(), [x, v])
     g_ref = torch.autograd.grad(y_ref.square().sum() + l_ref.sum(), [x, v])
-    for a, b in zip(g, g_ref):
+    for a, b in zip(g, g_ref, strict=True):
         _close(a, b, "criss-cross gradients", rtol, atol)
 
 
