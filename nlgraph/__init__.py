@@ -2,7 +2,9 @@
 
     y_i = (1 / C_i) sum_{j in N(i)} f(x_i, x_j) g(x_j)
 
-The core op is :func:`nlgraph.aggregate`; affinities (f, C) live in :mod:`nlgraph.affinity`,
+The core op is :func:`nlgraph.aggregate` (with ``return_lse=True`` also log C_i, so results over
+disjoint key sets combine exactly with :func:`nlgraph.merge`); affinities (f, C) live in
+:mod:`nlgraph.affinity`,
 graphs (N(i)) in :mod:`nlgraph.graph`, backends behind one dispatch in :mod:`nlgraph.dispatch`.
 """
 
@@ -13,12 +15,14 @@ from .blocks import (CompactNonLocal, DisentangledNonLocal, GlobalContextBlock, 
 from .core import aggregate
 from .denoise import denoise_nl_means
 from .dispatch import BackendError, backend_names, compatible_backends, select_backend
+from .merge import merge
 from .nonlocal_blocks import NonLocal1d, NonLocal2d, NonLocal3d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "aggregate",
+    "merge",
     "denoise_nl_means",
     "affinity",
     "graph",

@@ -94,6 +94,10 @@ class ScoreForm:
     #: exp kernels only: the score is capped at 0 after adding this offset, s <- min(s + clamp, 0)
     #: (a Gaussian with a flat top, as non-local means uses to discount the noise variance).
     clamp: Optional[float] = None
+    #: (..., N) a per-query term left out of the scores because C = sum f cancels it (the normalised
+    #: Gaussian's -|q'|^2/2), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
+    #: log-normaliser (``aggregate(..., return_lse=True)``) reads it; y does not depend on it.
+    lse_row: Optional[Tensor] = None
 
 
 def _centre(query: Tensor, key: Tensor) -> Tensor:
@@ -313,8 +317,10 @@ class Gaussian(Affinity):
         # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
         # dropping it keeps the logits small and loses nothing, values and gradients alike. The
         # flat top (offset > 0) needs the true distance, so it keeps the row term.
-        row = None if (self.normalize and not self.offset) else -0.5 * (q * q).sum(-1)
-        return _checked(self, ScoreForm(q, k, row, col, "exp", self.norm, self.offset or None))
+        dropped = self.normalize and not self.offset
+        row = -0.5 * (q * q).sum(-1)
+        return _checked(self, ScoreForm(q, k, None if dropped else row, col, "exp", self.norm,
+                                        self.offset or None, lse_row=row if dropped else None))
 
     def __repr__(self) -> str:
         extra = f", offset={self.offset}" if self.offset else ""

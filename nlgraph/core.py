@@ -9,13 +9,15 @@ torch.func.vmap (:func:`nlgraph._values.checking_values`), so the op traces with
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Optional
+import math
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .affinity import Affinity, EdgeWeighted, Softmax
+from .backends.common import compute_dtype
 from .dispatch import select_backend
 from ._values import all_finite, checking_values
 from .graph import Complete, EdgeIndex, Graph, Mask, safe_log
@@ -141,7 +143,8 @@ def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: in
 def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
               graph: Optional[Graph] = None, backend: str = "auto",
               options: Optional[Mapping[str, Any]] = None, dropout_p: float = 0.0,
-              generator: Optional[torch.Generator] = None) -> Tensor:
+              generator: Optional[torch.Generator] = None,
+              return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Message passing over a graph: ``y_i = (1 / C_i) sum_{j in N(i)} f(q_i, k_j) v_j``.
 
     Shapes follow :func:`torch.nn.functional.scaled_dot_product_attention`.
@@ -162,9 +165,19 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
             unchanged. 0 (default) is exact; pass 0 at evaluation time.
         generator: RNG for the dropout seed (default: torch's global RNG, so ``torch.manual_seed``
             makes runs reproducible).
+        return_lse: also return ``lse = log C_i`` (as FlexAttention's ``return_lse``): for
+            softmax-normalised affinities (``Softmax``, ``Gaussian(normalize=True)``) the log of the
+            softmax denominator ``logsumexp_j (log f_ij + log w_ij)``; for count normalisation
+            (``DotProduct``, ``Concatenation``) the log of the (edge-weighted) neighbour count; 0 for
+            C = 1 (``Gaussian(normalize=False)``); -inf for a query without neighbours. Differentiable.
+            Only backends that declare ``RETURNS_LSE`` are considered (all built-in ones do; the
+            permutohedral lattice returns the log of its approximate C). Results over disjoint key
+            sets combine exactly with :func:`nlgraph.merge`.
 
     Returns:
         (..., N, e) tensor in the input dtype. A query with no neighbour (all masked) gets zeros.
+        With ``return_lse=True``, ``(y, lse)`` with lse of shape (..., N) (the broadcast leading
+        dims) in the accumulation dtype (float32 for float16/bfloat16 inputs, else the input dtype).
 
     Raises:
         TypeError: wrong argument types or dtypes (named in the message).
@@ -178,28 +191,40 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         raise TypeError(f"options must be a mapping of backend options, got {type(options).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     affinity, graph = lower_edge_weights(affinity, graph, query.shape[-2], key.shape[-2])
     if isinstance(graph, Complete):
         graph = None
     if query.shape[-1] == 0:
         query, key = _featureless(query, key)
-    name, mod = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p))
+    name, mod = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p),
+                               return_lse=return_lse)
     opts = dict(options or {})
     if dropout_p > 0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         opts_internal = {"dropout_p": float(dropout_p), "seed": seed}
     else:
         opts_internal = {}
+    if return_lse:
+        opts_internal["return_lse"] = True
     if opts:
         params = list(inspect.signature(mod.run).parameters.values())[5:]
+        internal = ("dropout_p", "seed", "return_lse")
         accepted = [p.name for p in params
-                    if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in ("dropout_p", "seed")]
+                    if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in internal]
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         unknown = sorted(set(opts) - set(accepted))
         if unknown and not takes_any:
             raise TypeError(f"backend {name!r} does not take option(s) {unknown}; it accepts {accepted}")
+    if (return_lse and value.shape[-1] == 0 and query.shape[-2] > 0 and key.shape[-2] > 0
+            and 0 not in _lead(query, key, value, graph)):
+        # no value channels, but the queries do have keys: their C_i is computed on one zero channel
+        padded = torch.cat([value, value.new_zeros(*value.shape[:-1], 1)], dim=-1)
+        y, lse = mod.run(query, key, padded, affinity, graph, **opts_internal, **opts)
+        return y[..., :0], lse
     if _nothing_to_aggregate(query, key, value, graph):
-        return _zeros_result(query, key, value, affinity, graph)
+        return _zeros_result(query, key, value, affinity, graph, return_lse)
     return mod.run(query, key, value, affinity, graph, **opts_internal, **opts)
 
 
@@ -230,17 +255,23 @@ def _lead(query: Tensor, key: Tensor, value: Tensor, graph: Optional[Graph]) -> 
 
 
 def _zeros_result(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
-                  graph: Optional[Graph]) -> Tensor:
+                  graph: Optional[Graph], return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """The result when there is nothing to sum: zeros of shape (..., N, e), as SDPA returns.
 
     An empty sum is 0 and a query without neighbours gets zeros (the op's convention), so the result
     and every gradient are zeros. It stays connected to each input that requires grad (through an
     empty slice, which adds an exact 0 whatever the input holds), so ``backward`` works as it does
-    for SDPA.
+    for SDPA. With ``return_lse`` also lse = log C_i = -inf, shape (..., N): no query has a key
+    here (M = 0), or the result is empty (the case e = 0 with keys is computed, in :func:`aggregate`).
     """
-    y = value.new_zeros(*_lead(query, key, value, graph), query.shape[-2], value.shape[-1])
+    lead = _lead(query, key, value, graph)
+    y = value.new_zeros(*lead, query.shape[-2], value.shape[-1])
+    lse = torch.full((*lead, query.shape[-2]), -math.inf, dtype=compute_dtype(value.dtype),
+                     device=value.device)
     sources = (query, key, value, *affinity.tensors(), *(graph.tensors() if graph is not None else ()))
     for t in sources:
         if t.requires_grad and torch.is_grad_enabled():
-            y = y + t.reshape(-1)[:0].sum().to(y.dtype)
-    return y
+            link = t.reshape(-1)[:0].sum()
+            y = y + link.to(y.dtype)
+            lse = lse + link.to(lse.dtype)
+    return (y, lse) if return_lse else y

@@ -5,7 +5,10 @@ Each backend is a module exposing ``can_run(query, key, value, affinity, graph, 
 (a backend without dropout may omit ``dropout_p``/``seed``: it is then never asked for dropout).
 Optional module attributes: ``EXACT = False`` marks an approximate backend (tests that demand
 exact equality skip it), and ``prefer(query, key, value, affinity, graph) -> bool`` limits when
-automatic selection takes a backend that could run (a forced ``backend=`` ignores it). Registering one is one line in
+automatic selection takes a backend that could run (a forced ``backend=`` ignores it), and
+``RETURNS_LSE = True`` declares that ``run`` takes ``return_lse=True`` and then returns ``(y, lse)``
+with lse = log C_i of shape (..., N) (``aggregate(..., return_lse=True)`` only considers such
+backends; the others are never passed the argument). Registering one is one line in
 ``nlgraph/backends/__init__.py``; modules are imported on first use, so a backend whose optional
 dependency is missing costs nothing until asked for (its ``can_run`` says what is missing).
 """
@@ -56,7 +59,10 @@ def _describe(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, gra
             f"query={tuple(query.shape)}, key={tuple(key.shape)}, value={tuple(value.shape)}")
 
 
-def _can_run(mod: ModuleType, query, key, value, affinity, graph, dropout_p: float) -> tuple[bool, str]:
+def _can_run(mod: ModuleType, query, key, value, affinity, graph, dropout_p: float,
+             return_lse: bool = False) -> tuple[bool, str]:
+    if return_lse and not getattr(mod, "RETURNS_LSE", False):
+        return False, "this backend cannot return the log-normaliser (return_lse=True)"
     if dropout_p > 0:
         if "dropout_p" not in inspect.signature(mod.can_run).parameters:
             return False, "this backend has no dropout"
@@ -65,32 +71,34 @@ def _can_run(mod: ModuleType, query, key, value, affinity, graph, dropout_p: flo
 
 
 def compatible_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
-                        graph: Optional[Graph], dropout_p: float = 0.0) -> list[str]:
+                        graph: Optional[Graph], dropout_p: float = 0.0,
+                        return_lse: bool = False) -> list[str]:
     """Names of the backends that can run this case (tests parametrise over it)."""
     return [name for name in _REGISTRY
-            if _can_run(get_backend(name), query, key, value, affinity, graph, dropout_p)[0]]
+            if _can_run(get_backend(name), query, key, value, affinity, graph, dropout_p, return_lse)[0]]
 
 
 def exact_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
-                   dropout_p: float = 0.0) -> list[str]:
+                   dropout_p: float = 0.0, return_lse: bool = False) -> list[str]:
     """The compatible backends that compute the op exactly (no approximation)."""
-    return [name for name in compatible_backends(query, key, value, affinity, graph, dropout_p)
+    return [name for name in compatible_backends(query, key, value, affinity, graph, dropout_p, return_lse)
             if getattr(get_backend(name), "EXACT", True)]
 
 
 def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
-                   backend: str = "auto", dropout_p: float = 0.0) -> tuple[str, ModuleType]:
+                   backend: str = "auto", dropout_p: float = 0.0,
+                   return_lse: bool = False) -> tuple[str, ModuleType]:
     """Pick the backend: the forced one (with its exact reason if it cannot run), or the first able one."""
     if backend != "auto":
         mod = get_backend(backend)
-        ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p)
+        ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p, return_lse)
         if not ok:
             raise BackendError(f"backend={backend!r} cannot run {_describe(query, key, value, affinity, graph)}: {reason}")
         return backend, mod
     reasons = []
     for name in _REGISTRY:
         mod = get_backend(name)
-        ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p)
+        ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p, return_lse)
         if ok and (not hasattr(mod, "prefer") or mod.prefer(query, key, value, affinity, graph)):
             return name, mod
         reasons.append(f"{name}: {reason or 'not preferred for this size'}")

@@ -111,3 +111,48 @@ def edge_adjacency(edge_index, n, m, weight=None):
         onehot[t, int(edge_index[1, t]), int(edge_index[0, t])] = 1.0
     w = torch.ones(e, dtype=torch.float64) if weight is None else weight
     return torch.einsum("e,enm->nm", w, onehot)
+
+
+def log_affinity(kind: str, q, k, params: dict):
+    """log f(q_i, k_j) for every pair, (..., N, M), for the exp-kernel affinities (the logits)."""
+    if kind == "softmax":
+        scale = params.get("scale", 1.0 / math.sqrt(q.shape[-1]))
+        return scale * torch.einsum("...nd,...md->...nm", q, k)
+    if kind in ("gaussian", "gaussian_unnorm"):
+        b = params["bandwidth"]
+        diff = q[..., :, None, :] / b - k[..., None, :, :] / b
+        dist = 0.5 * (diff * diff).sum(-1)
+        if params.get("offset"):
+            dist = torch.clamp(dist - params["offset"], min=0.0)  # flat top
+        return -dist
+    raise ValueError(kind)
+
+
+def log_normaliser(kind: str, q, k, params: dict, adj=None, bias=None):
+    """lse_i = log C_i, (..., N), from the definition; -inf for a query without neighbours.
+
+    C = sum f (softmax, gaussian): torch.logsumexp over the materialised logits log f_ij + log adj_ij
+    + bias_ij; count (dot, concat): log sum_j adj_ij exp(bias_ij); none (gaussian_unnorm): 0. Rows
+    without an edge are set to -inf after a logsumexp over zeros, so gradients stay finite there.
+    adj: (..., N|1, M|1) edge weights >= 0 (None = complete), bias: additive log-weights (-inf allowed).
+    """
+    n, m = q.shape[-2], k.shape[-2]
+    one = torch.ones((), dtype=q.dtype)
+    w = one if adj is None else adj
+    logw = torch.zeros((), dtype=q.dtype) if adj is None else torch.where(
+        adj > 0, torch.log(torch.where(adj > 0, adj, one)), torch.full_like(adj, -math.inf))
+    if bias is not None:
+        logw = logw + bias
+        w = w * torch.exp(bias)
+    if kind in ("dot", "concat"):
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], torch.as_tensor(w).shape[:-2])
+        c = torch.broadcast_to(w, (*lead, n, m)).sum(-1)
+        return torch.where(c > 0, torch.log(torch.where(c > 0, c, torch.ones_like(c))),
+                           torch.full_like(c, -math.inf))
+    logits = log_affinity("gaussian" if kind == "gaussian_unnorm" else kind, q, k, params) + logw
+    edge = torch.isfinite(logits)
+    has = edge.any(-1)
+    if kind == "gaussian_unnorm":
+        return torch.where(has, 0.0, -math.inf).to(q.dtype)
+    safe = torch.where(has[..., None], logits, torch.zeros_like(logits))
+    return torch.where(has, torch.logsumexp(safe, -1), torch.full_like(has, -math.inf, dtype=q.dtype))

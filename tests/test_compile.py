@@ -135,3 +135,82 @@ def test_optional_probe_is_traceable():
     fn = torch.compile(lambda x: x + (1.0 if optional("nlgraph_no_such_module") is None else 0.0),
                        fullgraph=True, backend="eager")
     assert fn(torch.zeros(1)).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# return_lse and merge trace too: compile(fullgraph), export, torch.func (vmap, jacrev)
+# ---------------------------------------------------------------------------------------------
+
+def _lse_inputs():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(2, 6, 6, generator=gen) > 0.4
+    mask[:, 0] = False  # a row without neighbours: lse = -inf
+    return q, k, v, mask
+
+
+def _finite(lse):
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+LSE_AFFINITIES = {"softmax": A.Softmax(), "dot": A.DotProduct(),
+                  "gaussian_c1": A.Gaussian(1.2, normalize=False)}
+
+
+@pytest.mark.parametrize("name", list(LSE_AFFINITIES))
+def test_return_lse_and_merge_compile_fullgraph(name):
+    """aggregate(return_lse=True) and a merge of two key halves in one graph (chunked), forward, backward."""
+    aff = LSE_AFFINITIES[name]
+    q, k, v, mask = _lse_inputs()
+
+    def fn(q_, k_, v_):
+        y, lse = nlgraph.aggregate(q_, k_, v_, aff, G.Mask(mask), return_lse=True)
+        parts = [nlgraph.aggregate(q_, k_[:, s], v_[:, s], aff, G.Mask(mask[..., s]), return_lse=True)
+                 for s in (slice(0, 2), slice(2, 6))]
+        ym, lm = nlgraph.merge(parts, aff)
+        return y, lse, ym, lm
+
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    eager = fn(*leaves)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(eager[2], eager[0], atol=ATOL, rtol=RTOL)  # merged halves == the whole
+    loss = lambda out: out[0].square().sum() + _finite(out[1]).sum() + out[2].sum() + _finite(out[3]).sum()  # noqa
+    for g, ge in zip(torch.autograd.grad(loss(compiled), leaves), torch.autograd.grad(loss(eager), leaves),
+                     strict=True):
+        torch.testing.assert_close(g, ge, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_return_lse_exports(strict):
+    q, k, v, mask = _lse_inputs()
+
+    class Attend(torch.nn.Module):
+        def forward(self, q_, k_, v_):
+            return nlgraph.aggregate(q_, k_, v_, graph=G.Mask(mask), return_lse=True)
+
+    ep = torch.export.export(Attend(), (q, k, v), strict=strict)
+    for a, b in zip(ep.module()(q, k, v), Attend()(q, k, v), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", list(LSE_AFFINITIES))
+def test_return_lse_under_torch_func(name):
+    """jacrev of lse (the chunked Function's stat output) and vmap over queries == the reference backend."""
+    aff = LSE_AFFINITIES[name]
+    q, k, v, mask = _lse_inputs()
+    weight = torch.rand(6, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def lse_of(backend):
+        def lse(q_, k_, w_):
+            return _finite(nlgraph.aggregate(q_, k_, v[0], A.EdgeWeighted(aff, w_), G.Mask(mask[0]),
+                                             backend=backend, return_lse=True)[1])
+        return lse
+
+    for argnum in (0, 1, 2):  # the count's gradient reaches the edge weights through C_i = sum_j w_ij
+        jac = torch.func.jacrev(lse_of("chunked"), argnums=argnum)(q[0], k[0], weight)
+        want = torch.func.jacrev(lse_of("reference"), argnums=argnum)(q[0], k[0], weight)
+        torch.testing.assert_close(jac, want, atol=ATOL, rtol=RTOL, msg=f"jacrev of lse, argnum {argnum}")
+    batched = torch.func.vmap(lse_of("chunked"), in_dims=(0, None, None))(q, k[0], weight)
+    torch.testing.assert_close(batched, lse_of("reference")(q, k[0], weight), atol=ATOL, rtol=RTOL)

@@ -31,7 +31,7 @@ import nlgraph
 from nlgraph import affinity as A
 from nlgraph import graph as G
 
-from .formulas import TOLERANCES, affinity_matrix, criss_cross_adjacency, grid_coords
+from .formulas import TOLERANCES, affinity_matrix, criss_cross_adjacency, grid_coords, log_normaliser
 
 F64 = torch.float64
 
@@ -403,23 +403,48 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float,
                                    msg=lambda m: f"{what}: {m}")
 
 
-def check_case(case: Case, rtol: float, atol: float, backends: list[str]) -> None:
-    """Every backend in ``backends`` == the formula: the forward and the gradient of every named tensor."""
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+def check_case(case: Case, rtol: float, atol: float, backends: list[str], lse: bool = False) -> None:
+    """Every backend in ``backends`` == the formula: the forward and the gradient of every named tensor.
+
+    ``lse``: also ``return_lse=True``: lse == log C_i from the definition (``log_normaliser``: logsumexp of
+    the materialised logits, the log of the weighted count, 0 for C = 1, -inf without neighbours), and
+    the gradients are those of a loss that reads y and lse (its -inf rows as 0).
+    """
     q64, k64, v64 = case.refs
     y_ref = formula(case.kind, q64, k64, v64, case.params, case.adj, case.bias)
     names = list(case.named)
     libs = [t for t, _ in case.named.values()]
     refs = [t for _, t in case.named.values()]
     dout = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
-    grads_ref = torch.autograd.grad(y_ref, refs, dout, allow_unused=True)
+    loss_ref = (y_ref * dout).sum()
+    if lse:
+        # (..., N) over the broadcast leading dims, those that only the value has included
+        l_ref = log_normaliser(case.kind, q64, k64, case.params, case.adj, case.bias).expand(y_ref.shape[:-1])
+        dl = torch.randn(l_ref.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+        loss_ref = loss_ref + (_finite_or_zero(l_ref) * dl).sum()
+    grads_ref = torch.autograd.grad(loss_ref, refs, allow_unused=True)
     for b in backends:
         event(f"backend {b}")
         what = f"{b}, {case.describe()}"
-        y = nlgraph.aggregate(case.q, case.k, case.v, case.affinity, case.graph, backend=b,
-                              options=case.options if b == "chunked" else None)
+        out = nlgraph.aggregate(case.q, case.k, case.v, case.affinity, case.graph, backend=b,
+                                options=case.options if b == "chunked" else None, return_lse=lse)
+        y = out[0] if lse else out
         assert y.shape == y_ref.shape and y.dtype == case.q.dtype, what
         _close(y, y_ref, f"forward, {what}", rtol, atol)
-        grads = torch.autograd.grad(y, libs, dout.to(y.dtype), allow_unused=True)
+        loss = (y.to(F64) * dout).sum()
+        if lse:
+            got = out[1]
+            assert got.shape == l_ref.shape, what
+            fin = torch.isfinite(l_ref)
+            assert torch.equal(torch.isfinite(got), fin) and bool((got[~fin] == -math.inf).all()), \
+                f"lse: rows without neighbours must be -inf, {what}"
+            _close(got[fin], l_ref[fin], f"lse, {what}", rtol, atol)
+            loss = loss + (_finite_or_zero(got).to(F64) * dl).sum()
+        grads = torch.autograd.grad(loss, libs, allow_unused=True)
         for name, t, g, g_ref in zip(names, refs, grads, grads_ref):
             g = torch.zeros_like(t) if g is None else g
             g_ref = torch.zeros_like(t) if g_ref is None else g_ref
@@ -441,6 +466,24 @@ def test_every_backend_matches_the_formula(case: Case):
         assert "chunked" in backends, case.describe()  # only per-edge weights with gradients keep chunked out
     rtol, atol = TOLERANCES[F64]
     check_case(case, rtol, atol, backends)
+
+
+@profile(examples=int(__import__("os").environ.get("NLG_LSE", "300")))
+@given(cases())
+def test_return_lse_matches_the_formula(case: Case):
+    """float64, every affinity x graph x weighting: (y, lse) of every exact backend == the formulas, and the
+    gradients of a loss that reads both (lse's gradient flows through each backend's own backward)."""
+    for label in case.labels:
+        event(label)
+    n, m = case.q.shape[-2], case.k.shape[-2]
+    aff, graph = nlgraph.core.lower_edge_weights(case.affinity, case.graph, n, m)
+    graph = None if isinstance(graph, G.Complete) else graph
+    backends = nlgraph.dispatch.exact_backends(case.q, case.k, case.v, aff, graph, return_lse=True)
+    assert "reference" in backends, case.describe()
+    if not any(name.startswith(("edge_weight", "per_edge")) for name in case.named):
+        assert "chunked" in backends, case.describe()
+    rtol, atol = TOLERANCES[F64]
+    check_case(case, rtol, atol, backends, lse=True)
 
 
 def _float32_bound(case: Case) -> float:
@@ -488,7 +531,7 @@ def test_float32_backends_incl_triton_match_the_formula(case: Case):
         event("triton skipped: mask batch dims beyond the inputs' (owned elsewhere)")
         backends.remove("triton")
     bound = _float32_bound(case)
-    check_case(case, bound, bound, backends)
+    check_case(case, bound, bound, backends, lse=True)  # lse errs by C's relative error: the same bound
 
 
 @profile(examples=800)

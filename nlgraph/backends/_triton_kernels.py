@@ -129,9 +129,9 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,
     if NORM_SUM:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         stat = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    else:
+    else:  # C = 1: log C = 0 where the query has a neighbour, -inf where it has none
         out = acc * tl.exp(m_safe)[:, None]
-        stat = m_safe
+        stat = tl.where(m_i == float("-inf"), float("-inf"), 0.0)
     tl.store(O + b * sob + offs_n[:, None] * son + offs_e[None, :] * soe, out, mask=n_ok[:, None] & e_ok[None, :])
     if pid_e == 0:
         tl.store(L + b * slb + offs_n * sln, stat, mask=n_ok)

@@ -9,10 +9,13 @@
 
 Both are exact (up to floating-point summation order); prefix sums are accumulated in float64 so
 the differences of large prefix sums do not cancel catastrophically. Gradients are plain autograd
-through these O((N + M) d e) expressions.
+through these O((N + M) d e) expressions. The log-normaliser (``return_lse``) is log M, or
+log(M - 1) with ``ExcludeSelf`` (-inf when M = 1): the neighbour count, a constant.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -21,7 +24,9 @@ from ..affinity import Concatenation, DotProduct
 from ..graph import Complete, ExcludeSelf
 from .common import compute_dtype
 
-__all__ = ["can_run", "run"]
+__all__ = ["can_run", "run", "RETURNS_LSE"]
+
+RETURNS_LSE = True
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
@@ -79,11 +84,16 @@ def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concaten
     return (y / m).to(value.dtype)
 
 
-def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):
     cd = compute_dtype(query.dtype)
     q, k, v = query.to(cd), key.to(cd), value.to(cd)
     fn = _dot_product if isinstance(affinity, DotProduct) else _concatenation
     y = fn(q, k, v, affinity, graph)
     n = query.shape[-2]
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    return y.expand(*lead, n, value.shape[-1]).to(query.dtype)
+    y = y.expand(*lead, n, value.shape[-1]).to(query.dtype)
+    if not return_lse:
+        return y
+    count = key.shape[-2] - (1 if _exclude_self(graph) else 0)
+    lse = torch.full((*lead, n), math.log(count) if count > 0 else -math.inf, dtype=cd, device=query.device)
+    return y, lse

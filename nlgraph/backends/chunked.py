@@ -11,6 +11,12 @@ the default backend on CPU and the fallback on every device. It traces under tor
 torch.export (every tile is then computed: skipping empty tiles is a data-dependent branch), and
 its autograd Function works under torch.func (vmap, grad, vjp, jacrev).
 
+With ``return_lse`` it returns the log-normaliser too: the forward's per-query statistic is
+log C_i itself for the exp kernels (the log-sum-exp for C = sum f, 0 or -inf for C = 1) and C_i for
+count normalisation (its log is taken outside, by autograd); the backward takes that output's
+gradient as well (for C = sum f: d lse_i / d s_ij = p_ij, which enters as D_i = dO_i . O_i - dlse_i;
+for the count: d C_i / d log w_ij = w_ij, the same shift by dC_i C_i).
+
 Options (``nlgraph.aggregate(..., backend="chunked", options={...})``):
     block_n: queries per tile (default: chosen from the problem size).
     block_m: keys per tile (default: chosen from the problem size).
@@ -26,10 +32,12 @@ from torch import Tensor
 
 from .._values import checking_values
 from ..affinity import ScoreForm
-from .common import (Problem, clamp_scores, dropout_keep, edge_weights, exp_scores, lower, tile_linear,
-                     tile_log_weights)
+from .common import (Problem, clamp_scores, dropout_keep, edge_weights, exp_scores, lower, safe_log,
+                     tile_linear, tile_log_weights)
 
-__all__ = ["can_run", "run", "default_blocks"]
+__all__ = ["can_run", "run", "default_blocks", "RETURNS_LSE"]
+
+RETURNS_LSE = True
 
 _NEG_INF = -math.inf
 
@@ -103,8 +111,10 @@ class _ChunkedAggregate(torch.autograd.Function):
     are vmap-compatible (accumulators are combined out of place and gradients concatenated per tile,
     never written into a buffer created inside the function; in-place updates touch only tiles
     computed from the inputs), so the vmap rule is generated (``generate_vmap_rule``) and
-    ``torch.func.vmap``, ``grad``, ``vjp`` and ``jacrev`` work. Returns (out, stat); stat (log-sum-exp,
-    running max or normaliser per query) is not differentiable.
+    ``torch.func.vmap``, ``grad``, ``vjp`` and ``jacrev`` work. Returns (out, stat) with stat per
+    query: the log-sum-exp (C = sum f), 0 or -inf (C = 1: the query has a neighbour or not; constant,
+    not differentiable) or the normaliser C_i (count). The log-sum-exp and the count are differentiable:
+    the backward takes their gradient too.
     """
 
     generate_vmap_rule = True
@@ -162,7 +172,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                     stats.append(torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF)))
                 else:
                     outs.append(acc * torch.exp(safe)[..., None])
-                    stats.append(safe)
+                    # log C = 0, or -inf where the query has no neighbour
+                    stats.append(torch.where(torch.isfinite(mx), torch.zeros_like(mx), mx))
             else:
                 outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])
                 stats.append(den)
@@ -173,14 +184,15 @@ class _ChunkedAggregate(torch.autograd.Function):
         fq, fk, row, col, bias, value, meta = inputs
         out, stat = output
         ctx.meta = meta
-        ctx.mark_non_differentiable(stat)
+        if meta["problem"].form.norm == "none":
+            ctx.mark_non_differentiable(stat)  # 0 or -inf: a constant
         ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
 
     @staticmethod
-    def backward(ctx, dout, _dstat):
+    def backward(ctx, dout, dstat):
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
         return tile_backward(ctx.meta, ctx.needs_input_grad[:6], fq, fk, row, col, bias, value, out, stat,
-                             dout) + (None,)
+                             dout, dstat) + (None,)
 
 
 def _add(parts: dict, key, grad: Tensor) -> None:
@@ -201,11 +213,15 @@ def _assemble(parts: dict, spans: list[tuple[int, int]], dim: int, like: Tensor)
     return torch.cat(pieces, dim)
 
 
-def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, dout):
+def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, dout,
+                  dstat: Optional[Tensor] = None):
     """Gradients of the canonical form from the output, its saved statistic and dout, tile by tile.
 
-    ``stat`` is the log-sum-exp per query (exp kernel, C = sum f), the running max (C = 1, unused)
-    or the normaliser (count). Shared by every backend whose forward saves that statistic.
+    ``stat`` is the log-sum-exp per query (exp kernel, C = sum f), unused for C = 1, or the
+    normaliser (count). Shared by every backend whose forward saves that statistic. ``dstat`` (or
+    None) is the gradient of the statistic: with lse_i = log sum_j exp(s_ij), d lse_i / d s_ij = p_ij,
+    so it adds p_ij dlse_i to ds_ij = p_ij (dp_ij - D_i), i.e. D_i becomes D_i - dlse_i; with the count
+    C_i = sum_j w_ij, d C_i / d log w_ij = w_ij, which D_i - dC_i C_i carries in the same place.
     Gradients are collected per tile and concatenated (nothing is written into a preallocated
     buffer), so the backward is vmap-compatible (``torch.func.jacrev``).
     Returns the gradients of (fq, fk, row, col, bias, value).
@@ -230,6 +246,9 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
         st = stat[..., i0:i1]
         # D_i = dO_i . O_i (softmax and count normalisations).
         dsum = (do * out[..., i0:i1, :]).sum(-1) if norm != "none" else None
+        if dstat is not None and norm != "none":
+            ds_ = dstat[..., i0:i1].to(dtype)
+            dsum = dsum - (ds_ if norm == "sum" else ds_ * st)
         if kernel == "exp":
             base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
         else:
@@ -304,7 +323,7 @@ def tile_backward(meta: dict, needs, fq, fk, row, col, bias, value, out, stat, d
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p: float = 0.0, seed: int = 0,
-        block_n: Optional[int] = None, block_m: Optional[int] = None) -> Tensor:
+        block_n: Optional[int] = None, block_m: Optional[int] = None, return_lse: bool = False):
     for name, val in (("block_n", block_n), ("block_m", block_m)):
         if val is not None and (not isinstance(val, int) or val < 1):
             raise ValueError(f"chunked option {name} must be a positive int, got {val!r}")
@@ -313,6 +332,12 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
     bn, bm = default_blocks(batch, p.n, p.m)
     bn, bm = block_n or bn, block_m or bm
     f = p.form
-    out, _ = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value,
-                                     {"problem": p, "blocks": (bn, bm), "dropout_p": dropout_p, "seed": seed})
-    return out.to(query.dtype)
+    meta = {"problem": p, "blocks": (bn, bm), "dropout_p": dropout_p, "seed": seed}
+    out, stat = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value, meta)
+    if not return_lse:
+        return out.to(query.dtype)
+    if f.norm == "count":
+        lse = safe_log(stat)
+    else:
+        lse = stat if f.lse_row is None else stat + f.lse_row
+    return out.to(query.dtype), lse.expand(*p.lead, p.n)

@@ -8,7 +8,9 @@ constant 1 / (1 + 2^-d). It computes, in O(N d^2 + M d e) instead of O(N^2 d),
 
     y_i ~= sum_j exp(-|q'_i - k'_j|^2 / 2) v_j        (Gaussian, C = 1, complete graph incl. j = i)
 
-and, for ``Gaussian(normalize=True)``, that filter divided by the filter of ones.
+and, for ``Gaussian(normalize=True)``, that filter divided by the filter of ones. With
+``return_lse`` the log-normaliser is the log of that filtered ones (the lattice's approximate C_i),
+or 0 for C = 1.
 
 Written with tensor ops only (no Python loop over points), so the same code runs on CPU and CUDA:
 lattice keys are packed into int64 codes, points grouped into simplices and simplex corners into
@@ -48,9 +50,11 @@ from torch import Tensor
 from ..affinity import Gaussian
 from .common import compute_dtype
 
-__all__ = ["can_run", "prefer", "run", "Lattice", "build_lattice", "clear_cache", "MAX_FEATURE_DIM", "EXACT"]
+__all__ = ["can_run", "prefer", "run", "Lattice", "build_lattice", "clear_cache", "MAX_FEATURE_DIM", "EXACT",
+           "RETURNS_LSE"]
 
 EXACT = False
+RETURNS_LSE = True
 #: The lattice has (d + 1) vertices per point and d + 1 blur directions: cheap for small d only.
 MAX_FEATURE_DIM = 16
 #: Automatic dispatch takes the lattice for d <= AUTO_MAX_DIM and N * M >= AUTO_MIN_PAIRS only;
@@ -614,12 +618,13 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: tor
     return lattice
 
 
-def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph) -> Tensor:
+def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph, *, return_lse: bool = False):
     lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
     cd = compute_dtype(query.dtype)
     if math.prod(lead) == 0:  # an empty batch: nothing to filter
-        return value.new_zeros(*lead, n, e)
+        y = value.new_zeros(*lead, n, e)
+        return (y, torch.full((*lead, n), -math.inf, dtype=cd, device=value.device)) if return_lse else y
     same = query is key
 
     def points(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -636,6 +641,13 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph) ->
     if affinity.normalize:
         v = torch.cat([v, torch.ones(v.shape[0], 1, dtype=cd, device=v.device)], dim=-1)
     y = _LatticeFilter.apply(v.contiguous(), lattice, False)
+    lse = None
     if affinity.normalize:
-        y = y[:, :e] / y[:, e:].clamp_min(torch.finfo(cd).tiny)
-    return y.reshape(*lead, n, e).to(query.dtype)
+        c = y[:, e:].clamp_min(torch.finfo(cd).tiny)
+        y = y[:, :e] / c
+        if return_lse:
+            lse = torch.log(c.detach()).reshape(*lead, n)  # C depends on the features only (no gradient here)
+    y = y.reshape(*lead, n, e).to(query.dtype)
+    if not return_lse:
+        return y
+    return y, (lse if lse is not None else torch.zeros(*lead, n, dtype=cd, device=value.device))

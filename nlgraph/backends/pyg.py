@@ -7,7 +7,9 @@ Each edge (j -> i) gets its score s_e = q'_i . k'_j + r_i + c_j (the canonical f
 * C = 1 (``Gaussian(normalize=False)``): ``alpha_e = exp(s_e)``;
 * count-normalised (dot product, concatenation): ``alpha_e = w_e f_e / sum_{e' -> i} w_e'``;
 
-and ``y_i = sum_{e -> i} alpha_e v_j`` is ``MessagePassing.propagate`` with ``aggr="add"``. Exact,
+and ``y_i = sum_{e -> i} alpha_e v_j`` is ``MessagePassing.propagate`` with ``aggr="add"``. The
+log-normaliser (``return_lse``) is a scatter over the same edges: logsumexp of s_e per target (C = sum f),
+log sum_e w_e (count), 0 (C = 1); -inf for a node without incoming edges. Exact,
 differentiable by autograd w.r.t. everything, including per-edge weights of an ``EdgeIndex`` graph.
 Cost O(E (d + e)) time and memory per batch entry: the right path for sparse graphs (windows,
 criss-cross, k-NN, explicit edge lists); dense graphs are better served by ``chunked``.
@@ -25,9 +27,11 @@ from torch import Tensor
 
 from .._optional import missing, optional
 from ..graph import EdgeIndex, Graph
-from .common import lower
+from .common import lower, safe_log
 
-__all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS"]
+__all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS", "RETURNS_LSE"]
+
+RETURNS_LSE = True
 
 #: Automatic dispatch takes this backend for every explicit edge list, and for k-NN and criss-cross
 #: graphs whose edge count is at most MAX_DENSITY of N * M and whose per-edge tensors (E x (2 d + e)
@@ -112,7 +116,17 @@ def _conv():
     return _CONV
 
 
-def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+def _scatter_lse(s: Tensor, dst: Tensor, n: int) -> Tensor:
+    """log sum_{e -> i} exp(s_e) per target node, (B, E) -> (B, N); -inf for a node without edges."""
+    idx = dst.expand_as(s)
+    mx = torch.full((s.shape[0], n), -math.inf, dtype=s.dtype, device=s.device)
+    mx = mx.scatter_reduce(1, idx, s.detach(), "amax")
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    tot = torch.zeros_like(mx).index_add(1, dst, torch.exp(s - mx.index_select(1, dst)))
+    return mx + safe_log(tot)
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):
     from torch_geometric.utils import softmax as pyg_softmax
 
     from ..graph import Complete
@@ -145,12 +159,22 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
         if logw is not None:  # edge weights and float-mask logits, from the edge list
             s = s + logw
         alpha = pyg_softmax(s, dst, num_nodes=n, dim=-1) if f.norm == "sum" else torch.exp(s)
+        if return_lse and f.norm == "sum":
+            lse = _scatter_lse(s, dst, n)
+            lse = lse.reshape(*lead, n) if f.lse_row is None else lse.reshape(*lead, n) + f.lse_row
+        elif return_lse:  # C = 1: 0 where a node has an incoming edge
+            has = torch.zeros(n, dtype=s.dtype, device=device).index_add(
+                0, dst, torch.ones_like(dst, dtype=s.dtype))
+            lse = torch.where(has > 0, 0.0, -math.inf).to(s.dtype).expand(*lead, n)
     else:
         g = torch.relu(s) if f.kernel == "relu" else s
         w = torch.ones_like(g) if logw is None else torch.exp(logw).expand_as(g)
         den = torch.zeros(g.shape[0], n, dtype=g.dtype, device=device).index_add(1, dst, w)
         inv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
         alpha = g * w * inv.index_select(1, dst)
+        if return_lse:
+            lse = safe_log(den).expand(math.prod(lead), n).reshape(*lead, n)
     v = p.value.expand(*lead, m, e).reshape(-1, m, e)
     y = _conv()(v, ei, alpha, size=(m, n))
-    return y.reshape(*lead, n, e).to(query.dtype)
+    y = y.reshape(*lead, n, e).to(query.dtype)
+    return (y, lse) if return_lse else y

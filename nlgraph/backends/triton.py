@@ -21,6 +21,10 @@ per query block accumulates dQ = dS K' and the row-bias gradient, with dS = P (d
 P dO V^T) and zero where the flat top caps the score. Only a float mask's own gradient (an N x M
 tensor anyway) is left to the PyTorch tile loop (``chunked.tile_backward``).
 
+With ``return_lse`` the saved log-sum-exp is returned as well (plus the normalised Gaussian's
+dropped row term; C = 1 stores 0 or -inf, whether a query has a neighbour); its gradient enters the
+backward kernels through D_i = dO_i . O_i - dlse_i (d lse_i / d s_ij = P_ij), no kernel change.
+
 torch.func (vmap, grad, vjp, jacrev) runs the same kernels: the vmapped dimension is folded into
 the kernels' batch. Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on the CPU (how the
 test suite checks it on machines without a GPU; there bf16 dot operands are upcast to fp32, since
@@ -45,7 +49,9 @@ from ..graph import ExcludeSelf, Intersection, LocalWindow, Mask
 from .chunked import default_blocks, tile_backward
 from .common import Problem
 
-__all__ = ["can_run", "prefer", "run"]
+__all__ = ["can_run", "prefer", "run", "RETURNS_LSE"]
+
+RETURNS_LSE = True
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -214,7 +220,8 @@ class _TritonAggregate(torch.autograd.Function):
         fq, fk, row, col, bias, value, meta = inputs
         out, stat = output
         ctx.meta = meta
-        ctx.mark_non_differentiable(stat)
+        if meta["problem"].form.norm != "sum":
+            ctx.mark_non_differentiable(stat)  # C = 1: 0 or -inf, a constant
         ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
 
     @staticmethod
@@ -224,9 +231,11 @@ class _TritonAggregate(torch.autograd.Function):
         return _unfold(info.batch_size, (out, stat)), (0, 0)
 
     @staticmethod
-    def backward(ctx, dout, _dstat):
+    def backward(ctx, dout, dstat):
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
-        grads = _TritonBackward.apply(fq, fk, row, col, bias, value, out, stat, dout, ctx.meta,
+        if dstat is None or ctx.meta["problem"].form.norm != "sum":
+            dstat = torch.zeros_like(stat)
+        grads = _TritonBackward.apply(fq, fk, row, col, bias, value, out, stat, dout, dstat, ctx.meta,
                                       tuple(ctx.needs_input_grad[:6]))
         return tuple(grads) + (None,)
 
@@ -238,7 +247,7 @@ class _TritonBackward(torch.autograd.Function):
     differentiable again (the kernels have no double backward)."""
 
     @staticmethod
-    def forward(fq, fk, row, col, bias, value, out, stat, dout, meta, needs):
+    def forward(fq, fk, row, col, bias, value, out, stat, dout, dstat, meta, needs):
         import triton
 
         _, bwd_kv, bwd_q = _kernels()
@@ -246,8 +255,8 @@ class _TritonBackward(torch.autograd.Function):
         p = meta["problem"]
         b, n, m, d, e = fq.shape[0], p.n, p.m, fq.shape[-1], p.e
         dout = dout.to(value.dtype)
-        # D_i = dO_i . O_i (softmax normalisation); unused for C = 1
-        delta = ((dout.float() * out.float()).sum(-1) if p.form.norm == "sum"
+        # D_i = dO_i . O_i - dlse_i (softmax normalisation); unused for C = 1
+        delta = ((dout.float() * out.float()).sum(-1) - dstat.float() if p.form.norm == "sum"
                  else torch.zeros(b, n, dtype=torch.float32, device=fq.device)).contiguous()
         f32 = lambda *s, need=True: torch.empty(*s, dtype=torch.float32, device=fq.device) if need else delta  # noqa
         dq, dk, dv = f32(b, n, d, need=need_q), f32(b, m, d, need=need_k), f32(b, m, e, need=need_v)
@@ -274,7 +283,7 @@ class _TritonBackward(torch.autograd.Function):
             p32 = replace(p, form=replace(p.form, query=q32, key=k32, row=r32, col=c32), value=v32)
             tmeta = dict(meta, problem=p32, blocks=default_blocks(b, n, m), dropout_p=0.0)
             db = tile_backward(tmeta, (False, False, False, False, True, False), q32, k32, r32, c32, bias, v32,
-                               cast(out), stat, dout.to(torch.float32))[4]
+                               cast(out), stat, dout.to(torch.float32), dstat.to(torch.float32))[4]
         grads = (dq if need_q else None, dk if need_k else None, dr if need_r else None, dc if need_c else None,
                  db, dv if need_v else None)
         like = (fq, fk, row, col, bias, value)
@@ -285,8 +294,8 @@ class _TritonBackward(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, fq, fk, row, col, bias, value, out, stat, dout, meta, needs):
-        folded = _fold(info.batch_size, in_dims[:9], (fq, fk, row, col, bias, value, out, stat, dout))
+    def vmap(info, in_dims, fq, fk, row, col, bias, value, out, stat, dout, dstat, meta, needs):
+        folded = _fold(info.batch_size, in_dims[:10], (fq, fk, row, col, bias, value, out, stat, dout, dstat))
         grads = _TritonBackward.apply(*folded, _fold_meta(meta, info.batch_size), needs)
         return _unfold(info.batch_size, grads), tuple(None if g is None else 0 for g in grads)
 
@@ -297,7 +306,7 @@ class _TritonBackward(torch.autograd.Function):
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: Optional[int] = None,
-        block_m: Optional[int] = None) -> Tensor:
+        block_m: Optional[int] = None, return_lse: bool = False):
     """Lower to the canonical form, flatten the batch, run the kernel (backward: tile recomputation)."""
     for name, val in (("block_n", block_n), ("block_m", block_m)):
         if val is not None and (not isinstance(val, int) or val < 16 or val & (val - 1)):
@@ -339,5 +348,10 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
             "radius": () if window is None else window.radius,
             "bias4_shape": None if bias4 is None else tuple(bias4.shape), "b2": (lead or (1,))[-1],
             "exclude_self": exclude_self, "window": window}
-    out, _ = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
-    return out.reshape(*lead, n, e)
+    out, stat = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
+    if not return_lse:
+        return out.reshape(*lead, n, e)
+    lse = stat.reshape(*lead, n)
+    if form.lse_row is not None:
+        lse = lse + form.lse_row.float()
+    return out.reshape(*lead, n, e), lse
