@@ -100,7 +100,7 @@ class GlobalBatchNorm3d(nn.BatchNorm3d):
         return y * self.weight.view(shape) + self.bias.view(shape)
 
 
-def make_context_parallel(model: tasks.C2D, group) -> tasks.C2D:
+def make_context_parallel(model: tasks.C2D, group, method: str = "ring") -> tasks.C2D:
     """Point the NonLocal3d block at ``group`` and make every BatchNorm3d global (in place)."""
     for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
@@ -112,7 +112,7 @@ def make_context_parallel(model: tasks.C2D, group) -> tasks.C2D:
                 setattr(mod, child_name, new)
     if isinstance(model.nonlocal_block, NonLocal3d):
         model.nonlocal_block.process_group = group
-        model.nonlocal_block.distributed_method = os.environ.get("NLG_CP_METHOD", "ring")
+        model.nonlocal_block.distributed_method = method
     return model
 
 
@@ -127,7 +127,7 @@ def sharded_logits(model: tasks.C2D, x: torch.Tensor, t0: int, frames: int, grou
 
 
 def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test: int, seed: int,
-               dtype: torch.dtype) -> None:
+               dtype: torch.dtype, method: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank,
                             world_size=world, timeout=timedelta(minutes=10))
     torch.set_num_threads(1)
@@ -140,7 +140,7 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
         x_tr, x_te = x_tr.to(dtype), x_te.to(dtype)
         model = C2D(nonlocal_blocks=True).to(dtype)
         model.load_state_dict(torch.load(os.path.join(tmp, "init.pt")))
-        make_context_parallel(model, dist.group.WORLD)
+        make_context_parallel(model, dist.group.WORLD, method)
         torch.manual_seed(seed)  # the batches of tasks.train(..., seed)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         model.train()
@@ -167,7 +167,7 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
 
 
 def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_test: int = 500,
-                         seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+                         seed: int = 0, dtype: torch.dtype = torch.float32, method: str = "ring") -> dict:
     """Train the non-local model on one process and on ``world`` spawned gloo processes (frames
     sharded) from the same initial weights and batches: both test accuracies, and how far the first
     step's loss and gradients are apart (rounding only: the trajectories then drift apart as any two
@@ -181,8 +181,8 @@ def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_te
     model = C2D(nonlocal_blocks=True).to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), os.path.join(tmp, "init.pt"))
-        mp.start_processes(_cp_worker, args=(world, tmp, steps, n_train, n_test, seed, dtype), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(_cp_worker, args=(world, tmp, steps, n_train, n_test, seed, dtype, method),
+                           nprocs=world, join=True, start_method="spawn")
         out = torch.load(os.path.join(tmp, "out.pt"))
     x_tr, y_tr = make_clips(n_train, seed)
     x_te, y_te = make_clips(n_test, seed + 1)
@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600, help="training steps per model (default 600)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--method", choices=("ring", "allgather"), default="ring",
+                    help="nlgraph.distributed method with --world-size (default ring)")
     ap.add_argument("--world-size", type=int, default=1,
                     help=f"train the non-local model on this many gloo processes too, 2..{T} (default 1)")
     args = ap.parse_args(argv)
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
         run(args.steps, seed=args.seed)
         return 0
     t = time.perf_counter()
-    res = run_context_parallel(args.world_size, args.steps, seed=args.seed)
+    res = run_context_parallel(args.world_size, args.steps, seed=args.seed, method=args.method)
     print(f"C2D + space-time non-local, same initial weights and batches ({time.perf_counter() - t:.0f}s):")
     for name, val in res.items():
         print(f"  {name:<28} {val:.3g}" if "difference" in name else f"  {name:<28} test accuracy {val:.3f}")
