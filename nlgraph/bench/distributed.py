@@ -35,19 +35,23 @@ def _case(name: str, side: int):
     return G.LocalWindow((side, side), int(name.split("=")[1])), "ring"
 
 
+HEADS = 4
+
+
 def _model(name: str, world: int, n: int, d: int, side: int, bytes_per: int) -> tuple[float, float]:
-    """Predicted (bytes one rank sends in the forward, key/value bytes one rank holds), as the README."""
-    m_r = n / world
-    kv_row = 2 * d * bytes_per  # a key row and a value row
+    """Predicted (bytes the busiest rank sends in the forward, key/value bytes it holds), as the
+    README's model: a key row and a value row of d elements per head."""
+    m_r = math.ceil(n / world)
+    kv_row = 2 * d * HEADS * bytes_per
     if world == 1:
         return 0.0, m_r * kv_row
     if name == "complete ring":
         return (world - 1) * m_r * kv_row, 2 * m_r * kv_row  # no_grad forward: current + in-flight block
     if name == "complete allgather":
         return (world - 1) * m_r * kv_row, n * kv_row
-    r = int(name.split("=")[1])
-    halo_rows = min(r, side)
-    return 2 * halo_rows * side * kv_row, (m_r + 2 * halo_rows * side) * kv_row
+    halo = min(int(name.split("=")[1]), side) * side  # radius rows of the grid
+    neighbours = min(2, world - 1)  # an interior rank sends its halo up and down
+    return neighbours * halo * kv_row, (m_r + neighbours * halo) * kv_row
 
 
 def _rank(rank: int, world: int, tmp: str, n: int, d: int, repeats: int, threads: int) -> None:
@@ -63,7 +67,7 @@ def _rank(rank: int, world: int, tmp: str, n: int, d: int, repeats: int, threads
     sizes = [r * side for r in rows] if side * side == n else nd.shard_sizes(n, world)
     sl = nd.shard_slice(sizes, rank)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, n, d, generator=gen)[..., sl, :].contiguous() for _ in range(3))
+    q, k, v = (torch.randn(1, HEADS, n, d, generator=gen)[..., sl, :].contiguous() for _ in range(3))
     out = {}
     for name in CASES:
         graph, method = _case(name, side)
