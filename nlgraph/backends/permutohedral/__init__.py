@@ -21,9 +21,11 @@ lattices of the last few feature sets are cached, keyed on the features' and the
 every same-size image has the same position-only (smoothness) features.
 
 Differentiable w.r.t. the values (the filter is linear; its adjoint is the same matrices
-transposed, blurs in reverse order). Not differentiable w.r.t. the features: the lattice's
-structure is piecewise constant in them, so ``can_run`` refuses inputs whose features require
-gradients (the exact backends handle those).
+transposed, blurs in reverse order) and w.r.t. the features and a tensor bandwidth (through the
+scaled points): the exact derivative of the lattice's own output, whose splat and slice weights are
+linear in the points inside each simplex (see :mod:`.function`; first order, reverse mode). That is
+not the exact Gaussian's derivative: automatic dispatch sends features that need gradients to an
+exact backend; ``backend="permutohedral"`` asks for the lattice's.
 
 Approximation: a few percent relative error against the exact Gaussian sum on typical CRF
 features (measured in tests/test_permutohedral.py, reported in the README). Float32 points far from
@@ -43,6 +45,7 @@ import sys
 import types
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ...affinity import Gaussian
@@ -56,6 +59,7 @@ from .cache import _cached_tensors as _cached_tensors
 from .csr import _csr_mm as _csr_mm
 from .csr import _segmented_arange as _segmented_arange
 from .function import _LatticeFilter as _LatticeFilter
+from .function import _LatticePointFilter
 from .lattice import _DENSE_LOOKUP as _DENSE_LOOKUP
 from .lattice import _DENSE_MAX as _DENSE_MAX
 from .lattice import _ONE_KEY_BITS as _ONE_KEY_BITS
@@ -87,15 +91,22 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     d = query.shape[-1]
     if d > MAX_FEATURE_DIM:
         return False, f"permutohedral is for low-dimensional features (d <= {MAX_FEATURE_DIM}), got d={d}"
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or any(
-            t.requires_grad for t in affinity.tensors())):
-        return False, ("permutohedral is not differentiable w.r.t. the features or the bandwidth "
-                       "(use an exact backend, or detach them)")
     return True, ""
 
 
+def _points_need_grad(query: Tensor, key: Tensor, affinity: Gaussian) -> bool:
+    """Do the points need a derivative: reverse mode (requires_grad) or forward mode (a dual tangent,
+    which the lattice's point derivative refuses clearly rather than dropping)?"""
+    ts = (query, key, *affinity.tensors())
+    return ((torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            or any(fwAD.unpack_dual(t).tangent is not None for t in ts))
+
+
 def prefer(query, key, value, affinity, graph) -> bool:
-    return query.shape[-1] <= AUTO_MAX_DIM and query.shape[-2] * key.shape[-2] >= AUTO_MIN_PAIRS
+    """Large, low-dimensional problems whose features need no gradient (the lattice's derivative is
+    not the Gaussian's: features that need one go to an exact backend unless asked for by name)."""
+    return (query.shape[-1] <= AUTO_MAX_DIM and query.shape[-2] * key.shape[-2] >= AUTO_MIN_PAIRS
+            and not _points_need_grad(query, key, affinity))
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph) -> Tensor:
@@ -107,19 +118,27 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph) ->
     same = query is key
 
     def points(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        q, k = affinity.scaled(query.detach().to(dtype), key.detach().to(dtype))  # fresh tensors: ours alone
+        with torch.no_grad():  # (a bandwidth that needs gradients: the build is not differentiated)
+            q, k = affinity.scaled(query.detach().to(dtype), key.detach().to(dtype))  # fresh: ours alone
         # no .contiguous(): the lattice reads coordinate rows, so coordinate-major (d, N) storage is
         # as good as or better than (N, d), and a transposing copy costs ~1 ms per 262k points
         q = q.expand(*lead, n, d).reshape(-1, n, d)
         k = q if same else k.expand(*lead, m, d).reshape(-1, m, d)
         return q, k
 
+    grad_points = _points_need_grad(query, key, affinity)
     with torch.no_grad():
-        lattice = _cached_lattice(query, key, same, lead, cd, affinity, points)
+        lattice = _cached_lattice(query, key, same, lead, cd, affinity, points, corners=grad_points)
     v = value.to(cd).expand(*lead, m, e).reshape(-1, e)
     if affinity.normalize:
         v = torch.cat([v, torch.ones(v.shape[0], 1, dtype=cd, device=v.device)], dim=-1)
-    y = _LatticeFilter.apply(v.contiguous(), lattice, False)
+    if grad_points:  # the same points as ``points`` builds from, now tracked by autograd
+        qg, kg = affinity.scaled(query.to(cd), key.to(cd))
+        qg = qg.expand(*lead, n, d).reshape(-1, d)
+        kg = qg if same else kg.expand(*lead, m, d).reshape(-1, d)
+        y = _LatticePointFilter.apply(v.contiguous(), qg, kg, lattice)
+    else:
+        y = _LatticeFilter.apply(v.contiguous(), lattice, False)
     if affinity.normalize:
         y = y[:, :e] / y[:, e:].clamp_min(torch.finfo(cd).tiny)
     return y.reshape(*lead, n, e).to(query.dtype)

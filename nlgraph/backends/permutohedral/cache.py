@@ -75,8 +75,10 @@ def _same_bandwidth(stored: Union[float, Tensor], b) -> bool:
     return stored == float(b)
 
 
-def _matches(e: _CacheEntry, query: Tensor, key: Tensor, same: bool, lead: tuple, cd: torch.dtype, b) -> bool:
-    return (e.lead == lead and e.same == same and e.compute == cd and _same_bandwidth(e.bandwidth, b)
+def _matches(e: _CacheEntry, query: Tensor, key: Tensor, same: bool, lead: tuple, cd: torch.dtype, b,
+             corners: bool = False) -> bool:
+    return (e.lead == lead and e.same == same and e.compute == cd
+            and (not corners or e.lattice.corners is not None) and _same_bandwidth(e.bandwidth, b)
             and _bits_equal(e.query, query) and (same or _bits_equal(e.key, key)))
 
 
@@ -86,17 +88,18 @@ def _private(t: Tensor) -> Tensor:
 
 
 def _no_functorch():
-    """Look up and build outside any torch.func transform: the lattice depends on the features only,
-    which those transforms never wrap here (the backend refuses features that need gradients), and
-    sparse CSR tensors cannot be created inside one (they have no strides to wrap)."""
+    """Look up and build outside any torch.func transform: the lattice depends on the features' values
+    only (their derivatives go through ``_LatticePointFilter``, not through the build), and sparse CSR
+    tensors cannot be created inside one (they have no strides to wrap)."""
     disable = getattr(torch._C, "_DisableFuncTorch", None)
     return disable() if disable is not None else contextlib.nullcontext()
 
 
 def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: torch.dtype, affinity: Gaussian,
-                    points) -> Lattice:
+                    points, corners: bool = False) -> Lattice:
     """The lattice of (query, key) under ``affinity``'s bandwidth; ``points(dtype)`` gives the scaled
-    point sets (B, N, d), (B, M, d) to build it from.
+    point sets (B, N, d), (B, M, d) to build it from; ``corners``: one built with ``corners=True``
+    (a cached one without them is rebuilt with them).
 
     Lookups compare against a snapshot of the entries (they are immutable) outside the lock; only
     list updates hold it. Two threads that miss on the same features both build (the same lattice);
@@ -107,7 +110,7 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: tor
     with _cache_lock:
         entries = list(_cache)
     with _no_functorch():  # (a transform would wrap the compared views, which then have no storage)
-        hit = next((e for e in entries if _matches(e, query, key, same, lead, cd, b)), None)
+        hit = next((e for e in entries if _matches(e, query, key, same, lead, cd, b, corners)), None)
     if hit is not None:
         with _cache_lock:
             if hit in _cache:  # identity (eq=False): still cached, move it to the front
@@ -118,7 +121,7 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: tor
         q, k = points(cd)
         if cd != torch.float64 and _elevation_bound(q, k) > _FLOAT32_ELEVATED:
             q, k = points(torch.float64)  # far from the origin: scale and elevate in float64
-        lattice = build_lattice(q, k, same, dtype=cd)
+        lattice = build_lattice(q, k, same, dtype=cd, corners=corners)
         entry = _CacheEntry(lead, same, cd, _private(query), None if same else _private(key),
                             _private(b) if isinstance(b, Tensor) else float(b), lattice)
     with _cache_lock:

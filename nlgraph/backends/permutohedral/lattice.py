@@ -52,6 +52,11 @@ class Lattice:
     blurs: list[Tensor]  # d + 1 CSR (V+2, V+2) matrices, symmetric
     alpha: float
     num_vertices: int    # V
+    # Only built with ``corners=True`` (what the feature gradient needs), over the points in
+    # build order (the B*N query points, then, unless same, the B*M key points):
+    corners: Optional[Tensor] = None    # (P, d+1) matrix index (vertex id + 1) of each point's corner r
+    positions: Optional[Tensor] = None  # (P, d+1) uint8: d - rank of each lattice coordinate, i.e.
+    #                                     where its residual sits among the sorted residuals
 
     def filter(self, values: Tensor, transpose: bool = False) -> Tensor:
         """values (B*M, e) -> (B*N, e); with ``transpose`` the adjoint map (B*N, e) -> (B*M, e)."""
@@ -183,7 +188,19 @@ def _elevation_bound(*points: Tensor) -> float:
     return max(float(p.detach().abs().amax()) for p in points) * _elevation_gain(points[0].shape[-1])
 
 
-def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.dtype] = None) -> Lattice:
+def _elevation_matrix(d: int, dtype: torch.dtype, device) -> Tensor:
+    """E (d+1, d): the elevation :func:`_elevate_block` computes, elevated = E @ point, as a matrix:
+    E[c, j] = scale_j ([j + 1 > c] - c [j + 1 == c]) (coordinate c' = j + 1 of the reference code)."""
+    scale = torch.tensor([math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt((c + 1) * c) for c in range(1, d + 1)],
+                         dtype=torch.float64)
+    c = torch.arange(d + 1, dtype=torch.float64)[:, None]
+    j1 = torch.arange(1, d + 1, dtype=torch.float64)[None, :]
+    e = ((j1 > c).double() - c * (j1 == c).double()) * scale
+    return e.to(dtype=dtype, device=device)
+
+
+def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.dtype] = None,
+                  corners: bool = False) -> Lattice:
     """Build the lattice of query points (B, N, d) and key points (B, M, d) (same=True: one point set).
 
     Args:
@@ -192,6 +209,8 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
         dtype: the dtype of the filter's matrices (default: the points' dtype). Points of a float32
             (or lower) dtype whose lattice coordinates exceed ``_FLOAT32_ELEVATED`` are elevated in
             float64 (float32 would not resolve their barycentric weights).
+        corners: also keep each point's simplex corners and residual order (``Lattice.corners``,
+            ``Lattice.positions``): what the derivative w.r.t. the points needs.
 
     Raises:
         ValueError: points too far from the origin for float64 (|lattice coordinate| > 2^41), or
@@ -263,6 +282,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     # canonical[r, j] = r - d1 [j > d - r]; the [rank > d - r] part is a cumulative sum over r of each
     # coordinate's stride, scattered at r = d - rank + 1
     srank = torch.stack([rank[i].index_select(0, rep) for i in range(d)], 1).long()
+    positions = (d - rank.t()).to(torch.uint8) if corners else None
     del rem0, rem_d, rank, rank_keys, keys, ordered  # free the big temporaries early (less heap growth)
     steps = torch.zeros(num_s, d1 + 1, dtype=torch.long, device=dev)
     steps.scatter_add_(1, d - srank + 1, s_d.expand_as(srank).contiguous())
@@ -328,6 +348,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     # each point's weights in its sorted corners' order: a flat gather (32-bit indices where they fit)
     flat_dtype = _index_dtype(num_p * d1)
     flat = corner_order.to(flat_dtype).index_select(0, sid)
+    point_corners = (slot_vertex + 1).index_select(0, sid) if corners else None
     del corner_cols, corner_order, sid
     flat += torch.arange(0, num_p * d1, d1, dtype=flat_dtype, device=dev)[:, None]
     pt_vals = bary.view(-1).index_select(0, flat.view(-1)).view(num_p, d1)
@@ -335,4 +356,4 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     slice_ = _point_matrix(pt_cols[:nq], pt_vals[:nq], num_v + 2)
     splat_t = slice_ if same else _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v + 2)
     return Lattice(splat, splat_order, splat_t, slice_, slice_t, slice_t_order, blurs,
-                   1.0 / (1.0 + 2.0 ** (-d)), num_v)
+                   1.0 / (1.0 + 2.0 ** (-d)), num_v, point_corners, positions)
