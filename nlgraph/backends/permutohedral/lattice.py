@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -108,6 +109,16 @@ def _group_ids(order: Tensor, ordered_keys: list[Tensor]) -> tuple[Tensor, Tenso
     return ids, first
 
 
+def _scales(d: int) -> list[float]:
+    """The elevation's diagonal scale factors, scale[c - 1] for coordinates c = 1..d, as the reference
+    code rounds them: ``float inv_std_dev = sqrt(2/3) (d+1)`` (float32), ``scale_factor[c-1] =
+    1 / sqrt(c (c+1)) * inv_std_dev`` (a double product stored in a float32 array). Rounding them
+    otherwise moves some elevated coordinates by an ulp, which flips rank ties on grid features (e.g.
+    three position axes of a volume) and so changes simplices."""
+    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
+    return [float(np.float32(1.0 / math.sqrt(c * (c + 1)) * inv_std_dev)) for c in range(1, d + 1)]
+
+
 def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Points (P, d) -> (remainder-0 point (d+1, P), rank (d+1, P), barycentric weights (P, d+1)).
 
@@ -123,7 +134,7 @@ def _elevate(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rem0 = torch.empty(d1, p, device=dev, dtype=dt)
     rank = torch.empty(d1, p, device=dev, dtype=dt)
     bary = torch.empty(p, d1, device=dev, dtype=dt)
-    scale = [math.sqrt(2.0 / 3.0) * d1 / math.sqrt((c + 1) * c) for c in range(1, d + 1)]  # scale[c - 1]
+    scale = _scales(d)
     ft = features.t()
     for s in range(0, p, _BLOCK):
         e = min(p, s + _BLOCK)
@@ -179,7 +190,7 @@ def _elevate_block(ft: Tensor, scale: list[float], rem0: Tensor, rank: Tensor, b
 def _elevation_gain(d: int) -> float:
     """A bound on max |elevated coordinate| / max |feature| (see :func:`_elevate_block`):
     |el_c| <= sum_{j > c} |cf_j| + c |cf_c| with cf_j = f_j scale_j."""
-    scale = [math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt((c + 1) * c) for c in range(1, d + 1)]
+    scale = _scales(d)
     return sum(scale) + d * max(scale)
 
 
@@ -191,8 +202,7 @@ def _elevation_bound(*points: Tensor) -> float:
 def _elevation_matrix(d: int, dtype: torch.dtype, device) -> Tensor:
     """E (d+1, d): the elevation :func:`_elevate_block` computes, elevated = E @ point, as a matrix:
     E[c, j] = scale_j ([j + 1 > c] - c [j + 1 == c]) (coordinate c' = j + 1 of the reference code)."""
-    scale = torch.tensor([math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt((c + 1) * c) for c in range(1, d + 1)],
-                         dtype=torch.float64)
+    scale = torch.tensor(_scales(d), dtype=torch.float64)
     c = torch.arange(d + 1, dtype=torch.float64)[:, None]
     j1 = torch.arange(1, d + 1, dtype=torch.float64)[None, :]
     e = ((j1 > c).double() - c * (j1 == c).double()) * scale
