@@ -20,10 +20,11 @@ Rows:
   smoothness kernel and a (z, y, x, intensity) appearance kernel built by ``crf.utils``, cold
   pipeline, ours vs pydensecrf's generic DenseCRF (the same feature arrays).
 * learned bandwidths (``--only learn``): ``crf.DenseCRF(trainable=True)`` whose bandwidths start
-  3-5x off a teacher CRF's (too narrow to denoise at all), trained (Adam on the log-bandwidths, KL to the teacher's marginals) on
-  noisy two-label disc scenes, through the lattice and through the exact (chunked) path: mIoU
-  against the ground truth before and after, the recovered bandwidths, and seconds per training
-  step (forward + backward) of the lattice vs the exact path.
+  3-5x off a teacher CRF's (too narrow to denoise at all), trained (Adam on the log-bandwidths, KL
+  to the teacher's marginals; 200 steps, 40 with --quick) on noisy two-label disc scenes, through
+  the lattice and through the exact (chunked) path: mIoU against the ground truth before and after
+  (and the teacher's), the recovered bandwidths, and seconds per training step (forward + backward)
+  of the lattice vs the exact path.
 
 The peer is pydensecrf's one path, ``pydensecrf[C++ lattice]`` (single-threaded; ours uses torch's
 threads, ``--threads 1`` for core for core). The exact-vs-lattice rows compare two of our backends.
@@ -179,7 +180,9 @@ def _volume_rows(ours, peer, quick: bool, repeats: int) -> list[dict]:
                  agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
                  max_abs_q_diff=float(np.abs(q_ours - q_peer).max()),
                  accuracy_noisy_unary=float((unary.argmin(0) == gt.reshape(-1)).mean()),
-                 accuracy_crf=float((q_ours.argmax(0) == gt.reshape(-1)).mean()))]
+                 accuracy_crf=float((q_ours.argmax(0) == gt.reshape(-1)).mean()),
+                 ours_page_faults=_page_faults(run_ours),
+                 peer_page_faults=_page_faults(lambda: _volume_pipeline(peer, feats, unary, 2)))]
 
 
 def _blob_task(b: int, h: int, w: int, seed: int = 0):
@@ -217,7 +220,7 @@ def _learn_rows(quick: bool, repeats: int) -> list[dict]:
     from crf import DenseCRF
 
     b, h, w = (2, 20, 20) if quick else (2, 48, 48)
-    steps = 200
+    steps = 40 if quick else 200
     unary, image, gt = _blob_task(b, h, w)
     kw = dict(w_appearance=0.05, w_smoothness=0.3, num_iterations=3)
     truth = dict(theta_alpha=6.0, theta_beta=20.0, theta_gamma=2.0)
@@ -272,7 +275,8 @@ def main(argv=None) -> int:
     try:
         import pydensecrf.densecrf as peer
     except ImportError:
-        print("nlgraph bench crf: pydensecrf (pip install pydensecrf2) is needed as the peer", file=sys.stderr)
+        print("nlgraph bench crf: pydensecrf (pip install pydensecrf2) is needed as the peer",
+              file=sys.stderr)
         return 2
     import crf.densecrf as ours
 
@@ -283,7 +287,8 @@ def main(argv=None) -> int:
         rows += _learn_rows(args.quick, args.repeats)
     if "photos" in args.only:
         rows += _photo_rows(ours, peer, args)
-    harness.print_table("nlgraph bench crf (float32, whole pipeline incl. lattice construction, median s)", rows,
+    harness.print_table("nlgraph bench crf (float32, whole pipeline incl. lattice construction, median s)",
+                        rows,
                         [("name", "case"), ("ours", "ours"), ("peer", "peer"), ("ours_s", "ours s"),
                          ("peer_s", "peer s"), ("ratio", "ours/peer"), ("agreement", "labels equal"),
                          ("max_abs_q_diff", "max |dQ|"), ("miou_before", "mIoU before"),
