@@ -43,7 +43,8 @@ def test_reduced_compare_writes_every_field(tmp_path, capsys):
     seg = by_task["segmentation"]
     assert seg["local"]["head_params"] == 0 and seg["gcnet"]["head_params"] > 0
     assert seg["crf"]["params"] == seg[seg["crf"]["base"]]["params"]  # post-processing adds no parameter
-    assert seg["crf-rnn"]["params"] == seg["crf"]["params"] + 2 + tasks.NUM_CLASSES ** 2
+    # + the kernel weights, the compatibility and the three log-bandwidths
+    assert seg["crf-rnn"]["params"] == seg["crf"]["params"] + 2 + tasks.NUM_CLASSES ** 2 + 3
     out = capsys.readouterr().out
     assert out.count("| variant | f | C | graph | params |") == 2
     if "figure skipped" not in out:

@@ -34,7 +34,7 @@ def mean_field_reference(unary, image, crf: DenseCRF):
     if len(spatial) == 3 and crf.theta_time is not None:
         tscale[0] = 1.0
     def scaled(theta):
-        s = torch.full((len(spatial),), 1.0 / theta, dtype=unary.dtype)
+        s = torch.ones(len(spatial), dtype=unary.dtype) / theta  # (theta: a tensor when trainable)
         if len(spatial) == 3 and crf.theta_time is not None:
             s[0] = 1.0 / crf.theta_time
         return pos * s

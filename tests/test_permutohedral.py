@@ -154,9 +154,8 @@ def test_capability_checks_and_dispatch():
             nlgraph.aggregate(f, f, v, aff, graph, backend="permutohedral")
     with pytest.raises(nlgraph.BackendError, match=r"d <= 16"):
         nlgraph.aggregate(torch.rand(5, 17), torch.rand(5, 17), torch.rand(5, 1), g, backend="permutohedral")
-    fg = f.clone().requires_grad_(True)
-    with pytest.raises(nlgraph.BackendError, match="not differentiable w.r.t. the features"):
-        nlgraph.aggregate(fg, fg, v, g, backend="permutohedral")
+    fg = f.clone().requires_grad_(True)  # accepted by name: the lattice's derivative (test_lattice_grad)
+    assert nlgraph.aggregate(fg, fg, v, g, backend="permutohedral").requires_grad
     # automatic dispatch: exact for small problems and whenever the features need gradients
     assert nlgraph.select_backend(f, f, v, g, None)[0] == "chunked"
     big = torch.rand(2100, 5)

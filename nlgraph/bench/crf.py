@@ -15,6 +15,16 @@ Rows:
   normalisation filter) and the 5 inference iterations, ours vs pydensecrf (run alternately).
 * exact (``chunked``) vs lattice (``permutohedral``) messages in our facade on a 96x96 crop
   (48x48 with --quick; exact is O(N^2)): time ratio and label agreement.
+* volumes (``--only volumes``): the generic ``DenseCRF`` on a synthetic CT-like volume (blobs + noise,
+  one intensity channel; 64x128x128, 16x32x32 with --quick), 2 labels, 5 iterations, a (z, y, x)
+  smoothness kernel and a (z, y, x, intensity) appearance kernel built by ``crf.utils``, cold
+  pipeline, ours vs pydensecrf's generic DenseCRF (the same feature arrays).
+* learned bandwidths (``--only learn``): ``crf.DenseCRF(trainable=True)`` whose bandwidths start
+  3-5x off a teacher CRF's (too narrow to denoise at all), trained (Adam on the log-bandwidths, KL
+  to the teacher's marginals; 200 steps, 40 with --quick) on noisy two-label disc scenes, through
+  the lattice and through the exact (chunked) path: mIoU against the ground truth before and after
+  (and the teacher's), the recovered bandwidths, and seconds per training step (forward + backward)
+  of the lattice vs the exact path.
 
 The peer is pydensecrf's one path, ``pydensecrf[C++ lattice]`` (single-threaded; ours uses torch's
 threads, ``--threads 1`` for core for core). The exact-vs-lattice rows compare two of our backends.
@@ -116,15 +126,180 @@ def _stages(modules, img, unary, n, repeats: int) -> list[dict[str, float]]:
     return [{stage: sorted(t)[len(t) // 2] for stage, t in zip(STAGES, zip(*mod_runs[1:]))} for mod_runs in runs]
 
 
+SECTIONS = ("photos", "volumes", "learn")
+
+
+def _ct_volume(shape: tuple[int, int, int], seed: int = 0):
+    """A CT-like volume: three ellipsoidal blobs (intensity 160) in a background (60) plus Gaussian
+    noise (sd 25), as float32 (1, D, H, W) ``vol`` and its ground-truth labels; unaries from labels
+    flipped at 30% of the voxels."""
+    from crf.utils import unary_from_labels
+
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    gt = np.zeros(shape, dtype=np.int64)
+    for _ in range(3):
+        centre = [rng.uniform(0.25, 0.75) * s for s in shape]
+        radius = [rng.uniform(0.12, 0.25) * s for s in shape]
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius, strict=True)) < 1
+        gt |= inside.astype(np.int64)
+    vol = (60 + 100 * gt + rng.normal(0, 25, shape)).astype(np.float32)
+    noisy = np.where(rng.random(shape) < 0.3, 1 - gt, gt)
+    return vol, gt, unary_from_labels(noisy, 2, gt_prob=0.7, zero_unsure=False)
+
+
+def _volume_pipeline(dcrf, feats, unary, n):
+    """The generic DenseCRF on precomputed (D_k, N) feature arrays: build, add both kernels, infer 5."""
+    d = dcrf.DenseCRF(unary.shape[1], n)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseEnergy(feats[0], compat=3)
+    d.addPairwiseEnergy(feats[1], compat=5)
+    return np.array(d.inference(5))
+
+
+def _volume_rows(ours, peer, quick: bool, repeats: int) -> list[dict]:
+    from crf.utils import create_pairwise_bilateral, create_pairwise_gaussian
+    from nlgraph.backends import permutohedral
+
+    shape = (16, 32, 32) if quick else (64, 128, 128)
+    vol, gt, unary = _ct_volume(shape)
+    feats = (create_pairwise_gaussian((1.5, 1.5, 1.5), shape),
+             create_pairwise_bilateral((5.0, 5.0, 5.0), (20.0,), vol, chdim=-1))
+
+    def run_ours():
+        permutohedral.clear_cache()
+        return _volume_pipeline(ours, feats, unary, 2)
+
+    q_ours, q_peer = run_ours(), _volume_pipeline(peer, feats, unary, 2)
+    t_ours, t_peer = harness.time_pair(run_ours, lambda: _volume_pipeline(peer, feats, unary, 2),
+                                       repeats=repeats)
+    label = "x".join(map(str, shape))
+    print(f"  volume {label}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr, flush=True)
+    return [dict(name=f"CT-like volume {label} C=1 L=2 5 iters, cold", ours="crf.densecrf.DenseCRF",
+                 peer="pydensecrf DenseCRF[C++ lattice]", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer,
+                 agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
+                 max_abs_q_diff=float(np.abs(q_ours - q_peer).max()),
+                 accuracy_noisy_unary=float((unary.argmin(0) == gt.reshape(-1)).mean()),
+                 accuracy_crf=float((q_ours.argmax(0) == gt.reshape(-1)).mean()),
+                 ours_page_faults=_page_faults(run_ours),
+                 peer_page_faults=_page_faults(lambda: _volume_pipeline(peer, feats, unary, 2)))]
+
+
+def _blob_task(b: int, h: int, w: int, seed: int = 0):
+    """Two-label disc scenes (disc colour vs background colour + noise): float64 one-hot unaries of
+    labels flipped at 30% of the pixels, (B, 3, H, W) images, (B, H, W) ground truth."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    colours = torch.tensor([[40.0, 200.0, 90.0], [200.0, 60.0, 160.0]], dtype=torch.float64)
+    gts, images = [], []
+    for _ in range(b):
+        centre = torch.rand(2, generator=gen, dtype=torch.float64) * torch.tensor([h, w]).double()
+        radius = min(h, w) * (0.2 + 0.2 * torch.rand(1, generator=gen, dtype=torch.float64))
+        gt = (((ys - centre[0]) ** 2 + (xs - centre[1]) ** 2).sqrt() < radius).long()
+        noise = torch.randn(3, h, w, generator=gen, dtype=torch.float64)
+        images.append(colours[gt].permute(2, 0, 1) + 10 * noise)
+        gts.append(gt)
+    gt, image = torch.stack(gts), torch.stack(images)
+    noisy = torch.where(torch.rand(gt.shape, generator=gen) < 0.3, 1 - gt, gt)
+    return torch.nn.functional.one_hot(noisy, 2).permute(0, 3, 1, 2).to(torch.float64), image, gt
+
+
+def _miou(q, gt) -> float:
+    pred = q.argmax(1)
+    ious = [float(((pred == c) & (gt == c)).sum()) / max(1.0, float(((pred == c) | (gt == c)).sum()))
+            for c in range(q.shape[1])]
+    return sum(ious) / len(ious)
+
+
+def _learn_rows(quick: bool, repeats: int) -> list[dict]:
+    import torch
+
+    from crf import DenseCRF
+
+    b, h, w = (2, 20, 20) if quick else (2, 48, 48)
+    steps = 40 if quick else 200
+    unary, image, gt = _blob_task(b, h, w)
+    kw = dict(w_appearance=0.05, w_smoothness=0.3, num_iterations=3)
+    truth = dict(theta_alpha=6.0, theta_beta=20.0, theta_gamma=2.0)
+    start = dict(theta_alpha=2.0, theta_beta=100.0, theta_gamma=0.5)  # too narrow: no denoising
+    rows, step_s = [], {}
+    for backend in ("permutohedral", "chunked"):
+        teacher = DenseCRF(2, **truth, **kw).double()
+        teacher.backend = backend
+        with torch.no_grad():
+            target = teacher(unary, image)
+        student = DenseCRF(2, **start, trainable=True, **kw).double()
+        student.backend = backend
+        student.kernel_weights.requires_grad_(False)
+        student.compatibility.requires_grad_(False)
+        opt = torch.optim.Adam([student.log_theta_alpha, student.log_theta_beta, student.log_theta_gamma],
+                               lr=0.1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+        def step(student=student, opt=opt, target=target):
+            opt.zero_grad()
+            q = student(unary, image)
+            loss = (target * (target.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(1).mean()
+            loss.backward()
+            return loss
+
+        with torch.no_grad():
+            before = _miou(student(unary, image), gt)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+            opt.step()
+            sched.step()
+        train_s = time.perf_counter() - t0
+        with torch.no_grad():
+            after = _miou(student(unary, image), gt)
+        step_s[backend] = harness.time_call(step, repeats=repeats)  # (no optimiser step: bandwidths stay)
+        got = {k: round(float(getattr(student, k).detach()), 3) for k in truth}
+        rows.append(dict(name=f"learned bandwidths {b}x{h}x{w} L=2 3 iters, {steps} Adam steps ({backend})",
+                         ours=backend, miou_unary=_miou(unary, gt), miou_before=before, miou_after=after,
+                         miou_teacher=_miou(target, gt), recovered=got, truth=truth, start=start,
+                         train_s=train_s))
+        print(f"  learn ({backend}): mIoU {before:.3f} -> {after:.3f}, {got}", file=sys.stderr, flush=True)
+    for r in rows:
+        r.update(ours_s=step_s[r["ours"]], peer="chunked (exact) step", peer_s=step_s["chunked"],
+                 ratio=step_s[r["ours"]] / step_s["chunked"])
+    return rows
+
+
 def main(argv=None) -> int:
-    args = harness.parse_args("crf", __doc__, argv)
+    args = harness.parse_args("crf", __doc__, argv, extra=lambda ap: ap.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these sections"))
     try:
         import pydensecrf.densecrf as peer
     except ImportError:
-        print("nlgraph bench crf: pydensecrf (pip install pydensecrf2) is needed as the peer", file=sys.stderr)
+        print("nlgraph bench crf: pydensecrf (pip install pydensecrf2) is needed as the peer",
+              file=sys.stderr)
         return 2
     import crf.densecrf as ours
 
+    rows = []
+    if "volumes" in args.only:
+        rows += _volume_rows(ours, peer, args.quick, args.repeats)
+    if "learn" in args.only:
+        rows += _learn_rows(args.quick, args.repeats)
+    if "photos" in args.only:
+        rows += _photo_rows(ours, peer, args)
+    harness.print_table("nlgraph bench crf (float32, whole pipeline incl. lattice construction, median s)",
+                        rows,
+                        [("name", "case"), ("ours", "ours"), ("peer", "peer"), ("ours_s", "ours s"),
+                         ("peer_s", "peer s"), ("ratio", "ours/peer"), ("agreement", "labels equal"),
+                         ("max_abs_q_diff", "max |dQ|"), ("miou_before", "mIoU before"),
+                         ("miou_after", "mIoU after"), ("miou_teacher", "mIoU teacher")])
+    if args.json:
+        harness.write_json(args.json, "crf", rows)
+    return 0
+
+
+def _photo_rows(ours, peer, args) -> list[dict]:
+    """The 2-D photo rows (cold, stream, stages, exact vs lattice crop)."""
     rows = []
     images = _images()
     # process warm-up for both sides (first-call costs, the allocator's growing mmap threshold): the
@@ -177,13 +352,7 @@ def main(argv=None) -> int:
                          ours_s=t_lat, peer_s=t_ex, ratio=t_lat / t_ex,
                          agreement=float((q_lat.argmax(0) == q_ex.argmax(0)).mean()),
                          max_abs_q_diff=float(np.abs(q_lat - q_ex).max())))
-    harness.print_table("nlgraph bench crf (float32, whole pipeline incl. lattice construction, median s)", rows,
-                        [("name", "case"), ("ours", "ours"), ("peer", "peer"), ("ours_s", "ours s"),
-                         ("peer_s", "peer s"), ("ratio", "ours/peer"), ("agreement", "labels equal"),
-                         ("max_abs_q_diff", "max |dQ|")])
-    if args.json:
-        harness.write_json(args.json, "crf", rows)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -255,9 +255,12 @@ def standard_parser(prog: str, doc: str):
     return ap
 
 
-def parse_args(name: str, doc: str, argv):
-    """Parse a benchmark's standard options (one-line error for a bad --repeats)."""
+def parse_args(name: str, doc: str, argv, extra: Optional[Callable[..., None]] = None):
+    """Parse a benchmark's standard options (one-line error for a bad --repeats); ``extra(parser)``
+    adds a benchmark's own options."""
     ap = standard_parser(f"nlgraph bench {name}", doc)
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
