@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from numbers import Number
+from typing import cast
 
 import numpy as np
 
@@ -17,11 +18,18 @@ __all__ = ["unary_from_labels", "unary_from_softmax", "compute_unary", "softmax_
            "create_pairwise_gaussian", "create_pairwise_bilateral"]
 
 
+def _positive_finite(v: object) -> bool:
+    """A bandwidth: a number (not a bool), finite and > 0."""
+    if isinstance(v, bool) or not isinstance(v, Number):
+        return False
+    x = cast(float, v)  # numbers.Number declares no arithmetic; the real types registered with it do
+    return math.isfinite(x) and x > 0
+
+
 def _scales(name: str, values) -> tuple:
     """Bandwidths: positive finite numbers (a zero would make every feature infinite)."""
     vals = tuple(values)
-    bad = [v for v in vals
-           if isinstance(v, bool) or not isinstance(v, Number) or not math.isfinite(v) or v <= 0]
+    bad = [v for v in vals if not _positive_finite(v)]
     if bad:
         raise ValueError(f"{name} must be positive finite numbers, got {vals!r}")
     return vals

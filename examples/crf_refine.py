@@ -23,7 +23,8 @@ def refine(dcrf, utils, image: np.ndarray, labels: np.ndarray, n_labels: int) ->
     d = dcrf.DenseCRF2D(w, h, n_labels)
     unary = utils.unary_from_labels(labels, n_labels, gt_prob=0.6, zero_unsure=False)
     d.setUnaryEnergy(unary)
-    d.addPairwiseGaussian(sxy=(3, 3), compat=2, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
+    d.addPairwiseGaussian(sxy=(3, 3), compat=2, kernel=dcrf.DIAG_KERNEL,
+                          normalization=dcrf.NORMALIZE_SYMMETRIC)
     d.addPairwiseBilateral(sxy=(10, 10), srgb=(15, 15, 15), rgbim=image, compat=4, kernel=dcrf.DIAG_KERNEL,
                            normalization=dcrf.NORMALIZE_SYMMETRIC)
     q = d.inference(5)

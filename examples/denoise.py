@@ -18,10 +18,12 @@ import time
 import numpy as np
 
 
-def run(size: int = 256, sigma: float = 0.08, out: str | None = "out/denoise.png", seed: int = 0) -> list[dict]:
-    from skimage import data, img_as_float
+def run(size: int = 256, sigma: float = 0.08, out: str | None = "out/denoise.png",
+        seed: int = 0) -> list[dict]:
+    from skimage import data
     from skimage.metrics import peak_signal_noise_ratio
     from skimage.restoration import denoise_nl_means as sk_nl_means
+    from skimage.util import img_as_float
 
     import nlgraph
 
@@ -36,14 +38,16 @@ def run(size: int = 256, sigma: float = 0.08, out: str | None = "out/denoise.png
         t1 = time.perf_counter()
         theirs = sk_nl_means(noisy, **kw)
         t2 = time.perf_counter()
-        psnr = lambda x: peak_signal_noise_ratio(clean, x, data_range=1.0)  # noqa: E731
-        rows.append(dict(image=name, psnr_noisy=psnr(noisy), psnr_nlgraph=psnr(ours), psnr_skimage=psnr(theirs),
+        psnr_noisy, psnr_ours, psnr_theirs = (peak_signal_noise_ratio(clean, x, data_range=1.0)
+                                              for x in (noisy, ours, theirs))
+        rows.append(dict(image=name, psnr_noisy=psnr_noisy, psnr_nlgraph=psnr_ours, psnr_skimage=psnr_theirs,
                          s_nlgraph=t1 - t0, s_skimage=t2 - t1))
         panels.append((name, clean, noisy, ours, theirs))
-    print(f"{'image':<10} {'noisy dB':>9} {'nlgraph dB':>11} {'skimage dB':>11} {'nlgraph s':>10} {'skimage s':>10}")
+    print(f"{'image':<10} {'noisy dB':>9} {'nlgraph dB':>11} {'skimage dB':>11} "
+          f"{'nlgraph s':>10} {'skimage s':>10}")
     for r in rows:
-        print(f"{r['image']:<10} {r['psnr_noisy']:>9.2f} {r['psnr_nlgraph']:>11.2f} {r['psnr_skimage']:>11.2f} "
-              f"{r['s_nlgraph']:>10.2f} {r['s_skimage']:>10.2f}")
+        print(f"{r['image']:<10} {r['psnr_noisy']:>9.2f} {r['psnr_nlgraph']:>11.2f} "
+              f"{r['psnr_skimage']:>11.2f} {r['s_nlgraph']:>10.2f} {r['s_skimage']:>10.2f}")
     if out:
         try:
             import matplotlib
@@ -54,8 +58,8 @@ def run(size: int = 256, sigma: float = 0.08, out: str | None = "out/denoise.png
             print("matplotlib is not installed: no figure written", file=sys.stderr)
             return rows
         fig, axes = plt.subplots(len(panels), 4, figsize=(12, 3 * len(panels)))
-        for row, (name, *imgs) in zip(axes, panels):
-            for ax, im, title in zip(row, imgs, ("clean", "noisy", "nlgraph", "scikit-image")):
+        for row, (name, *imgs) in zip(axes, panels, strict=True):
+            for ax, im, title in zip(row, imgs, ("clean", "noisy", "nlgraph", "scikit-image"), strict=True):
                 ax.imshow(np.clip(im, 0, 1), cmap="gray" if im.ndim == 2 else None)
                 ax.set_title(f"{name}: {title}")
                 ax.axis("off")

@@ -49,7 +49,8 @@ _LOCK = threading.Lock()
 
 @torch.compiler.assume_constant_result
 def _probe(name: str, required: bool) -> bool:
-    """Import ``name`` once; True when importable. ``required``: re-raise an ImportError instead of caching None."""
+    """Import ``name`` once; True when importable. ``required``: re-raise an ImportError instead of
+    caching None."""
     attr = _attr(name)
     if not hasattr(_PROBED, attr):
         with _LOCK:

@@ -42,11 +42,12 @@ This module sits above the core (it imports the modules built on it); the core n
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 import torch
 from torch import Tensor, nn
 
+from .affinity import Softmax
 from .nonlocal_blocks import MODES, NonLocal1d, NonLocal2d, NonLocal3d, _NonLocalNd
 
 __all__ = ["mha_from_torch", "mha_to_torch", "nonlocal_to_mha", "mha_to_nonlocal", "nonlocal_state_dict",
@@ -115,11 +116,25 @@ def _mha_projections(mha) -> tuple[Tensor, Tensor, Tensor]:
 # ---------------------------------------------------------------- non-local block <-> attention
 
 
+def _conv_params(conv: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias or None) of a convolution (``nn.Module.__getattr__`` is typed Tensor | Module)."""
+    return cast(Tensor, conv.weight), cast(Optional[Tensor], conv.bias)
+
+
 def _linear_of(conv: nn.Module) -> tuple[Tensor, Tensor]:
     """(weight (out, in), bias (out,)) of a 1x1(x1) convolution."""
-    w = conv.weight.reshape(conv.weight.shape[0], -1)
-    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    weight, bias = _conv_params(conv)
+    w = weight.reshape(weight.shape[0], -1)
+    b = bias if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     return w, b
+
+
+def _logit_scale(block: _NonLocalNd) -> float:
+    """The logit scale of an embedded-gaussian block's Softmax affinity (1, or 1/sqrt(inter_channels))."""
+    aff = block.affinity()
+    if not isinstance(aff, Softmax) or not isinstance(aff.scale, (int, float)):
+        raise TypeError(f"{type(block).__name__}.affinity() is not a Softmax with a number scale: {aff!r}")
+    return float(aff.scale)
 
 
 def _output_map(block: _NonLocalNd) -> tuple[Tensor, Tensor]:
@@ -130,12 +145,13 @@ def _output_map(block: _NonLocalNd) -> tuple[Tensor, Tensor]:
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise ValueError(f"nonlocal_to_mha: the block's norm is {type(bn).__name__}, which normalises over "
                          f"positions and is no per-token linear map; only BatchNorm (eval mode) folds")
-    if bn.training or not bn.track_running_stats:
+    mean, var = bn.running_mean, bn.running_var
+    if bn.training or not bn.track_running_stats or mean is None or var is None:
         raise ValueError("nonlocal_to_mha: BatchNorm with batch statistics is not a fixed linear map; "
                          "call block.eval() first (or use bn_layer=False)")
     w, b = _linear_of(conv)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale[:, None] * w, scale * (b - bn.running_mean) + bn.bias
+    scale = bn.weight / torch.sqrt(var + bn.eps)
+    return scale[:, None] * w, scale * (b - mean) + bn.bias
 
 
 def nonlocal_to_mha(block: _NonLocalNd):
@@ -157,13 +173,14 @@ def nonlocal_to_mha(block: _NonLocalNd):
         raise ValueError(f"nonlocal_to_mha: only the embedded_gaussian mode is attention, got {block.mode!r}")
     c, d = block.in_channels, block.inter_channels
     if d > c:
-        raise ValueError(f"nonlocal_to_mha: inter_channels ({d}) > in_channels ({c}) does not fit embed_dim = {c}")
+        raise ValueError(f"nonlocal_to_mha: inter_channels ({d}) > in_channels ({c}) does not fit "
+                         f"embed_dim = {c}")
     wo, bo = _output_map(block)
     kv_dim = d if block.sub_sample else c
     ref = block.g.weight
     mha = _attention().MultiheadAttention(c, 1, bias=True, kdim=kv_dim, vdim=kv_dim, batch_first=True,
                                           device=ref.device, dtype=ref.dtype)
-    alpha = block.affinity().scale * math.sqrt(c)  # mha scales logits by 1/sqrt(head_dim) = 1/sqrt(c)
+    alpha = _logit_scale(block) * math.sqrt(c)  # mha scales logits by 1/sqrt(head_dim) = 1/sqrt(c)
     with torch.no_grad():
         for p in mha.parameters():
             p.zero_()
@@ -214,8 +231,10 @@ def mha_to_nonlocal(mha, dim: int = 2) -> _NonLocalNd:
     with torch.no_grad():
         for conv, w, b in ((block.theta, wq, biases[0]), (block.phi, wk, biases[1]), (block.g, wv, biases[2]),
                            (block.W, mha.out_proj.weight, mha.out_proj.bias)):
-            conv.weight.copy_(w.reshape(conv.weight.shape))
-            conv.bias.copy_(b if b is not None else torch.zeros_like(conv.bias))
+            weight, bias = _conv_params(conv)
+            bias = cast(Tensor, bias)  # the block above is built with biased convolutions
+            weight.copy_(w.reshape(weight.shape))
+            bias.copy_(b if b is not None else torch.zeros_like(bias))
     block.train(mha.training)
     return block
 
@@ -562,7 +581,7 @@ def nonlocal_to_state_dict(block: _NonLocalNd, layout: str,
     ours = {k: v.detach().clone() for k, v in block.state_dict().items()}
     if block.mode == "embedded_gaussian":
         target = _layout_scale(layout, use_scale, block.in_channels, block.inter_channels)
-        ratio = block.affinity().scale / target
+        ratio = _logit_scale(block) / target
         if ratio != 1.0:
             ours["theta.weight"].mul_(ratio)
             ours["theta.bias"].mul_(ratio)

@@ -65,7 +65,8 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     names = _benchmarks()
     if args.name not in names:
-        print(f"nlgraph bench: unknown benchmark {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
+        print(f"nlgraph bench: unknown benchmark {args.name!r}; available: {', '.join(names)}",
+              file=sys.stderr)
         return 2
     mod = importlib.import_module(f"nlgraph.bench.{args.name}")
     return int(mod.main(args.args) or 0)
@@ -103,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("demo", help="run the equivalence tour and print its table (exit 1 if one fails)",
-                       description="Build each equivalence live (forward and all gradients, float64) and print a "
-                                   "table, then refine a noisy segmentation of a photo with the dense CRF and write "
-                                   "a figure; exits non-zero if any equivalence fails.")
+                       description="Build each equivalence live (forward and all gradients, float64) and "
+                                   "print a table, then refine a noisy segmentation of a photo with the "
+                                   "dense CRF and write a figure; exits non-zero if any equivalence fails.")
     p.add_argument("--seed", type=_seed, default=0,
                    help="random seed for the generated inputs, in [0, 2**64) (default 0)")
     p.add_argument("--out", default="out/nlgraph-demo.png",
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(p)
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("info", help="versions, registered backends and benchmarks",
-                       description="Print versions, the registered backends in priority order and the benchmarks.")
+                       description="Print versions, the registered backends in priority order and the "
+                                   "benchmarks.")
     p.set_defaults(func=_cmd_info)
     return ap
 

@@ -259,7 +259,8 @@ def _dataset(task: str, cfg: TaskConfig, n: int, seed: int) -> tuple[Tensor, Ten
 
 def build_model(task: str, variant: Variant, cfg: TaskConfig) -> nn.Module:
     """The task's network with the variant's head (a fresh initialisation from torch's global RNG)."""
-    head = None if variant.head is None else (lambda width: variant.head(task, width))
+    make_head = variant.head
+    head = None if make_head is None else (lambda width: make_head(task, width))
     if task == "segmentation":
         return T.SegNet(head, cfg.width, cfg.dilations, cfg.stride)
     return T.C2D(head, cfg.width, cfg.stride)
@@ -332,7 +333,7 @@ def t_quantile(p: float, df: int) -> float:
 def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
                     ) -> tuple[float, Optional[float], Optional[float]]:
     """Mean of a - b over paired seeds and its t-interval (None bounds with a single seed)."""
-    d = [x - y for x, y in zip(a, b)]
+    d = [x - y for x, y in zip(a, b, strict=True)]
     mean = statistics.fmean(d)
     if len(d) < 2:
         return mean, None, None
@@ -687,7 +688,7 @@ def figure(doc: dict, path: str) -> Optional[str]:
 
     task_names = list(dict.fromkeys(r["task"] for r in doc["rows"]))
     fig, axes = plt.subplots(1, len(task_names), figsize=(6.5 * len(task_names), 5), squeeze=False)
-    for ax, task in zip(axes[0], task_names):
+    for ax, task in zip(axes[0], task_names, strict=True):
         rows = [r for r in doc["rows"] if r["task"] == task and r["time_s"]]
         for r in rows:
             if r["variant"] == "local":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +38,25 @@ class Check:
     def passed(self) -> bool:
         if self.skipped:
             return True
-        return self.fwd_diff <= self.tol and (self.grad_diff is None or self.grad_diff <= self.tol)
+        return (self.fwd_diff is not None and self.fwd_diff <= self.tol
+                and (self.grad_diff is None or self.grad_diff <= self.tol))
 
 
-def _compare(name: str, ours: Callable, theirs: Callable, inputs: Sequence[torch.Tensor], tol: float) -> Check:
+def _compare(name: str, ours: Callable, theirs: Callable, inputs: Sequence[torch.Tensor],
+             tol: float) -> Check:
     """Run both sides on the same leaves; compare outputs and the gradients of every input."""
+
+    def cotangent(y: torch.Tensor) -> torch.Tensor:  # non-uniform: every output weighs differently
+        return torch.ones_like(y) * 0.5 + torch.linspace(0, 1, y.numel()).view_as(y)
+
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     y1 = ours(*leaves)
-    g1 = torch.autograd.grad(y1, leaves, torch.ones_like(y1) * 0.5 + torch.linspace(0, 1, y1.numel()).view_as(y1))
+    g1 = torch.autograd.grad(y1, leaves, cotangent(y1))
     leaves2 = [t.detach().clone().requires_grad_(True) for t in inputs]
     y2 = theirs(*leaves2)
-    g2 = torch.autograd.grad(y2, leaves2, torch.ones_like(y2) * 0.5 + torch.linspace(0, 1, y2.numel()).view_as(y2))
+    g2 = torch.autograd.grad(y2, leaves2, cotangent(y2))
     fwd = (y1 - y2).abs().max().item()
-    grad = max((a - b).abs().max().item() for a, b in zip(g1, g2))
+    grad = max((a - b).abs().max().item() for a, b in zip(g1, g2, strict=True))
     return Check(name, fwd, grad, tol)
 
 
@@ -77,7 +83,8 @@ def core_checks(seed: int = 0) -> list[Check]:
     checks.append(_compare("... with a bool attn_mask (chunked tiles)",
                            lambda q, k, v: aggregate(q, k, v, graph=G.Mask(mask), backend="chunked",
                                                      options={"block_n": 64, "block_m": 96}),
-                           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), tol))
+                           lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                           (q, k, v), tol))
 
     x = r(1, 400, 24)
     w = r(48)
@@ -86,7 +93,8 @@ def core_checks(seed: int = 0) -> list[Check]:
                            lambda x: (x @ x.transpose(-1, -2)) @ x / x.shape[-2], (x,), tol))
     checks.append(_compare("concatenation: sorted prefix sums == N x M ReLU brute force",
                            lambda x, w: aggregate(x, x, x, A.Concatenation(w), backend="algebra"),
-                           lambda x, w: torch.relu((x @ w[:24])[..., :, None] + (x @ w[24:])[..., None, :]) @ x / 400,
+                           lambda x, w: (torch.relu((x @ w[:24])[..., :, None] + (x @ w[24:])[..., None, :])
+                                         @ x / 400),
                            (x, w), tol))
 
     feat, qv = r(200, 5), torch.softmax(r(200, 3), -1)
@@ -98,7 +106,8 @@ def core_checks(seed: int = 0) -> list[Check]:
     win = G.LocalWindow((12, 16), radius=2)
     dense = win.dense(192, 192)
     checks.append(_compare("local-window graph == dense op with the matching mask",
-                           lambda x: aggregate(x, x, x, A.Gaussian(2.0), win, options={"block_n": 40, "block_m": 48}),
+                           lambda x: aggregate(x, x, x, A.Gaussian(2.0), win,
+                                               options={"block_n": 40, "block_m": 48}),
                            lambda x: aggregate(x, x, x, A.Gaussian(2.0), G.Mask(dense), backend="reference"),
                            (img,), tol))
     return checks
@@ -129,7 +138,8 @@ def module_checks(seed: int = 0) -> list[Check]:
                            (x,), tol))
     checks.append(_compare("our MultiheadAttention == torch.nn.MultiheadAttention",
                            lambda x: ours(*[tokens(x)] * 3, need_weights=False)[0],
-                           lambda x: theirs(tokens(x), tokens(x), tokens(x), need_weights=False)[0], (x,), tol))
+                           lambda x: theirs(tokens(x), tokens(x), tokens(x), need_weights=False)[0],
+                           (x,), tol))
     clip = trained(NonLocal3d(8, sub_sample=False, bn_layer=False)).double()
     att = nonlocal_to_mha(clip)
     v = torch.randn(1, 8, 4, 6, 6, dtype=torch.float64)
@@ -186,15 +196,16 @@ def peer_checks(seed: int = 0) -> list[Check]:
         checks.append(Check(name, None, None, 0.2, skipped=missing("skimage")))
     else:
         import numpy as np
-        from skimage import data, img_as_float
+        from skimage import data
         from skimage.metrics import peak_signal_noise_ratio
         from skimage.restoration import denoise_nl_means as sk_nl_means
+        from skimage.util import img_as_float
 
         from .denoise import denoise_nl_means
 
         clean = img_as_float(data.camera()[150:214, 200:264])
         noisy = clean + np.random.default_rng(seed).normal(0, 0.08, clean.shape)
-        kw = dict(patch_size=5, patch_distance=6, h=0.08, fast_mode=False)
+        kw: dict[str, Any] = dict(patch_size=5, patch_distance=6, h=0.08, fast_mode=False)
         p1 = peak_signal_noise_ratio(clean, denoise_nl_means(noisy, **kw), data_range=1.0)
         p2 = peak_signal_noise_ratio(clean, sk_nl_means(noisy, **kw), data_range=1.0)
         checks.append(Check(name, abs(p1 - p2), None, 0.2))
@@ -211,7 +222,8 @@ def run_checks(checks: Sequence[Check]) -> bool:
             print(f"{c.name:<{width}}  skipped: {c.skipped}")
             continue
         grad = "-" if c.grad_diff is None else f"{c.grad_diff:.2e}"
-        print(f"{c.name:<{width}}  {c.fwd_diff:>10.2e}  {grad:>11}  {c.tol:>7.0e}  {'yes' if c.passed else 'NO'}")
+        verdict = "yes" if c.passed else "NO"
+        print(f"{c.name:<{width}}  {c.fwd_diff:>10.2e}  {grad:>11}  {c.tol:>7.0e}  {verdict}")
     ok = all(c.passed for c in checks)
     ran = [c for c in checks if not c.skipped]
     print(f"\n{sum(c.passed for c in ran)}/{len(ran)} equivalences hold (float64 where gradients are shown: "
@@ -219,7 +231,8 @@ def run_checks(checks: Sequence[Check]) -> bool:
     return ok
 
 
-def query_affinity_map(features: torch.Tensor, index: int, affinity: A.Affinity, chunk: int = 4096) -> torch.Tensor:
+def query_affinity_map(features: torch.Tensor, index: int, affinity: A.Affinity,
+                       chunk: int = 4096) -> torch.Tensor:
     """Row ``index`` of the normalised affinity f_ij / C_i over all j, from the core op on one-hot values.
 
     (The same trick the attention module uses for ``need_weights``; chunked over the one-hot columns so
@@ -255,14 +268,15 @@ def segmentation_figure(out: str, seed: int = 0) -> dict:
     img = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     onehot = F.one_hot(torch.from_numpy(noisy), 3).permute(2, 0, 1)[None].float()
     unary = torch.log(onehot * 0.6 + (1 - onehot) * 0.2)
-    crf = DenseCRF(3, theta_alpha=10.0, theta_beta=15.0, theta_gamma=3.0, w_appearance=0.02, w_smoothness=0.05,
-                   num_iterations=5)
+    crf = DenseCRF(3, theta_alpha=10.0, theta_beta=15.0, theta_gamma=3.0, w_appearance=0.02,
+                   w_smoothness=0.05, num_iterations=5)
     refined = crf(unary, img).argmax(1)[0].numpy()
     h, w = truth.shape
     query = (h // 2) * w + w // 3
     feats = crf_features(img, 60.0, crf.theta_beta)[0]  # a wider spatial reach shows the non-local part
     attn = query_affinity_map(feats, query, A.Gaussian(1.0, normalize=True)).reshape(h, w).numpy()
-    stats = {"accuracy_noisy": float((noisy == truth).mean()), "accuracy_crf": float((refined == truth).mean())}
+    stats = {"accuracy_noisy": float((noisy == truth).mean()),
+             "accuracy_crf": float((refined == truth).mean())}
 
     import matplotlib
 
@@ -270,10 +284,11 @@ def segmentation_figure(out: str, seed: int = 0) -> dict:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
-    panels = [(image, "scikit-image coffee", None), (noisy, f"noisy labels ({stats['accuracy_noisy']:.1%} right)", "viridis"),
+    panels = [(image, "scikit-image coffee", None),
+              (noisy, f"noisy labels ({stats['accuracy_noisy']:.1%} right)", "viridis"),
               (refined, f"dense CRF, 5 mean-field steps ({stats['accuracy_crf']:.1%})", "viridis"),
               (attn, "affinity of the marked pixel (theta_alpha=60, theta_beta=15)", "magma")]
-    for ax, (im, title, cmap) in zip(axes, panels):
+    for ax, (im, title, cmap) in zip(axes, panels, strict=True):
         ax.imshow(im, cmap=cmap)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
@@ -297,12 +312,12 @@ def main(args) -> int:
     from ._optional import missing, optional
 
     start = time.perf_counter()
-    print("nlgraph demo: one op, y_i = (1/C_i) sum_{j in N(i)} f(x_i, x_j) g(x_j), checked against independent"
-          " implementations\n")
+    print("nlgraph demo: one op, y_i = (1/C_i) sum_{j in N(i)} f(x_i, x_j) g(x_j), checked against "
+          "independent implementations\n")
     steps = [("core op", core_checks), ("modules", module_checks), ("peer libraries", peer_checks)]
     tqdm = getattr(optional("tqdm"), "tqdm", None)
     bar = tqdm(steps, desc="equivalences", unit="group", leave=False) if tqdm else steps
-    checks = []
+    checks: list[Check] = []
     for _, fn in bar:
         checks += fn(seed=args.seed)
     ok = run_checks(checks)
@@ -312,8 +327,9 @@ def main(args) -> int:
             print(f"\nfigure skipped: {missing(needed[0])}")
         else:
             stats = segmentation_figure(args.out, seed=args.seed)
-            print(f"\ndense-CRF refinement of a noisy segmentation: label accuracy {stats['accuracy_noisy']:.3f} -> "
-                  f"{stats['accuracy_crf']:.3f}; figure written to {args.out}")
+            print(f"\ndense-CRF refinement of a noisy segmentation: label accuracy "
+                  f"{stats['accuracy_noisy']:.3f} -> {stats['accuracy_crf']:.3f}; "
+                  f"figure written to {args.out}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0 if ok else 1
 

@@ -73,7 +73,7 @@ def digit_scenes(n: int, seed: int, size: int = 48, scale: int = 2, separation: 
             pos = rng.integers(0, size - side, size=(2, 2))
             if np.abs(pos[0] - pos[1]).max() >= separation:
                 break
-        for k, (i, (r, c)) in enumerate(zip(idx, pos)):
+        for k, (i, (r, c)) in enumerate(zip(idx, pos, strict=True)):
             d = np.kron(images[i], np.ones((scale, scale)))
             fg = d > 0.3
             if k == 1:  # the corrupted copy

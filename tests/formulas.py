@@ -86,7 +86,7 @@ def window_adjacency(shape, radius):
     adj = torch.zeros(n, n)
     for i, ci in enumerate(coords):
         for j, cj in enumerate(coords):
-            if all(abs(a - b) <= radius for a, b in zip(ci, cj)):
+            if all(abs(a - b) <= radius for a, b in zip(ci, cj, strict=True)):
                 adj[i, j] = 1
     return adj
 

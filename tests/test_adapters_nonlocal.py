@@ -27,8 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlgraph import NonLocal1d, NonLocal2d, NonLocal3d
-from nlgraph.adapters import (mha_from_torch, mha_to_nonlocal, mha_to_torch, nonlocal_from_state_dict,
-                              nonlocal_state_dict, nonlocal_to_mha, nonlocal_to_state_dict)
+from nlgraph.adapters import (
+    mha_from_torch,
+    mha_to_nonlocal,
+    mha_to_torch,
+    nonlocal_from_state_dict,
+    nonlocal_state_dict,
+    nonlocal_to_mha,
+    nonlocal_to_state_dict,
+)
 from nlgraph.nonlocal_blocks import MODES
 
 # float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
@@ -46,8 +53,9 @@ def _randomise(module, seed=0):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.4)
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=m.running_mean.dtype))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=m.running_var.dtype) + 0.5)
+                mean, var = m.running_mean, m.running_var
+                mean.copy_(torch.randn(mean.shape, generator=gen, dtype=mean.dtype))
+                var.copy_(torch.rand(var.shape, generator=gen, dtype=var.dtype) + 0.5)
     return module
 
 
@@ -78,7 +86,8 @@ def _same_function(src, block, shape, train=False, seed=1):
 
 @pytest.mark.parametrize("use_scale", [False, True])
 def test_nonlocal_equals_our_attention_equals_torch_mha(use_scale):
-    block = _randomise(NonLocal2d(8, inter_channels=4, sub_sample=False, bn_layer=False, use_scale=use_scale)).double()
+    block = _randomise(NonLocal2d(8, inter_channels=4, sub_sample=False, bn_layer=False,
+                                  use_scale=use_scale)).double()
     ours = nonlocal_to_mha(block)
     theirs = mha_to_torch(ours)
     x = _x(2, 8, 5, 6)
@@ -93,7 +102,7 @@ def test_nonlocal_equals_our_attention_equals_torch_mha(use_scale):
     for out in (z, z1, z2):
         out.backward(dz)
     for i in (1, 2):
-        torch.testing.assert_close(xs[i].grad, xs[0].grad, **TOL, msg=lambda m: f"d/dx ({i}): {m}")
+        torch.testing.assert_close(xs[i].grad, xs[0].grad, **TOL, msg=lambda m, i=i: f"d/dx ({i}): {m}")
     # weight gradients, mapped through the conversion (q carries the folded logit scale alpha)
     d, c = 4, 8
     alpha = block.affinity().scale * math.sqrt(c)
@@ -111,7 +120,8 @@ def test_nonlocal_equals_our_attention_equals_torch_mha(use_scale):
             "W.bias": (block.W.bias.grad, mha.out_proj.bias.grad),
         }
         for name, (g_block, g_mha) in pairs.items():
-            torch.testing.assert_close(g_mha, g_block, **TOL, msg=lambda m: f"d/d{name} {who}: {m}")
+            torch.testing.assert_close(g_mha, g_block, **TOL,
+                                       msg=lambda m, name=name, who=who: f"d/d{name} {who}: {m}")
 
 
 def test_sub_sampled_block_with_eval_bn_is_attention_over_pooled_keys():
@@ -231,7 +241,8 @@ class ConvModule(nn.Module):
 
 
 class MmcvNonLocal(nn.Module):
-    """The 'mmcv' layout: ConvModules g/theta/phi/conv_out(/concat_project); use_scale on embedded gaussian."""
+    """The 'mmcv' layout: ConvModules g/theta/phi/conv_out(/concat_project); use_scale on embedded
+    gaussian."""
 
     def __init__(self, dim, c, d, mode, sub_sample, norm, use_scale=True, groups=None):
         super().__init__()

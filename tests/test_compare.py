@@ -37,7 +37,8 @@ def test_reduced_compare_writes_every_field(tmp_path, capsys):
         assert row["params"] > 0 and row["time_s"] > 0
         assert row["peak_mib"] is not None and row["peak_mib"] > 0  # measured in a forked process
         local = by_task[row["task"]]["local"]["accuracies"]
-        assert row["gain_mean"] == pytest.approx(sum(a - b for a, b in zip(row["accuracies"], local)) / 2)
+        gains = [a - b for a, b in zip(row["accuracies"], local, strict=True)]
+        assert row["gain_mean"] == pytest.approx(sum(gains) / 2)
         assert row["gain_ci_low"] <= row["gain_mean"] <= row["gain_ci_high"]
         assert (row["base"] is not None) == row["variant"].startswith("crf")
     seg = by_task["segmentation"]

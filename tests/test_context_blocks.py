@@ -30,7 +30,7 @@ from nlgraph.blocks.pyramid import pyramid_cells
 
 from .formulas import TOLERANCES
 
-TOL = dict(zip(("rtol", "atol"), TOLERANCES[torch.float64]))
+TOL = dict(zip(("rtol", "atol"), TOLERANCES[torch.float64], strict=True))
 SHAPES = {1: (2, 8, 11), 2: (2, 8, 5, 7), 3: (2, 8, 3, 4, 5)}
 
 
@@ -74,7 +74,7 @@ def _adaptive_avg(t, out_sizes):
     cells = []
     for idx in itertools.product(*[range(s) for s in out_sizes]):
         sl = tuple(slice(math.floor(i * n / s), math.ceil((i + 1) * n / s))
-                   for i, n, s in zip(idx, spatial, out_sizes))
+                   for i, n, s in zip(idx, spatial, out_sizes, strict=True))
         cells.append(t[(slice(None), slice(None), *sl)].mean(dim=tuple(range(2, t.dim()))))
     return torch.stack(cells, dim=-1)
 
@@ -173,7 +173,7 @@ def window_adjacency(shape, radius):
     adj = torch.zeros(len(coords), len(coords), dtype=torch.bool)
     for i, ci in enumerate(coords):
         for j, cj in enumerate(coords):
-            adj[i, j] = all(abs(a - c) <= ra for a, c, ra in zip(ci, cj, r))
+            adj[i, j] = all(abs(a - c) <= ra for a, c, ra in zip(ci, cj, r, strict=True))
     return adj
 
 
@@ -219,7 +219,7 @@ def _check_against_formula(block, formula, x):
     z_ref = formula(block, x2)
     grads_ref = torch.autograd.grad(z_ref, [x2, *params.values()], dz)
     torch.testing.assert_close(z, z_ref, **TOL, msg=lambda msg: f"forward: {msg}")
-    for name, g, gr in zip(["x", *params], grads, grads_ref):
+    for name, g, gr in zip(["x", *params], grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, **TOL, msg=lambda msg, name=name: f"d/d{name}: {msg}")
 
 

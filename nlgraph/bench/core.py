@@ -28,9 +28,10 @@ from nlgraph.bench import harness
 MODULE = "nlgraph.bench.core"
 
 
-def _inputs(n: int, d: int, grad: bool, seed: int = 0):
+def _inputs(n: int, d: int, grad: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, n, d, generator=gen).requires_grad_(grad) for _ in range(3)]
+    q, k, v = (torch.randn(1, n, d, generator=gen).requires_grad_(grad) for _ in range(3))
+    return q, k, v
 
 
 def _impl(case: dict):

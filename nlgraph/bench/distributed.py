@@ -85,7 +85,12 @@ def _rank(rank: int, world: int, tmp: str, n: int, d: int, repeats: int, threads
             nd.aggregate(*inputs, None, graph, method=meth).sum().backward()
 
         fwd()
-        sent = nd.last_exchange().bytes_sent if world > 1 else 0
+        sent = 0
+        if world > 1:
+            stats = nd.last_exchange()
+            if stats is None:
+                raise RuntimeError("nlgraph.distributed recorded no exchange for a sharded forward")
+            sent = stats.bytes_sent
         t_f = harness.time_call(lambda: (dist.barrier(), fwd()), repeats=repeats)
         t_fb = harness.time_call(lambda: (dist.barrier(), fwd_bwd()), repeats=repeats)
         dist.barrier()

@@ -54,7 +54,8 @@ def make_step(case: dict):
 
         def run():
             with harness.sdpa_forced(path):
-                return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask)[:, 0]
+                out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask)
+                return out[:, 0]
     elif impl == "pyg[softmax+scatter]":
         from torch_geometric.utils import scatter, softmax
 
@@ -65,7 +66,8 @@ def make_step(case: dict):
         def run():
             s = (q[0].index_select(0, dst) * k[0].index_select(0, src)).sum(-1) * scale
             alpha = softmax(s, dst, num_nodes=n)
-            return scatter(alpha[:, None] * v[0].index_select(0, src), dst, dim=0, dim_size=n, reduce="sum")[None]
+            msg = alpha[:, None] * v[0].index_select(0, src)
+            return scatter(msg, dst, dim=0, dim_size=n, reduce="sum")[None]
     else:
         def run():
             return nlgraph.aggregate(q, k, v, nlgraph.Softmax(), graph, backend=impl)

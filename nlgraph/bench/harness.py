@@ -23,9 +23,11 @@ import subprocess
 import sys
 import time
 from datetime import date
-from typing import Callable, Optional
+from typing import Callable, Hashable, Mapping, Optional, TypeVar
 
 import torch
+
+K = TypeVar("K", bound=Hashable)
 
 
 def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -40,14 +42,15 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each function, timed in turns (a, b, c, a, b, c, ...) after ``warmup`` untimed
-    calls of each: all sample the same stretch of machine state (on a shared or virtual machine, speed
-    drifts by 10-20% over seconds, which timing one after the other turns into bias)."""
+def time_round_robin(fns: Mapping[K, Callable[[], object]], repeats: int = 3,
+                     warmup: int = 1) -> dict[K, float]:
+    """Median wall time of each function, timed in turns (a, b, c, a, b, c, ...) after ``warmup``
+    untimed calls of each: all sample the same stretch of machine state (on a shared or virtual
+    machine, speed drifts by 10-20% over seconds, which timing one after the other turns into bias)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[K, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -58,7 +61,8 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int = 3, war
 
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 3,
               warmup: int = 1) -> tuple[float, float]:
-    """Median wall times of ``fn_a`` and ``fn_b`` timed alternately (a, b, a, b, ...); see time_round_robin."""
+    """Median wall times of ``fn_a`` and ``fn_b`` timed alternately (a, b, a, b, ...); see
+    time_round_robin."""
     t = time_round_robin({"a": fn_a, "b": fn_b}, repeats=repeats, warmup=warmup)
     return t["a"], t["b"]
 
@@ -134,7 +138,8 @@ def measure_peak_in_subprocess(module: str, case: dict, timeout: float = 1800) -
 def report_peak(run: Callable[[], object]) -> None:
     """Inside the memory subprocess: run once and print the peak RSS rise as JSON."""
     if not reset_peak_rss():
-        raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs); peak memory would be wrong")
+        raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs); "
+                           "peak memory would be wrong")
     before = current_rss_bytes()
     run()
     rise = max(0, peak_rss_bytes() - before)
@@ -165,13 +170,13 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) ->
 
 def write_json(path: str, name: str, rows: list[dict]) -> None:
     with open(path, "w") as fh:
-        json.dump({"benchmark": name, "date": date.today().isoformat(), "machine": machine(), "rows": rows}, fh,
-                  indent=2)
+        json.dump({"benchmark": name, "date": date.today().isoformat(), "machine": machine(),
+                   "rows": rows}, fh, indent=2)
     print(f"\nwrote {path}")
 
 
-def compare_pairs(pairs: list[dict], module: str, make_step: Callable[[dict], Callable[[], object]], repeats: int,
-                  memory: bool, describe: Callable[[dict], str],
+def compare_pairs(pairs: list[dict], module: str, make_step: Callable[[dict], Callable[[], object]],
+                  repeats: int, memory: bool, describe: Callable[[dict], str],
                   peer_paths: Optional[Callable[[dict], Optional[list[str]]]] = None,
                   kernel_pattern: Optional[str] = None) -> list[dict]:
     """Time ours and the peer of each pair in this process, in turns; measure peak memory in subprocesses.
@@ -192,9 +197,11 @@ def compare_pairs(pairs: list[dict], module: str, make_step: Callable[[dict], Ca
         params = {k: v for k, v in p.items() if k not in ("ours", "peer")}
         paths = peer_paths(p) if peer_paths is not None else None
         ours_case = dict(params, impl=p["ours"])
-        fns = {"ours": make_step(ours_case)}
-        cases, skipped = {}, {}
-        for path in paths or [None]:
+        fns: dict[Optional[str], Callable[[], object]] = {"ours": make_step(ours_case)}
+        cases: dict[Optional[str], dict] = {}
+        skipped: dict[Optional[str], str] = {}
+        candidates: list[Optional[str]] = list(paths) if paths else [None]
+        for path in candidates:
             case = dict(params, impl=p["peer"]) if path is None else dict(params, impl=p["peer"], path=path)
             step = make_step(case)
             try:
@@ -231,15 +238,17 @@ def compare_pairs(pairs: list[dict], module: str, make_step: Callable[[dict], Ca
     return rows
 
 
-COLUMNS = [("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"), ("ratio", "ours/peer"),
-           ("ours_peak_mib", "ours MiB"), ("peer_peak_mib", "peer MiB")]
+COLUMNS = [("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"),
+           ("ratio", "ours/peer"), ("ours_peak_mib", "ours MiB"), ("peer_peak_mib", "peer MiB")]
 
 
 def standard_parser(prog: str, doc: str):
-    """The options every benchmark takes: --json, --quick, --repeats, --no-memory (+ the hidden case runner)."""
+    """The options every benchmark takes: --json, --quick, --repeats, --no-memory, --threads, --sizes,
+    --dims (+ the hidden case runner)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median reported)")
@@ -248,7 +257,8 @@ def standard_parser(prog: str, doc: str):
                     help="torch intra-op threads (default: torch's, one per core); peers outside torch "
                          "(pydensecrf, scikit-image) are single-threaded either way")
     ap.add_argument("--sizes", type=int, nargs="+", metavar="N",
-                    help="problem sizes to run: N (core, graph) or the feature map side (nonlocal); default: their own")
+                    help="problem sizes to run: N (core, graph) or the feature map side (nonlocal); "
+                         "default: their own")
     ap.add_argument("--dims", type=int, nargs="+", metavar="D",
                     help="feature widths d to run (core; default: its own)")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
@@ -287,8 +297,8 @@ def pairs_main(argv, name: str, doc: str, module: str, plan: Callable[..., list[
     if args.memory_case:
         memory_case(_json.loads(args.memory_case))
         return 0
-    rows = compare_pairs(plan(args.quick, sizes=args.sizes, dims=args.dims), module, make_step, args.repeats, not args.no_memory, describe,
-                         peer_paths=peer_paths, kernel_pattern=kernel_pattern)
+    rows = compare_pairs(plan(args.quick, sizes=args.sizes, dims=args.dims), module, make_step, args.repeats,
+                         not args.no_memory, describe, peer_paths=peer_paths, kernel_pattern=kernel_pattern)
     print_table(title, rows, columns or COLUMNS)
     if args.json:
         write_json(args.json, name, rows)

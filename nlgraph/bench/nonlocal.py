@@ -120,9 +120,9 @@ def describe(p: dict) -> str:
 
 
 def main(argv=None) -> int:
+    title = "nlgraph bench nonlocal (float32, batch 1, median time in s, peak RSS rise in MiB)"
     return harness.pairs_main(argv, "nonlocal", __doc__, MODULE, plan, make_step, memory_case, describe,
-                              "nlgraph bench nonlocal (float32, batch 1, median time in s, peak RSS rise in MiB)",
-                              peer_paths=peer_paths, kernel_pattern="scaled_dot_product")
+                              title, peer_paths=peer_paths, kernel_pattern="scaled_dot_product")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ softmax is computed once, not once per query). Exact: no approximation. W_2 star
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from .. import affinity as A
@@ -48,8 +50,9 @@ class GlobalContextBlock(nn.Module):
         self.conv_mask = nn.Conv1d(in_channels, 1, 1)
         self.transform = nn.Sequential(nn.Linear(in_channels, planes), nn.LayerNorm(planes), nn.ReLU(),
                                        nn.Linear(planes, in_channels))
-        nn.init.zeros_(self.transform[-1].weight)
-        nn.init.zeros_(self.transform[-1].bias)
+        last = cast(nn.Linear, self.transform[-1])  # Sequential indexing is typed nn.Module
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.backend = "auto"
 
     def context(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ so a new block is the identity. Clips pool (T, H, W) to min(s, size) per axis.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,10 @@ from ._common import ZeroInitOutput, check_features, inter_width, positive_int, 
 
 __all__ = ["PyramidNonLocal", "pyramid_cells"]
 
-_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+# (input, output size with one entry per spatial axis) -> pooled; the stubs spell the size as a
+# different fixed-length tuple per dimensionality, hence Callable[..., Tensor]
+_POOL: dict[int, Callable[..., Tensor]] = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d,
+                                           3: F.adaptive_avg_pool3d}
 
 
 def pyramid_cells(spatial: Sequence[int], scales: Sequence[int]) -> int:
