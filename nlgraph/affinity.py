@@ -112,13 +112,14 @@ def _centre(query: Tensor, key: Tensor) -> Tensor:
     return c
 
 
-def _checked(affinity: "Affinity", form: ScoreForm) -> ScoreForm:
+def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> ScoreForm:
     """Raise ValueError when the scores of ``form`` may overflow the accumulation dtype (eager only).
 
     Every partial sum of q'_i . k'_j is at most S = sum_d max_i |q'_id| max_j |k'_jd| in magnitude
     (exactly; rounded, S (1 + d u) to first order), so |s_ij| <= S + max |r| + max |c|. Computed in
     float64 from the form's own tensors (one host sync); a non-finite term (an overflow while forming
-    q * scale, |k'|^2, ...) fails the check as well.
+    q * scale, |k'|^2, ...) fails the check as well. ``factor`` >= 0 multiplies the bilinear term (a
+    scale applied by the kernel instead of to the form's queries).
     """
     if not checking_values():
         return form
@@ -130,9 +131,10 @@ def _checked(affinity: "Affinity", form: ScoreForm) -> ScoreForm:
         width = 0
         if form.query is not None:
             width = form.query.shape[-1]
-            qa = form.query.detach().abs().reshape(-1, width).amax(0).double()
-            ka = form.key.detach().abs().reshape(-1, width).amax(0).double()
-            bound = bound + (qa * ka).sum()
+            # per-feature max |.| in one fused reduction each (no |q| copy, no reshape of strided views)
+            qa = torch.linalg.vector_norm(form.query.detach(), math.inf, dim=tuple(range(form.query.dim() - 1)))
+            ka = torch.linalg.vector_norm(form.key.detach(), math.inf, dim=tuple(range(form.key.dim() - 1)))
+            bound = bound + (qa.double() * ka.double()).sum() * factor
         for t in (form.row, form.col):
             if t is not None:
                 bound = bound + t.detach().abs().amax().double()
@@ -249,6 +251,15 @@ class Softmax(Affinity):
         if isinstance(scale, Tensor):
             scale = scale.reshape(())
         return _checked(self, ScoreForm(query * scale, key, None, None, "exp", "sum"))
+
+    def check_scores(self, query: Tensor, key: Tensor) -> None:
+        """:meth:`form`'s overflow check without forming the scaled queries (for kernels that take a float
+        scale themselves, as SDPA does); eager mode only, like the check itself."""
+        if isinstance(self.scale, Tensor):
+            self.form(query, key)
+            return
+        scale = 1.0 / math.sqrt(query.shape[-1]) if self.scale is None else float(self.scale)
+        _checked(self, ScoreForm(query, key, None, None, "exp", "sum"), factor=abs(scale))
 
     def __repr__(self) -> str:
         return f"Softmax(scale={_fmt(self.scale)})"

@@ -351,3 +351,38 @@ def test_info_names_the_kernel(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "sdpa" in out and "flash-cpu" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch workflows: torch.func and torch.compile on the sdpa backend
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aff", [A.Softmax(), A.Gaussian(1.3)], ids=["softmax", "gaussian"])
+def test_torch_func_vmap_and_jacrev(aff):
+    q, k, v = (t.detach() for t in _qkv(lead=(2,)))
+    mask = G.Mask(_bool_mask((N, M)))
+
+    def fn(backend):
+        return lambda q_, k_, v_: nlgraph.aggregate(q_, k_, v_, aff, mask, backend=backend)
+
+    for argnum in (0, 1, 2):
+        jac = torch.func.jacrev(fn("sdpa"), argnums=argnum)(q, k, v)
+        want = torch.func.jacrev(fn("reference"), argnums=argnum)(q, k, v)
+        _close(jac, want, f"jacrev argnum {argnum}")
+    qb = torch.randn(3, *q.shape, generator=_gen(8), dtype=F64)
+    _close(torch.func.vmap(fn("sdpa"), in_dims=(0, None, None))(qb, k, v), fn("reference")(qb, k, v), "vmap")
+
+
+def test_compiles_fullgraph_with_causal_and_gqa():
+    q, k, v = _r(B, 6, N, D, seed=1), _r(B, 2, M, D, seed=2), _r(B, 2, M, D, seed=3)
+
+    def fn(q_, k_, v_):
+        return nlgraph.aggregate(q_, k_, v_, A.Gaussian(1.5), is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        y, y_eager = compiled(q, k, v), fn(q, k, v)
+        _check(y, y_eager, [q, k, v], "compiled vs eager")
+    finally:
+        torch._dynamo.reset()

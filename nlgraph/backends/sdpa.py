@@ -155,7 +155,9 @@ def _fused_expected(lay: _Layout, device: torch.device, dropout_p: float) -> boo
     here), q/k/v of one width, no dropout and no attn_mask that requires grad. CUDA: flash,
     efficient or cuDNN attention take head widths up to 256 in this form."""
     if device.type == "cpu":
-        return lay.d == lay.e and dropout_p == 0 and not lay.mask_grad and torch.backends.cuda.flash_sdp_enabled()
+        # the global switch (sdpa_kernel) is read in eager mode only: a traced graph cannot branch on it
+        enabled = torch.compiler.is_compiling() or torch.backends.cuda.flash_sdp_enabled()
+        return lay.d == lay.e and dropout_p == 0 and not lay.mask_grad and enabled
     return lay.d <= 256 and lay.e <= 256 and not lay.mask_grad
 
 
@@ -223,7 +225,7 @@ def _plan(query, key, value, affinity, graph) -> _Call:
         else:
             scale = 1.0 / math.sqrt(query.shape[-1]) if s is None else float(s)
             if checking_values():
-                affinity.form(query, key)  # eager: the same overflow check every backend makes
+                affinity.check_scores(query, key)  # eager: the overflow check every backend's form makes
     else:
         form = affinity.form(query, key)  # centred, in bandwidth units; the row term cancels
         query, key, col, scale = form.query, form.key, form.col, 1.0
