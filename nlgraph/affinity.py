@@ -131,10 +131,11 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> Scor
         width = 0
         if form.query is not None:
             width = form.query.shape[-1]
-            # per-feature max |.| in one fused reduction each (no |q| copy, no reshape of strided views)
-            qa = torch.linalg.vector_norm(form.query.detach(), math.inf, dim=tuple(range(form.query.dim() - 1)))
-            ka = torch.linalg.vector_norm(form.key.detach(), math.inf, dim=tuple(range(form.key.dim() - 1)))
-            bound = bound + (qa.double() * ka.double()).sum() * factor
+            # per-feature max |.| over every other dim (no reshape: strided views are not copied)
+            qa = form.query.detach().abs().amax(dim=tuple(range(form.query.dim() - 1))).double()
+            ka = qa if form.key is form.query else \
+                form.key.detach().abs().amax(dim=tuple(range(form.key.dim() - 1))).double()
+            bound = bound + (qa * ka).sum() * factor
         for t in (form.row, form.col):
             if t is not None:
                 bound = bound + t.detach().abs().amax().double()

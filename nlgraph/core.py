@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from ._shapes import broadcast_shapes
+from ._values import all_finite, checking_values
 from .affinity import Affinity, DotProduct, EdgeWeighted, Softmax
 from .dispatch import select_backend
-from ._values import all_finite, checking_values
 from .graph import Causal, Complete, EdgeIndex, Graph, Intersection, Mask, safe_log
 
 __all__ = ["aggregate", "validate_inputs", "validate_values", "lower_edge_weights", "all_finite"]
@@ -59,7 +60,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
             f"key and value must have the same number of keys M, got key {_shape(key)} and value {_shape(value)}"
         )
     try:
-        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        lead = broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"leading (batch) dims of query {_shape(query)}, key {_shape(key)} and value {_shape(value)} "
@@ -74,7 +75,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
     affinity.validate(query, key)
     if isinstance(affinity, EdgeWeighted) and affinity.weight.dim() >= 2:
         try:
-            torch.broadcast_shapes(lead, affinity.weight.shape[:-2])
+            broadcast_shapes(lead, affinity.weight.shape[:-2])
         except RuntimeError:
             raise ValueError(
                 f"EdgeWeighted(weight) has shape {_shape(affinity.weight)}: its leading dims "
@@ -87,7 +88,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
         n, m = query.shape[-2], key.shape[-2]
         graph.validate(n, m, query.device)
         try:
-            torch.broadcast_shapes(lead, torch.Size(graph.lead_shape))
+            broadcast_shapes(lead, torch.Size(graph.lead_shape))
         except RuntimeError:
             raise ValueError(
                 f"graph {graph!r} has leading dims {graph.lead_shape} that do not broadcast with the inputs' "
@@ -105,12 +106,20 @@ def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinit
     weights >= 0); the graph's float masks (no NaN, no +inf), edge weights and index bounds. Graphs and
     affinities keep the caller's value tensors, so these run at every call, not only at construction.
     """
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not all_finite(t):
-            raise ValueError(f"{name} contains NaN or Inf (shape {_shape(t)})")
+    named = {id(t): (name, t) for name, t in (("value", value), ("key", key), ("query", query))}.values()
+    if not _sums_finite([t for _, t in named]):  # one sync for all three; only a failure looks closer
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not all_finite(t):
+                raise ValueError(f"{name} contains NaN or Inf (shape {_shape(t)})")
     affinity.check_values()
     if graph is not None:
         graph.check_values(query.shape[-2], key.shape[-2])
+
+
+def _sums_finite(tensors: list[Tensor]) -> bool:
+    """True when the sum of each tensor is finite (then every entry is; see ``all_finite``), one host sync."""
+    sums = [t.detach().sum() for t in tensors if t.numel()]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: int) -> tuple[Affinity, Optional[Graph]]:
@@ -308,7 +317,7 @@ def _lead(query: Tensor, key: Tensor, value: Tensor, graph: Optional[Graph]) -> 
     shapes = [query.shape[:-2], key.shape[:-2], value.shape[:-2]]
     if graph is not None:
         shapes.append(torch.Size(graph.lead_shape))
-    return tuple(torch.broadcast_shapes(*shapes))
+    return tuple(broadcast_shapes(*shapes))
 
 
 def _zeros_result(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,

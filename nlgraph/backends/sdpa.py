@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._shapes import broadcast_shapes
 from .._values import checking_values
 from ..affinity import Gaussian, Softmax
 from ..graph import Causal, ExcludeSelf, Intersection, Mask
@@ -131,7 +132,7 @@ def _layout(query, key, value, affinity, graph) -> _Layout:
     shapes = [query.shape[:-2], key.shape[:-2], value.shape[:-2]]
     if graph is not None:
         shapes.append(torch.Size(graph.lead_shape))
-    lead = tuple(torch.broadcast_shapes(*shapes))
+    lead = tuple(broadcast_shapes(*shapes))
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
     gaussian = type(affinity) is Gaussian
     augment = gaussian and _needs_bias_grad(affinity, key)
