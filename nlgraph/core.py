@@ -199,10 +199,12 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     groups = _gqa_groups(query, key, value) if enable_gqa else 1
     if groups > 1:  # (..., H_q, N, d) -> (..., H_kv, G, N, d) against keys/values (..., H_kv, 1, M, d): views
         hq = query.shape[-3]
-        query, key, value = query.unflatten(-3, (key.shape[-3], groups)), key.unsqueeze(-3), value.unsqueeze(-3)
+        query = query.unflatten(-3, (key.shape[-3], groups))
+        key, value = key.unsqueeze(-3), value.unsqueeze(-3)
         graph = _gqa_graph(graph, groups, hq)
         if isinstance(affinity, EdgeWeighted) and affinity.weight.dim() >= 3:
-            affinity = EdgeWeighted(affinity.base, _gqa_heads("EdgeWeighted(weight)", affinity.weight, groups, hq))
+            weight = _gqa_heads("EdgeWeighted(weight)", affinity.weight, groups, hq)
+            affinity = EdgeWeighted(affinity.base, weight)
     validate_inputs(query, key, value, affinity, graph)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -247,7 +249,8 @@ def _with_scale(affinity: Affinity, scale: Any) -> Affinity:
         return Softmax(scale=scale)
     if type(affinity) is DotProduct:
         return DotProduct(scale=scale)
-    raise ValueError(f"scale is the logit scale of Softmax or DotProduct; {affinity!r} has none (got scale={scale!r})")
+    raise ValueError(f"scale is the logit scale of Softmax or DotProduct; {affinity!r} has none "
+                     f"(got scale={scale!r})")
 
 
 def _gqa_groups(query: Tensor, key: Tensor, value: Tensor) -> int:
@@ -258,20 +261,20 @@ def _gqa_groups(query: Tensor, key: Tensor, value: Tensor) -> int:
                              f"{tuple(getattr(t, 'shape', ()))}")
     hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
     if hk != hv or hk == 0 or hq % hk:
-        raise ValueError(f"enable_gqa needs key and value with the same number of heads H_kv (dim -3) dividing "
-                         f"the query's H_q; got query {tuple(query.shape)}, key {tuple(key.shape)}, value "
-                         f"{tuple(value.shape)}")
+        raise ValueError(f"enable_gqa needs key and value with the same number of heads H_kv (dim -3) "
+                         f"dividing the query's H_q; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
     return hq // hk
 
 
 def _gqa_heads(name: str, t: Tensor, groups: int, hq: int) -> Tensor:
-    """A mask's / weight's heads dim (-3) against grouped heads: H_q -> (H_kv, groups), 1 -> (1, 1); a view."""
+    """A mask's / weight's heads dim (-3) against grouped heads: H_q -> (H_kv, groups), 1 -> (1, 1), as views."""
     h = t.shape[-3]
     if h == 1:
         return t.unsqueeze(-3)
     if h != hq:
-        raise ValueError(f"enable_gqa: {name} of shape {tuple(t.shape)} has {h} heads (dim -3); it must have 1 or "
-                         f"H_q = {hq}")
+        raise ValueError(f"enable_gqa: {name} of shape {tuple(t.shape)} has {h} heads (dim -3); it must have "
+                         f"1 or H_q = {hq}")
     return t.unflatten(-3, (hq // groups, groups))
 
 
@@ -282,9 +285,11 @@ def _gqa_graph(graph: Optional[Graph], groups: int, hq: int) -> Optional[Graph]:
     if isinstance(graph, Intersection):
         return Intersection([_gqa_graph(g, groups, hq) for g in graph.graphs])
     if isinstance(graph, Mask):
-        return graph if graph.mask.dim() < 3 else _GroupedMask(_gqa_heads("Mask(mask)", graph.mask, groups, hq))
-    raise ValueError(f"enable_gqa: graph {graph!r} has batch dims {graph.lead_shape}; only Mask graphs may carry "
-                     f"batch or head dims with grouped-query attention")
+        if graph.mask.dim() < 3:
+            return graph
+        return _GroupedMask(_gqa_heads("Mask(mask)", graph.mask, groups, hq))
+    raise ValueError(f"enable_gqa: graph {graph!r} has batch dims {graph.lead_shape}; only Mask graphs may "
+                     f"carry batch or head dims with grouped-query attention")
 
 
 class _GroupedMask(Mask):

@@ -253,7 +253,8 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
 
 
 GRID_SHAPES = [(1,), (4,), (6,), (2, 3), (3, 3), (2, 4), (1, 5), (2, 2, 2), (2, 1, 3), (3, 2, 2)]
-ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window", "criss_cross")
+ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window",
+              "criss_cross")
 ALL_AFFINITIES = ("softmax", "gaussian", "dot", "concat")
 
 
@@ -482,7 +483,8 @@ def _float32_bound(case: Case) -> float:
 
 @profile(examples=int(__import__("os").environ.get("NLG_F32", "8")))
 @given(cases(dtype=torch.float32, affinities=("softmax", "gaussian"),
-             graphs=("mask_bool", "mask_float", "exclude_self", "causal", "window"), weightings=("none", "dense")))
+             graphs=("mask_bool", "mask_float", "exclude_self", "causal", "window"),
+             weightings=("none", "dense")))
 def test_float32_backends_incl_triton_match_the_formula(case: Case):
     """float32 on every exact backend, the triton kernels (interpreted on the CPU) included, vs float64."""
     backends = _backends(case)

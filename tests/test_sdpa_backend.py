@@ -53,7 +53,7 @@ def _check(y, y_ref, leaves, what, rtol=RTOL, atol=ATOL):
     dout = torch.randn(y_ref.shape, generator=_gen(9), dtype=F64).to(y.dtype)
     g = torch.autograd.grad(y, leaves, dout, allow_unused=True)
     g_ref = torch.autograd.grad(y_ref, leaves, dout, allow_unused=True)
-    for i, (a, b) in enumerate(zip(g, g_ref)):
+    for i, (a, b) in enumerate(zip(g, g_ref, strict=True)):
         a = torch.zeros_like(leaves[i]) if a is None else a
         b = torch.zeros_like(leaves[i]) if b is None else b
         _close(a, b, f"d/d(leaf {i}), {what}", rtol, atol)
@@ -127,7 +127,8 @@ def test_normalised_gaussian(key_grad, bandwidth):
     y = nlgraph.aggregate(q, k, v, A.Gaussian(b), backend="sdpa")
     _check(y, aggregate_formula("gaussian", q, k, v, {"bandwidth": b}), leaves, "Gaussian vs formula")
     qb, kb = q / b, k / b
-    y_ref = F.scaled_dot_product_attention(qb, kb, v, attn_mask=-0.5 * (kb * kb).sum(-1)[..., None, :], scale=1.0)
+    col = -0.5 * (kb * kb).sum(-1)[..., None, :]
+    y_ref = F.scaled_dot_product_attention(qb, kb, v, attn_mask=col, scale=1.0)
     y = nlgraph.aggregate(q, k, v, A.Gaussian(b), backend="sdpa")
     _check(y, y_ref, leaves, "Gaussian vs SDPA with the column bias")
     assert select_backend(q, k, v, A.Gaussian(b), None)[0] == "sdpa"
@@ -294,8 +295,8 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"enable_gqa needs a heads dim \(-3\) .* key has shape \(9, 4\)"):
         nlgraph.aggregate(q, k[0, 0], v[0, 0], enable_gqa=True)
     with pytest.raises(ValueError, match=r"Mask\(mask\) of shape \(2, 2, 7, 9\) has 2 heads"):
-        nlgraph.aggregate(q[:, :2].repeat(1, 3, 1, 1), k[:, :2], v[:, :2], graph=G.Mask(_bool_mask((B, 2, N, M))),
-                          enable_gqa=True)
+        nlgraph.aggregate(q[:, :2].repeat(1, 3, 1, 1), k[:, :2], v[:, :2],
+                          graph=G.Mask(_bool_mask((B, 2, N, M))), enable_gqa=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +305,12 @@ def test_argument_errors():
 
 def test_dispatch_takes_sdpa_only_where_it_is_exact():
     q, k, v = (t.detach() for t in _qkv(n=M))
-    for aff, graph in ((A.Softmax(), None), (A.Softmax(), G.Mask(_bool_mask((M, M)))), (A.Gaussian(1.0), None),
-                       (A.Softmax(), G.Causal() & G.ExcludeSelf())):
+    for aff, graph in ((A.Softmax(), None), (A.Softmax(), G.Mask(_bool_mask((M, M)))),
+                       (A.Gaussian(1.0), None), (A.Softmax(), G.Causal() & G.ExcludeSelf())):
         assert select_backend(q, k, v, aff, graph)[0] == "sdpa", (aff, graph)
     w = torch.ones(M, dtype=F64)
-    others = [(A.Gaussian(1.0, normalize=False), None, "C = 1"), (A.Gaussian(1.0, offset=0.5), None, "flat top"),
+    others = [(A.Gaussian(1.0, normalize=False), None, "C = 1"),
+              (A.Gaussian(1.0, offset=0.5), None, "flat top"),
               (A.DotProduct(), None, "not attention"), (A.Softmax(), G.LocalWindow((3, 3), 1), "not "),
               (A.Softmax(), G.EdgeIndex(torch.stack([torch.arange(M)] * 2), w), "not ")]
     for aff, graph, reason in others:
@@ -325,8 +327,9 @@ def test_math_path_left_to_chunked_when_large():
     big = torch.zeros(n, n, requires_grad=True)
     small = torch.zeros(8, 8, requires_grad=True)
     assert select_backend(q, q, q, A.Softmax(), G.Mask(big))[0] == "chunked"
-    assert select_backend(q[..., :8, :], q[..., :8, :], q[..., :8, :], A.Softmax(), G.Mask(small))[0] == "sdpa"
-    assert sdpa.kernel_for(q[..., :8, :], q[..., :8, :], q[..., :8, :], A.Softmax(), G.Mask(small)) == "math"
+    q8 = q[..., :8, :]
+    assert select_backend(q8, q8, q8, A.Softmax(), G.Mask(small))[0] == "sdpa"
+    assert sdpa.kernel_for(q8, q8, q8, A.Softmax(), G.Mask(small)) == "math"
     with torch.no_grad():
         assert select_backend(q, q, q, A.Softmax(), G.Mask(big))[0] == "sdpa"  # no grad: the fused kernel
 
@@ -338,7 +341,8 @@ def test_static_kernel_rule_agrees_with_torch():
     cases = [(q, k, v, A.Softmax(), None, 0.0), (q, k, v[..., :3], A.Softmax(), None, 0.0),
              (q, k, v[..., :1], A.Softmax(), None, 0.0), (q, k, v, A.Softmax(), G.Mask(fm), 0.0),
              (q, k, v, A.Softmax(), G.Mask(fm.detach()), 0.0), (q, k, v, A.Gaussian(1.0), G.Causal(), 0.0),
-             (q, k, v, A.Softmax(), G.Causal(), 0.3), (q.transpose(-1, -2).detach().mT, k, v, A.Softmax(), None, 0.0)]
+             (q, k, v, A.Softmax(), G.Causal(), 0.3),
+             (q.transpose(-1, -2).detach().mT, k, v, A.Softmax(), None, 0.0)]
     for q_, k_, v_, aff, graph, p in cases:
         lay = sdpa._layout(q_, k_, v_, aff, graph)
         fused = sdpa._fused_expected(lay, q_.device, p)

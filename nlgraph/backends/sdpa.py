@@ -97,8 +97,8 @@ def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple
     members = _members(graph)
     for g in members:
         if not isinstance(g, (Mask, ExcludeSelf, Causal)):
-            return False, f"sdpa takes the complete graph, Mask, Causal and ExcludeSelf (and their intersections), " \
-                          f"not {graph!r}"
+            return False, (f"sdpa takes the complete graph, Mask, Causal and ExcludeSelf (and their "
+                           f"intersections), not {graph!r}")
     if not _ZERO_EMPTY_ROWS and any(not isinstance(g, Causal) for g in members):
         return False, f"torch {torch.__version__} returns NaN for fully masked rows (zeros from torch 2.5)"
     return True, ""
@@ -260,7 +260,8 @@ def _plan(query, key, value, affinity, graph) -> _Call:
 def _seeded(device: torch.device, seed: int):
     """Run with the device's default RNG seeded to ``seed``; its state is restored afterwards."""
     if device.type == "cuda":
-        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[index]
     else:
         gen = torch.default_generator
     state = gen.get_state()
@@ -312,4 +313,5 @@ def kernel_summary(device: str = "cpu", dtype: torch.dtype = torch.float32) -> s
     cases = {"softmax (1, 8, 256, 64)": (Softmax(), None, 0.0), "causal": (Softmax(), Causal(), 0.0),
              "Gaussian": (Gaussian(1.0), None, 0.0), "float mask requiring grad": (Softmax(), grad_mask, 0.0),
              "dropout": (Softmax(), None, 0.1)}
-    return "; ".join(f"{name}: {kernel_for(x, x, x, aff, graph, p)}" for name, (aff, graph, p) in cases.items())
+    return "; ".join(f"{name}: {kernel_for(x, x, x, aff, graph, p)}"
+                     for name, (aff, graph, p) in cases.items())

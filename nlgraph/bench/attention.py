@@ -176,17 +176,20 @@ def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
             for heads in (1, 8):
                 for mode in ("fwd", "fwd+bwd"):
                     for ours in ("auto", "chunked"):
-                        pairs.append(dict(kind="core", n=n, d=d, heads=heads, mode=mode, ours=ours, peer="sdpa"))
+                        pairs.append(dict(kind="core", n=n, d=d, heads=heads, mode=mode, ours=ours,
+                                          peer="sdpa"))
     pairs.append(dict(kind="mha", n=1024, batch=2, ours="nlgraph", peer="torch.nn.MHA"))
     for size in ([32] if quick else [32, 64]):
         pairs.append(dict(kind="nonlocal", size=size, ours="nlgraph", peer="sdpa-block"))
     n = sizes[min(1, len(sizes) - 1)] if not quick else sizes[0]
     for mode in ("fwd", "fwd+bwd"):
         for mask in ("padding", "float"):
-            pairs.append(dict(kind="masked", mask=mask, n=n, d=64, heads=8, mode=mode, ours="auto", peer="sdpa"))
+            pairs.append(dict(kind="masked", mask=mask, n=n, d=64, heads=8, mode=mode, ours="auto",
+                              peer="sdpa"))
         pairs.append(dict(kind="gaussian", n=n, d=64, heads=8, mode=mode, ours="auto", peer="sdpa"))
     if _flex_available():
-        pairs.append(dict(kind="flex", n=sizes[0], d=64, heads=8, mode="fwd", ours="auto", peer="flex-compiled"))
+        pairs.append(dict(kind="flex", n=sizes[0], d=64, heads=8, mode="fwd", ours="auto",
+                          peer="flex-compiled"))
     return pairs
 
 
@@ -204,12 +207,12 @@ def describe(p: dict) -> str:
         return f"MultiheadAttention B={p['batch']} N={p['n']} E=256 H=8 fwd+bwd"
     if kind == "nonlocal":
         return f"NonLocal2d embedded_gaussian {p['size']}x{p['size']}x512 fwd+bwd"
-    what = {"core": "softmax", "masked": f"{p.get('mask')} mask", "gaussian": "Gaussian", "flex": "softmax"}[kind]
+    what = {"core": "softmax", "masked": f"{p.get('mask')} mask", "gaussian": "Gaussian",
+            "flex": "softmax"}[kind]
     return f"{what} {p['ours']} H={p['heads']} N={p['n']} d={p['d']} {p['mode']}"
 
 
-COLUMNS = [("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"), ("ratio", "ours/peer"),
-           ("ours_peak_mib", "ours MiB"), ("peer_peak_mib", "peer MiB")]
+COLUMNS = harness.COLUMNS
 
 
 def main(argv=None) -> int:
