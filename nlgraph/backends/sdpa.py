@@ -179,7 +179,7 @@ class _Call:
     value: Tensor
     mask: Optional[Tensor]
     causal: bool
-    scale: float
+    scale: Optional[float]
     lead: tuple[int, ...]
     e: int
 
@@ -224,7 +224,9 @@ def _plan(query, key, value, affinity, graph) -> _Call:
         if isinstance(s, Tensor):
             query, scale = query * s.to(query.dtype).reshape(()), 1.0
         else:
-            scale = 1.0 / math.sqrt(query.shape[-1]) if s is None else float(s)
+            # None: SDPA's own default 1/sqrt(d), unless padding widens the features it would read d from
+            scale = None if s is None and lay.d == query.shape[-1] else (
+                1.0 / math.sqrt(query.shape[-1]) if s is None else float(s))
             if checking_values():
                 affinity.check_scores(query, key)  # eager: the overflow check every backend's form makes
     else:
