@@ -126,11 +126,23 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> Scor
     terms = [t for t in (form.query, form.row, form.col) if t is not None]
     dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
     info = torch.finfo(dtype)
+    width = 0 if form.query is None else form.query.shape[-1]
     with torch.no_grad():
-        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
-        width = 0
+        # a screen first: S <= d max|q'| max|k'| needs four whole-tensor reductions (no copies); only
+        # when that coarser bound does not pass does the per-feature bound below decide
+        ext = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
+        if form.query is not None and form.key is not form.query:
+            ext += [form.key.detach().amax(), form.key.detach().amin()]
+        ext = torch.stack([x.double() for x in ext]).abs().tolist()
+        big = [max(ext[i], ext[i + len(terms)]) for i in range(len(terms))]
+        coarse = sum(big)
         if form.query is not None:
-            width = form.query.shape[-1]
+            kmax = big[0] if form.key is form.query else max(ext[-2], ext[-1])
+            coarse += width * big[0] * kmax * factor - big[0]
+        if coarse * (1 + (width + 2) * info.eps) < info.max:  # False for inf / NaN: the fine bound decides
+            return form
+        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
+        if form.query is not None:
             # per-feature max |.| over every other dim (no reshape: strided views are not copied)
             qa = form.query.detach().abs().amax(dim=tuple(range(form.query.dim() - 1))).double()
             ka = qa if form.key is form.query else \
