@@ -6,22 +6,25 @@ Rows (float32, CPU; every peer in its fastest form, named in the row):
   4-D (1, H, N, d) input with each kernel forced in turn (``flash-cpu``, and ``math`` while its
   N x N scores fit in 256 MiB), the fastest named; forward and forward+backward; N in {1024, 4096,
   16384} (``--sizes``), d in {64, 512} (``--dims``), 1 and 8 heads. Ours gets the same 4-D tensors.
-* ``mha``: ``attention.MultiheadAttention`` vs ``torch.nn.MultiheadAttention`` with the same weights
+* ``mha`` (with the N = 1024 rows, i.e. when --sizes is not given or includes 1024):
+  ``attention.MultiheadAttention`` vs ``torch.nn.MultiheadAttention`` with the same weights
   (E = 256, 8 heads, batch 2, N = 1024, ``need_weights=False``), forward+backward; torch's module with
   each SDPA kernel forced in turn.
-* ``nonlocal``: ``NonLocal2d`` embedded_gaussian (512 channels, inter 256, keys max-pooled) vs the
-  same block written directly on SDPA (the same convolutions, 4-D contiguous tokens, SDPA, W and
-  BN), forward+backward, 32x32 and 64x64 maps.
+* ``nonlocal`` (with the N = 1024 rows): ``NonLocal2d`` embedded_gaussian (512 channels, inter 256,
+  keys max-pooled) vs the same block written directly on SDPA (the same convolutions, 4-D contiguous
+  tokens, SDPA, W and BN), forward+backward, 32x32 and 64x64 maps.
 * ``masked``: a bool key-padding mask (B, 1, 1, M) and a float (N, M) mask, vs SDPA with the same
   mask; ``gaussian``: the normalised Gaussian vs SDPA on q/b, k/b with the equivalent float mask
   -|k/b|^2 / 2 (for forward+backward the peer's mask is a constant, so the peer skips the bias's
-  gradient that ours computes: a lower bound on the peer's cost). N = 4096 (the first --sizes),
-  d = 64, 8 heads.
-* ``flex``: compiled FlexAttention (``torch.compile(flex_attention)``, CPU, inference only), where it
-  compiles, vs ours, forward, N = 1024 (the first --sizes), d = 64, 8 heads.
+  gradient that ours computes: a lower bound on the peer's cost). N = the second --sizes (4096 by
+  default; the only one when one is given), d = 64, 8 heads.
+* ``flex`` (with the N = 1024 rows): compiled FlexAttention (``torch.compile(flex_attention)``, CPU,
+  inference only), where it compiles, vs ours, forward, N = 1024, d = 64, 8 heads.
 
-Ratios are ours / peer (< 1: ours faster); peak memory is the measured peak-RSS rise in a fresh
-subprocess per case (``--no-memory`` skips it). Modest runs: ``--threads 1 --sizes 1024 4096``.
+Ratios are ours / peer (< 1: ours faster): of the medians (``ours/peer``) and of the fastest runs
+(``min/min``, the steadier one on a machine shared with other jobs). Peak memory is the measured
+peak-RSS rise in a fresh subprocess per case (``--no-memory`` skips it). Modest runs:
+``--threads 1 --sizes 1024 4096``.
 """
 
 from __future__ import annotations
@@ -178,16 +181,17 @@ def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
                     for ours in ("auto", "chunked"):
                         pairs.append(dict(kind="core", n=n, d=d, heads=heads, mode=mode, ours=ours,
                                           peer="sdpa"))
-    pairs.append(dict(kind="mha", n=1024, batch=2, ours="nlgraph", peer="torch.nn.MHA"))
-    for size in ([32] if quick else [32, 64]):
-        pairs.append(dict(kind="nonlocal", size=size, ours="nlgraph", peer="sdpa-block"))
+    if 1024 in sizes:  # the module rows have fixed sizes: run with the N = 1024 rows (or by default)
+        pairs.append(dict(kind="mha", n=1024, batch=2, ours="nlgraph", peer="torch.nn.MHA"))
+        for size in ([32] if quick else [32, 64]):
+            pairs.append(dict(kind="nonlocal", size=size, ours="nlgraph", peer="sdpa-block"))
     n = sizes[min(1, len(sizes) - 1)] if not quick else sizes[0]
     for mode in ("fwd", "fwd+bwd"):
         for mask in ("padding", "float"):
             pairs.append(dict(kind="masked", mask=mask, n=n, d=64, heads=8, mode=mode, ours="auto",
                               peer="sdpa"))
         pairs.append(dict(kind="gaussian", n=n, d=64, heads=8, mode=mode, ours="auto", peer="sdpa"))
-    if _flex_available():
+    if _flex_available() and 1024 in sizes:
         pairs.append(dict(kind="flex", n=sizes[0], d=64, heads=8, mode="fwd", ours="auto",
                           peer="flex-compiled"))
     return pairs
@@ -212,7 +216,9 @@ def describe(p: dict) -> str:
     return f"{what} {p['ours']} H={p['heads']} N={p['n']} d={p['d']} {p['mode']}"
 
 
-COLUMNS = harness.COLUMNS
+COLUMNS = [("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"),
+           ("ratio", "ours/peer"), ("ratio_min", "min/min"), ("ours_peak_mib", "ours MiB"),
+           ("peer_peak_mib", "peer MiB")]
 
 
 def main(argv=None) -> int:
