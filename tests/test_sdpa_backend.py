@@ -390,3 +390,34 @@ def test_compiles_fullgraph_with_causal_and_gqa():
         _check(y, y_eager, [q, k, v], "compiled vs eager")
     finally:
         torch._dynamo.reset()
+
+
+def test_bench_attention_peers_compute_the_same_op():
+    """The peers of ``nlgraph bench attention`` compute what ours computes (so the ratios compare like with
+    like), and every row kind runs at a tiny size. float32 vs float32: bounds of formulas.TOLERANCES[f32]
+    scaled by the sizes (N, M <= 64, d <= 8: logit sums <= ~30) are well inside 1e-4."""
+    from nlgraph import NonLocal2d
+    from nlgraph.bench import attention as bench
+
+    torch.manual_seed(0)
+    block = NonLocal2d(8, inter_channels=4, mode="embedded_gaussian")
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(1, 8, 6, 6)
+    torch.testing.assert_close(bench._SDPANonLocal(block)(x), block(x), rtol=1e-4, atol=1e-5)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    kb = k / 4.0
+    peer = F.scaled_dot_product_attention(q / 4.0, kb, v, attn_mask=-0.5 * (kb * kb).sum(-1)[..., None, :],
+                                          scale=1.0)
+    torch.testing.assert_close(nlgraph.aggregate(q, k, v, A.Gaussian(4.0)), peer, rtol=1e-4, atol=1e-5)
+    for case in (dict(kind="core", n=16, d=8, heads=2, mode="fwd+bwd", impl="auto"),
+                 dict(kind="masked", mask="float", n=16, d=8, heads=2, mode="fwd", impl="sdpa", path="math"),
+                 dict(kind="masked", mask="padding", n=16, d=8, heads=2, mode="fwd+bwd", impl="auto"),
+                 dict(kind="gaussian", n=16, d=8, heads=2, mode="fwd+bwd", impl="sdpa", path="flash-cpu"),
+                 dict(kind="mha", n=16, batch=2, impl="nlgraph"),
+                 dict(kind="nonlocal", size=4, impl="sdpa-block", path="flash-cpu")):
+        bench.make_step(case)()
+    names = [bench.describe(p) for p in bench.plan(False, sizes=[1024, 4096])]
+    assert "MultiheadAttention B=2 N=1024 E=256 H=8 fwd+bwd" in names
+    assert "Gaussian auto H=8 N=4096 d=64 fwd+bwd" in names
