@@ -268,7 +268,7 @@ def _gqa_groups(query: Tensor, key: Tensor, value: Tensor) -> int:
 
 
 def _gqa_heads(name: str, t: Tensor, groups: int, hq: int) -> Tensor:
-    """A mask's / weight's heads dim (-3) against grouped heads: H_q -> (H_kv, groups), 1 -> (1, 1), as views."""
+    """A mask's / weight's heads dim (-3) against grouped heads: H_q -> (H_kv, groups), 1 -> (1, 1), views."""
     h = t.shape[-3]
     if h == 1:
         return t.unsqueeze(-3)
