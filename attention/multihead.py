@@ -98,9 +98,8 @@ def attention_graph(batch: int, heads: int, n: int, m: int, key_padding_mask: Op
         if not is_causal:
             am = _allow_extra_keys(am, extra_keys)
             graphs.append(G.Mask(~am if am.dtype == torch.bool else am))
-    if is_causal:
-        device = next((t.device for t in (attn_mask, key_padding_mask) if t is not None), None)
-        graphs.append(G.Mask(torch.ones(n, m + extra_keys, dtype=torch.bool, device=device).tril()))
+    if is_causal:  # top-left aligned over all M + extra keys: SDPA's is_causal (no mask is built)
+        graphs.append(G.Causal())
     if not graphs:
         return None
     return graphs[0] if len(graphs) == 1 else G.Intersection(graphs)

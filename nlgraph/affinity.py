@@ -116,27 +116,42 @@ def _centre(query: Tensor, key: Tensor) -> Tensor:
     return c
 
 
-def _checked(affinity: "Affinity", form: ScoreForm) -> ScoreForm:
+def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> ScoreForm:
     """Raise ValueError when the scores of ``form`` may overflow the accumulation dtype (eager only).
 
     Every partial sum of q'_i . k'_j is at most S = sum_d max_i |q'_id| max_j |k'_jd| in magnitude
     (exactly; rounded, S (1 + d u) to first order), so |s_ij| <= S + max |r| + max |c|. Computed in
     float64 from the form's own tensors (one host sync); a non-finite term (an overflow while forming
-    q * scale, |k'|^2, ...) fails the check as well.
+    q * scale, |k'|^2, ...) fails the check as well. ``factor`` >= 0 multiplies the bilinear term (a
+    scale applied by the kernel instead of to the form's queries).
     """
     if not checking_values():
         return form
     terms = [t for t in (form.query, form.row, form.col) if t is not None]
     dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
     info = torch.finfo(dtype)
+    width = 0 if form.query is None else form.query.shape[-1]
     with torch.no_grad():
-        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
-        width = 0
+        # a screen first: S <= d max|q'| max|k'| needs four whole-tensor reductions (no copies); only
+        # when that coarser bound does not pass does the per-feature bound below decide
+        ext = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
+        if form.query is not None and form.key is not form.query:
+            ext += [form.key.detach().amax(), form.key.detach().amin()]
+        ext = torch.stack([x.double() for x in ext]).abs().tolist()
+        big = [max(ext[i], ext[i + len(terms)]) for i in range(len(terms))]
+        coarse = sum(big)
         if form.query is not None:
-            width = form.query.shape[-1]
-            qa = form.query.detach().abs().reshape(-1, width).amax(0).double()
-            ka = form.key.detach().abs().reshape(-1, width).amax(0).double()
-            bound = bound + (qa * ka).sum()
+            kmax = big[0] if form.key is form.query else max(ext[-2], ext[-1])
+            coarse += width * big[0] * kmax * factor - big[0]
+        if coarse * (1 + (width + 2) * info.eps) < info.max:  # False for inf / NaN: the fine bound decides
+            return form
+        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
+        if form.query is not None:
+            # per-feature max |.| over every other dim (no reshape: strided views are not copied)
+            qa = form.query.detach().abs().amax(dim=tuple(range(form.query.dim() - 1))).double()
+            ka = qa if form.key is form.query else \
+                form.key.detach().abs().amax(dim=tuple(range(form.key.dim() - 1))).double()
+            bound = bound + (qa * ka).sum() * factor
         for t in (form.row, form.col):
             if t is not None:
                 bound = bound + t.detach().abs().amax().double()
@@ -253,6 +268,15 @@ class Softmax(Affinity):
         if isinstance(scale, Tensor):
             scale = scale.reshape(())
         return _checked(self, ScoreForm(query * scale, key, None, None, "exp", "sum"))
+
+    def check_scores(self, query: Tensor, key: Tensor) -> None:
+        """:meth:`form`'s overflow check without forming the scaled queries (for kernels that take a float
+        scale themselves, as SDPA does); eager mode only, like the check itself."""
+        if isinstance(self.scale, Tensor):
+            self.form(query, key)
+            return
+        scale = 1.0 / math.sqrt(query.shape[-1]) if self.scale is None else float(self.scale)
+        _checked(self, ScoreForm(query, key, None, None, "exp", "sum"), factor=abs(scale))
 
     def __repr__(self) -> str:
         return f"Softmax(scale={_fmt(self.scale)})"

@@ -92,6 +92,11 @@ def _cmd_info(args) -> int:
     for name in backend_names():
         doc = (get_backend(name).__doc__ or "").strip().splitlines()[0]
         print(f"  {name:<10} {doc}")
+    from .backends import sdpa
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"sdpa kernels on {device} (float32): {sdpa.kernel_summary(device)}")
     print(f"benchmarks: {', '.join(_benchmarks()) or '-'}")
     return 0
 

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
-from .affinity import Affinity, EdgeWeighted, Softmax
+from ._shapes import broadcast_shapes
 from .backends.common import compute_dtype
-from .dispatch import select_backend
 from ._values import all_finite, checking_values
-from .graph import Complete, EdgeIndex, Graph, Mask, safe_log
+from .affinity import Affinity, DotProduct, EdgeWeighted, Softmax
+from .dispatch import select_backend
+from .graph import Causal, Complete, EdgeIndex, Graph, Intersection, Mask, safe_log
 
 __all__ = ["aggregate", "validate_inputs", "validate_values", "lower_edge_weights", "all_finite"]
 
@@ -61,7 +62,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
             f"key and value must have the same number of keys M, got key {_shape(key)} and value {_shape(value)}"
         )
     try:
-        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        lead = broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"leading (batch) dims of query {_shape(query)}, key {_shape(key)} and value {_shape(value)} "
@@ -76,7 +77,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
     affinity.validate(query, key)
     if isinstance(affinity, EdgeWeighted) and affinity.weight.dim() >= 2:
         try:
-            torch.broadcast_shapes(lead, affinity.weight.shape[:-2])
+            broadcast_shapes(lead, affinity.weight.shape[:-2])
         except RuntimeError:
             raise ValueError(
                 f"EdgeWeighted(weight) has shape {_shape(affinity.weight)}: its leading dims "
@@ -89,7 +90,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
         n, m = query.shape[-2], key.shape[-2]
         graph.validate(n, m, query.device)
         try:
-            torch.broadcast_shapes(lead, torch.Size(graph.lead_shape))
+            broadcast_shapes(lead, torch.Size(graph.lead_shape))
         except RuntimeError:
             raise ValueError(
                 f"graph {graph!r} has leading dims {graph.lead_shape} that do not broadcast with the inputs' "
@@ -107,12 +108,20 @@ def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinit
     weights >= 0); the graph's float masks (no NaN, no +inf), edge weights and index bounds. Graphs and
     affinities keep the caller's value tensors, so these run at every call, not only at construction.
     """
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not all_finite(t):
-            raise ValueError(f"{name} contains NaN or Inf (shape {_shape(t)})")
+    named = {id(t): (name, t) for name, t in (("value", value), ("key", key), ("query", query))}.values()
+    if not _sums_finite([t for _, t in named]):  # one sync for all three; only a failure looks closer
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not all_finite(t):
+                raise ValueError(f"{name} contains NaN or Inf (shape {_shape(t)})")
     affinity.check_values()
     if graph is not None:
         graph.check_values(query.shape[-2], key.shape[-2])
+
+
+def _sums_finite(tensors: list[Tensor]) -> bool:
+    """True when the sum of each tensor is finite (then every entry is; see ``all_finite``), one host sync."""
+    sums = [t.detach().sum() for t in tensors if t.numel()]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: int) -> tuple[Affinity, Optional[Graph]]:
@@ -143,7 +152,8 @@ def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: in
 def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
               graph: Optional[Graph] = None, backend: str = "auto",
               options: Optional[Mapping[str, Any]] = None, dropout_p: float = 0.0,
-              generator: Optional[torch.Generator] = None,
+              generator: Optional[torch.Generator] = None, is_causal: bool = False,
+              scale: Optional[float] = None, enable_gqa: bool = False,
               return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Message passing over a graph: ``y_i = (1 / C_i) sum_{j in N(i)} f(q_i, k_j) v_j``.
 
@@ -165,6 +175,13 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
             unchanged. 0 (default) is exact; pass 0 at evaluation time.
         generator: RNG for the dropout seed (default: torch's global RNG, so ``torch.manual_seed``
             makes runs reproducible).
+        is_causal: as SDPA's: query i sees keys j <= i (the top-left aligned lower triangle of the
+            N x M scores, :class:`nlgraph.graph.Causal`), intersected with ``graph``.
+        scale: as SDPA's: the logit scale of ``Softmax`` (overriding its own) or ``DotProduct``;
+            None keeps the affinity's. A float or a one-entry tensor.
+        enable_gqa: as SDPA's grouped-query attention: query heads H_q (dim -3) a multiple of the key
+            and value heads H_kv; query head h uses key/value head h // (H_q / H_kv). Run as
+            broadcasting views (no copy of the keys or values) on every backend.
         return_lse: also return ``lse = log C_i`` (as FlexAttention's ``return_lse``): for
             softmax-normalised affinities (``Softmax``, ``Gaussian(normalize=True)``) the log of the
             softmax denominator ``logsumexp_j (log f_ij + log w_ij)``; for count normalisation
@@ -184,6 +201,23 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         ValueError: inconsistent shapes, devices, empty or non-finite inputs (shapes in the message).
     """
     affinity = Softmax() if affinity is None else affinity
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if scale is not None:
+        affinity = _with_scale(affinity, scale)
+    if is_causal:
+        graph = Causal() if graph is None else graph & Causal()
+    groups = _gqa_groups(query, key, value) if enable_gqa else 1
+    if groups > 1:  # (..., H_q, N, d) -> (..., H_kv, G, N, d) against keys/values (..., H_kv, 1, M, d): views
+        hq = query.shape[-3]
+        query = query.unflatten(-3, (key.shape[-3], groups))
+        key, value = key.unsqueeze(-3), value.unsqueeze(-3)
+        graph = _gqa_graph(graph, groups, hq)
+        if isinstance(affinity, EdgeWeighted) and affinity.weight.dim() >= 3:
+            weight = _gqa_heads("EdgeWeighted(weight)", affinity.weight, groups, hq)
+            affinity = EdgeWeighted(affinity.base, weight)
     validate_inputs(query, key, value, affinity, graph)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -222,10 +256,82 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         # no value channels, but the queries do have keys: their C_i is computed on one zero channel
         padded = torch.cat([value, value.new_zeros(*value.shape[:-1], 1)], dim=-1)
         y, lse = mod.run(query, key, padded, affinity, graph, **opts_internal, **opts)
-        return y[..., :0], lse
+        return _ungroup((y[..., :0], lse), groups, True)
     if _nothing_to_aggregate(query, key, value, graph):
-        return _zeros_result(query, key, value, affinity, graph, return_lse)
-    return mod.run(query, key, value, affinity, graph, **opts_internal, **opts)
+        out = _zeros_result(query, key, value, affinity, graph, return_lse)
+    else:
+        out = mod.run(query, key, value, affinity, graph, **opts_internal, **opts)
+    return _ungroup(out, groups, return_lse)
+
+
+def _ungroup(out: Any, groups: int, return_lse: bool) -> Any:
+    """Undo enable_gqa's head grouping: (..., H_kv, G, N, e) -> (..., H_q, N, e), lse likewise."""
+    if groups == 1:
+        return out
+    if return_lse:
+        y, lse = out
+        return y.flatten(-4, -3), lse.flatten(-3, -2)
+    return out.flatten(-4, -3)
+
+
+def _with_scale(affinity: Affinity, scale: Any) -> Affinity:
+    """``aggregate(scale=...)``: the affinity with that logit scale (SDPA's ``scale``)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
+        raise TypeError(f"scale must be None, a float or a one-entry tensor, got {type(scale).__name__}")
+    if isinstance(affinity, EdgeWeighted):
+        return EdgeWeighted(_with_scale(affinity.base, scale), affinity.weight)
+    if type(affinity) is Softmax:
+        return Softmax(scale=scale)
+    if type(affinity) is DotProduct:
+        return DotProduct(scale=scale)
+    raise ValueError(f"scale is the logit scale of Softmax or DotProduct; {affinity!r} has none "
+                     f"(got scale={scale!r})")
+
+
+def _gqa_groups(query: Tensor, key: Tensor, value: Tensor) -> int:
+    """H_q / H_kv for ``enable_gqa``; ValueError naming the shapes when the heads do not group."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() < 3:
+            raise ValueError(f"enable_gqa needs a heads dim (-3) on query, key and value; {name} has shape "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if hk != hv or hk == 0 or hq % hk:
+        raise ValueError(f"enable_gqa needs key and value with the same number of heads H_kv (dim -3) "
+                         f"dividing the query's H_q; got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    return hq // hk
+
+
+def _gqa_heads(name: str, t: Tensor, groups: int, hq: int) -> Tensor:
+    """A mask's / weight's heads dim (-3) against grouped heads: H_q -> (H_kv, groups), 1 -> (1, 1), views."""
+    h = t.shape[-3]
+    if h == 1:
+        return t.unsqueeze(-3)
+    if h != hq:
+        raise ValueError(f"enable_gqa: {name} of shape {tuple(t.shape)} has {h} heads (dim -3); it must have "
+                         f"1 or H_q = {hq}")
+    return t.unflatten(-3, (hq // groups, groups))
+
+
+def _gqa_graph(graph: Optional[Graph], groups: int, hq: int) -> Optional[Graph]:
+    """The graph against grouped heads (masks' heads dims regrouped as views); other graphs unchanged."""
+    if not isinstance(graph, Graph) or not graph.lead_shape:
+        return graph  # no per-head data (or not a graph: validate_inputs says so)
+    if isinstance(graph, Intersection):
+        return Intersection([_gqa_graph(g, groups, hq) for g in graph.graphs])
+    if isinstance(graph, Mask):
+        if graph.mask.dim() < 3:
+            return graph
+        return _GroupedMask(_gqa_heads("Mask(mask)", graph.mask, groups, hq))
+    raise ValueError(f"enable_gqa: graph {graph!r} has batch dims {graph.lead_shape}; only Mask graphs may "
+                     f"carry batch or head dims with grouped-query attention")
+
+
+class _GroupedMask(Mask):
+    """A Mask viewed against grouped heads (its values are checked with the call's, in validate_values)."""
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
 
 
 def _featureless(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,7 +357,7 @@ def _lead(query: Tensor, key: Tensor, value: Tensor, graph: Optional[Graph]) -> 
     shapes = [query.shape[:-2], key.shape[:-2], value.shape[:-2]]
     if graph is not None:
         shapes.append(torch.Size(graph.lead_shape))
-    return tuple(torch.broadcast_shapes(*shapes))
+    return tuple(broadcast_shapes(*shapes))
 
 
 def _zeros_result(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,

@@ -4,8 +4,8 @@ Each backend is a module exposing ``can_run(query, key, value, affinity, graph, 
 (bool, reason)`` and ``run(query, key, value, affinity, graph, *, dropout_p=0.0, seed=None, **options)``
 (a backend without dropout may omit ``dropout_p``/``seed``: it is then never asked for dropout).
 Optional module attributes: ``EXACT = False`` marks an approximate backend (tests that demand
-exact equality skip it), and ``prefer(query, key, value, affinity, graph) -> bool`` limits when
-automatic selection takes a backend that could run (a forced ``backend=`` ignores it), and
+exact equality skip it), ``prefer(query, key, value, affinity, graph[, dropout_p]) -> bool`` limits
+when automatic selection takes a backend that could run (a forced ``backend=`` ignores it), and
 ``RETURNS_LSE = True`` declares that ``run`` takes ``return_lse=True`` and then returns ``(y, lse)``
 with lse = log C_i of shape (..., N) (``aggregate(..., return_lse=True)`` only considers such
 backends; the others are never passed the argument). Registering one is one line in
@@ -70,6 +70,14 @@ def _can_run(mod: ModuleType, query, key, value, affinity, graph, dropout_p: flo
     return mod.can_run(query, key, value, affinity, graph)
 
 
+def _prefers(mod: ModuleType, query, key, value, affinity, graph, dropout_p: float) -> bool:
+    if not hasattr(mod, "prefer"):
+        return True
+    if dropout_p > 0 and "dropout_p" in inspect.signature(mod.prefer).parameters:
+        return mod.prefer(query, key, value, affinity, graph, dropout_p=dropout_p)
+    return mod.prefer(query, key, value, affinity, graph)
+
+
 def compatible_backends(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
                         graph: Optional[Graph], dropout_p: float = 0.0,
                         return_lse: bool = False) -> list[str]:
@@ -99,7 +107,7 @@ def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity
     for name in _REGISTRY:
         mod = get_backend(name)
         ok, reason = _can_run(mod, query, key, value, affinity, graph, dropout_p, return_lse)
-        if ok and (not hasattr(mod, "prefer") or mod.prefer(query, key, value, affinity, graph)):
+        if ok and _prefers(mod, query, key, value, affinity, graph, dropout_p):
             return name, mod
         reasons.append(f"{name}: {reason or 'not preferred for this size'}")
     raise BackendError(f"no backend can run {_describe(query, key, value, affinity, graph)}; " + "; ".join(reasons))

@@ -40,6 +40,7 @@ __all__ = [
     "Complete",
     "Mask",
     "ExcludeSelf",
+    "Causal",
     "LocalWindow",
     "CrissCross",
     "KNN",
@@ -285,6 +286,30 @@ class ExcludeSelf(Graph):
 
     def __repr__(self) -> str:
         return "ExcludeSelf()"
+
+
+class Causal(Graph):
+    """Query i sees keys j <= i: the causal mask of SDPA's ``is_causal=True``, top-left aligned.
+
+    For N queries and M keys the edge set is ``torch.ones(N, M, dtype=torch.bool).tril()`` (as
+    :func:`torch.nn.functional.scaled_dot_product_attention` builds it, also when N != M), so every
+    query keeps key 0. Tiles above the diagonal hold no edge and tiled backends skip them.
+    """
+
+    def block(self, i0, i1, j0, j1, device):
+        if j1 - 1 <= i0:
+            return None  # every key of the tile is at or before every query of it
+        i = torch.arange(i0, i1, device=device)
+        j = torch.arange(j0, j1, device=device)
+        return i[:, None] >= j[None, :]
+
+    def tile_pairs(self, row_tiles, col_tiles, device):
+        last = torch.tensor([b - 1 for _, b in row_tiles], device=device)
+        first = torch.tensor([a for a, _ in col_tiles], device=device)
+        return first[None, :] <= last[:, None]
+
+    def __repr__(self) -> str:
+        return "Causal()"
 
 
 def _grid_coords(shape: tuple[int, ...], device: torch.device) -> Tensor:

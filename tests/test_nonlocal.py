@@ -106,7 +106,7 @@ def test_use_scale_only_changes_embedded_gaussian():
 
 
 @pytest.mark.parametrize("mode,expected", [("dot_product", "algebra"), ("concatenation", "algebra"),
-                                           ("embedded_gaussian", "chunked"), ("gaussian", "chunked")])
+                                           ("embedded_gaussian", "sdpa"), ("gaussian", "sdpa")])
 def test_dispatch_never_materialises_for_linear_modes(mode, expected, monkeypatch):
     """On a 64x64 map, dot_product / concatenation go through the exact algebra (no 4096 x 4096)."""
     block = _randomise(NonLocal2d(8, mode=mode, sub_sample=False))

@@ -217,6 +217,9 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
         return Member(G.Mask(lib), bias=ref, named={"float_mask": (lib, ref)})
     if kind == "exclude_self":
         return Member(G.ExcludeSelf(), adj=1.0 - torch.eye(n, dtype=F64))
+    if kind == "causal":  # SDPA's is_causal: key j <= query i, top-left aligned also when N != M
+        adj = torch.tensor([[1.0 if j <= i else 0.0 for j in range(m)] for i in range(n)], dtype=F64)
+        return Member(G.Causal(), adj=adj)
     if kind == "window":
         radius = tuple(mk.integer(0, 2) for _ in grid)
         order = torch.randperm(n, generator=mk.gen) if mk.coin() else None
@@ -250,7 +253,8 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
 
 
 GRID_SHAPES = [(1,), (4,), (6,), (2, 3), (3, 3), (2, 4), (1, 5), (2, 2, 2), (2, 1, 3), (3, 2, 2)]
-ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "window", "criss_cross")
+ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window",
+              "criss_cross")
 ALL_AFFINITIES = ("softmax", "gaussian", "dot", "concat")
 
 
@@ -307,7 +311,7 @@ def cases(draw, dtype: torch.dtype = F64, affinities=ALL_AFFINITIES, graphs=ALL_
         m = n if draw(st.booleans()) else draw(st.integers(1, 6))
     d, e = draw(st.integers(1, 4)), draw(st.integers(1, 3))
 
-    kinds = [g for g in ("mask_bool", "mask_float", "knn", "edge_index") if g in graphs]
+    kinds = [g for g in ("mask_bool", "mask_float", "knn", "edge_index", "causal") if g in graphs]
     if n == m and "exclude_self" in graphs:
         kinds.append("exclude_self")
     if grid is not None and "window" in graphs:
@@ -464,6 +468,11 @@ def test_every_backend_matches_the_formula(case: Case):
     assert "reference" in backends, case.describe()
     if not any(name.startswith(("edge_weight", "per_edge")) for name in case.named):
         assert "chunked" in backends, case.describe()  # only per-edge weights with gradients keep chunked out
+    # the sdpa backend takes exactly the softmax-normalised attention cases SDPA computes
+    sdpa_case = (case.kind == "softmax" or (case.kind == "gaussian" and not case.params.get("offset"))) and \
+        all(label in ("Mask", "Causal", "ExcludeSelf", "Intersection") for label in case.labels[1:-1]) and \
+        not any(name.startswith("per_edge") for name in case.named)
+    assert ("sdpa" in backends) == sdpa_case, case.describe()
     rtol, atol = TOLERANCES[F64]
     check_case(case, rtol, atol, backends)
 
@@ -517,7 +526,8 @@ def _float32_bound(case: Case) -> float:
 
 @profile(examples=int(__import__("os").environ.get("NLG_F32", "8")))
 @given(cases(dtype=torch.float32, affinities=("softmax", "gaussian"),
-             graphs=("mask_bool", "mask_float", "exclude_self", "window"), weightings=("none", "dense")))
+             graphs=("mask_bool", "mask_float", "exclude_self", "causal", "window"),
+             weightings=("none", "dense")))
 def test_float32_backends_incl_triton_match_the_formula(case: Case):
     """float32 on every exact backend, the triton kernels (interpreted on the CPU) included, vs float64."""
     backends = _backends(case)

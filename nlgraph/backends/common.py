@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._shapes import broadcast_shapes
 from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, _slice_rows_cols, safe_log
 
@@ -54,7 +55,7 @@ def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: 
         shapes.append(bias.shape[:-2])
     if graph is not None:
         shapes.append(torch.Size(graph.lead_shape))
-    lead = tuple(torch.broadcast_shapes(*shapes))
+    lead = tuple(broadcast_shapes(*shapes))
     return Problem(form, value.to(cd), bias, graph, lead, n, m, e)
 
 
