@@ -33,10 +33,14 @@ def _x(*shape, seed=1):
 
 
 def test_signature_defaults_and_positional_order_are_torchs():
+    # nlgraph's own extensions are keyword-only, after torch's parameters (context parallelism)
+    extensions = {"__init__": ["process_group", "distributed_method"], "forward": []}
     for name in ("__init__", "forward"):
         ours = inspect.signature(getattr(MultiheadAttention, name)).parameters
         theirs = inspect.signature(getattr(nn.MultiheadAttention, name)).parameters
-        assert list(ours) == list(theirs), name
+        assert list(ours) == list(theirs) + extensions[name], name
+        for p in extensions[name]:
+            assert ours[p].kind is inspect.Parameter.KEYWORD_ONLY and ours[p].default is not inspect.Parameter.empty
         for p in theirs:
             assert ours[p].default == theirs[p].default, (name, p)
             assert ours[p].kind == theirs[p].kind, (name, p)

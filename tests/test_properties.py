@@ -430,17 +430,23 @@ def check_case(case: Case, rtol: float, atol: float, backends: list[str], lse: b
         l_ref = log_normaliser(case.kind, q64, k64, case.params, case.adj, case.bias).expand(y_ref.shape[:-1])
         dl = torch.randn(l_ref.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
         loss_ref = loss_ref + (_finite_or_zero(l_ref) * dl).sum()
-    grads_ref = torch.autograd.grad(loss_ref, refs, allow_unused=True)
+    grads_ref_lse = torch.autograd.grad(loss_ref, refs, allow_unused=True, retain_graph=lse)
+    grads_ref_y = torch.autograd.grad((y_ref * dout).sum(), refs, allow_unused=True) if lse else grads_ref_lse
+    # a backend that cannot return lse (no RETURNS_LSE, e.g. sdpa) is checked on y alone
+    lse_ok = set(nlgraph.dispatch.compatible_backends(case.q, case.k, case.v, case.affinity, case.graph,
+                                              return_lse=True)) if lse else set()
     for b in backends:
         event(f"backend {b}")
         what = f"{b}, {case.describe()}"
+        with_lse = b in lse_ok
+        grads_ref = grads_ref_lse if with_lse else grads_ref_y
         out = nlgraph.aggregate(case.q, case.k, case.v, case.affinity, case.graph, backend=b,
-                                options=case.options if b == "chunked" else None, return_lse=lse)
-        y = out[0] if lse else out
+                                options=case.options if b == "chunked" else None, return_lse=with_lse)
+        y = out[0] if with_lse else out
         assert y.shape == y_ref.shape and y.dtype == case.q.dtype, what
         _close(y, y_ref, f"forward, {what}", rtol, atol)
         loss = (y.to(F64) * dout).sum()
-        if lse:
+        if with_lse:
             got = out[1]
             assert got.shape == l_ref.shape, what
             fin = torch.isfinite(l_ref)
