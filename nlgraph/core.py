@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -147,6 +147,33 @@ def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: in
         )
     log_w = Mask(safe_log(w))
     return affinity.base, log_w if graph is None else graph & log_w
+
+
+@overload
+def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
+              graph: Optional[Graph] = None, backend: str = "auto",
+              options: Optional[Mapping[str, Any]] = None, dropout_p: float = 0.0,
+              generator: Optional[torch.Generator] = None, is_causal: bool = False,
+              scale: Optional[float] = None, enable_gqa: bool = False,
+              return_lse: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
+              graph: Optional[Graph] = None, backend: str = "auto",
+              options: Optional[Mapping[str, Any]] = None, dropout_p: float = 0.0,
+              generator: Optional[torch.Generator] = None, is_causal: bool = False,
+              scale: Optional[float] = None, enable_gqa: bool = False, *,
+              return_lse: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
+              graph: Optional[Graph] = None, backend: str = "auto",
+              options: Optional[Mapping[str, Any]] = None, dropout_p: float = 0.0,
+              generator: Optional[torch.Generator] = None, is_causal: bool = False,
+              scale: Optional[float] = None, enable_gqa: bool = False,
+              return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 
 
 def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affinity] = None,
