@@ -117,29 +117,30 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     x = x.contiguous()  # channel-first planes (a colour image arrives channel-last, strided by C)
     channels, spatial = x.shape[0], tuple(x.shape[1:])
     nd, o = len(spatial), s // 2
+    inv_h2 = 1.0 / (h * h) if h * h > 0 else math.inf
     if fast:
-        scale2 = 1.0 / (channels * s ** nd * h * h)
+        scale2 = inv_h2 / (channels * s ** nd)
         corr_w = float((s - 1) ** nd) / float(s ** nd)  # sum of the patch weights times channels * h^2
         taps = None
     else:
         a = (s - 1.0) / 4.0
         p = torch.arange(-o, o + 1, dtype=torch.float64)
         g1 = torch.exp(-p * p / (2 * a * a)) if a > 0 else torch.ones_like(p)
-        scale2 = 1.0 / (channels * float(g1.sum()) ** nd * h * h)
+        scale2 = inv_h2 / (channels * float(g1.sum()) ** nd)
         corr_w = 1.0
         taps = [float(v) for v in g1]
+    xs = F.pad(x[None], (o, o) * nd, mode="reflect")[0] * math.sqrt(scale2)
+    if not all_finite(xs):
+        raise ValueError(f"h={h!r} is too small for this image: the patches scaled by 1/h overflow {x.dtype} "
+                         f"(image values up to {float(x.abs().max()):.3g})")
     # scikit-image's noise correction: 2 sigma^2 per weighted squared difference (per channel)
     try:
-        corr = 2.0 * float(sigma) ** 2 * corr_w / (h * h)
+        corr = 2.0 * float(sigma) ** 2 * corr_w * inv_h2
     except OverflowError:
         corr = math.inf
     if not math.isfinite(corr):
         raise ValueError(f"sigma={sigma!r} is too large for h={h!r}: the noise correction 2 sigma^2 / h^2 "
                          f"overflows a float")
-    xs = F.pad(x[None], (o, o) * nd, mode="reflect")[0] * math.sqrt(scale2)
-    if not all_finite(xs):
-        raise ValueError(f"h={h!r} is too small for this image: the patches scaled by 1/h overflow {x.dtype} "
-                         f"(image values up to {float(x.abs().max()):.3g})")
     inplace = not (torch.is_grad_enabled() and x.requires_grad)  # autograd: out-of-place weights
     thresh = math.exp(-cutoff) if cutoff is not None else None
     radius = tuple(min(d, n - 1) for n in spatial)
