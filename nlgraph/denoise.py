@@ -155,12 +155,13 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     plan = []  # per offset: its rows of i along the strip axis, and its slices along the other axes
     for t in _half_window(radius):
         lo = [max(0, -v) for v in t]
-        hi = [min(n, n - v) for n, v in zip(spatial, t)]
-        plan.append((t, lo[0], hi[0], [b - a for a, b in zip(lo, hi)],
-                     tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:])),
-                     tuple(slice(a + v, b + v) for a, b, v in zip(lo[1:], hi[1:], t[1:])),
-                     tuple(slice(a, b + 2 * o) for a, b in zip(lo[1:], hi[1:])),
-                     tuple(slice(a + v, b + v + 2 * o) for a, b, v in zip(lo[1:], hi[1:], t[1:]))))
+        hi = [min(n, n - v) for n, v in zip(spatial, t, strict=True)]
+        plan.append((t, lo[0], hi[0], [b - a for a, b in zip(lo, hi, strict=True)],
+                     tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:], strict=True)),
+                     tuple(slice(a + v, b + v) for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True)),
+                     tuple(slice(a, b + 2 * o) for a, b in zip(lo[1:], hi[1:], strict=True)),
+                     tuple(slice(a + v, b + v + 2 * o)
+                           for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True))))
     # strip-major, then offset by offset: a strip's pixels and those within the window of it stay in cache
     for s0 in range(0, spatial[0], rows):
         for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in plan:
@@ -241,8 +242,10 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     if not x.is_floating_point():
         raise TypeError(f"image must be floating point (e.g. skimage.img_as_float(image)), got {x.dtype}")
     if channel_axis is not None:
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, int) or not -x.dim() <= channel_axis < x.dim():
-            raise ValueError(f"channel_axis {channel_axis!r} is out of range for an image of shape {tuple(x.shape)}")
+        if (isinstance(channel_axis, bool) or not isinstance(channel_axis, int)
+                or not -x.dim() <= channel_axis < x.dim()):
+            raise ValueError(f"channel_axis {channel_axis!r} is out of range for an image of shape "
+                             f"{tuple(x.shape)}")
         x = torch.movedim(x, channel_axis, 0)
     else:
         x = x[None]
@@ -252,7 +255,8 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
                          f"{tuple(image.shape)} with channel_axis={channel_axis}")
     if x.numel() == 0:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
+    if (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1
+            or patch_size % 2 == 0):
         raise ValueError(f"patch_size must be a positive odd int, got {patch_size!r}")
     if patch_size // 2 >= min(spatial):
         raise ValueError(f"patch_size {patch_size} is too large for an image of spatial shape {spatial} "
@@ -260,17 +264,18 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     if isinstance(patch_distance, bool) or not isinstance(patch_distance, int) or patch_distance < 0:
         raise ValueError(f"patch_distance must be an int >= 0, got {patch_distance!r}")
     for name, val, positive in (("h", h, True), ("sigma", sigma, False)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0 or (
-                positive and val == 0):
+        if (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0
+                or (positive and val == 0)):
             raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {val!r}")
     if not isinstance(fast_mode, bool):
         raise TypeError(f"fast_mode must be a bool, got {type(fast_mode).__name__}")
     if cutoff is not None:
-        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff) or cutoff < 0:
+        if (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff)
+                or cutoff < 0):
             raise ValueError(f"cutoff must be None or a finite number >= 0, got {cutoff!r}")
         if backend != "auto":
-            raise ValueError(f"cutoff={cutoff!r} needs backend='auto' (the core op's Gaussian affinity has no "
-                             f"cut-off), got backend={backend!r}")
+            raise ValueError(f"cutoff={cutoff!r} needs backend='auto' (the core op's Gaussian affinity has "
+                             f"no cut-off), got backend={backend!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if not all_finite(x):
