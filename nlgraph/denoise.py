@@ -88,10 +88,12 @@ def _patch_weights(s: int, nd: int, channels: int, h: float, uniform: bool, dtyp
     return torch.sqrt(2.0 * w).reshape(-1).repeat(channels)
 
 
-# Elements of one strip of the per-offset work arrays on CPU: small enough to stay in the L2 cache
-# (and in malloc's heap, not fresh mmaps) through the ~10 passes an offset takes (measured: 4-8x
-# faster per element than whole 512 x 512 float64 images on this machine).
-_STRIP_ELEMS = 1 << 15
+# Elements of the largest per-offset work array of one strip on CPU (C x (rows + patch - 1) x the
+# padded other axes): below torch's parallel grain size (32768), so every op of the loop runs inline
+# (measured: with 2 threads on a busy machine, ops that go parallel stall for milliseconds each), and
+# small enough to stay in the L2 cache (and in malloc's heap, not fresh mmaps) through the ~10
+# passes an offset takes.
+_STRIP_ELEMS = (1 << 15) - 1
 
 
 def _half_window(radius: tuple[int, ...]):
@@ -142,6 +144,7 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
         raise ValueError(f"sigma={sigma!r} is too large for h={h!r}: the noise correction 2 sigma^2 / h^2 "
                          f"overflows a float")
     inplace = not (torch.is_grad_enabled() and x.requires_grad)  # autograd: out-of-place weights
+    numpy_exp = inplace and x.device.type == "cpu"
     thresh = math.exp(-cutoff) if cutoff is not None else None
     radius = tuple(min(d, n - 1) for n in spatial)
     num = x.clone()  # the offset 0: distance 0, weight exp(-max(-corr, 0)) = 1
@@ -151,7 +154,7 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     inner = 1
     for n in spatial[1:]:
         inner *= n + 2 * o
-    rows = max(1, _STRIP_ELEMS // inner) if x.device.type == "cpu" else spatial[0]
+    rows = max(1, _STRIP_ELEMS // (inner * channels) - 2 * o) if x.device.type == "cpu" else spatial[0]
     plan = []  # per offset: its rows of i along the strip axis, and its slices along the other axes
     for t in _half_window(radius):
         lo = [max(0, -v) for v in t]
@@ -195,7 +198,11 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
             negdist = dsq
             if corr > 0:
                 negdist = negdist.add_(corr).clamp_(max=0.0) if inplace else (negdist + corr).clamp(max=0.0)
-            w = negdist.exp_() if inplace else negdist.exp()
+            if numpy_exp:  # numpy's exp: single-threaded (torch's goes parallel on small strips and stalls
+                np.exp(negdist.numpy(), out=negdist.numpy())  # on a busy machine), and faster here
+                w = negdist
+            else:
+                w = negdist.exp_() if inplace else negdist.exp()
             if thresh is not None:
                 w = F.threshold(w, thresh, 0.0, inplace=inplace)
             ri = (slice(r0, r1),) + rest_i
