@@ -1,8 +1,9 @@
-"""Non-local means denoising (Buades, Coll and Morel, CVPR 2005) as one call of the core op.
+"""Non-local means denoising (Buades, Coll and Morel, CVPR 2005): the core op on a search-window graph.
 
-Every pixel is a node whose features are its (reflect-padded) patch, the graph is the search
-window (``LocalWindow`` of radius ``patch_distance``, clipped at the borders), the affinity is a
-Gaussian on patch distances normalised by its sum (C = sum f), and the values are the pixels:
+Non-local means is an instance of the core op ``y_i = sum_j f_ij v_j / C_i`` on a ``LocalWindow``
+graph (radius ``patch_distance``, clipped at the borders): every pixel is a node, its features the
+(reflect-padded) patch around it, the affinity a Gaussian on patch distances normalised by its sum
+(C = sum f), the values the pixels:
 
     u_i = sum_{j in window(i)} w_ij u_j / sum_j w_ij,
     w_ij = exp(-max(sum_p g_p |P_i(p) - P_j(p)|^2 / (C h^2 sum g) - 2 sigma^2 / h^2, 0))
@@ -10,15 +11,33 @@ Gaussian on patch distances normalised by its sum (C = sum f), and the values ar
 with patch weights g Gaussian (std (patch_size - 1) / 4, scikit-image's classic algorithm,
 ``fast_mode=False``) or uniform (``fast_mode=True``: scikit-image's fast-mode distance, which sums
 over the (patch_size - 1)^D box its integral images cover and divides by patch_size^D), including
-scikit-image's sigma correction. This is the exact formula; scikit-image
-additionally drops weights below exp(-5) and its fast mode also searches reflected pixels past the
-border, so results agree to a fraction of a dB of PSNR rather than bit for bit.
-Nodes are laid out in spatial blocks (:func:`nlgraph.graph.blocked_order`) so the tiled backend
-skips the tiles outside the window. On GPU the same call runs on the GPU backends.
+scikit-image's sigma correction. This is the exact formula (scikit-image additionally drops
+weights of distance above 5, ``cutoff=5.0`` here, and its fast mode also searches reflected pixels
+past the border, so results agree to a fraction of a dB of PSNR rather than bit for bit).
+
+Two computations of that one formula:
+
+* ``backend="auto"`` (default), shift-major: the affinity of an edge (i, i + t) is a patch distance,
+  a filter (box or separable Gaussian) applied to the per-pixel squared differences between the
+  image and its shift by t. So the weights of all edges with offset t come from one image-sized
+  filter of one difference image, the way scikit-image's fast mode computes them (Darbon et al.
+  2008, Froment 2014): for each offset of the half window (f_ij = f_ji, so each pair is computed
+  once and added to both ends), box filtering with cumulative sums (integral images) or a separable
+  Gaussian, then the weighted sums of the shifted pixels, all in vectorised tensor ops over every
+  pixel. O(N w^D) for the box (independent of the patch size), O(N w^D p D) for the Gaussian,
+  against the core op's O(N w^D p^D C) for generic features. This is a specialised affinity
+  computation, not a second aggregation: it evaluates the same f_ij, C_i and sums as
+  :func:`nlgraph.aggregate` on the same graph (tests check the equality), exploiting that a patch
+  distance is a filtered difference image, which generic features do not allow. Differentiable
+  (autograd) in the image.
+* ``backend=NAME`` (any core-op backend, e.g. ``"chunked"``, ``"reference"``, ``"triton"``): one
+  :func:`nlgraph.aggregate` call with the weighted patches as features, nodes laid out in spatial
+  blocks (:func:`nlgraph.graph.blocked_order`) so the tiled backends skip the tiles outside the window.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Union
 
@@ -69,9 +88,136 @@ def _patch_weights(s: int, nd: int, channels: int, h: float, uniform: bool, dtyp
     return torch.sqrt(2.0 * w).reshape(-1).repeat(channels)
 
 
+# Elements of the largest per-offset work array of one strip on CPU (C x (rows + patch - 1) x the
+# padded other axes): below torch's parallel grain size (32768), so every op of the loop runs inline
+# (measured: with 2 threads on a busy machine, ops that go parallel stall for milliseconds each), and
+# small enough to stay in the L2 cache (and in malloc's heap, not fresh mmaps) through the ~10
+# passes an offset takes.
+_STRIP_ELEMS = (1 << 15) - 1
+
+
+def _half_window(radius: tuple[int, ...]):
+    """The offsets t != 0 of the window with t > 0 lexicographically (one of each pair t, -t)."""
+    zero = (0,) * len(radius)
+    for t in itertools.product(*[range(-r, r + 1) for r in radius]):
+        if t > zero:
+            yield t
+
+
+def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: bool,
+                 cutoff: Optional[float]) -> torch.Tensor:
+    """Non-local means of a (C, *spatial) image, offset by offset (see the module docstring).
+
+    For an offset t and every pixel i with i + t in the image, the squared patch distance is the
+    patch filter applied to D_t(q) = sum_c (x_c(q) - x_c(q + t))^2 on the reflect-padded image:
+    fast mode sums D_t over the box of patch offsets (-o, o]^D with cumulative sums (two passes per
+    axis, whatever the patch size), the classic mode weighs it with the separable Gaussian (one
+    multiply-add per tap and axis). The weight w = exp(-max(dist - corr, 0)) then adds w x(i + t)
+    to pixel i and w x(i) to pixel i + t (the distance is symmetric). Strips along the first axis
+    keep the work arrays in cache on CPU.
+    """
+    x = x.contiguous()  # channel-first planes (a colour image arrives channel-last, strided by C)
+    channels, spatial = x.shape[0], tuple(x.shape[1:])
+    nd, o = len(spatial), s // 2
+    inv_h2 = 1.0 / (h * h) if h * h > 0 else math.inf
+    if fast:
+        scale2 = inv_h2 / (channels * s ** nd)
+        corr_w = float((s - 1) ** nd) / float(s ** nd)  # sum of the patch weights times channels * h^2
+        taps = None
+    else:
+        a = (s - 1.0) / 4.0
+        p = torch.arange(-o, o + 1, dtype=torch.float64)
+        g1 = torch.exp(-p * p / (2 * a * a)) if a > 0 else torch.ones_like(p)
+        scale2 = inv_h2 / (channels * float(g1.sum()) ** nd)
+        corr_w = 1.0
+        taps = [float(v) for v in g1]
+    xs = F.pad(x[None], (o, o) * nd, mode="reflect")[0] * math.sqrt(scale2)
+    if not all_finite(xs):
+        raise ValueError(f"h={h!r} is too small for this image: the patches scaled by 1/h overflow {x.dtype} "
+                         f"(image values up to {float(x.abs().max()):.3g})")
+    # scikit-image's noise correction: 2 sigma^2 per weighted squared difference (per channel)
+    try:
+        corr = 2.0 * float(sigma) ** 2 * corr_w * inv_h2
+    except OverflowError:
+        corr = math.inf
+    if not math.isfinite(corr):
+        raise ValueError(f"sigma={sigma!r} is too large for h={h!r}: the noise correction 2 sigma^2 / h^2 "
+                         f"overflows a float")
+    inplace = not (torch.is_grad_enabled() and x.requires_grad)  # autograd: out-of-place weights
+    numpy_exp = inplace and x.device.type == "cpu"
+    thresh = math.exp(-cutoff) if cutoff is not None else None
+    radius = tuple(min(d, n - 1) for n in spatial)
+    num = x.clone()  # the offset 0: distance 0, weight exp(-max(-corr, 0)) = 1
+    den = torch.ones(spatial, dtype=x.dtype, device=x.device)
+    # per-channel spatial views: every op of the loop is on one plane (fewer indexing calls per offset,
+    # and strips sized by a plane)
+    xs_c, x_c, num_c = ([t[c] for c in range(channels)] for t in (xs, x, num))  # (not unbind: autograd)
+    inner = 1
+    for n in spatial[1:]:
+        inner *= n + 2 * o
+    rows = max(1, _STRIP_ELEMS // inner - 2 * o) if x.device.type == "cpu" else spatial[0]
+    plan = []  # per offset: its rows of i along the strip axis, and its slices along the other axes
+    for t in _half_window(radius):
+        lo = [max(0, -v) for v in t]
+        hi = [min(n, n - v) for n, v in zip(spatial, t, strict=True)]
+        plan.append((t, lo[0], hi[0], [b - a for a, b in zip(lo, hi, strict=True)],
+                     tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:], strict=True)),
+                     tuple(slice(a + v, b + v) for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True)),
+                     tuple(slice(a, b + 2 * o) for a, b in zip(lo[1:], hi[1:], strict=True)),
+                     tuple(slice(a + v, b + v + 2 * o)
+                           for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True))))
+    # strip-major, then offset by offset: a strip's pixels and those within the window of it stay in cache
+    for s0 in range(0, spatial[0], rows):
+        for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in plan:
+            r0, r1 = max(s0, lo0), min(s0 + rows, hi0)
+            if r0 >= r1:
+                continue
+            n0 = r1 - r0
+            pi = (slice(r0, r1 + 2 * o),) + rest_pi
+            pj = (slice(r0 + t[0], r1 + t[0] + 2 * o),) + rest_pj
+            dsq = xs_c[0][pi] - xs_c[0][pj]
+            dsq = dsq.square_() if inplace else dsq * dsq
+            for c in range(1, channels):  # sum over channels, one plane at a time
+                diff = xs_c[c][pi] - xs_c[c][pj]
+                dsq = dsq.addcmul_(diff, diff) if inplace else dsq + diff * diff
+            # filter the last axes first (contiguous), the strip axis last, which yields -distance
+            for ax in range(nd - 1, -1, -1):
+                n = n0 if ax == 0 else lens[ax]
+                if fast:
+                    if o == 0:  # an empty box: distance 0
+                        dsq = dsq.narrow(ax, 0, n) * 0.0
+                        continue
+                    q = dsq.cumsum(ax)
+                    a_, b_ = (q.narrow(ax, 2 * o, n), q.narrow(ax, 0, n))
+                    dsq = a_ - b_ if ax else b_ - a_
+                else:
+                    acc = dsq.narrow(ax, 0, n) * (taps[0] if ax else -taps[0])
+                    for k in range(1, 2 * o + 1):
+                        acc.add_(dsq.narrow(ax, k, n), alpha=taps[k] if ax else -taps[k])
+                    dsq = acc
+            negdist = dsq
+            if corr > 0:
+                negdist = negdist.add_(corr).clamp_(max=0.0) if inplace else (negdist + corr).clamp(max=0.0)
+            if numpy_exp:  # numpy's exp: single-threaded (torch's goes parallel on small strips and stalls
+                np.exp(negdist.numpy(), out=negdist.numpy())  # on a busy machine), and faster here
+                w = negdist
+            else:
+                w = negdist.exp_() if inplace else negdist.exp()
+            if thresh is not None:
+                w = F.threshold(w, thresh, 0.0, inplace=inplace)
+            ri = (slice(r0, r1),) + rest_i
+            rj = (slice(r0 + t[0], r1 + t[0]),) + rest_j
+            den[ri].add_(w)  # (not den[ri] += w: that also copies the view back onto itself)
+            den[rj].add_(w)
+            for c in range(channels):
+                num_c[c][ri].addcmul_(w, x_c[c][rj])
+                num_c[c][rj].addcmul_(w, x_c[c][ri])
+    return num / den
+
+
 def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int = 11, h: float = 0.1,
                      fast_mode: bool = True, sigma: float = 0.0, channel_axis: Optional[int] = None, *,
-                     backend: str = "auto", block: int = 16) -> ArrayLike:
+                     backend: str = "auto", block: int = 16, cutoff: Optional[float] = None) -> ArrayLike:
     """Non-local means with scikit-image's argument names and meanings.
 
     Args:
@@ -80,12 +226,19 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
         patch_size: odd patch side (pixels).
         patch_distance: search-window radius (pixels).
         h: cut-off distance in grey levels (larger = smoother).
-        fast_mode: as scikit-image: True uses its fast mode's uniform patch distance, False the
-            classic Gaussian-weighted one. Both are the same core-op call with other features.
+        fast_mode: as scikit-image: True uses its fast mode's uniform patch distance (box-filtered),
+            False the classic Gaussian-weighted one (separable Gaussian filter). Both compute the
+            same core-op formula with other patch weights.
         sigma: expected noise standard deviation, subtracted from patch distances (flat-top weights).
         channel_axis: axis of the channels, or None for grey images and volumes.
-        backend: the core op's backend ("auto": chunked on CPU).
-        block: side of the spatial blocks the nodes are laid out in (affects speed only).
+        backend: ``"auto"``: the shift-major computation (filtered difference images, O(N w^D) in
+            fast mode); a core-op backend name (:func:`nlgraph.dispatch.backend_names`): one
+            :func:`nlgraph.aggregate` call on the ``LocalWindow`` graph with that backend. Same result.
+        block: side of the spatial blocks the nodes are laid out in (a core-op backend only; affects
+            speed only).
+        cutoff: None (default, the exact formula) or a distance above which (after the sigma
+            correction) a weight is dropped: ``5.0`` is scikit-image's fast-mode rule (weights below
+            exp(-5) are skipped). Only with ``backend="auto"``.
 
     Returns:
         The denoised image, same shape and type.
@@ -97,8 +250,10 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     if not x.is_floating_point():
         raise TypeError(f"image must be floating point (e.g. skimage.img_as_float(image)), got {x.dtype}")
     if channel_axis is not None:
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, int) or not -x.dim() <= channel_axis < x.dim():
-            raise ValueError(f"channel_axis {channel_axis!r} is out of range for an image of shape {tuple(x.shape)}")
+        if (isinstance(channel_axis, bool) or not isinstance(channel_axis, int)
+                or not -x.dim() <= channel_axis < x.dim()):
+            raise ValueError(f"channel_axis {channel_axis!r} is out of range for an image of shape "
+                             f"{tuple(x.shape)}")
         x = torch.movedim(x, channel_axis, 0)
     else:
         x = x[None]
@@ -108,7 +263,8 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
                          f"{tuple(image.shape)} with channel_axis={channel_axis}")
     if x.numel() == 0:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1 or patch_size % 2 == 0:
+    if (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1
+            or patch_size % 2 == 0):
         raise ValueError(f"patch_size must be a positive odd int, got {patch_size!r}")
     if patch_size // 2 >= min(spatial):
         raise ValueError(f"patch_size {patch_size} is too large for an image of spatial shape {spatial} "
@@ -116,18 +272,31 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     if isinstance(patch_distance, bool) or not isinstance(patch_distance, int) or patch_distance < 0:
         raise ValueError(f"patch_distance must be an int >= 0, got {patch_distance!r}")
     for name, val, positive in (("h", h, True), ("sigma", sigma, False)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0 or (
-                positive and val == 0):
+        if (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0
+                or (positive and val == 0)):
             raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {val!r}")
+    if not isinstance(fast_mode, bool):
+        raise TypeError(f"fast_mode must be a bool, got {type(fast_mode).__name__}")
+    if cutoff is not None:
+        if (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff)
+                or cutoff < 0):
+            raise ValueError(f"cutoff must be None or a finite number >= 0, got {cutoff!r}")
+        if backend != "auto":
+            raise ValueError(f"cutoff={cutoff!r} needs backend='auto' (the core op's Gaussian affinity has "
+                             f"no cut-off), got backend={backend!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if not all_finite(x):
         raise ValueError(f"image contains NaN or Inf (shape {tuple(image.shape)})")
 
     out_dtype = x.dtype
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(cd)
+    if backend == "auto":
+        y = _shift_major(x, patch_size, patch_distance, float(h), float(sigma), fast_mode,
+                         None if cutoff is None else float(cutoff))
+        return _restore(y, out_dtype, channel_axis, is_numpy)
     channels = x.shape[0]
-    if not isinstance(fast_mode, bool):
-        raise TypeError(f"fast_mode must be a bool, got {type(fast_mode).__name__}")
     scale = _patch_weights(patch_size, len(spatial), channels, float(h), fast_mode, cd, x.device)
     feats = _patches(x, patch_size) * scale
     if not all_finite(feats):
@@ -149,6 +318,11 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     y_ordered = aggregate(f, f, values[order].contiguous(), aff, graph, backend=backend)
     y = torch.empty_like(y_ordered)
     y[order] = y_ordered
-    out = y.T.reshape(channels, *spatial).to(out_dtype)
+    return _restore(y.T.reshape(channels, *spatial), out_dtype, channel_axis, is_numpy)
+
+
+def _restore(y: torch.Tensor, dtype: torch.dtype, channel_axis: Optional[int], is_numpy: bool) -> ArrayLike:
+    """(C, *spatial) result -> the caller's layout, dtype and type."""
+    out = y.to(dtype)
     out = torch.movedim(out, 0, channel_axis) if channel_axis is not None else out[0]
-    return out.cpu().numpy() if is_numpy else out
+    return out.detach().cpu().numpy() if is_numpy else out
