@@ -1,7 +1,7 @@
 """Compute backends, each a module of its own; all compute the same core op.
 
 Registration order is the automatic priority: exact closed forms first, then the approximate
-lattice and the edge-list path (each only where its ``prefer`` hook says it pays off), then the
+lattice, the grid path and the edge-list path (each only where its ``prefer`` hook says it pays off), then the
 tiled PyTorch path, then the materialising oracle. Adding a backend = one new module + one line here.
 """
 
@@ -10,6 +10,7 @@ from ..dispatch import register
 register("algebra", "nlgraph.backends.algebra")
 register("triton", "nlgraph.backends.triton")
 register("permutohedral", "nlgraph.backends.permutohedral")
+register("grid", "nlgraph.backends.grid")
 register("pyg", "nlgraph.backends.pyg")
 register("chunked", "nlgraph.backends.chunked")
 register("reference", "nlgraph.backends.reference")

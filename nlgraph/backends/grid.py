@@ -1,0 +1,412 @@
+"""The ``grid`` backend: grid graphs (``LocalWindow``, ``CrissCross``) computed on the grid itself.
+
+Nodes are pixels / voxels of a row-major grid, so a query's keys sit at fixed offsets (or in its own
+row and column) and no tile, mask or edge list is needed:
+
+* ``LocalWindow`` (1-D/2-D/3-D, every option: kernel size odd or even, dilation, causal axes, the
+  ``"clip"`` and ``"shift"`` border rules, the relative position bias ``rpb``) is computed
+  shift-major, the way scikit-image's fast non-local means and NATTEN's reference do it: one pass
+  per window slot, vectorised over all nodes at once. Slot u of every query is the key at offset u
+  (``"clip"``: a shifted view of the zero-padded key map, no copy) or the u-th key of its shifted
+  window (``"shift"``: a gather along the axis). An online (running-max) softmax merges the slots,
+  so forward keeps O(N (d + e)) state and never holds N x window scores; the backward recomputes
+  each slot's scores from the saved log-sum-exp and scatters the key-side gradients back
+  (``index_add_``). The bias enters as the slot's table entry (per offset and leading dim, e.g. head)
+  and its gradient is gathered the same way.
+* ``CrissCross`` (CCNet) is two batched matrix products per pass: the row part (B, H, W, W) and the
+  column part (B, W, H, H) with the query itself removed from the column part (counted once), merged
+  exactly by a joint log-sum-exp. That is O(N (H + W) d) work, CCNet's cost (tiles and edge lists
+  pay O(N^2 d) or gathers); the normalised weights (N (H + W) per batch entry, the same as the einsum
+  formulation's attention map) are saved for the backward.
+
+Every exp-kernel affinity of the canonical form (``Softmax``; ``Gaussian`` with C = sum f or C = 1,
+with or without a flat top): s_ij = q'_i . k'_j + r_i + c_j, f = exp(s) (flat top: exp(min(s + o,
+0))). Count-normalised affinities (DotProduct, Concatenation), dropout, a permuted node order and
+intersections with other graphs go to the other backends (``can_run`` says which). Accumulation is
+fp32 for fp16/bf16 inputs and the input dtype otherwise. The autograd Functions use
+``setup_context`` and trace under torch.compile; float64 gradcheck passes (tests/test_grid.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..graph import CrissCross, LocalWindow
+from .common import lower
+
+__all__ = ["can_run", "prefer", "run", "MAX_WINDOW_SLOTS"]
+
+_NEG_INF = -math.inf
+
+#: Automatic dispatch takes ``grid`` for criss-cross graphs always and for local windows of at most
+#: this many slots (keys per query). Measured with ``nlgraph bench grid`` (2-core CPU, one thread):
+#: the shift-major loop costs O(N window (d + e)) memory traffic, the tiled ``chunked`` path
+#: O(N tile (d + e)) compute; the bench's ``grid vs chunked`` rows place the crossover.
+MAX_WINDOW_SLOTS = 200
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    if not isinstance(graph, (LocalWindow, CrissCross)):
+        return False, f"grid computes LocalWindow and CrissCross graphs (alone), not {graph!r}"
+    if graph.order is not None:
+        return False, "grid needs the row-major node order (order=None); use chunked for a permuted order"
+    if affinity.kernel != "exp":
+        return False, (f"grid computes exp-kernel affinities (Softmax, Gaussian), not {affinity!r} "
+                       f"(its kernel is {affinity.kernel!r})")
+    return True, ""
+
+
+def prefer(query, key, value, affinity, graph) -> bool:
+    """Criss-cross always; windows up to MAX_WINDOW_SLOTS keys per query (measured: module docstring)."""
+    if isinstance(graph, CrissCross):
+        return True
+    return math.prod(graph.window_size) <= MAX_WINDOW_SLOTS
+
+
+# ------------------------------------------------------------------------------------------------
+# local windows: shift-major over the window's slots
+# ------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """The window's slots per axis, on one device: how each slot reads the key side, which queries it
+    serves, its flat key index (for the backward's scatter) and its bias-table index."""
+
+    def __init__(self, graph: LocalWindow, device: torch.device):
+        self.shape = graph.shape
+        d = len(self.shape)
+        self.slice_axes = [not (graph.border == "shift" and not graph.is_causal[a]) for a in range(d)]
+        # zero padding of the key side on the clipped axes: slot u reads the view starting at u * dilation
+        self.pads = [(graph.reach[a][0] * graph.dilation[a], graph.reach[a][1] * graph.dilation[a])
+                     if self.slice_axes[a] else (0, 0) for a in range(d)]
+        self.dilation = graph.dilation
+        self.keys, self.valid, self.rel, self.all_valid, self.rel_const = [], [], [], [], []
+        for a in range(d):
+            key, ok = graph.axis_slots(a, device)
+            k = graph.kernel_size[a]
+            t = graph.dilation[a]
+            coord = torch.arange(self.shape[a], device=device)
+            rel = (key // t - coord[None, :] // t + k - 1).clamp(0, 2 * k - 2)  # where ok: the table index
+            self.keys.append(key)
+            self.valid.append(ok)
+            self.rel.append(rel)
+            left = graph.reach[a][0]
+            # host-side facts (no sync, traceable): a clipped slot reaches past the border unless it is
+            # offset 0; its table entry is its offset + k - 1. A shifted window always has its keys.
+            self.all_valid.append([not self.slice_axes[a] or u == left for u in range(key.shape[0])])
+            self.rel_const.append([u - left + k - 1 for u in range(key.shape[0])] if self.slice_axes[a] else None)
+        self.table = tuple(2 * k - 1 for k in graph.kernel_size)
+        self.slots = [kk.shape[0] for kk in self.keys]
+
+    def pad(self, x: Tensor, channels: bool) -> Tensor:
+        """Zero-pad a (B, *shape[, c]) key-side map on the clipped axes."""
+        if not any(p != (0, 0) for p in self.pads):
+            return x
+        spec = [0, 0] if channels else []
+        for lo_hi in reversed(self.pads):
+            spec.extend(lo_hi)
+        return F.pad(x, spec)
+
+    def take(self, x: Tensor, axis: int, u: int) -> Tensor:
+        """The key-side map seen by slot u along ``axis`` (a view on a clipped axis, a gather else)."""
+        if self.slice_axes[axis]:
+            return x.narrow(1 + axis, u * self.dilation[axis], self.shape[axis])
+        return x.index_select(1 + axis, self.keys[axis][u])
+
+    def walk(self, tensors: list[Optional[Tensor]], axis: int = 0,
+             slot: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], list[Optional[Tensor]]]]:
+        """Every slot (u_0, ..., u_{D-1}) with the key-side maps it reads (outer axes' reads shared)."""
+        if axis == len(self.shape):
+            yield slot, tensors
+            return
+        for u in range(self.slots[axis]):
+            yield from self.walk([None if t is None else self.take(t, axis, u) for t in tensors], axis + 1,
+                                 slot + (u,))
+
+    def _axis_view(self, t: Tensor, axis: int) -> Tensor:
+        view = [1] * len(self.shape)
+        view[axis] = self.shape[axis]
+        return t.reshape(view)
+
+    def mask(self, slot: tuple[int, ...]) -> Optional[Tensor]:
+        """(*shape) bool: the queries whose slot has a key; None when all have."""
+        out = None
+        for a, u in enumerate(slot):
+            if not self.all_valid[a][u]:
+                ok = self._axis_view(self.valid[a][u], a)
+                out = ok if out is None else out & ok
+        return None if out is None else out.expand(self.shape)
+
+    def flat_keys(self, slot: tuple[int, ...]) -> Tensor:
+        """(N,) row-major index of each query's key in this slot (clamped into the grid where none)."""
+        flat = None
+        for a, u in enumerate(slot):
+            kb = self._axis_view(self.keys[a][u], a)
+            flat = kb if flat is None else flat * self.shape[a] + kb
+        return flat.expand(self.shape).reshape(-1)
+
+    def bias(self, rpb: Tensor, slot: tuple[int, ...]) -> Tensor:
+        """The slot's bias-table entries, (B, *shape) broadcastable, from rpb (B, *table)."""
+        out = rpb
+        for a, u in enumerate(slot):
+            if self.slice_axes[a]:  # one offset: one entry for every query
+                out = out.narrow(1 + a, self.rel_const[a][u], 1)
+            else:
+                out = out.index_select(1 + a, self.rel[a][u])
+        return out
+
+    def flat_rel(self, slot: tuple[int, ...]) -> Tensor:
+        """(N,) flat bias-table index of each query's edge in this slot."""
+        flat = None
+        for a, u in enumerate(slot):
+            r = self._axis_view(self.rel[a][u], a)
+            flat = r if flat is None else flat * self.table[a] + r
+        return flat.expand(self.shape).reshape(-1)
+
+
+def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Optional[Tensor], bias: Optional[Tensor],
+                 mask: Optional[Tensor], clamp: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+    """One slot's scores s = min(q'.k' + r + c + o, 0) + bias, -inf where the slot has no key, and the
+    capped positions (flat top: no gradient through q', k', r, c there)."""
+    s = torch.linalg.vecdot(fq, kt)
+    if row is not None:
+        s = s + row
+    if colt is not None:
+        s = s + colt
+    capped = None
+    if clamp is not None:
+        s = s + clamp
+        capped = s >= 0
+        s = s.clamp_max(0.0)
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask, _NEG_INF)
+    return s, capped
+
+
+def _finite_or_zero(t: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+class _WindowAggregate(torch.autograd.Function):
+    """Shift-major forward (online softmax over the window's slots) and slot-recomputing backward.
+
+    Inputs are maps (B, *shape[, c]); returns (out (B, *shape, e), stat (B, *shape)): the log-sum-exp
+    per query (C = sum f) or the running max (C = 1), not differentiable."""
+
+    @staticmethod
+    def forward(fq, fk, row, col, rpb, value, meta):
+        plan, clamp, norm = meta["plan"], meta["clamp"], meta["norm"]
+        kp, vp = plan.pad(fk, True), plan.pad(value, True)
+        cp = None if col is None else plan.pad(col, False)
+        lead = fq.shape[:-1]
+        mx = torch.full(lead, _NEG_INF, dtype=fq.dtype, device=fq.device)
+        den = torch.zeros(lead, dtype=fq.dtype, device=fq.device)
+        acc = torch.zeros(*lead, value.shape[-1], dtype=fq.dtype, device=fq.device)
+        for slot, (kt, vt, ct) in plan.walk([kp, vp, cp]):
+            bias = None if rpb is None else plan.bias(rpb, slot)
+            s, _ = _slot_scores(fq, kt, row, ct, bias, plan.mask(slot), clamp)
+            new = torch.maximum(mx, s)
+            safe = _finite_or_zero(new)
+            alpha = torch.exp(mx - safe)
+            w = torch.exp(s - safe)
+            den = den.mul_(alpha).add_(w)
+            acc = acc.mul_(alpha[..., None]).addcmul_(w[..., None], vt)
+            mx = new
+        safe = _finite_or_zero(mx)
+        if norm == "sum":
+            out = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+            stat = torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF))
+        else:
+            out = acc * torch.exp(safe)[..., None]
+            stat = safe
+        return out, stat
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fq, fk, row, col, rpb, value, meta = inputs
+        out, stat = output
+        ctx.meta = meta
+        ctx.mark_non_differentiable(stat)
+        ctx.save_for_backward(fq, fk, row, col, rpb, value, out, stat)
+
+    @staticmethod
+    def backward(ctx, dout, _dstat):
+        fq, fk, row, col, rpb, value, out, stat = ctx.saved_tensors
+        plan, clamp, norm = ctx.meta["plan"], ctx.meta["clamp"], ctx.meta["norm"]
+        need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
+        b = fq.shape[0]
+        n = math.prod(plan.shape)
+        dout = dout.to(value.dtype)
+        kp, vp = plan.pad(fk, True), plan.pad(value, True)
+        cp = None if col is None else plan.pad(col, False)
+        dsum = (dout * out).sum(-1) if norm == "sum" else None
+        base = _finite_or_zero(stat)
+        dq = torch.zeros_like(fq) if need_q else None
+        dk = fk.new_zeros(b, n, fk.shape[-1]) if need_k else None
+        dv = value.new_zeros(b, n, value.shape[-1]) if need_v else None
+        dr = torch.zeros_like(row) if need_r else None
+        dc = col.new_zeros(b, n) if need_c else None
+        db = rpb.new_zeros(b, math.prod(plan.table)) if need_b else None
+        q_flat = fq.reshape(b, n, -1)
+        do_flat = dout.reshape(b, n, -1)
+        for slot, (kt, vt, ct) in plan.walk([kp, vp, cp]):
+            bias = None if rpb is None else plan.bias(rpb, slot)
+            s, capped = _slot_scores(fq, kt, row, ct, bias, plan.mask(slot), clamp)
+            if norm == "sum":
+                p = torch.exp(s - base)  # f / C from the saved log-sum-exp; 0 where the slot has no key
+                ds = p * (torch.linalg.vecdot(dout, vt) - dsum)
+            else:
+                p = torch.exp(s)
+                ds = p * torch.linalg.vecdot(dout, vt)
+            keys = plan.flat_keys(slot) if (need_k or need_v or need_c) else None
+            if need_v:
+                dv.index_add_(1, keys, (p.reshape(b, n, 1) * do_flat))
+            if need_b:
+                db.index_add_(1, plan.flat_rel(slot), ds.reshape(b, n))
+            dlin = ds if capped is None else ds.masked_fill(capped, 0.0)
+            if need_q:
+                dq.addcmul_(dlin[..., None], kt)
+            if need_k:
+                dk.index_add_(1, keys, dlin.reshape(b, n, 1) * q_flat)
+            if need_r:
+                dr.add_(dlin)
+            if need_c:
+                dc.index_add_(1, keys, dlin.reshape(b, n))
+        shape = plan.shape
+        return (dq, None if dk is None else dk.reshape(fk.shape), dr, None if dc is None else dc.reshape(col.shape),
+                None if db is None else db.reshape(rpb.shape), None if dv is None else dv.reshape(b, *shape, -1),
+                None)
+
+
+# ------------------------------------------------------------------------------------------------
+# criss-cross: row and column parts as batched matrix products, one joint log-sum-exp
+# ------------------------------------------------------------------------------------------------
+
+
+def _cc_lin(fq: Tensor, fk: Tensor, row: Optional[Tensor], col: Optional[Tensor],
+            clamp: Optional[float]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Row scores (B, H, W, W'), column scores (B, W, H, H') and (flat top) their capped positions."""
+    sr = fq @ fk.transpose(-1, -2)
+    qt, kt = fq.transpose(1, 2), fk.transpose(1, 2)
+    sc = qt @ kt.transpose(-1, -2)
+    if row is not None:
+        sr = sr + row[..., None]
+        sc = sc + row.transpose(1, 2)[..., None]
+    if col is not None:
+        sr = sr + col[:, :, None, :]
+        sc = sc + col.transpose(1, 2)[:, :, None, :]
+    cr = cc = None
+    if clamp is not None:
+        sr, sc = sr + clamp, sc + clamp
+        cr, cc = sr >= 0, sc >= 0
+        sr, sc = sr.clamp_max(0.0), sc.clamp_max(0.0)
+    return sr, sc, cr, cc
+
+
+def _no_self(sc: Tensor) -> Tensor:
+    """The column part without the query itself (h' = h): it is counted once, in the row part."""
+    sc = sc.clone() if sc._base is not None else sc
+    sc.diagonal(dim1=-2, dim2=-1).fill_(_NEG_INF)
+    return sc
+
+
+class _CrissCrossAggregate(torch.autograd.Function):
+    """Forward: row and column score blocks, a joint log-sum-exp, two value products. Saves the
+    normalised weights (N (H + W) per batch entry) for the backward's four products per part."""
+
+    @staticmethod
+    def forward(fq, fk, row, col, value, meta):
+        clamp, norm = meta["clamp"], meta["norm"]
+        sr, sc, _, _ = _cc_lin(fq, fk, row, col, clamp)
+        sc = _no_self(sc)
+        if norm == "sum":
+            m = torch.maximum(sr.amax(-1), sc.amax(-1).transpose(1, 2))  # (B, H, W); finite (self in the row)
+            pr = sr.sub_(m[..., None]).exp_()
+            pc = sc.sub_(m.transpose(1, 2)[..., None]).exp_()
+            den = pr.sum(-1) + pc.sum(-1).transpose(1, 2)
+            pr = pr.div_(den[..., None])
+            pc = pc.div_(den.transpose(1, 2)[..., None])
+        else:
+            pr, pc = sr.exp_(), sc.exp_()
+        out = pr @ value + (pc @ value.transpose(1, 2)).transpose(1, 2)
+        return out, pr, pc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fq, fk, row, col, value, meta = inputs
+        out, pr, pc = output
+        ctx.meta = meta
+        ctx.mark_non_differentiable(pr, pc)
+        ctx.save_for_backward(fq, fk, row, col, value, out, pr, pc)
+
+    @staticmethod
+    def backward(ctx, dout, _dpr, _dpc):
+        fq, fk, row, col, value, out, pr, pc = ctx.saved_tensors
+        clamp, norm = ctx.meta["clamp"], ctx.meta["norm"]
+        need_q, need_k, need_r, need_c, need_v = ctx.needs_input_grad[:5]
+        dout = dout.to(value.dtype)
+        dot, vt = dout.transpose(1, 2), value.transpose(1, 2)
+        dv = (pr.transpose(-1, -2) @ dout + (pc.transpose(-1, -2) @ dot).transpose(1, 2)) if need_v else None
+        dq = dk = dr = dc = None
+        if need_q or need_k or need_r or need_c:
+            dsr = dout @ value.transpose(-1, -2)
+            dsc = dot @ vt.transpose(-1, -2)
+            if norm == "sum":
+                dsum = (dout * out).sum(-1)
+                dsr = dsr.sub_(dsum[..., None])
+                dsc = dsc.sub_(dsum.transpose(1, 2)[..., None])
+            dsr, dsc = dsr.mul_(pr), dsc.mul_(pc)
+            if clamp is not None:  # the flat top passes no gradient to the scores it caps
+                _, _, cr, cc = _cc_lin(fq, fk, row, col, clamp)
+                dsr, dsc = dsr.masked_fill_(cr, 0.0), dsc.masked_fill_(cc, 0.0)
+            if need_q:
+                dq = dsr @ fk + (dsc @ fk.transpose(1, 2)).transpose(1, 2)
+            if need_k:
+                dk = dsr.transpose(-1, -2) @ fq + (dsc.transpose(-1, -2) @ fq.transpose(1, 2)).transpose(1, 2)
+            if need_r:
+                dr = dsr.sum(-1) + dsc.sum(-1).transpose(1, 2)
+            if need_c:
+                dc = dsr.sum(-2) + dsc.sum(-2).transpose(1, 2)
+        return dq, dk, dr, dc, dv, None
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+    p = lower(query, key, value, affinity, graph, dense_bias=False)
+    lead, n, e = p.lead, p.n, p.e
+    bsz = math.prod(lead)
+    shape = graph.shape
+
+    def grid(t: Optional[Tensor], channels: bool) -> Optional[Tensor]:
+        """(lead..., N[, c]) -> (B, *shape[, c]); a view where the layout allows (no copy)."""
+        if t is None:
+            return None
+        tail = (n, t.shape[-1]) if channels else (n,)
+        t = t.expand(*lead, *tail)
+        return t.reshape(bsz, *shape, *tail[1:])
+
+    f = p.form
+    fq, fk = grid(f.query, True), grid(f.key, True)
+    row, col = grid(f.row, False), grid(f.col, False)
+    v = grid(p.value, True)
+    meta = {"clamp": f.clamp, "norm": f.norm}
+    if isinstance(graph, CrissCross):
+        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, meta)[0]
+    else:
+        rpb = graph.rpb
+        if rpb is not None:
+            dims = len(shape)
+            table = tuple(rpb.shape[rpb.dim() - dims:])
+            rpb = rpb.to(p.value.dtype).expand(*lead, *table).reshape(bsz, *table)
+        meta["plan"] = _Plan(graph, query.device)
+        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, meta)[0]
+    return out.reshape(*lead, n, e).to(query.dtype)
