@@ -290,12 +290,12 @@ class _WindowAggregate(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
-def _cc_lin(fq: Tensor, fk: Tensor, row: Optional[Tensor], col: Optional[Tensor],
+def _cc_lin(qr: Tensor, kr: Tensor, qc: Tensor, kc: Tensor, row: Optional[Tensor], col: Optional[Tensor],
             clamp: Optional[float]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Row scores (B, H, W, W'), column scores (B, W, H, H') and (flat top) their capped positions."""
-    sr = fq @ fk.transpose(-1, -2)
-    qt, kt = fq.transpose(1, 2), fk.transpose(1, 2)
-    sc = qt @ kt.transpose(-1, -2)
+    """Row scores (B, H, W, W') and column scores (B, W, H, H') from the row-major (B, H, W, d) and
+    column-major (B, W, H, d) features, and (flat top) their capped positions."""
+    sr = qr @ kr.transpose(-1, -2)
+    sc = qc @ kc.transpose(-1, -2)
     if row is not None:
         sr = sr + row[..., None]
         sc = sc + row.transpose(1, 2)[..., None]
@@ -310,11 +310,10 @@ def _cc_lin(fq: Tensor, fk: Tensor, row: Optional[Tensor], col: Optional[Tensor]
     return sr, sc, cr, cc
 
 
-def _no_self(sc: Tensor) -> Tensor:
-    """The column part without the query itself (h' = h): it is counted once, in the row part."""
-    sc = sc.clone() if sc._base is not None else sc
-    sc.diagonal(dim1=-2, dim2=-1).fill_(_NEG_INF)
-    return sc
+def _both(t: Tensor) -> tuple[Tensor, Tensor]:
+    """A (B, H, W, c) map in row-major and column-major (B, W, H, c) contiguous layouts: the batched
+    products then read plain matrices (a strided operand makes CPU bmm copy it matrix by matrix)."""
+    return t.contiguous(), t.transpose(1, 2).contiguous()
 
 
 class _CrissCrossAggregate(torch.autograd.Function):
@@ -324,8 +323,10 @@ class _CrissCrossAggregate(torch.autograd.Function):
     @staticmethod
     def forward(fq, fk, row, col, value, meta):
         clamp, norm = meta["clamp"], meta["norm"]
-        sr, sc, _, _ = _cc_lin(fq, fk, row, col, clamp)
-        sc = _no_self(sc)
+        (qr, qc), (kr, kc) = _both(fq), _both(fk)
+        sr, sc, _, _ = _cc_lin(qr, kr, qc, kc, row, col, clamp)
+        # the column part without the query itself (h' = h): it is counted once, in the row part
+        sc.diagonal(dim1=-2, dim2=-1).fill_(_NEG_INF)
         if norm == "sum":
             m = torch.maximum(sr.amax(-1), sc.amax(-1).transpose(1, 2))  # (B, H, W); finite (self in the row)
             pr = sr.sub_(m[..., None]).exp_()
@@ -335,7 +336,8 @@ class _CrissCrossAggregate(torch.autograd.Function):
             pc = pc.div_(den.transpose(1, 2)[..., None])
         else:
             pr, pc = sr.exp_(), sc.exp_()
-        out = pr @ value + (pc @ value.transpose(1, 2)).transpose(1, 2)
+        vr, vc = _both(value)
+        out = (pr @ vr).add_((pc @ vc).transpose(1, 2))
         return out, pr, pc
 
     @staticmethod
@@ -351,25 +353,26 @@ class _CrissCrossAggregate(torch.autograd.Function):
         fq, fk, row, col, value, out, pr, pc = ctx.saved_tensors
         clamp, norm = ctx.meta["clamp"], ctx.meta["norm"]
         need_q, need_k, need_r, need_c, need_v = ctx.needs_input_grad[:5]
-        dout = dout.to(value.dtype)
-        dot, vt = dout.transpose(1, 2), value.transpose(1, 2)
-        dv = (pr.transpose(-1, -2) @ dout + (pc.transpose(-1, -2) @ dot).transpose(1, 2)) if need_v else None
+        dor, doc = _both(dout.to(value.dtype))
+        dv = (pr.transpose(-1, -2) @ dor).add_((pc.transpose(-1, -2) @ doc).transpose(1, 2)) if need_v else None
         dq = dk = dr = dc = None
         if need_q or need_k or need_r or need_c:
-            dsr = dout @ value.transpose(-1, -2)
-            dsc = dot @ vt.transpose(-1, -2)
+            vr, vc = _both(value)
+            dsr = dor @ vr.transpose(-1, -2)
+            dsc = doc @ vc.transpose(-1, -2)
             if norm == "sum":
-                dsum = (dout * out).sum(-1)
+                dsum = (dor * out).sum(-1)
                 dsr = dsr.sub_(dsum[..., None])
                 dsc = dsc.sub_(dsum.transpose(1, 2)[..., None])
             dsr, dsc = dsr.mul_(pr), dsc.mul_(pc)
+            (qr, qc), (kr, kc) = _both(fq), _both(fk)
             if clamp is not None:  # the flat top passes no gradient to the scores it caps
-                _, _, cr, cc = _cc_lin(fq, fk, row, col, clamp)
+                _, _, cr, cc = _cc_lin(qr, kr, qc, kc, row, col, clamp)
                 dsr, dsc = dsr.masked_fill_(cr, 0.0), dsc.masked_fill_(cc, 0.0)
             if need_q:
-                dq = dsr @ fk + (dsc @ fk.transpose(1, 2)).transpose(1, 2)
+                dq = (dsr @ kr).add_((dsc @ kc).transpose(1, 2))
             if need_k:
-                dk = dsr.transpose(-1, -2) @ fq + (dsc.transpose(-1, -2) @ fq.transpose(1, 2)).transpose(1, 2)
+                dk = (dsr.transpose(-1, -2) @ qr).add_((dsc.transpose(-1, -2) @ qc).transpose(1, 2))
             if need_r:
                 dr = dsr.sum(-1) + dsc.sum(-1).transpose(1, 2)
             if need_c:
