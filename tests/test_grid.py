@@ -174,21 +174,24 @@ def test_empty_neighbourhoods_give_zeros(aff):
 
 
 def test_gradcheck_grid_functions():
+    """Small cases (gradcheck's numerical Jacobian is one forward per input entry), one affinity each."""
     gen = torch.Generator().manual_seed(5)
-    for shape, graph_fn in [((4, 5), lambda r: G.LocalWindow((4, 5), kernel_size=(2, 3), dilation=(2, 1),
-                                                             border="shift", rpb=r)),
-                            ((2, 3, 4), lambda r: G.LocalWindow((2, 3, 4), kernel_size=3, is_causal=(True, False, False),
-                                                                rpb=r)),
-                            ((3, 4), lambda r: G.CrissCross((3, 4)))]:
+    cases = [((4, 3), (3, 5), lambda r: G.LocalWindow((4, 3), kernel_size=(2, 3), dilation=(2, 1), border="shift",
+                                                      rpb=r), A.Softmax()),
+             ((2, 2, 3), (5, 3, 5), lambda r: G.LocalWindow((2, 2, 3), kernel_size=(3, 2, 3),
+                                                             is_causal=(True, False, False), rpb=r),
+              A.Gaussian(1.5, normalize=False)),
+             ((3, 3), (5, 5), lambda r: G.LocalWindow((3, 3), kernel_size=3, rpb=r), A.Gaussian(2.0, offset=0.3)),
+             ((2, 3), None, lambda r: G.CrissCross((2, 3)), A.Softmax()),
+             ((3, 2), None, lambda r: G.CrissCross((3, 2)), A.Gaussian(2.0, offset=0.3))]
+    for shape, table, graph_fn, aff in cases:
         n = math.prod(shape)
-        table = (3, 5) if len(shape) == 2 else (5, 5, 5)
-        rpb = _leaf(torch.randn(2, *table, generator=gen, dtype=F64))
+        rpb = None if table is None else _leaf(torch.randn(*table, generator=gen, dtype=F64))
         graph = graph_fn(rpb)
-        q, k, v = (_leaf(torch.randn(2, n, c, generator=gen, dtype=F64)) for c in (3, 3, 2))
-        for aff in (A.Softmax(), A.Gaussian(1.5, normalize=False), A.Gaussian(2.0, offset=0.3)):
-            ins = [q, k, v] + list(graph.tensors())
-            assert torch.autograd.gradcheck(lambda *a, aff=aff, graph=graph: nlgraph.aggregate(
-                a[0], a[1], a[2], aff, graph, backend="grid"), ins)
+        q, k, v = (_leaf(torch.randn(1, n, c, generator=gen, dtype=F64)) for c in (2, 2, 2))
+        ins = [q, k, v] + list(graph.tensors())
+        assert torch.autograd.gradcheck(lambda *a, aff=aff, graph=graph: nlgraph.aggregate(
+            a[0], a[1], a[2], aff, graph, backend="grid"), ins)
 
 
 @pytest.mark.parametrize("shape,opts", WINDOWS + [((4, 5), dict(radius=1, border="clip"))],
