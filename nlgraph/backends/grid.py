@@ -112,6 +112,12 @@ class _Plan:
             spec.extend(lo_hi)
         return F.pad(x, spec)
 
+    def crop(self, x: Tensor) -> Tensor:
+        """The (B, *shape[, c]) grid inside a padded map (a view)."""
+        for a, (lo, _) in enumerate(self.pads):
+            x = x.narrow(1 + a, lo, self.shape[a])
+        return x
+
     def take(self, x: Tensor, axis: int, u: int) -> Tensor:
         """The key-side map seen by slot u along ``axis`` (a view on a clipped axis, a gather else)."""
         if self.slice_axes[axis]:
@@ -254,9 +260,14 @@ class _WindowAggregate(torch.autograd.Function):
         dr = torch.zeros_like(row) if need_r else None
         dc = col.new_zeros(b, n) if need_c else None
         db = rpb.new_zeros(b, math.prod(plan.table)) if need_b else None
+        views = all(plan.slice_axes)  # every slot reads a view: its key-side gradients add into views too
+        if views:  # zero-padded gradient buffers, cropped at the end
+            dk = plan.pad(fk.new_zeros(fk.shape), True) if need_k else None
+            dv = plan.pad(value.new_zeros(value.shape), True) if need_v else None
+            dc = plan.pad(col.new_zeros(col.shape), False) if need_c else None
         q_flat = fq.reshape(b, n, -1)
         do_flat = dout.reshape(b, n, -1)
-        for slot, (kt, vt, ct) in plan.walk([kp, vp, cp]):
+        for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp] + ([dk, dv, dc] if views else [None] * 3)):
             bias = None if rpb is None else plan.bias(rpb, slot)
             s, capped = _slot_scores(fq, kt, row, ct, bias, plan.mask(slot), clamp)
             if norm == "sum":
@@ -265,20 +276,31 @@ class _WindowAggregate(torch.autograd.Function):
             else:
                 p = torch.exp(s)
                 ds = p * torch.linalg.vecdot(dout, vt)
-            keys = plan.flat_keys(slot) if (need_k or need_v or need_c) else None
-            if need_v:
-                dv.index_add_(1, keys, (p.reshape(b, n, 1) * do_flat))
             if need_b:
                 db.index_add_(1, plan.flat_rel(slot), ds.reshape(b, n))
             dlin = ds if capped is None else ds.masked_fill(capped, 0.0)
             if need_q:
                 dq.addcmul_(dlin[..., None], kt)
-            if need_k:
-                dk.index_add_(1, keys, dlin.reshape(b, n, 1) * q_flat)
+            if views:
+                if need_v:
+                    dvt.addcmul_(p[..., None], dout)
+                if need_k:
+                    dkt.addcmul_(dlin[..., None], fq)
+                if need_c:
+                    dct.add_(dlin)
+            else:
+                keys = plan.flat_keys(slot) if (need_k or need_v or need_c) else None
+                if need_v:
+                    dv.index_add_(1, keys, (p.reshape(b, n, 1) * do_flat))
+                if need_k:
+                    dk.index_add_(1, keys, dlin.reshape(b, n, 1) * q_flat)
+                if need_c:
+                    dc.index_add_(1, keys, dlin.reshape(b, n))
             if need_r:
                 dr.add_(dlin)
-            if need_c:
-                dc.index_add_(1, keys, dlin.reshape(b, n))
+        if views:  # crop the padding (it only ever received zeros from keys that do not exist)
+            crop = lambda t: None if t is None else plan.crop(t)  # noqa: E731
+            dk, dv, dc = crop(dk), crop(dv), crop(dc)
         shape = plan.shape
         return (dq, None if dk is None else dk.reshape(fk.shape), dr, None if dc is None else dc.reshape(col.shape),
                 None if db is None else db.reshape(rpb.shape), None if dv is None else dv.reshape(b, *shape, -1),
