@@ -581,7 +581,7 @@ class LocalWindow(_GridGraph):
         _check_unbatched(self)
         # per axis: the key coordinate of each (offset slot, query coordinate) and whether it exists
         keys, valid = [], []
-        for axis, s in enumerate(self.shape):
+        for axis in range(len(self.shape)):
             kb, ok = self.axis_slots(axis, device)
             keys.append(kb)
             valid.append(ok)

@@ -24,8 +24,13 @@ import nlgraph
 from nlgraph import affinity as A
 from nlgraph import graph as G
 
-from .formulas import (aggregate_formula, criss_cross_adjacency, grid_coords, window_options_adjacency,
-                       window_rpb_bias)
+from .formulas import (
+    aggregate_formula,
+    criss_cross_adjacency,
+    grid_coords,
+    window_options_adjacency,
+    window_rpb_bias,
+)
 
 F64 = torch.float64
 # float64 rounding bound, derived in tests/formulas.py (TOLERANCES)
@@ -96,7 +101,7 @@ def _check(y, y_ref, inputs, names):
     for name, g, r in zip(names, grads, refs):
         g = torch.zeros_like(r) if g is None and r is not None else g
         r = torch.zeros_like(g) if r is None and g is not None else r
-        torch.testing.assert_close(g, r, **TOL, msg=lambda m: f"d/d{name}: {m}")
+        torch.testing.assert_close(g, r, **TOL, msg=lambda m, name=name: f"d/d{name}: {m}")
 
 
 @pytest.mark.parametrize("aff", list(AFFINITIES))
@@ -147,7 +152,8 @@ def test_broadcast_batch_dims_and_trainable_parameters():
     _check(y, y_ref, [q, k, v, scale, rpb], ["query", "key", "value", "scale", "rpb"])
     bw = _leaf(torch.tensor([0.9, 1.4, 2.0], dtype=F64))
     y = nlgraph.aggregate(q, k, v, A.Gaussian(bw), G.CrissCross(shape), backend="grid")
-    y_ref = aggregate_formula("gaussian", q, k, v, {"bandwidth": bw}, adj=criss_cross_adjacency(*shape).to(F64))
+    y_ref = aggregate_formula("gaussian", q, k, v, {"bandwidth": bw},
+                              adj=criss_cross_adjacency(*shape).to(F64))
     _check(y, y_ref, [q, k, v, bw], ["query", "key", "value", "bandwidth"])
 
 
@@ -166,7 +172,8 @@ def test_empty_neighbourhoods_give_zeros(aff):
     adj = window_options_adjacency(shape, (2, 2))
     q, k, v = _qkv((2,), n, 3, 2, gen)
     y = nlgraph.aggregate(q, k, v, make(), graph, backend="grid")
-    y_ref = aggregate_formula(kind, q, k, v, params, adj=adj, bias=window_rpb_bias(shape, (2, 2), (1, 1), rpb))
+    bias = window_rpb_bias(shape, (2, 2), (1, 1), rpb)
+    y_ref = aggregate_formula(kind, q, k, v, params, adj=adj, bias=bias)
     assert torch.equal(y[:, 0], torch.zeros_like(y[:, 0]))
     _check(y, y_ref, [q, k, v], ["query", "key", "value"])
     g = torch.autograd.grad(nlgraph.aggregate(q, k, v, make(), graph, backend="grid").sum(), rpb)[0]
@@ -176,12 +183,13 @@ def test_empty_neighbourhoods_give_zeros(aff):
 def test_gradcheck_grid_functions():
     """Small cases (gradcheck's numerical Jacobian is one forward per input entry), one affinity each."""
     gen = torch.Generator().manual_seed(5)
-    cases = [((4, 3), (3, 5), lambda r: G.LocalWindow((4, 3), kernel_size=(2, 3), dilation=(2, 1), border="shift",
-                                                      rpb=r), A.Softmax()),
+    cases = [((4, 3), (3, 5), lambda r: G.LocalWindow((4, 3), kernel_size=(2, 3), dilation=(2, 1),
+                                                      border="shift", rpb=r), A.Softmax()),
              ((2, 2, 3), (5, 3, 5), lambda r: G.LocalWindow((2, 2, 3), kernel_size=(3, 2, 3),
                                                              is_causal=(True, False, False), rpb=r),
               A.Gaussian(1.5, normalize=False)),
-             ((3, 3), (5, 5), lambda r: G.LocalWindow((3, 3), kernel_size=3, rpb=r), A.Gaussian(2.0, offset=0.3)),
+             ((3, 3), (5, 5), lambda r: G.LocalWindow((3, 3), kernel_size=3, rpb=r),
+              A.Gaussian(2.0, offset=0.3)),
              ((2, 3), None, lambda r: G.CrissCross((2, 3)), A.Softmax()),
              ((3, 2), None, lambda r: G.CrissCross((3, 2)), A.Gaussian(2.0, offset=0.3))]
     for shape, table, graph_fn, aff in cases:
@@ -219,9 +227,9 @@ def test_window_options_agree_across_backends(shape, opts):
                 outs[b] = (y, torch.autograd.grad(y.square().sum(), inputs))
             y0, g0 = outs["reference"]
             for b, (y, g) in outs.items():
-                torch.testing.assert_close(y, y0, **TOL, msg=lambda m: f"{b} forward: {m}")
+                torch.testing.assert_close(y, y0, **TOL, msg=lambda m, b=b: f"{b} forward: {m}")
                 for i, (a, r) in enumerate(zip(g, g0)):
-                    torch.testing.assert_close(a, r, **TOL, msg=lambda m: f"{b} gradient {i}: {m}")
+                    torch.testing.assert_close(a, r, **TOL, msg=lambda m, b=b, i=i: f"{b} gradient {i}: {m}")
 
 
 def test_graph_dense_and_edges_match_the_loops():
@@ -230,7 +238,9 @@ def test_graph_dense_and_edges_match_the_loops():
     for shape, opts in WINDOWS:
         k, dil, adj = _options_adjacency(shape, opts)
         n = math.prod(shape)
-        rpb = torch.randn(*(2 * x - 1 for x in k), generator=gen, dtype=F64) if "kernel_size" in opts else None
+        rpb = None
+        if "kernel_size" in opts:
+            rpb = torch.randn(*(2 * x - 1 for x in k), generator=gen, dtype=F64)
         g = G.LocalWindow(shape, rpb=rpb, **opts)
         assert torch.equal(g.dense(n, n), adj.bool()), (shape, opts)
         ei, logw = g.edges(n, n, torch.device("cpu"))
@@ -299,7 +309,7 @@ def test_shift_border_matches_a_natten_pixel_loop(shape, kernel, dilation):
     for h in range(heads):
         for c in coords:
             per_axis = []
-            for a, (x, s, kk, t) in enumerate(zip(c, shape, kernel, dilation)):
+            for x, s, kk, t in zip(c, shape, kernel, dilation):
                 if kk % 2:
                     start = natten_window_start(x, s, kk, t)
                     per_axis.append([start + u * t for u in range(kk)])
@@ -338,14 +348,16 @@ def test_kernel_size_and_radius_are_the_same_window():
     (dict(kernel_size=3, dilation=0), ValueError, r"LocalWindow\(dilation\) must be an int >= 1"),
     (dict(kernel_size=3, is_causal=1), ValueError, r"LocalWindow\(is_causal\) must be a bool or 2 of them"),
     (dict(kernel_size=3, is_causal=(True,)), ValueError, r"LocalWindow\(is_causal\) must be a bool or 2"),
-    (dict(kernel_size=3, border="reflect"), ValueError, r"LocalWindow\(border\) must be one of \('clip', 'shift'\)"),
+    (dict(kernel_size=3, border="reflect"), ValueError,
+     r"LocalWindow\(border\) must be one of \('clip', 'shift'\)"),
     (dict(kernel_size=(3, 4), dilation=(1, 2), border="shift"), ValueError,
      r"needs kernel_size \* dilation <= the extent.*axis 1 has kernel_size 4, dilation 2 and extent 6"),
     (dict(kernel_size=3, rpb=torch.zeros(4, 5)), ValueError,
      r"LocalWindow\(rpb\) must have shape \(\.\.\., 5, 5\) \(2 kernel_size - 1 per axis\), got \(4, 5\)"),
     (dict(kernel_size=3, rpb=torch.zeros(5, 5, dtype=torch.long)), TypeError,
      r"LocalWindow\(rpb\) must be a floating-point tensor, got dtype torch.int64"),
-    (dict(kernel_size=3, rpb=torch.full((5, 5), math.nan)), ValueError, r"LocalWindow\(rpb\) entries must be finite"),
+    (dict(kernel_size=3, rpb=torch.full((5, 5), math.nan)), ValueError,
+     r"LocalWindow\(rpb\) entries must be finite"),
 ])
 def test_bad_options_raise(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -373,7 +385,8 @@ def test_dispatch_and_capabilities():
     mod = nlgraph.dispatch.get_backend("grid")
     ok, why = mod.can_run(q, q, q, A.DotProduct(), G.LocalWindow((64, 64), 1))
     assert not ok and "exp-kernel" in why
-    ok, why = mod.can_run(q, q, q, A.Softmax(), G.LocalWindow((64, 64), 1, order=G.blocked_order((64, 64), 8)))
+    permuted = G.LocalWindow((64, 64), 1, order=G.blocked_order((64, 64), 8))
+    ok, why = mod.can_run(q, q, q, A.Softmax(), permuted)
     assert not ok and "row-major" in why
     ok, why = mod.can_run(q, q, q, A.Softmax(), G.LocalWindow((64, 64), 1) & G.ExcludeSelf())
     assert not ok and "alone" in why

@@ -99,7 +99,8 @@ class _Plan:
             # host-side facts (no sync, traceable): a clipped slot reaches past the border unless it is
             # offset 0; its table entry is its offset + k - 1. A shifted window always has its keys.
             self.all_valid.append([not self.slice_axes[a] or u == left for u in range(key.shape[0])])
-            self.rel_const.append([u - left + k - 1 for u in range(key.shape[0])] if self.slice_axes[a] else None)
+            self.rel_const.append([u - left + k - 1 for u in range(key.shape[0])]
+                                  if self.slice_axes[a] else None)
         self.table = tuple(2 * k - 1 for k in graph.kernel_size)
         self.slots = [kk.shape[0] for kk in self.keys]
 
@@ -175,8 +176,8 @@ class _Plan:
         return flat.expand(self.shape).reshape(-1)
 
 
-def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Optional[Tensor], bias: Optional[Tensor],
-                 mask: Optional[Tensor], clamp: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Optional[Tensor],
+                 bias: Optional[Tensor], mask: Optional[Tensor], clamp: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
     """One slot's scores s = min(q'.k' + r + c + o, 0) + bias, -inf where the slot has no key, and the
     capped positions (flat top: no gradient through q', k', r, c there)."""
     s = torch.linalg.vecdot(fq, kt)
@@ -267,7 +268,8 @@ class _WindowAggregate(torch.autograd.Function):
             dc = plan.pad(col.new_zeros(col.shape), False) if need_c else None
         q_flat = fq.reshape(b, n, -1)
         do_flat = dout.reshape(b, n, -1)
-        for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp] + ([dk, dv, dc] if views else [None] * 3)):
+        grads = [dk, dv, dc] if views else [None] * 3
+        for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp] + grads):
             bias = None if rpb is None else plan.bias(rpb, slot)
             s, capped = _slot_scores(fq, kt, row, ct, bias, plan.mask(slot), clamp)
             if norm == "sum":
@@ -302,9 +304,9 @@ class _WindowAggregate(torch.autograd.Function):
             crop = lambda t: None if t is None else plan.crop(t)  # noqa: E731
             dk, dv, dc = crop(dk), crop(dv), crop(dc)
         shape = plan.shape
-        return (dq, None if dk is None else dk.reshape(fk.shape), dr, None if dc is None else dc.reshape(col.shape),
-                None if db is None else db.reshape(rpb.shape), None if dv is None else dv.reshape(b, *shape, -1),
-                None)
+        reshaped = lambda t, s: None if t is None else t.reshape(s)  # noqa: E731
+        return (dq, reshaped(dk, fk.shape), dr, reshaped(dc, None if col is None else col.shape),
+                reshaped(db, None if rpb is None else rpb.shape), reshaped(dv, (b, *shape, -1)), None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +378,9 @@ class _CrissCrossAggregate(torch.autograd.Function):
         clamp, norm = ctx.meta["clamp"], ctx.meta["norm"]
         need_q, need_k, need_r, need_c, need_v = ctx.needs_input_grad[:5]
         dor, doc = _both(dout.to(value.dtype))
-        dv = (pr.transpose(-1, -2) @ dor).add_((pc.transpose(-1, -2) @ doc).transpose(1, 2)) if need_v else None
+        dv = None
+        if need_v:
+            dv = (pr.transpose(-1, -2) @ dor).add_((pc.transpose(-1, -2) @ doc).transpose(1, 2))
         dq = dk = dr = dc = None
         if need_q or need_k or need_r or need_c:
             vr, vc = _both(value)

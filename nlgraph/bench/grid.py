@@ -76,8 +76,8 @@ def _cc_step(case: dict) -> Callable[[], object]:
         tokens = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731
 
         def fn():
-            y = nlgraph.aggregate(tokens(q), tokens(k), tokens(v), nlgraph.Softmax(scale=1.0), G.CrissCross((hw, hw)),
-                                  backend=impl)
+            y = nlgraph.aggregate(tokens(q), tokens(k), tokens(v), nlgraph.Softmax(scale=1.0),
+                                  G.CrissCross((hw, hw)), backend=impl)
             return y.transpose(1, 2).reshape(1, c, hw, hw)
 
     def step():
@@ -141,7 +141,8 @@ def _auto(kind: str, **kw) -> str:
         q, v = torch.zeros(1, hw * hw, c // 8), torch.zeros(1, hw * hw, c)
         return nlgraph.select_backend(q, q, v, nlgraph.Softmax(scale=1.0), G.CrissCross((hw, hw)))[0]
     q = torch.zeros(1, kw["heads"], kw["side"] ** 2, kw["d"])
-    return nlgraph.select_backend(q, q, q, nlgraph.Softmax(), G.LocalWindow((kw["side"],) * 2, kw["radius"]))[0]
+    graph = G.LocalWindow((kw["side"],) * 2, kw["radius"])
+    return nlgraph.select_backend(q, q, q, nlgraph.Softmax(), graph)[0]
 
 
 def plan_criss_cross(quick: bool, sizes=None) -> list[dict]:
