@@ -49,6 +49,10 @@ _NEG_INF = -math.inf
 #: O(N tile (d + e)) compute; the bench's ``grid vs chunked`` rows place the crossover.
 MAX_WINDOW_SLOTS = 200
 
+#: Slots whose scores the forward holds at once (SLOT_GROUP x N scores): the running max and the
+#: accumulator are rescaled once per group instead of once per slot.
+SLOT_GROUP = 8
+
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     if not isinstance(graph, (LocalWindow, CrissCross)):
@@ -85,33 +89,36 @@ class _Plan:
         self.pads = [(graph.reach[a][0] * graph.dilation[a], graph.reach[a][1] * graph.dilation[a])
                      if self.slice_axes[a] else (0, 0) for a in range(d)]
         self.dilation = graph.dilation
-        self.keys, self.valid, self.rel, self.all_valid, self.rel_const = [], [], [], [], []
+        self.keys, self.rel, self.rel_const = [], [], []
         for a in range(d):
-            key, ok = graph.axis_slots(a, device)
+            key, _ = graph.axis_slots(a, device)
             k = graph.kernel_size[a]
             t = graph.dilation[a]
             coord = torch.arange(self.shape[a], device=device)
             rel = (key // t - coord[None, :] // t + k - 1).clamp(0, 2 * k - 2)  # where ok: the table index
             self.keys.append(key)
-            self.valid.append(ok)
             self.rel.append(rel)
             left = graph.reach[a][0]
-            # host-side facts (no sync, traceable): a clipped slot reaches past the border unless it is
-            # offset 0; its table entry is its offset + k - 1. A shifted window always has its keys.
-            self.all_valid.append([not self.slice_axes[a] or u == left for u in range(key.shape[0])])
+            # host-side (no sync, traceable): a clipped slot's table entry is its offset + k - 1
             self.rel_const.append([u - left + k - 1 for u in range(key.shape[0])]
                                   if self.slice_axes[a] else None)
         self.table = tuple(2 * k - 1 for k in graph.kernel_size)
         self.slots = [kk.shape[0] for kk in self.keys]
 
-    def pad(self, x: Tensor, channels: bool) -> Tensor:
-        """Zero-pad a (B, *shape[, c]) key-side map on the clipped axes."""
+    def pad(self, x: Tensor, channels: bool, value: float = 0.0) -> Tensor:
+        """Pad a (B, *shape[, c]) key-side map on the clipped axes with ``value``."""
         if not any(p != (0, 0) for p in self.pads):
             return x
         spec = [0, 0] if channels else []
         for lo_hi in reversed(self.pads):
             spec.extend(lo_hi)
-        return F.pad(x, spec)
+        return F.pad(x, spec, value=value)
+
+    def key_bias(self, col: Optional[Tensor], like: Tensor) -> Tensor:
+        """The column bias padded with -inf: a slot reading past the border scores -inf there (the
+        keys that do not exist), so no slot needs a mask. Zeros stand in for an absent column bias."""
+        base = col if col is not None else like.new_zeros(like.shape[:-1])
+        return self.pad(base, False, value=_NEG_INF)
 
     def crop(self, x: Tensor) -> Tensor:
         """The (B, *shape[, c]) grid inside a padded map (a view)."""
@@ -125,29 +132,38 @@ class _Plan:
             return x.narrow(1 + axis, u * self.dilation[axis], self.shape[axis])
         return x.index_select(1 + axis, self.keys[axis][u])
 
-    def walk(self, tensors: list[Optional[Tensor]], axis: int = 0,
-             slot: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], list[Optional[Tensor]]]]:
-        """Every slot (u_0, ..., u_{D-1}) with the key-side maps it reads (outer axes' reads shared)."""
-        if axis == len(self.shape):
+    def walk(self, tensors: list[Optional[Tensor]], axis: int = 0, slot: tuple[int, ...] = (),
+             stop: Optional[int] = None) -> Iterator[tuple[tuple[int, ...], list[Optional[Tensor]]]]:
+        """Every slot (u_0, ..., u_{D-1}) with the key-side maps it reads (outer axes' reads shared);
+        with ``stop``, the slots of the axes before it (the maps still whole along the others)."""
+        if axis == (len(self.shape) if stop is None else stop):
             yield slot, tensors
             return
         for u in range(self.slots[axis]):
             yield from self.walk([None if t is None else self.take(t, axis, u) for t in tensors], axis + 1,
-                                 slot + (u,))
+                                 slot + (u,), stop)
+
+    def scored_walk(self, fq: Tensor, tensors: list[Optional[Tensor]]):
+        """:meth:`walk` with each slot's q'.k' (``tensors[0]`` is the padded key map): on a clipped last
+        axis one batched product per outer slot, fq (..., W, d) @ keys (..., W + pad, d)^T, whose
+        diagonals are the slots' dot products (views; matrix-product speed instead of one reduction
+        pass per slot); else a dot product per slot."""
+        last = len(self.shape) - 1
+        if not self.slice_axes[last]:
+            for slot, ts in self.walk(tensors):
+                yield slot, torch.linalg.vecdot(fq, ts[0]), ts
+            return
+        t = self.dilation[last]
+        for outer, ts in self.walk(tensors, stop=last):
+            prod = fq @ ts[0].transpose(-1, -2)
+            for u in range(self.slots[last]):
+                yield (outer + (u,), prod.diagonal(offset=u * t, dim1=-2, dim2=-1),
+                       [None if x is None else self.take(x, last, u) for x in ts])
 
     def _axis_view(self, t: Tensor, axis: int) -> Tensor:
         view = [1] * len(self.shape)
         view[axis] = self.shape[axis]
         return t.reshape(view)
-
-    def mask(self, slot: tuple[int, ...]) -> Optional[Tensor]:
-        """(*shape) bool: the queries whose slot has a key; None when all have."""
-        out = None
-        for a, u in enumerate(slot):
-            if not self.all_valid[a][u]:
-                ok = self._axis_view(self.valid[a][u], a)
-                out = ok if out is None else out & ok
-        return None if out is None else out.expand(self.shape)
 
     def flat_keys(self, slot: tuple[int, ...]) -> Tensor:
         """(N,) row-major index of each query's key in this slot (clamped into the grid where none)."""
@@ -176,15 +192,15 @@ class _Plan:
         return flat.expand(self.shape).reshape(-1)
 
 
-def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Optional[Tensor],
-                 bias: Optional[Tensor], mask: Optional[Tensor], clamp: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
-    """One slot's scores s = min(q'.k' + r + c + o, 0) + bias, -inf where the slot has no key, and the
-    capped positions (flat top: no gradient through q', k', r, c there)."""
-    s = torch.linalg.vecdot(fq, kt)
+def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Tensor, bias: Optional[Tensor],
+                 clamp: Optional[float], dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """One slot's scores s = min(q'.k' + r + c + o, 0) + bias (c = -inf where the slot has no key: the
+    padding of :meth:`_Plan.key_bias`) and the capped positions (flat top: no gradient through q', k',
+    r, c there). ``dot``: q'.k' when already known."""
+    s = torch.linalg.vecdot(fq, kt) if dot is None else dot
     if row is not None:
         s = s + row
-    if colt is not None:
-        s = s + colt
+    s = s + colt
     capped = None
     if clamp is not None:
         s = s + clamp
@@ -192,8 +208,6 @@ def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Optional[T
         s = s.clamp_max(0.0)
     if bias is not None:
         s = s + bias
-    if mask is not None:
-        s = s.masked_fill(~mask, _NEG_INF)
     return s, capped
 
 
@@ -211,21 +225,33 @@ class _WindowAggregate(torch.autograd.Function):
     def forward(fq, fk, row, col, rpb, value, meta):
         plan, clamp, norm = meta["plan"], meta["clamp"], meta["norm"]
         kp, vp = plan.pad(fk, True), plan.pad(value, True)
-        cp = None if col is None else plan.pad(col, False)
+        cp = plan.key_bias(col, fk)
         lead = fq.shape[:-1]
         mx = torch.full(lead, _NEG_INF, dtype=fq.dtype, device=fq.device)
         den = torch.zeros(lead, dtype=fq.dtype, device=fq.device)
         acc = torch.zeros(*lead, value.shape[-1], dtype=fq.dtype, device=fq.device)
-        for slot, (kt, vt, ct) in plan.walk([kp, vp, cp]):
-            bias = None if rpb is None else plan.bias(rpb, slot)
-            s, _ = _slot_scores(fq, kt, row, ct, bias, plan.mask(slot), clamp)
-            new = torch.maximum(mx, s)
+        group: list[tuple[Tensor, Tensor]] = []
+
+        def merge(mx, den, acc):
+            """Fold a group of slots into the running state: one rescale per group, not per slot."""
+            new = torch.maximum(mx, torch.stack([s for s, _ in group]).amax(0))
             safe = _finite_or_zero(new)
             alpha = torch.exp(mx - safe)
-            w = torch.exp(s - safe)
-            den = den.mul_(alpha).add_(w)
-            acc = acc.mul_(alpha[..., None]).addcmul_(w[..., None], vt)
-            mx = new
+            den, acc = den.mul_(alpha), acc.mul_(alpha[..., None])
+            for s, vt in group:
+                w = s.sub_(safe).exp_()
+                den.add_(w)
+                acc.addcmul_(w[..., None], vt)
+            group.clear()
+            return new, den, acc
+
+        for slot, dot, (kt, vt, ct) in plan.scored_walk(fq, [kp, vp, cp]):
+            bias = None if rpb is None else plan.bias(rpb, slot)
+            group.append((_slot_scores(fq, kt, row, ct, bias, clamp, dot)[0], vt))
+            if len(group) == SLOT_GROUP:
+                mx, den, acc = merge(mx, den, acc)
+        if group:
+            mx, den, acc = merge(mx, den, acc)
         safe = _finite_or_zero(mx)
         if norm == "sum":
             out = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
@@ -252,7 +278,7 @@ class _WindowAggregate(torch.autograd.Function):
         n = math.prod(plan.shape)
         dout = dout.to(value.dtype)
         kp, vp = plan.pad(fk, True), plan.pad(value, True)
-        cp = None if col is None else plan.pad(col, False)
+        cp = plan.key_bias(col, fk)
         dsum = (dout * out).sum(-1) if norm == "sum" else None
         base = _finite_or_zero(stat)
         dq = torch.zeros_like(fq) if need_q else None
@@ -271,7 +297,7 @@ class _WindowAggregate(torch.autograd.Function):
         grads = [dk, dv, dc] if views else [None] * 3
         for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp] + grads):
             bias = None if rpb is None else plan.bias(rpb, slot)
-            s, capped = _slot_scores(fq, kt, row, ct, bias, plan.mask(slot), clamp)
+            s, capped = _slot_scores(fq, kt, row, ct, bias, clamp)
             if norm == "sum":
                 p = torch.exp(s - base)  # f / C from the saved log-sum-exp; 0 where the slot has no key
                 ds = p * (torch.linalg.vecdot(dout, vt) - dsum)
