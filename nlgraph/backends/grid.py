@@ -7,12 +7,16 @@ row and column) and no tile, mask or edge list is needed:
   ``"clip"`` and ``"shift"`` border rules, the relative position bias ``rpb``) is computed
   shift-major, the way scikit-image's fast non-local means and NATTEN's reference do it: one pass
   per window slot, vectorised over all nodes at once. Slot u of every query is the key at offset u
-  (``"clip"``: a shifted view of the zero-padded key map, no copy) or the u-th key of its shifted
-  window (``"shift"``: a gather along the axis). An online (running-max) softmax merges the slots,
-  so forward keeps O(N (d + e)) state and never holds N x window scores; the backward recomputes
-  each slot's scores from the saved log-sum-exp and scatters the key-side gradients back
-  (``index_add_``). The bias enters as the slot's table entry (per offset and leading dim, e.g. head)
-  and its gradient is gathered the same way.
+  (``"clip"``: a shifted view of the padded key map, no copy; the padding's column bias is -inf, so
+  keys past the border drop out without a mask) or the u-th key of its shifted window (``"shift"``:
+  a gather along the axis). On a clipped last axis the slots' dot products q'_i . k'_{i+u} are the
+  diagonals of one batched product per outer slot (rows of queries times their padded key rows), so
+  they run at matrix-product speed. An online (running-max) softmax merges the slots, in groups of
+  ``SLOT_GROUP`` that share one rescale, so the forward keeps O(N (d + e) + SLOT_GROUP N + N (W +
+  pad)) state and never holds N x window scores; the backward recomputes each slot's scores from
+  the saved log-sum-exp and adds the key-side gradients into views of padded buffers (a scatter,
+  ``index_add_``, on shifted axes). The bias enters as the slot's table entry (per offset and
+  leading dim, e.g. head) and its gradient is gathered the same way.
 * ``CrissCross`` (CCNet) is two batched matrix products per pass: the row part (B, H, W, W) and the
   column part (B, W, H, H) with the query itself removed from the column part (counted once), merged
   exactly by a joint log-sum-exp. That is O(N (H + W) d) work, CCNet's cost (tiles and edge lists
