@@ -48,10 +48,12 @@ __all__ = ["can_run", "prefer", "run", "MAX_WINDOW_SLOTS"]
 _NEG_INF = -math.inf
 
 #: Automatic dispatch takes ``grid`` for criss-cross graphs always and for local windows of at most
-#: this many slots (keys per query). Measured with ``nlgraph bench grid`` (2-core CPU, one thread):
-#: the shift-major loop costs O(N window (d + e)) memory traffic, the tiled ``chunked`` path
-#: O(N tile (d + e)) compute; the bench's ``grid vs chunked`` rows place the crossover.
-MAX_WINDOW_SLOTS = 200
+#: this many slots (keys per query). Measured with ``nlgraph bench grid`` (2-core CPU, one thread,
+#: forward+backward, 4 heads, benchmarks/results/grid-cpu.json): the shift-major loop's memory traffic
+#: grows with the window, the tiled ``chunked`` path's matrix products with the tiles it visits;
+#: grid took 0.5-0.9x chunked's time at 49 slots (radius 3) and 1.1x at 169 (radius 6) on 64x64 maps.
+#: Criss-cross: grid 0.02x pyg's and 0.08x chunked's time at 64x64, C = 256.
+MAX_WINDOW_SLOTS = 100
 
 #: Slots whose scores the forward holds at once (SLOT_GROUP x N scores): the running max and the
 #: accumulator are rescaled once per group instead of once per slot.
