@@ -465,6 +465,22 @@ def test_every_backend_matches_the_formula(case: Case):
     check_case(case, rtol, atol, backends)
 
 
+@profile(examples=300)
+@given(cases(affinities=("softmax", "gaussian"), graphs=("window_opts", "criss_cross"), weightings=("none",),
+             max_members=1))
+def test_grid_backend_matches_the_formula(case: Case):
+    """float64, the grid backend on every LocalWindow option (kernel size, dilation, causal, border, rpb
+    with batch dims and -inf entries) and criss-cross, exp affinities, against the formula."""
+    graph = case.graph
+    if not isinstance(graph, (G.LocalWindow, G.CrissCross)):
+        return
+    backends = _backends(case)
+    assert "grid" in backends, case.describe()
+    event(f"grid on {type(graph).__name__}")
+    rtol, atol = TOLERANCES[F64]
+    check_case(case, rtol, atol, ["grid"])
+
+
 def _float32_bound(case: Case) -> float:
     """A relative bound for float32 from the arithmetic (u = 2^-24 unit roundoff).
 
