@@ -31,8 +31,14 @@ import nlgraph
 from nlgraph import affinity as A
 from nlgraph import graph as G
 
-from .formulas import (TOLERANCES, affinity_matrix, criss_cross_adjacency, grid_coords, window_options_adjacency,
-                       window_rpb_bias)
+from .formulas import (
+    TOLERANCES,
+    affinity_matrix,
+    criss_cross_adjacency,
+    grid_coords,
+    window_options_adjacency,
+    window_rpb_bias,
+)
 
 F64 = torch.float64
 
@@ -223,7 +229,7 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
         order = torch.randperm(n, generator=mk.gen) if mk.coin() else None
         r = radius[0] if len(set(radius)) == 1 and mk.coin() else radius
         return Member(G.LocalWindow(grid, r, order=order), adj=window_adjacency(grid, radius, order))
-    if kind == "window_opts":  # NATTEN's options: kernel size (odd or even), dilation, causal axes, border, rpb
+    if kind == "window_opts":  # NATTEN's options: kernel size (odd/even), dilation, causal axes, border, rpb
         kernel = tuple(mk.integer(1, 3) for _ in grid)
         dilation = tuple(mk.integer(1, 2) for _ in grid)
         causal = tuple(mk.coin() and mk.coin() for _ in grid)
@@ -239,8 +245,8 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
             rpb, ref = mk.pair(values)
             out.bias = window_rpb_bias(grid, kernel, dilation, ref)
             out.named = {"rpb": (rpb, ref)}
-        out.graph = G.LocalWindow(grid, kernel_size=kernel, dilation=dilation, is_causal=causal, border=border,
-                                  rpb=rpb)
+        out.graph = G.LocalWindow(grid, kernel_size=kernel, dilation=dilation, is_causal=causal,
+                                  border=border, rpb=rpb)
         return out
     if kind == "criss_cross":
         return Member(G.CrissCross(grid), adj=criss_cross_adjacency(*grid).to(F64))
@@ -270,7 +276,8 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
 
 
 GRID_SHAPES = [(1,), (4,), (6,), (2, 3), (3, 3), (2, 4), (1, 5), (2, 2, 2), (2, 1, 3), (3, 2, 2)]
-ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "window", "window_opts", "criss_cross")
+ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "window", "window_opts",
+              "criss_cross")
 ALL_AFFINITIES = ("softmax", "gaussian", "dot", "concat")
 
 
