@@ -388,42 +388,158 @@ class _GridGraph(Graph):
             )
 
 
-def _radius_tuple(radius, dims: int) -> tuple[int, ...]:
-    """LocalWindow's radius as ``dims`` ints >= 0; TypeError/ValueError naming what was given."""
-    items = radius if isinstance(radius, (tuple, list)) else (radius,) * dims
+def _axis_ints(name: str, value, dims: int, lo: int, allow_none: bool = False) -> Optional[tuple[int, ...]]:
+    """A LocalWindow option as ``dims`` ints >= ``lo``; TypeError/ValueError naming what was given."""
+    if value is None and allow_none:
+        return None
+    items = value if isinstance(value, (tuple, list)) else (value,) * dims
     out = []
     for x in items:
         if isinstance(x, bool) or isinstance(x, float) or not hasattr(x, "__index__"):
-            raise TypeError(f"LocalWindow(radius) must be an int or a sequence of {dims} ints, "
-                            f"got {radius!r}")
+            raise TypeError(f"LocalWindow({name}) must be an int or a sequence of {dims} ints, got {value!r}")
         out.append(operator.index(x))
-    if len(out) != dims or any(x < 0 for x in out):
-        raise ValueError(f"LocalWindow(radius) must be an int >= 0 or {dims} of them, got {radius!r}")
+    if len(out) != dims or any(x < lo for x in out):
+        raise ValueError(f"LocalWindow({name}) must be an int >= {lo} or {dims} of them, got {value!r}")
     return tuple(out)
 
 
+def _radius_tuple(radius, dims: int) -> tuple[int, ...]:
+    """LocalWindow's radius as ``dims`` ints >= 0; TypeError/ValueError naming what was given."""
+    return _axis_ints("radius", radius, dims, 0)
+
+
+#: LocalWindow's border rules: "clip" drops the keys past the border (the window shrinks), "shift"
+#: (NATTEN's) moves the window inside the grid so every query keeps all kernel_size keys per axis.
+BORDERS = ("clip", "shift")
+
+
 class LocalWindow(_GridGraph):
-    """Neighbours within a (2r+1)^D window on a 1d/2d/3d grid (Chebyshev distance <= radius).
+    """Neighbourhood windows on a 1d/2d/3d grid: NATTEN's neighbourhood-attention pattern and more.
+
+    Per axis (all options take one value or one per axis), with k = ``kernel_size`` and dilation
+    t, query position a and key position b on that axis are neighbours when b = a (mod t) and, in
+    units of t (a' = a // t, b' = b // t, L' = the number of positions = a (mod t)):
+
+    * ``border="clip"`` (default): -(k // 2) <= b' - a' <= k - 1 - k // 2, the window clipped at the
+      borders (it shrinks there). An odd k = 2 r + 1 is the (2r+1)^D window of ``radius`` r
+      (Chebyshev distance <= r for t = 1).
+    * ``border="shift"`` (NATTEN): the window of k keys starts at clamp(a' - k // 2, 0, L' - k), so
+      every query keeps all k keys (needs k t <= the axis' extent).
+    * ``is_causal`` on the axis (video time): 0 <= a' - b' <= k - 1, the query and the k - 1 keys
+      before it (fewer at the start; the border rule does not apply to a causal axis).
+
+    The edge set is the product of the axes' conditions.
 
     Args:
         shape: grid shape, e.g. (H, W) or (T, H, W); N = M = prod(shape), row-major.
-        radius: int or one int per axis (>= 0). The window is clipped at the borders (a radius past
-            the grid's extent is stored as extent - 1, which changes no edge).
+        radius: int or one int per axis (>= 0): the window side 2 r + 1 (``kernel_size=2 r + 1``).
+            A radius past the grid's extent is stored as extent - 1, which changes no edge. Give
+            ``radius`` or ``kernel_size``, not both.
         order: optional node order, the row-major grid index of each node (e.g.
             :func:`blocked_order`); default row-major.
+        kernel_size: k, int >= 1 (odd or even) or one per axis: keys per axis of a full window.
+        dilation: t, int >= 1 or one per axis (DiNAT's dilated windows).
+        is_causal: bool or one per axis.
+        border: ``"clip"`` or ``"shift"`` (see above).
+        rpb: relative position bias, a float tensor (..., 2 k_0 - 1, ..., 2 k_{D-1} - 1) (e.g. one
+            table per head, (H, 2k-1, 2k-1)): the logit of edge (i, j) gains
+            ``rpb[..., b'_0 - a'_0 + k_0 - 1, ...]`` (an additive log-weight, as a float mask; for the
+            count normalisations a weight exp(rpb)). -inf removes the edge. Trainable: gradients reach
+            it on every backend. The caller's tensor, read (and re-checked) at every call.
     """
 
-    def __init__(self, shape: Sequence[int], radius: Union[int, Sequence[int]], order: Optional[Tensor] = None):
+    def __init__(self, shape: Sequence[int], radius: Union[int, Sequence[int], None] = None,
+                 order: Optional[Tensor] = None, *, kernel_size: Union[int, Sequence[int], None] = None,
+                 dilation: Union[int, Sequence[int]] = 1, is_causal: Union[bool, Sequence[bool]] = False,
+                 border: str = "clip", rpb: Optional[Tensor] = None):
         super().__init__(shape, order)
-        r = _radius_tuple(radius, len(self.shape))
-        # A radius past the grid's extent reaches no further than extent - 1: clipping changes no edge
-        # and keeps the offsets (and 32-bit coordinate arithmetic) within the grid.
-        self.radius = tuple(min(x, s - 1) for x, s in zip(r, self.shape))
+        dims = len(self.shape)
+        if (radius is None) == (kernel_size is None):
+            raise ValueError(f"LocalWindow needs radius or kernel_size (one of them), got radius={radius!r}, "
+                             f"kernel_size={kernel_size!r}")
+        if radius is not None:
+            r = _radius_tuple(radius, dims)
+            # A radius past the grid's extent reaches no further than extent - 1: clipping changes no
+            # edge and keeps the offsets (and 32-bit coordinate arithmetic) within the grid.
+            k = tuple(2 * min(x, s - 1) + 1 for x, s in zip(r, self.shape))
+        else:
+            k = _axis_ints("kernel_size", kernel_size, dims, 1)
+        self.dilation = _axis_ints("dilation", dilation, dims, 1)
+        causal = is_causal if isinstance(is_causal, (tuple, list)) else (is_causal,) * dims
+        if len(causal) != dims or not all(isinstance(c, bool) for c in causal):
+            raise ValueError(f"LocalWindow(is_causal) must be a bool or {dims} of them, got {is_causal!r}")
+        self.is_causal = tuple(causal)
+        if border not in BORDERS:
+            raise ValueError(f"LocalWindow(border) must be one of {BORDERS}, got {border!r}")
+        self.border = border
+        if border == "shift":
+            for ax, (kk, t, s, c) in enumerate(zip(k, self.dilation, self.shape, self.is_causal)):
+                if not c and kk * t > s:
+                    raise ValueError(
+                        f"LocalWindow(border='shift') needs kernel_size * dilation <= the extent on every "
+                        f"non-causal axis; axis {ax} has kernel_size {kk}, dilation {t} and extent {s} "
+                        f"(shape {self.shape})")
+        self.kernel_size = k
+        # reach of the window in units of the dilation, (left, right) per axis, clipped to the grid
+        reach = []
+        for kk, t, s, c in zip(k, self.dilation, self.shape, self.is_causal):
+            left, right = (kk - 1, 0) if c else (kk // 2, kk - 1 - kk // 2)
+            cap = (s - 1) // t
+            reach.append((min(left, cap), min(right, cap)))
+        self.reach = tuple(reach)
+        #: per axis, the largest |offset| of an edge in grid steps (the radius of a plain window)
+        self.radius = tuple(max(lr) * t if self.border == "clip" or c else (kk - 1) * t
+                            for lr, t, kk, c in zip(self.reach, self.dilation, k, self.is_causal))
+        if rpb is not None:
+            if not isinstance(rpb, Tensor) or not rpb.is_floating_point():
+                raise TypeError(f"LocalWindow(rpb) must be a floating-point tensor, got {type(rpb).__name__}"
+                                if not isinstance(rpb, Tensor) else
+                                f"LocalWindow(rpb) must be a floating-point tensor, got dtype {rpb.dtype}")
+            want = tuple(2 * kk - 1 for kk in k)
+            if rpb.dim() < dims or tuple(rpb.shape[rpb.dim() - dims:]) != want:
+                raise ValueError(f"LocalWindow(rpb) must have shape (..., {', '.join(map(str, want))}) "
+                                 f"(2 kernel_size - 1 per axis), got {tuple(rpb.shape)}")
+        self.rpb = rpb  # the caller's tensor: read (and re-checked) at every call
+        if rpb is not None and checking_values():
+            self._check_rpb()
         self._radius_t: dict[torch.device, Tensor] = {}
+
+    @property
+    def plain(self) -> bool:
+        """True for today's symmetric window: odd kernel, no dilation, not causal, clipped, no bias."""
+        return (all(t == 1 for t in self.dilation) and not any(self.is_causal) and self.rpb is None
+                and all(kk % 2 == 1 for kk in self.kernel_size) and self.border == "clip")
+
+    @property
+    def window_size(self) -> tuple[int, ...]:
+        """Offsets per axis a query can have (its keys, away from the borders or with ``"shift"``)."""
+        return tuple(kk if self.border == "shift" and not c else left + right + 1
+                     for kk, c, (left, right) in zip(self.kernel_size, self.is_causal, self.reach))
+
+    def _check_rpb(self) -> None:
+        if not no_nan_or_posinf(self.rpb):
+            raise ValueError(f"LocalWindow(rpb) entries must be finite or -inf (no NaN, no +inf); the table "
+                             f"of shape {tuple(self.rpb.shape)} has one")
+
+    def validate(self, n, m, device):
+        super().validate(n, m, device)
+        if self.rpb is not None and self.rpb.device != device:
+            raise ValueError(f"LocalWindow(rpb) is on {self.rpb.device} but the inputs are on {device}")
+
+    def check_values(self, n, m):
+        if self.rpb is not None:
+            self._check_rpb()
+
+    def tensors(self):
+        return () if self.rpb is None else (self.rpb,)
+
+    @property
+    def lead_shape(self):
+        return () if self.rpb is None else tuple(self.rpb.shape[:self.rpb.dim() - len(self.shape)])
 
     def tile_pairs(self, row_tiles, col_tiles, device):
         (qlo, qhi), (klo, khi) = self._boxes(row_tiles, device), self._boxes(col_tiles, device)
-        # per-axis gap between the two bounding boxes; a pair can hold an edge when every gap <= radius
+        # per-axis gap between the two bounding boxes; a pair can hold an edge when every gap <= the reach
         gap = torch.maximum(klo[None] - qhi[:, None], qlo[:, None] - khi[None])
         return (gap <= self._radius_t_on(device)).all(-1)
 
@@ -432,24 +548,114 @@ class LocalWindow(_GridGraph):
             self._radius_t[device] = torch.tensor(self.radius, device=device, dtype=torch.int32)
         return self._radius_t[device]
 
+    def _axis_sub(self, axis: int, ci: Tensor, cj: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(a', b', same dilation group or None) of one axis for query coords ci and key coords cj."""
+        t = self.dilation[axis]
+        if t == 1:
+            return ci, cj, None
+        return ci // t, cj // t, (ci % t) == (cj % t)
+
+    def _axis_start(self, axis: int, a: Tensor, ci: Tensor) -> Tensor:
+        """The shifted window's first key a'-units position (NATTEN) for queries at a' (coordinate ci)."""
+        k, t, s = self.kernel_size[axis], self.dilation[axis], self.shape[axis]
+        length = (s - ci % t + t - 1) // t if t > 1 else torch.full_like(ci, s)  # L' of the query's group
+        return torch.minimum((a - k // 2).clamp_min(0), length - k)
+
     def block(self, i0, i1, j0, j1, device):
         c = self.coords(device)
-        r = self._radius_t_on(device)
         ci, cj = c[i0:i1], c[j0:j1]
         out = None
-        for axis in range(c.shape[1]):  # per axis: |c_i - c_j| <= r, on (tn, tm) int32 tiles
-            ok = (ci[:, None, axis] - cj[None, :, axis]).abs_() <= r[axis]
+        for axis in range(c.shape[1]):  # per axis, on (tn, tm) int32 tiles
+            qi, kj = ci[:, None, axis], cj[None, :, axis]
+            a, b, same = self._axis_sub(axis, qi, kj)
+            left, right = self.reach[axis]
+            if self.border == "shift" and not self.is_causal[axis]:
+                start = self._axis_start(axis, a, qi)
+                ok = (b >= start) & (b < start + self.kernel_size[axis])
+            else:
+                diff = b - a
+                ok = (diff >= -left) & (diff <= right)
+            if same is not None:
+                ok = ok & same
             out = ok if out is None else out.logical_and_(ok)
         return out
 
+    def rpb_index(self, ci: Tensor, cj: Tensor) -> Tensor:
+        """Flat index into the trailing dims of ``rpb`` for query coords ci (..., D) and key coords cj
+        (..., D) (clamped into the table where (i, j) is no edge)."""
+        flat = None
+        for axis in range(ci.shape[-1]):
+            k = self.kernel_size[axis]
+            a, b, _ = self._axis_sub(axis, ci[..., axis], cj[..., axis])
+            rel = (b - a + k - 1).clamp(0, 2 * k - 2).long()
+            flat = rel if flat is None else flat * (2 * k - 1) + rel
+        return flat
+
+    def dense_bias(self):
+        """The relative position bias as a dense (..., N, M) log-weight (zeros off the window; the block
+        removes those): for the tiled and materialising backends. The grid backend reads ``rpb`` itself."""
+        if self.rpb is None:
+            return None
+        c = self.coords(self.rpb.device)
+        idx = self.rpb_index(c[:, None, :], c[None, :, :])
+        dims = len(self.shape)
+        table = self.rpb.reshape(*self.rpb.shape[:self.rpb.dim() - dims], -1)
+        return table[..., idx]
+
     def edges(self, n, m, device):
-        axes = [torch.arange(-r, r + 1, device=device) for r in self.radius]
-        offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(self.shape))
-        ei = _grid_edges(self.coords(device), self.shape, offsets)
-        return torch.stack([self._to_nodes(ei[0]), ei[1]]), None
+        _check_unbatched(self)
+        # per axis: the key coordinate of each (offset slot, query coordinate) and whether it exists
+        keys, valid = [], []
+        for axis in range(len(self.shape)):
+            kb, ok = self.axis_slots(axis, device)
+            keys.append(kb)
+            valid.append(ok)
+        d = len(self.shape)
+        key_grid, ok_grid = None, None
+        for axis in range(d):  # broadcast to (slots_0, ..., slots_{D-1}, s_0, ..., s_{D-1})
+            view = [1] * (2 * d)
+            view[axis], view[d + axis] = keys[axis].shape
+            kb, ok = keys[axis].reshape(view), valid[axis].reshape(view)
+            key_grid = kb if key_grid is None else key_grid * self.shape[axis] + kb
+            ok_grid = ok if ok_grid is None else ok_grid & ok
+        key_grid, ok_grid = torch.broadcast_tensors(key_grid, ok_grid)
+        dst = torch.arange(self.num_nodes, device=device).reshape(self.shape).expand_as(key_grid)[ok_grid]
+        src = key_grid[ok_grid]
+        logw = None
+        if self.rpb is not None:
+            c = _grid_coords(self.shape, device)
+            logw = self.rpb.reshape(-1)[self.rpb_index(c[dst], c[src])]
+        if self.order is not None:  # grid indices -> node indices
+            src, dst = self._to_nodes(src), self._to_nodes(dst)
+        return torch.stack([src, dst]), logw
+
+    def axis_slots(self, axis: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The window along one axis as offset slots: (key coordinate, exists), each (slots, extent).
+
+        Row u, column a: the key coordinate of the u-th window slot of a query at coordinate a (clamped
+        into the grid where the slot has no key) and whether that key exists. With ``"clip"`` (and on a
+        causal axis) slot u is the offset (u - left) * dilation, with ``"shift"`` the u-th key of the
+        shifted window. The grid backend iterates over the product of the axes' slots.
+        """
+        s, t = self.shape[axis], self.dilation[axis]
+        a = torch.arange(s, device=device)
+        left, right = self.reach[axis]
+        if self.border == "shift" and not self.is_causal[axis]:
+            k = self.kernel_size[axis]
+            start = self._axis_start(axis, a // t, a)
+            key = (a % t) + t * (start[None, :] + torch.arange(k, device=device)[:, None])
+            return key, torch.ones_like(key, dtype=torch.bool)
+        off = torch.arange(-left, right + 1, device=device)[:, None] * t
+        key = a[None, :] + off
+        ok = (key >= 0) & (key < s)
+        return key.clamp(0, s - 1), ok
 
     def __repr__(self) -> str:
-        return f"LocalWindow(shape={self.shape}, radius={self.radius})"
+        if self.plain:
+            return f"LocalWindow(shape={self.shape}, radius={self.radius})"
+        extra = "" if self.rpb is None else f", rpb={tuple(self.rpb.shape)}"
+        return (f"LocalWindow(shape={self.shape}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                f"is_causal={self.is_causal}, border={self.border!r}{extra})")
 
 
 class CrissCross(_GridGraph):

@@ -156,3 +156,54 @@ def log_normaliser(kind: str, q, k, params: dict, adj=None, bias=None):
         return torch.where(has, 0.0, -math.inf).to(q.dtype)
     safe = torch.where(has[..., None], logits, torch.zeros_like(logits))
     return torch.where(has, torch.logsumexp(safe, -1), torch.full_like(has, -math.inf, dtype=q.dtype))
+
+
+def _axis_neighbours(a: int, b: int, s: int, k: int, t: int, causal: bool, border: str) -> bool:
+    """Whether key coordinate b is in the window of query coordinate a on one axis (LocalWindow's rule,
+    written from its docstring: same dilation group, then the clipped, shifted or causal window)."""
+    if a % t != b % t:
+        return False
+    a1, b1 = a // t, b // t
+    group = len(range(a % t, s, t))  # positions of the query's dilation group on this axis
+    if causal:
+        return 0 <= a1 - b1 <= k - 1
+    if border == "clip":
+        return -(k // 2) <= b1 - a1 <= k - 1 - k // 2
+    start = min(max(a1 - k // 2, 0), group - k)
+    return start <= b1 < start + k
+
+
+def window_options_adjacency(shape, kernel_size, dilation=None, is_causal=None, border="clip"):
+    """Dense (N, N) float64 adjacency of a LocalWindow with per-axis options, from loops over nodes."""
+    dims = len(shape)
+    dilation = dilation or (1,) * dims
+    is_causal = is_causal or (False,) * dims
+    coords = grid_coords(shape)
+    n = len(coords)
+    adj = torch.zeros(n, n, dtype=torch.float64)
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            adj[i, j] = float(all(_axis_neighbours(a, b, s, k, t, c, border) for a, b, s, k, t, c
+                                  in zip(ci, cj, shape, kernel_size, dilation, is_causal)))
+    return adj
+
+
+def window_rpb_bias(shape, kernel_size, dilation, rpb):
+    """Dense (..., N, N) additive logits rpb[..., b'_0 - a'_0 + k_0 - 1, ...] (zero where the relative
+    offset is off the table), built from a loop over node pairs; differentiable w.r.t. rpb."""
+    dims = len(shape)
+    coords = grid_coords(shape)
+    n = len(coords)
+    lead = rpb.shape[:rpb.dim() - dims]
+    flat = rpb.reshape(*lead, -1)
+    idx = torch.zeros(n, n, dtype=torch.long)
+    inside = torch.zeros(n, n, dtype=torch.bool)
+    for i, ci in enumerate(coords):
+        for j, cj in enumerate(coords):
+            pos, ok = 0, True
+            for a, b, k, t in zip(ci, cj, kernel_size, dilation):
+                rel = b // t - a // t + k - 1
+                ok = ok and 0 <= rel <= 2 * k - 2
+                pos = pos * (2 * k - 1) + min(max(rel, 0), 2 * k - 2)
+            idx[i, j], inside[i, j] = pos, ok
+    return torch.where(inside, flat[..., idx], torch.zeros((), dtype=rpb.dtype))

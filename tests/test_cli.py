@@ -37,7 +37,8 @@ def test_bench_core_quick_writes_json(tmp_path, capsys):
     assert "| case | peer |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name,extra", [("nonlocal", ["--no-memory"]), ("crf", [])])
+@pytest.mark.parametrize("name,extra", [("nonlocal", ["--no-memory"]), ("crf", []),
+                                        ("grid", ["--no-memory"])])
 def test_other_benchmarks_quick(name, extra, tmp_path):
     if name == "crf":
         pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (test dependency) not installed")

@@ -281,13 +281,13 @@ def test_cgnl_exact_prefactor_is_the_gaussian_up_to_the_taylor_remainder():
 
 @pytest.mark.parametrize("make,expected", [
     (lambda: LatentGraphBlock(8, num_latent=6),
-     [("algebra", "DotProduct"), ("chunked", "Softmax"), ("algebra", "DotProduct")]),
+     [("algebra", "DotProduct"), ("sdpa", "Softmax"), ("algebra", "DotProduct")]),
     (lambda: CompactNonLocal(8, groups=2), [("algebra", "DotProduct")]),
 ], ids=["latent", "cgnl"])
 def test_bipartite_and_compact_sums_run_through_the_algebra_backend(make, expected, monkeypatch):
     """LatentGNN's N -> K -> N steps and CGNL's channel-position sum never build a pairwise matrix (on
     this 64x64 map CGNL's M = 2 * 4096 nodes per group would need 512 MiB per group for M x M); the
-    K x K latent softmax goes to the default tiled backend."""
+    K x K latent softmax goes to torch's fused attention (the sdpa backend)."""
     block = make()
     seen = []
     real = dispatch.select_backend

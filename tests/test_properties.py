@@ -31,7 +31,15 @@ import nlgraph
 from nlgraph import affinity as A
 from nlgraph import graph as G
 
-from .formulas import TOLERANCES, affinity_matrix, criss_cross_adjacency, grid_coords, log_normaliser
+from .formulas import (
+    TOLERANCES,
+    affinity_matrix,
+    criss_cross_adjacency,
+    grid_coords,
+    log_normaliser,
+    window_options_adjacency,
+    window_rpb_bias,
+)
 
 F64 = torch.float64
 
@@ -225,6 +233,25 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
         order = torch.randperm(n, generator=mk.gen) if mk.coin() else None
         r = radius[0] if len(set(radius)) == 1 and mk.coin() else radius
         return Member(G.LocalWindow(grid, r, order=order), adj=window_adjacency(grid, radius, order))
+    if kind == "window_opts":  # NATTEN's options: kernel size (odd/even), dilation, causal axes, border, rpb
+        kernel = tuple(mk.integer(1, 3) for _ in grid)
+        dilation = tuple(mk.integer(1, 2) for _ in grid)
+        causal = tuple(mk.coin() and mk.coin() for _ in grid)
+        shift_ok = all(c or k * t <= s for k, t, s, c in zip(kernel, dilation, grid, causal))
+        border = "shift" if shift_ok and mk.coin() else "clip"
+        out = Member(None, adj=window_options_adjacency(grid, kernel, dilation, causal, border))
+        rpb = None
+        if mk.coin():  # a trainable relative position bias, batch dims that broadcast, -inf removing edges
+            table = (*_variant(mk, lead), *(2 * k - 1 for k in kernel))
+            values = mk.randn(*table)
+            if mk.coin():
+                values[mk.rand(*table) < 0.2] = -math.inf
+            rpb, ref = mk.pair(values)
+            out.bias = window_rpb_bias(grid, kernel, dilation, ref)
+            out.named = {"rpb": (rpb, ref)}
+        out.graph = G.LocalWindow(grid, kernel_size=kernel, dilation=dilation, is_causal=causal,
+                                  border=border, rpb=rpb)
+        return out
     if kind == "criss_cross":
         return Member(G.CrissCross(grid), adj=criss_cross_adjacency(*grid).to(F64))
     if kind == "knn":
@@ -253,7 +280,7 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
 
 
 GRID_SHAPES = [(1,), (4,), (6,), (2, 3), (3, 3), (2, 4), (1, 5), (2, 2, 2), (2, 1, 3), (3, 2, 2)]
-ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window",
+ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window", "window_opts",
               "criss_cross")
 ALL_AFFINITIES = ("softmax", "gaussian", "dot", "concat")
 
@@ -316,6 +343,8 @@ def cases(draw, dtype: torch.dtype = F64, affinities=ALL_AFFINITIES, graphs=ALL_
         kinds.append("exclude_self")
     if grid is not None and "window" in graphs:
         kinds += ["window"] * 3
+    if grid is not None and "window_opts" in graphs:
+        kinds += ["window_opts"] * 3
     if grid is not None and len(grid) == 2 and "criss_cross" in graphs:
         kinds += ["criss_cross"] * 2
     count = draw(st.sampled_from([0, 1, 1, 2, 2, 3][:2 + 2 * max_members])) if kinds else 0
@@ -501,6 +530,22 @@ def test_return_lse_matches_the_formula(case: Case):
     check_case(case, rtol, atol, backends, lse=True)
 
 
+@profile(examples=300)
+@given(cases(affinities=("softmax", "gaussian"), graphs=("window_opts", "criss_cross"), weightings=("none",),
+             max_members=1))
+def test_grid_backend_matches_the_formula(case: Case):
+    """float64, the grid backend on every LocalWindow option (kernel size, dilation, causal, border, rpb
+    with batch dims and -inf entries) and criss-cross, exp affinities, against the formula."""
+    graph = case.graph
+    if not isinstance(graph, (G.LocalWindow, G.CrissCross)):
+        return
+    backends = _backends(case)
+    assert "grid" in backends, case.describe()
+    event(f"grid on {type(graph).__name__}")
+    rtol, atol = TOLERANCES[F64]
+    check_case(case, rtol, atol, ["grid"])
+
+
 def _float32_bound(case: Case) -> float:
     """A relative bound for float32 from the arithmetic (u = 2^-24 unit roundoff).
 
@@ -532,7 +577,7 @@ def _float32_bound(case: Case) -> float:
 
 @profile(examples=int(__import__("os").environ.get("NLG_F32", "8")))
 @given(cases(dtype=torch.float32, affinities=("softmax", "gaussian"),
-             graphs=("mask_bool", "mask_float", "exclude_self", "causal", "window"),
+             graphs=("mask_bool", "mask_float", "exclude_self", "causal", "window", "window_opts"),
              weightings=("none", "dense")))
 def test_float32_backends_incl_triton_match_the_formula(case: Case):
     """float32 on every exact backend, the triton kernels (interpreted on the CPU) included, vs float64."""

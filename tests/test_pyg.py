@@ -97,9 +97,13 @@ def test_dispatch_prefers_pyg_for_sparse_graphs_where_measured_faster():
     n = 64 * 64
     q = torch.randn(1, n, 8)
     v = torch.randn(1, n, 4)
-    # windows stay on chunked (tile skipping, far less memory); criss-cross and k-NN go to pyg
-    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.LocalWindow((64, 64), 2))[0] == "chunked"
-    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.CrissCross((64, 64)))[0] == "pyg"
+    # windows and criss-cross go to the grid backend (nlgraph bench grid); pyg keeps them where grid
+    # cannot run them (a permuted node order, count-normalised affinities); k-NN goes to pyg
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.LocalWindow((64, 64), 2))[0] == "grid"
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.CrissCross((64, 64)))[0] == "grid"
+    assert nlgraph.select_backend(q, q, v, A.DotProduct(), G.CrissCross((64, 64)))[0] == "pyg"
+    order = G.blocked_order((64, 64), 8)
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.LocalWindow((64, 64), 2, order=order))[0] == "chunked"
     knn = G.KNN(torch.randint(0, n, (n, 8)))
     assert nlgraph.select_backend(q, q, v, A.Softmax(), knn)[0] == "pyg"
     wide = torch.randn(1, n, 1024)
@@ -108,7 +112,7 @@ def test_dispatch_prefers_pyg_for_sparse_graphs_where_measured_faster():
     assert nlgraph.select_backend(q, q, v, A.Softmax(), G.EdgeIndex(torch.randint(0, n, (2, 1000))))[0] == "pyg"
     assert nlgraph.select_backend(q, q, v, A.Softmax(), None)[0] == "chunked"
     small = torch.randn(1, 20, 8)
-    assert nlgraph.select_backend(small, small, small, A.Softmax(), G.LocalWindow((4, 5), 2))[0] == "chunked"
+    assert nlgraph.select_backend(small, small, small, A.DotProduct(), G.LocalWindow((4, 5), 2))[0] == "chunked"
     batched_knn = G.KNN(torch.zeros(2, 20, 3, dtype=torch.long))
     ok, reason = nlgraph.dispatch.get_backend("pyg").can_run(small, small, small, A.Softmax(), batched_knn)
     assert not ok and "batch dims" in reason

@@ -40,11 +40,15 @@ class Problem:
     e: int
 
 
-def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph]) -> Problem:
-    """Lower (q, k, v, affinity, graph) to a :class:`Problem` in the compute dtype."""
+def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: Optional[Graph],
+          dense_bias: bool = True) -> Problem:
+    """Lower (q, k, v, affinity, graph) to a :class:`Problem` in the compute dtype.
+
+    ``dense_bias=False`` leaves the graph's dense (..., N, M) bias out (``Problem.bias`` is None), for a
+    backend that reads the graph's own compact logits (the grid backend and a window's ``rpb``)."""
     cd = compute_dtype(query.dtype)
     form = affinity.form(query.to(cd), key.to(cd))
-    bias = graph.dense_bias() if graph is not None else None
+    bias = graph.dense_bias() if graph is not None and dense_bias else None
     if bias is not None:
         bias = bias.to(cd)
     if graph is not None and graph.is_complete:

@@ -50,7 +50,7 @@ def _edge_count(graph: Graph, n: int, m: int) -> Optional[int]:
     if isinstance(graph, EdgeIndex):
         return graph.edge_index.shape[1]
     if isinstance(graph, LocalWindow):
-        return n * math.prod(2 * r + 1 for r in graph.radius)
+        return n * math.prod(graph.window_size)
     if isinstance(graph, CrissCross):
         return n * (sum(graph.shape) - 1)
     if isinstance(graph, KNN):

@@ -76,6 +76,11 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
             isinstance(g, LocalWindow) for g in members) > 1:
         return False, (f"the triton kernel handles the complete graph, ExcludeSelf, dense masks and one local "
                        f"window so far, not {graph!r}")
+    for g in members:
+        if isinstance(g, LocalWindow) and not g.plain:
+            return False, (f"the triton kernel's window is the plain clipped (2r+1)^D window; {g!r} (kernel size, "
+                           f"dilation, causal axes, border='shift' or a relative position bias) runs on grid, "
+                           f"chunked or pyg")
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
     per_batch = max(n * d, m * d, m * e, n * e, n * m if any(isinstance(g, Mask) for g in members) else 0)
     if per_batch >= 2**31:  # in-batch offsets are 32-bit in the kernels

@@ -1,0 +1,473 @@
+"""The ``grid`` backend: grid graphs (``LocalWindow``, ``CrissCross``) computed on the grid itself.
+
+Nodes are pixels / voxels of a row-major grid, so a query's keys sit at fixed offsets (or in its own
+row and column) and no tile, mask or edge list is needed:
+
+* ``LocalWindow`` (1-D/2-D/3-D, every option: kernel size odd or even, dilation, causal axes, the
+  ``"clip"`` and ``"shift"`` border rules, the relative position bias ``rpb``) is computed
+  shift-major, the way scikit-image's fast non-local means and NATTEN's reference do it: one pass
+  per window slot, vectorised over all nodes at once. Slot u of every query is the key at offset u
+  (``"clip"``: a shifted view of the padded key map, no copy; the padding's column bias is -inf, so
+  keys past the border drop out without a mask) or the u-th key of its shifted window (``"shift"``:
+  a gather along the axis). On a clipped last axis the slots' dot products q'_i . k'_{i+u} are the
+  diagonals of one batched product per outer slot (rows of queries times their padded key rows), so
+  they run at matrix-product speed. An online (running-max) softmax merges the slots, in groups of
+  ``SLOT_GROUP`` that share one rescale, so the forward keeps O(N (d + e) + SLOT_GROUP N + N (W +
+  pad)) state and never holds N x window scores; the backward recomputes each slot's scores from
+  the saved log-sum-exp and adds the key-side gradients into views of padded buffers (a scatter,
+  ``index_add_``, on shifted axes). The bias enters as the slot's table entry (per offset and
+  leading dim, e.g. head) and its gradient is gathered the same way.
+* ``CrissCross`` (CCNet) is two batched matrix products per pass: the row part (B, H, W, W) and the
+  column part (B, W, H, H) with the query itself removed from the column part (counted once), merged
+  exactly by a joint log-sum-exp. That is O(N (H + W) d) work, CCNet's cost (tiles and edge lists
+  pay O(N^2 d) or gathers); the normalised weights (N (H + W) per batch entry, the same as the einsum
+  formulation's attention map) are saved for the backward.
+
+Every exp-kernel affinity of the canonical form (``Softmax``; ``Gaussian`` with C = sum f or C = 1,
+with or without a flat top): s_ij = q'_i . k'_j + r_i + c_j, f = exp(s) (flat top: exp(min(s + o,
+0))). Count-normalised affinities (DotProduct, Concatenation), dropout, a permuted node order and
+intersections with other graphs go to the other backends (``can_run`` says which). Accumulation is
+fp32 for fp16/bf16 inputs and the input dtype otherwise. The autograd Functions use
+``setup_context`` and trace under torch.compile; float64 gradcheck passes (tests/test_grid.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..graph import CrissCross, LocalWindow
+from .common import lower
+
+__all__ = ["can_run", "prefer", "run", "MAX_WINDOW_SLOTS"]
+
+_NEG_INF = -math.inf
+
+#: Automatic dispatch takes ``grid`` for criss-cross graphs always and for local windows of at most
+#: this many slots (keys per query). Measured with ``nlgraph bench grid`` (2-core CPU, one thread,
+#: forward+backward, 4 heads, benchmarks/results/grid-cpu.json): the shift-major loop's memory traffic
+#: grows with the window, the tiled ``chunked`` path's matrix products with the tiles it visits;
+#: grid took 0.5-0.9x chunked's time at 49 slots (radius 3) and 1.1x at 169 (radius 6) on 64x64 maps.
+#: Criss-cross: grid 0.02x pyg's and 0.08x chunked's time at 64x64, C = 256.
+MAX_WINDOW_SLOTS = 100
+
+#: Slots whose scores the forward holds at once (SLOT_GROUP x N scores): the running max and the
+#: accumulator are rescaled once per group instead of once per slot.
+SLOT_GROUP = 8
+
+
+def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
+    if not isinstance(graph, (LocalWindow, CrissCross)):
+        return False, f"grid computes LocalWindow and CrissCross graphs (alone), not {graph!r}"
+    if graph.order is not None:
+        return False, "grid needs the row-major node order (order=None); use chunked for a permuted order"
+    if affinity.kernel != "exp":
+        return False, (f"grid computes exp-kernel affinities (Softmax, Gaussian), not {affinity!r} "
+                       f"(its kernel is {affinity.kernel!r})")
+    return True, ""
+
+
+def prefer(query, key, value, affinity, graph) -> bool:
+    """Criss-cross always; windows up to MAX_WINDOW_SLOTS keys per query (measured: module docstring)."""
+    if isinstance(graph, CrissCross):
+        return True
+    return math.prod(graph.window_size) <= MAX_WINDOW_SLOTS
+
+
+# ------------------------------------------------------------------------------------------------
+# local windows: shift-major over the window's slots
+# ------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """The window's slots per axis, on one device: how each slot reads the key side, which queries it
+    serves, its flat key index (for the backward's scatter) and its bias-table index."""
+
+    def __init__(self, graph: LocalWindow, device: torch.device):
+        self.shape = graph.shape
+        d = len(self.shape)
+        self.slice_axes = [not (graph.border == "shift" and not graph.is_causal[a]) for a in range(d)]
+        # zero padding of the key side on the clipped axes: slot u reads the view starting at u * dilation
+        self.pads = [(graph.reach[a][0] * graph.dilation[a], graph.reach[a][1] * graph.dilation[a])
+                     if self.slice_axes[a] else (0, 0) for a in range(d)]
+        self.dilation = graph.dilation
+        self.keys, self.rel, self.rel_const = [], [], []
+        for a in range(d):
+            key, _ = graph.axis_slots(a, device)
+            k = graph.kernel_size[a]
+            t = graph.dilation[a]
+            coord = torch.arange(self.shape[a], device=device)
+            rel = (key // t - coord[None, :] // t + k - 1).clamp(0, 2 * k - 2)  # where ok: the table index
+            self.keys.append(key)
+            self.rel.append(rel)
+            left = graph.reach[a][0]
+            # host-side (no sync, traceable): a clipped slot's table entry is its offset + k - 1
+            self.rel_const.append([u - left + k - 1 for u in range(key.shape[0])]
+                                  if self.slice_axes[a] else None)
+        self.table = tuple(2 * k - 1 for k in graph.kernel_size)
+        self.slots = [kk.shape[0] for kk in self.keys]
+
+    def pad(self, x: Tensor, channels: bool, value: float = 0.0) -> Tensor:
+        """Pad a (B, *shape[, c]) key-side map on the clipped axes with ``value``."""
+        if not any(p != (0, 0) for p in self.pads):
+            return x
+        spec = [0, 0] if channels else []
+        for lo_hi in reversed(self.pads):
+            spec.extend(lo_hi)
+        return F.pad(x, spec, value=value)
+
+    def key_bias(self, col: Optional[Tensor], like: Tensor) -> Tensor:
+        """The column bias padded with -inf: a slot reading past the border scores -inf there (the
+        keys that do not exist), so no slot needs a mask. Zeros stand in for an absent column bias."""
+        base = col if col is not None else like.new_zeros(like.shape[:-1])
+        return self.pad(base, False, value=_NEG_INF)
+
+    def crop(self, x: Tensor) -> Tensor:
+        """The (B, *shape[, c]) grid inside a padded map (a view)."""
+        for a, (lo, _) in enumerate(self.pads):
+            x = x.narrow(1 + a, lo, self.shape[a])
+        return x
+
+    def take(self, x: Tensor, axis: int, u: int) -> Tensor:
+        """The key-side map seen by slot u along ``axis`` (a view on a clipped axis, a gather else)."""
+        if self.slice_axes[axis]:
+            return x.narrow(1 + axis, u * self.dilation[axis], self.shape[axis])
+        return x.index_select(1 + axis, self.keys[axis][u])
+
+    def walk(self, tensors: list[Optional[Tensor]], axis: int = 0, slot: tuple[int, ...] = (),
+             stop: Optional[int] = None) -> Iterator[tuple[tuple[int, ...], list[Optional[Tensor]]]]:
+        """Every slot (u_0, ..., u_{D-1}) with the key-side maps it reads (outer axes' reads shared);
+        with ``stop``, the slots of the axes before it (the maps still whole along the others)."""
+        if axis == (len(self.shape) if stop is None else stop):
+            yield slot, tensors
+            return
+        for u in range(self.slots[axis]):
+            yield from self.walk([None if t is None else self.take(t, axis, u) for t in tensors], axis + 1,
+                                 slot + (u,), stop)
+
+    def scored_walk(self, fq: Tensor, tensors: list[Optional[Tensor]]):
+        """:meth:`walk` with each slot's q'.k' (``tensors[0]`` is the padded key map): on a clipped last
+        axis one batched product per outer slot, fq (..., W, d) @ keys (..., W + pad, d)^T, whose
+        diagonals are the slots' dot products (views; matrix-product speed instead of one reduction
+        pass per slot); else a dot product per slot."""
+        last = len(self.shape) - 1
+        if not self.slice_axes[last]:
+            for slot, ts in self.walk(tensors):
+                yield slot, torch.linalg.vecdot(fq, ts[0]), ts
+            return
+        t = self.dilation[last]
+        for outer, ts in self.walk(tensors, stop=last):
+            prod = fq @ ts[0].transpose(-1, -2)
+            for u in range(self.slots[last]):
+                yield (outer + (u,), prod.diagonal(offset=u * t, dim1=-2, dim2=-1),
+                       [None if x is None else self.take(x, last, u) for x in ts])
+
+    def _axis_view(self, t: Tensor, axis: int) -> Tensor:
+        view = [1] * len(self.shape)
+        view[axis] = self.shape[axis]
+        return t.reshape(view)
+
+    def flat_keys(self, slot: tuple[int, ...]) -> Tensor:
+        """(N,) row-major index of each query's key in this slot (clamped into the grid where none)."""
+        flat = None
+        for a, u in enumerate(slot):
+            kb = self._axis_view(self.keys[a][u], a)
+            flat = kb if flat is None else flat * self.shape[a] + kb
+        return flat.expand(self.shape).reshape(-1)
+
+    def bias(self, rpb: Tensor, slot: tuple[int, ...]) -> Tensor:
+        """The slot's bias-table entries, (B, *shape) broadcastable, from rpb (B, *table)."""
+        out = rpb
+        for a, u in enumerate(slot):
+            if self.slice_axes[a]:  # one offset: one entry for every query
+                out = out.narrow(1 + a, self.rel_const[a][u], 1)
+            else:
+                out = out.index_select(1 + a, self.rel[a][u])
+        return out
+
+    def flat_rel(self, slot: tuple[int, ...]) -> Tensor:
+        """(N,) flat bias-table index of each query's edge in this slot."""
+        flat = None
+        for a, u in enumerate(slot):
+            r = self._axis_view(self.rel[a][u], a)
+            flat = r if flat is None else flat * self.table[a] + r
+        return flat.expand(self.shape).reshape(-1)
+
+
+def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Tensor, bias: Optional[Tensor],
+                 clamp: Optional[float], dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """One slot's scores s = min(q'.k' + r + c + o, 0) + bias (c = -inf where the slot has no key: the
+    padding of :meth:`_Plan.key_bias`) and the capped positions (flat top: no gradient through q', k',
+    r, c there). ``dot``: q'.k' when already known."""
+    s = torch.linalg.vecdot(fq, kt) if dot is None else dot
+    if row is not None:
+        s = s + row
+    s = s + colt
+    capped = None
+    if clamp is not None:
+        s = s + clamp
+        capped = s >= 0
+        s = s.clamp_max(0.0)
+    if bias is not None:
+        s = s + bias
+    return s, capped
+
+
+def _finite_or_zero(t: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+class _WindowAggregate(torch.autograd.Function):
+    """Shift-major forward (online softmax over the window's slots) and slot-recomputing backward.
+
+    Inputs are maps (B, *shape[, c]); returns (out (B, *shape, e), stat (B, *shape)): the log-sum-exp
+    per query (C = sum f) or the running max (C = 1), not differentiable."""
+
+    @staticmethod
+    def forward(fq, fk, row, col, rpb, value, meta):
+        plan, clamp, norm = meta["plan"], meta["clamp"], meta["norm"]
+        kp, vp = plan.pad(fk, True), plan.pad(value, True)
+        cp = plan.key_bias(col, fk)
+        lead = fq.shape[:-1]
+        mx = torch.full(lead, _NEG_INF, dtype=fq.dtype, device=fq.device)
+        den = torch.zeros(lead, dtype=fq.dtype, device=fq.device)
+        acc = torch.zeros(*lead, value.shape[-1], dtype=fq.dtype, device=fq.device)
+        group: list[tuple[Tensor, Tensor]] = []
+
+        def merge(mx, den, acc):
+            """Fold a group of slots into the running state: one rescale per group, not per slot."""
+            new = torch.maximum(mx, torch.stack([s for s, _ in group]).amax(0))
+            safe = _finite_or_zero(new)
+            alpha = torch.exp(mx - safe)
+            den, acc = den.mul_(alpha), acc.mul_(alpha[..., None])
+            for s, vt in group:
+                w = s.sub_(safe).exp_()
+                den.add_(w)
+                acc.addcmul_(w[..., None], vt)
+            group.clear()
+            return new, den, acc
+
+        for slot, dot, (kt, vt, ct) in plan.scored_walk(fq, [kp, vp, cp]):
+            bias = None if rpb is None else plan.bias(rpb, slot)
+            group.append((_slot_scores(fq, kt, row, ct, bias, clamp, dot)[0], vt))
+            if len(group) == SLOT_GROUP:
+                mx, den, acc = merge(mx, den, acc)
+        if group:
+            mx, den, acc = merge(mx, den, acc)
+        safe = _finite_or_zero(mx)
+        if norm == "sum":
+            out = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+            stat = torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF))
+        else:
+            out = acc * torch.exp(safe)[..., None]
+            stat = safe
+        return out, stat
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fq, fk, row, col, rpb, value, meta = inputs
+        out, stat = output
+        ctx.meta = meta
+        ctx.mark_non_differentiable(stat)
+        ctx.save_for_backward(fq, fk, row, col, rpb, value, out, stat)
+
+    @staticmethod
+    def backward(ctx, dout, _dstat):
+        fq, fk, row, col, rpb, value, out, stat = ctx.saved_tensors
+        plan, clamp, norm = ctx.meta["plan"], ctx.meta["clamp"], ctx.meta["norm"]
+        need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
+        b = fq.shape[0]
+        n = math.prod(plan.shape)
+        dout = dout.to(value.dtype)
+        kp, vp = plan.pad(fk, True), plan.pad(value, True)
+        cp = plan.key_bias(col, fk)
+        dsum = (dout * out).sum(-1) if norm == "sum" else None
+        base = _finite_or_zero(stat)
+        dq = torch.zeros_like(fq) if need_q else None
+        dk = fk.new_zeros(b, n, fk.shape[-1]) if need_k else None
+        dv = value.new_zeros(b, n, value.shape[-1]) if need_v else None
+        dr = torch.zeros_like(row) if need_r else None
+        dc = col.new_zeros(b, n) if need_c else None
+        db = rpb.new_zeros(b, math.prod(plan.table)) if need_b else None
+        views = all(plan.slice_axes)  # every slot reads a view: its key-side gradients add into views too
+        if views:  # zero-padded gradient buffers, cropped at the end
+            dk = plan.pad(fk.new_zeros(fk.shape), True) if need_k else None
+            dv = plan.pad(value.new_zeros(value.shape), True) if need_v else None
+            dc = plan.pad(col.new_zeros(col.shape), False) if need_c else None
+        q_flat = fq.reshape(b, n, -1)
+        do_flat = dout.reshape(b, n, -1)
+        grads = [dk, dv, dc] if views else [None] * 3
+        for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp] + grads):
+            bias = None if rpb is None else plan.bias(rpb, slot)
+            s, capped = _slot_scores(fq, kt, row, ct, bias, clamp)
+            if norm == "sum":
+                p = torch.exp(s - base)  # f / C from the saved log-sum-exp; 0 where the slot has no key
+                ds = p * (torch.linalg.vecdot(dout, vt) - dsum)
+            else:
+                p = torch.exp(s)
+                ds = p * torch.linalg.vecdot(dout, vt)
+            if need_b:
+                db.index_add_(1, plan.flat_rel(slot), ds.reshape(b, n))
+            dlin = ds if capped is None else ds.masked_fill(capped, 0.0)
+            if need_q:
+                dq.addcmul_(dlin[..., None], kt)
+            if views:
+                if need_v:
+                    dvt.addcmul_(p[..., None], dout)
+                if need_k:
+                    dkt.addcmul_(dlin[..., None], fq)
+                if need_c:
+                    dct.add_(dlin)
+            else:
+                keys = plan.flat_keys(slot) if (need_k or need_v or need_c) else None
+                if need_v:
+                    dv.index_add_(1, keys, (p.reshape(b, n, 1) * do_flat))
+                if need_k:
+                    dk.index_add_(1, keys, dlin.reshape(b, n, 1) * q_flat)
+                if need_c:
+                    dc.index_add_(1, keys, dlin.reshape(b, n))
+            if need_r:
+                dr.add_(dlin)
+        if views:  # crop the padding (it only ever received zeros from keys that do not exist)
+            crop = lambda t: None if t is None else plan.crop(t)  # noqa: E731
+            dk, dv, dc = crop(dk), crop(dv), crop(dc)
+        shape = plan.shape
+        reshaped = lambda t, s: None if t is None else t.reshape(s)  # noqa: E731
+        return (dq, reshaped(dk, fk.shape), dr, reshaped(dc, None if col is None else col.shape),
+                reshaped(db, None if rpb is None else rpb.shape), reshaped(dv, (b, *shape, -1)), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# criss-cross: row and column parts as batched matrix products, one joint log-sum-exp
+# ------------------------------------------------------------------------------------------------
+
+
+def _cc_lin(qr: Tensor, kr: Tensor, qc: Tensor, kc: Tensor, row: Optional[Tensor], col: Optional[Tensor],
+            clamp: Optional[float]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Row scores (B, H, W, W') and column scores (B, W, H, H') from the row-major (B, H, W, d) and
+    column-major (B, W, H, d) features, and (flat top) their capped positions."""
+    sr = qr @ kr.transpose(-1, -2)
+    sc = qc @ kc.transpose(-1, -2)
+    if row is not None:
+        sr = sr + row[..., None]
+        sc = sc + row.transpose(1, 2)[..., None]
+    if col is not None:
+        sr = sr + col[:, :, None, :]
+        sc = sc + col.transpose(1, 2)[:, :, None, :]
+    cr = cc = None
+    if clamp is not None:
+        sr, sc = sr + clamp, sc + clamp
+        cr, cc = sr >= 0, sc >= 0
+        sr, sc = sr.clamp_max(0.0), sc.clamp_max(0.0)
+    return sr, sc, cr, cc
+
+
+def _both(t: Tensor) -> tuple[Tensor, Tensor]:
+    """A (B, H, W, c) map in row-major and column-major (B, W, H, c) contiguous layouts: the batched
+    products then read plain matrices (a strided operand makes CPU bmm copy it matrix by matrix)."""
+    return t.contiguous(), t.transpose(1, 2).contiguous()
+
+
+class _CrissCrossAggregate(torch.autograd.Function):
+    """Forward: row and column score blocks, a joint log-sum-exp, two value products. Saves the
+    normalised weights (N (H + W) per batch entry) for the backward's four products per part."""
+
+    @staticmethod
+    def forward(fq, fk, row, col, value, meta):
+        clamp, norm = meta["clamp"], meta["norm"]
+        (qr, qc), (kr, kc) = _both(fq), _both(fk)
+        sr, sc, _, _ = _cc_lin(qr, kr, qc, kc, row, col, clamp)
+        # the column part without the query itself (h' = h): it is counted once, in the row part
+        sc.diagonal(dim1=-2, dim2=-1).fill_(_NEG_INF)
+        if norm == "sum":
+            m = torch.maximum(sr.amax(-1), sc.amax(-1).transpose(1, 2))  # (B, H, W); finite (self in the row)
+            pr = sr.sub_(m[..., None]).exp_()
+            pc = sc.sub_(m.transpose(1, 2)[..., None]).exp_()
+            den = pr.sum(-1) + pc.sum(-1).transpose(1, 2)
+            pr = pr.div_(den[..., None])
+            pc = pc.div_(den.transpose(1, 2)[..., None])
+        else:
+            pr, pc = sr.exp_(), sc.exp_()
+        vr, vc = _both(value)
+        out = (pr @ vr).add_((pc @ vc).transpose(1, 2))
+        return out, pr, pc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fq, fk, row, col, value, meta = inputs
+        out, pr, pc = output
+        ctx.meta = meta
+        ctx.mark_non_differentiable(pr, pc)
+        ctx.save_for_backward(fq, fk, row, col, value, out, pr, pc)
+
+    @staticmethod
+    def backward(ctx, dout, _dpr, _dpc):
+        fq, fk, row, col, value, out, pr, pc = ctx.saved_tensors
+        clamp, norm = ctx.meta["clamp"], ctx.meta["norm"]
+        need_q, need_k, need_r, need_c, need_v = ctx.needs_input_grad[:5]
+        dor, doc = _both(dout.to(value.dtype))
+        dv = None
+        if need_v:
+            dv = (pr.transpose(-1, -2) @ dor).add_((pc.transpose(-1, -2) @ doc).transpose(1, 2))
+        dq = dk = dr = dc = None
+        if need_q or need_k or need_r or need_c:
+            vr, vc = _both(value)
+            dsr = dor @ vr.transpose(-1, -2)
+            dsc = doc @ vc.transpose(-1, -2)
+            if norm == "sum":
+                dsum = (dor * out).sum(-1)
+                dsr = dsr.sub_(dsum[..., None])
+                dsc = dsc.sub_(dsum.transpose(1, 2)[..., None])
+            dsr, dsc = dsr.mul_(pr), dsc.mul_(pc)
+            (qr, qc), (kr, kc) = _both(fq), _both(fk)
+            if clamp is not None:  # the flat top passes no gradient to the scores it caps
+                _, _, cr, cc = _cc_lin(qr, kr, qc, kc, row, col, clamp)
+                dsr, dsc = dsr.masked_fill_(cr, 0.0), dsc.masked_fill_(cc, 0.0)
+            if need_q:
+                dq = (dsr @ kr).add_((dsc @ kc).transpose(1, 2))
+            if need_k:
+                dk = (dsr.transpose(-1, -2) @ qr).add_((dsc.transpose(-1, -2) @ qc).transpose(1, 2))
+            if need_r:
+                dr = dsr.sum(-1) + dsc.sum(-1).transpose(1, 2)
+            if need_c:
+                dc = dsr.sum(-2) + dsc.sum(-2).transpose(1, 2)
+        return dq, dk, dr, dc, dv, None
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
+    p = lower(query, key, value, affinity, graph, dense_bias=False)
+    lead, n, e = p.lead, p.n, p.e
+    bsz = math.prod(lead)
+    shape = graph.shape
+
+    def grid(t: Optional[Tensor], channels: bool) -> Optional[Tensor]:
+        """(lead..., N[, c]) -> (B, *shape[, c]); a view where the layout allows (no copy)."""
+        if t is None:
+            return None
+        tail = (n, t.shape[-1]) if channels else (n,)
+        t = t.expand(*lead, *tail)
+        return t.reshape(bsz, *shape, *tail[1:])
+
+    f = p.form
+    fq, fk = grid(f.query, True), grid(f.key, True)
+    row, col = grid(f.row, False), grid(f.col, False)
+    v = grid(p.value, True)
+    meta = {"clamp": f.clamp, "norm": f.norm}
+    if isinstance(graph, CrissCross):
+        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, meta)[0]
+    else:
+        rpb = graph.rpb
+        if rpb is not None:
+            dims = len(shape)
+            table = tuple(rpb.shape[rpb.dim() - dims:])
+            rpb = rpb.to(p.value.dtype).expand(*lead, *table).reshape(bsz, *table)
+        meta["plan"] = _Plan(graph, query.device)
+        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, meta)[0]
+    return out.reshape(*lead, n, e).to(query.dtype)
