@@ -106,8 +106,7 @@ def core_checks(seed: int = 0) -> list[Check]:
     win = G.LocalWindow((12, 16), radius=2)
     dense = win.dense(192, 192)
     checks.append(_compare("local-window graph == dense op with the matching mask",
-                           lambda x: aggregate(x, x, x, A.Gaussian(2.0), win,
-                                               options={"block_n": 40, "block_m": 48}),
+                           lambda x: aggregate(x, x, x, A.Gaussian(2.0), win),
                            lambda x: aggregate(x, x, x, A.Gaussian(2.0), G.Mask(dense), backend="reference"),
                            (img,), tol))
     return checks

@@ -77,7 +77,7 @@ def test_dispatch_priorities():
     assert dispatch.select_backend(q, k, v, A.Concatenation(torch.randn(8)), G.ExcludeSelf())[0] == "algebra"
     assert dispatch.select_backend(q, k, v, A.DotProduct(), G.LocalWindow((10,), 1))[0] == "chunked"
     assert dispatch.select_backend(q, k, v, A.Softmax(), None)[0] == "sdpa"  # torch's own kernels first
-    assert dispatch.select_backend(q, k, v, A.Softmax(), G.LocalWindow((10,), 1))[0] == "chunked"
+    assert dispatch.select_backend(q, k, v, A.Softmax(), G.LocalWindow((10,), 1))[0] == "grid"
     w = torch.rand(5, requires_grad=True)
     g = G.EdgeIndex(torch.randint(0, 10, (2, 5)), edge_weight=w)
     # chunked cannot differentiate EdgeIndex weights: pyg (when installed) or the reference takes it

@@ -110,7 +110,7 @@ def test_dispatch_prefers_pyg_for_sparse_graphs_where_measured_faster():
     knn64 = G.KNN(torch.randint(0, n, (n, 64)))  # 262k edges x (2 * 1024 + 4) gathered elements > 2^27
     assert nlgraph.select_backend(wide, wide, v, A.Softmax(), knn64)[0] == "chunked"
     assert nlgraph.select_backend(q, q, v, A.Softmax(), G.EdgeIndex(torch.randint(0, n, (2, 1000))))[0] == "pyg"
-    assert nlgraph.select_backend(q, q, v, A.Softmax(), None)[0] == "chunked"
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), None)[0] == "sdpa"
     small = torch.randn(1, 20, 8)
     assert nlgraph.select_backend(small, small, small, A.DotProduct(), G.LocalWindow((4, 5), 2))[0] == "chunked"
     batched_knn = G.KNN(torch.zeros(2, 20, 3, dtype=torch.long))

@@ -133,7 +133,7 @@ def test_capabilities_and_dispatch(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         ok, why = mod.can_run(x, x, x, A.Softmax(), None)
         assert not ok and "CUDA" in why
-        assert nlgraph.select_backend(x, x, x, A.Softmax(), None)[0] == "chunked"
+        assert nlgraph.select_backend(x, x, x, A.Softmax(), None)[0] == "sdpa"
 
 
 @pytest.mark.parametrize("kind", ["bool2d", "bool_batch", "key_padding", "float", "float_and_self", "empty_rows"])

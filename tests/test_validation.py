@@ -214,7 +214,7 @@ def test_graph_type():
 
 def test_backend_errors():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['algebra', 'sdpa', 'triton', 'permutohedral', 'pyg', 'chunked', 'reference'"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['algebra', 'sdpa', 'triton', 'permutohedral', 'grid', 'pyg', 'chunked', 'reference'"):
         nlgraph.aggregate(q, k, v, backend="cuda-magic")
     with pytest.raises(BackendError, match=r"backend='algebra' cannot run affinity=Softmax.*closed forms for DotProduct"):
         nlgraph.aggregate(q, k, v, backend="algebra")

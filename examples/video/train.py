@@ -154,7 +154,7 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
                 dist.all_reduce(p.grad)
                 p.grad /= world
             if first is None:
-                first = {"loss": float(loss), "grads": [p.grad.clone() for p in model.parameters()]}
+                first = {"loss": float(loss.detach()), "grads": [p.grad.clone() for p in model.parameters()]}
             opt.step()
         model.eval()
         with torch.no_grad():
@@ -196,7 +196,7 @@ def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_te
     gdiff = max(float((a - b).abs().max()) for a, b in zip(grads, out["grads"], strict=True)) / scale
     train(model, x_tr, y_tr, steps, seed)
     return {"one process": accuracy(model, x_te, y_te), f"{world} ranks": out["accuracy"],
-            "first step |loss difference|": abs(float(loss) - out["loss"]),
+            "first step |loss difference|": abs(float(loss.detach()) - out["loss"]),
             "first step max |gradient difference| / max |gradient|": gdiff}
 
 
