@@ -177,15 +177,18 @@ def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_te
         raise ValueError(f"world must be in 2..{T} (the clips have {T} frames), got {world}")
     import torch.multiprocessing as mp
 
+    # the initial weights run() gives its non-local model: the same RNG stream (the baseline is built
+    # and trained first, and tasks.train re-seeds), so the accuracies compare with run()'s
     torch.manual_seed(seed)
+    x_tr, y_tr = make_clips(n_train, seed)
+    x_te, y_te = make_clips(n_test, seed + 1)
+    train(C2D(nonlocal_blocks=False), x_tr, y_tr, steps, seed)
     model = C2D(nonlocal_blocks=True).to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), os.path.join(tmp, "init.pt"))
         mp.start_processes(_cp_worker, args=(world, tmp, steps, n_train, n_test, seed, dtype, method),
                            nprocs=world, join=True, start_method="spawn")
         out = torch.load(os.path.join(tmp, "out.pt"))
-    x_tr, y_tr = make_clips(n_train, seed)
-    x_te, y_te = make_clips(n_test, seed + 1)
     x_tr, x_te = x_tr.to(dtype), x_te.to(dtype)
     torch.manual_seed(seed)
     i = torch.randint(0, x_tr.shape[0], (32,))
