@@ -160,8 +160,8 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
         with torch.no_grad():
             logits = sharded_logits(model, x_te[:, :, sl], t0, T, None)
         if rank == 0:
-            torch.save({"accuracy": float((logits.argmax(1) == y_te).float().mean()), **first},
-                       os.path.join(tmp, "out.pt"))
+            torch.save({"accuracy": float((logits.argmax(1) == y_te).float().mean()), **first,
+                        "params": [p.detach() for p in model.parameters()]}, os.path.join(tmp, "out.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -198,9 +198,12 @@ def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_te
     scale = max(float(g.abs().max()) for g in grads)
     gdiff = max(float((a - b).abs().max()) for a, b in zip(grads, out["grads"], strict=True)) / scale
     train(model, x_tr, y_tr, steps, seed)
+    pairs = zip(model.parameters(), out["params"], strict=True)
+    pdiff = max(float((a.detach() - b).abs().max()) for a, b in pairs)
     return {"one process": accuracy(model, x_te, y_te), f"{world} ranks": out["accuracy"],
             "first step |loss difference|": abs(float(loss.detach()) - out["loss"]),
-            "first step max |gradient difference| / max |gradient|": gdiff}
+            "first step max |gradient difference| / max |gradient|": gdiff,
+            "max |parameter difference| after training": pdiff}
 
 
 def run(steps: int = 600, n_train: int = 3000, n_test: int = 500, seed: int = 0, log=print) -> dict:
