@@ -46,19 +46,26 @@ CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL = 0, 1, 2
 NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC = 0, 1, 2, 3
 
 
-def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
-    """A finite float32 (rows, cols) tensor from a numpy array / array-like, with clear errors."""
+def _real_2d(name: str, x, shape: Optional[tuple], layout: str = "") -> np.ndarray:
+    """``x`` (a numpy array, array-like or tensor) as a non-empty real 2-D numpy array of ``shape``
+    (when given); TypeError/ValueError naming ``name`` otherwise. ``layout`` describes the two axes."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
+        raise ValueError(f"{name} must be 2-D{layout}, got shape {arr.shape}")
     if shape is not None and arr.shape != shape:
         raise ValueError(f"Bad shape for {name} (need {shape}, got {arr.shape})")
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    return arr
+
+
+def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
+    """A finite float32 (rows, cols) tensor from a numpy array / array-like, with clear errors."""
+    arr = _real_2d(name, x, shape)
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf")
@@ -88,17 +95,7 @@ def _unary_energy(name: str, u, shape: Optional[tuple] = None) -> torch.Tensor:
     +inf (probability 0: the label is impossible) is valid, as in pydensecrf's mean field; NaN, -inf
     and a variable whose every label is +inf (no possible label: pydensecrf returns NaN everywhere)
     raise ValueError naming the first offending entries."""
-    if isinstance(u, torch.Tensor):
-        u = u.detach().cpu().numpy()
-    arr = np.asarray(u)
-    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-        raise TypeError(f"{name} must be a real-valued array, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_labels, n_vars), got shape {arr.shape}")
-    if shape is not None and arr.shape != shape:
-        raise ValueError(f"Bad shape for {name} (need {shape}, got {arr.shape})")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    arr = _real_2d(name, u, shape, " (n_labels, n_vars)")
     t = torch.tensor(np.array(arr, dtype=np.float32, order="C"))  # a copy: never a view of the caller's array
     if not all_finite(t):
         bad = torch.isnan(t) | (t == -np.inf)

@@ -37,15 +37,9 @@ TOLERANCES = {
 def affinity_matrix(kind: str, q, k, params: dict):
     """f(q_i, k_j) for every pair, (..., N, M), and the normalisation kind."""
     if kind == "softmax":
-        scale = params.get("scale", 1.0 / math.sqrt(q.shape[-1]))
-        return torch.exp(scale * torch.einsum("...nd,...md->...nm", q, k)), "sum"
+        return torch.exp(log_affinity(kind, q, k, params)), "sum"
     if kind in ("gaussian", "gaussian_unnorm"):
-        b = params["bandwidth"]
-        diff = q[..., :, None, :] / b - k[..., None, :, :] / b
-        dist = 0.5 * (diff * diff).sum(-1)
-        if params.get("offset"):
-            dist = torch.clamp(dist - params["offset"], min=0.0)  # flat top
-        return torch.exp(-dist), ("sum" if kind == "gaussian" else "none")
+        return torch.exp(log_affinity(kind, q, k, params)), ("sum" if kind == "gaussian" else "none")
     if kind == "dot":
         return params.get("scale", 1.0) * torch.einsum("...nd,...md->...nm", q, k), "count"
     if kind == "concat":
