@@ -169,12 +169,13 @@ class _ShardGraph(Graph):
         return torch.stack(out, -1)
 
     def block(self, i0, i1, j0, j1, device) -> Block:
-        parts = [self.graph.block(self.q0 + i0, self.q0 + i1, a, b, device) for a, b in self._pieces(j0, j1)]
+        pieces = self._pieces(j0, j1)
+        parts = [self.graph.block(self.q0 + i0, self.q0 + i1, a, b, device) for a, b in pieces]
         if all(p is None for p in parts):
             return None
         if len(parts) == 1:
             return parts[0]
-        lens = [b - a for a, b in self._pieces(j0, j1)]
+        lens = [b - a for a, b in pieces]
         dtype = torch.bool if all(p is None or p.dtype == torch.bool for p in parts) else next(
             p.dtype for p in parts if p is not None and p.dtype != torch.bool)
         lead = torch.broadcast_shapes(*[p.shape[:-2] for p in parts if p is not None])
