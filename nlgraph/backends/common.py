@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._shapes import broadcast_shapes
+from .._shapes import broadcast_shapes, slice_rows_cols
 from ..affinity import Affinity, ScoreForm
-from ..graph import Graph, _slice_rows_cols, safe_log
+from ..graph import Graph, safe_log
 
 __all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
            "clamp_scores", "exp_scores", "edge_weights"]
@@ -94,7 +94,7 @@ def tile_log_weights(graph: Optional[Graph], bias: Optional[Tensor], i0: int, i1
             else:
                 logw = safe_log(blk.to(dtype))
     if bias is not None:
-        b = _slice_rows_cols(bias, i0, i1, j0, j1)
+        b = slice_rows_cols(bias, i0, i1, j0, j1)
         logw = b if logw is None else logw + b
     return mask, logw
 
