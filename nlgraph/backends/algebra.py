@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ..affinity import Concatenation, DotProduct
-from ..graph import Complete, ExcludeSelf
 from .common import compute_dtype
 
 __all__ = ["can_run", "run", "RETURNS_LSE"]
@@ -30,15 +29,15 @@ RETURNS_LSE = True
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
-    if not isinstance(affinity, (DotProduct, Concatenation)):
+    if affinity.closed_form not in _CLOSED_FORMS:
         return False, f"algebra has closed forms for DotProduct and Concatenation only, not {affinity!r}"
-    if graph is not None and not isinstance(graph, (Complete, ExcludeSelf)):
+    if graph is not None and not (graph.is_complete or graph.excludes_self):
         return False, f"algebra needs the complete graph or ExcludeSelf, not {graph!r}"
     return True, ""
 
 
 def _exclude_self(graph) -> bool:
-    return isinstance(graph, ExcludeSelf)
+    return graph is not None and graph.excludes_self
 
 
 def _dot_product(query: Tensor, key: Tensor, value: Tensor, affinity: DotProduct, graph) -> Tensor:
@@ -84,10 +83,14 @@ def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concaten
     return (y / m).to(value.dtype)
 
 
+#: The closed forms this backend computes, by :attr:`nlgraph.affinity.Affinity.closed_form`.
+_CLOSED_FORMS = {"dot_product": _dot_product, "concatenation": _concatenation}
+
+
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):
     cd = compute_dtype(query.dtype)
     q, k, v = query.to(cd), key.to(cd), value.to(cd)
-    fn = _dot_product if isinstance(affinity, DotProduct) else _concatenation
+    fn = _CLOSED_FORMS[affinity.closed_form]
     y = fn(q, k, v, affinity, graph)
     n = query.shape[-2]
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import CrissCross, LocalWindow
+from ..graph import LocalWindow
 from .common import lower
 
 __all__ = ["can_run", "prefer", "run", "MAX_WINDOW_SLOTS"]
@@ -59,9 +59,12 @@ MAX_WINDOW_SLOTS = 100
 #: accumulator are rescaled once per group instead of once per slot.
 SLOT_GROUP = 8
 
+#: The grid patterns (:attr:`nlgraph.graph.Graph.grid_pattern`) this backend computes.
+_PATTERNS = ("window", "criss_cross")
+
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
-    if not isinstance(graph, (LocalWindow, CrissCross)):
+    if graph is None or graph.grid_pattern not in _PATTERNS:
         return False, f"grid computes LocalWindow and CrissCross graphs (alone), not {graph!r}"
     if graph.order is not None:
         return False, "grid needs the row-major node order (order=None); use chunked for a permuted order"
@@ -73,7 +76,7 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
 
 def prefer(query, key, value, affinity, graph) -> bool:
     """Criss-cross always; windows up to MAX_WINDOW_SLOTS keys per query (measured: module docstring)."""
-    if isinstance(graph, CrissCross):
+    if graph.grid_pattern == "criss_cross":
         return True
     return math.prod(graph.window_size) <= MAX_WINDOW_SLOTS
 
@@ -460,7 +463,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
     row, col = grid(f.row, False), grid(f.col, False)
     v = grid(p.value, True)
     meta = {"clamp": f.clamp, "norm": f.norm}
-    if isinstance(graph, CrissCross):
+    if graph.grid_pattern == "criss_cross":
         out = _CrissCrossAggregate.apply(fq, fk, row, col, v, meta)[0]
     else:
         rpb = graph.rpb

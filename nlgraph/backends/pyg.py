@@ -20,13 +20,12 @@ torch_geometric is imported only here, on first use; ``import nlgraph`` does not
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._optional import missing, optional
-from ..graph import EdgeIndex, Graph
+from ..graph import Complete
 from .common import lower, safe_log
 
 __all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS", "RETURNS_LSE"]
@@ -43,24 +42,6 @@ MAX_DENSITY = 1.0 / 16
 MAX_EDGE_ELEMENTS = 1 << 27
 
 
-def _edge_count(graph: Graph, n: int, m: int) -> Optional[int]:
-    """A cheap upper bound on the number of edges, or None when unknown without enumerating."""
-    from ..graph import KNN, CrissCross, Intersection, LocalWindow
-
-    if isinstance(graph, EdgeIndex):
-        return graph.edge_index.shape[1]
-    if isinstance(graph, LocalWindow):
-        return n * math.prod(graph.window_size)
-    if isinstance(graph, CrissCross):
-        return n * (sum(graph.shape) - 1)
-    if isinstance(graph, KNN):
-        return n * graph.index.shape[-1]
-    if isinstance(graph, Intersection):
-        counts = [c for c in (_edge_count(g, n, m) for g in graph.graphs) if c is not None]
-        return min(counts) if counts else None
-    return None
-
-
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     if optional("torch_geometric") is None:
         return False, missing("torch_geometric")
@@ -72,19 +53,16 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
 
 
 def prefer(query, key, value, affinity, graph) -> bool:
-    """Explicit edge lists always; other graphs when they have few enough edges."""
-    from ..graph import Intersection
-
+    """Explicit edge lists always; fan-in graphs (k-NN, criss-cross) when they have few enough edges
+    (:attr:`nlgraph.graph.Graph.sparsity`, :meth:`nlgraph.graph.Graph.edge_bound`)."""
     if graph is None:
         return False
-    from ..graph import KNN, CrissCross
-
-    members = graph.graphs if isinstance(graph, Intersection) else [graph]
-    if any(isinstance(g, EdgeIndex) for g in members):
+    members = graph.members()
+    if any(g.sparsity == "edge_list" for g in members):
         return True
-    if not any(isinstance(g, (KNN, CrissCross)) for g in members):
+    if not any(g.sparsity == "fan_in" for g in members):
         return False
-    count = _edge_count(graph, query.shape[-2], key.shape[-2])
+    count = graph.edge_bound(query.shape[-2], key.shape[-2])
     if count is None or count > MAX_DENSITY * query.shape[-2] * key.shape[-2]:
         return False
     batch = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
@@ -128,8 +106,6 @@ def _scatter_lse(s: Tensor, dst: Tensor, n: int) -> Tensor:
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):
     from torch_geometric.utils import softmax as pyg_softmax
-
-    from ..graph import Complete
 
     p = lower(query, key, value, affinity, graph)
     n, m, e = p.n, p.m, p.e

@@ -60,6 +60,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _members(graph) -> tuple:
+    return () if graph is None else graph.members()
+
+
+def _is_window(g) -> bool:
+    """A window graph on the grid (the kernels test its edges from the nodes' coordinates)."""
+    return g.grid_pattern == "window"
+
+
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     # the device test comes first: triton is imported only where it can run (and Triton binds its
     # interpreter mode at import, so a CPU process must not import it before TRITON_INTERPRET is set)
@@ -71,18 +80,19 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
         return False, f"triton kernels take float16, bfloat16 or float32, got {query.dtype}"
     if type(affinity) not in (Softmax, Gaussian):
         return False, f"the triton kernel fuses exp-kernel affinities (Softmax, Gaussian), not {affinity!r}"
-    members = [] if graph is None else (graph.graphs if isinstance(graph, Intersection) else [graph])
-    if not all(isinstance(g, (ExcludeSelf, Mask, LocalWindow)) for g in members) or sum(
-            isinstance(g, LocalWindow) for g in members) > 1:
+    members = _members(graph)
+    if not all(g.excludes_self or g.attn_mask is not None or _is_window(g) for g in members) or sum(
+            _is_window(g) for g in members) > 1:
         return False, (f"the triton kernel handles the complete graph, ExcludeSelf, dense masks and one local "
                        f"window so far, not {graph!r}")
     for g in members:
-        if isinstance(g, LocalWindow) and not g.plain:
+        if _is_window(g) and not g.plain:
             return False, (f"the triton kernel's window is the plain clipped (2r+1)^D window; {g!r} (kernel size, "
                            f"dilation, causal axes, border='shift' or a relative position bias) runs on grid, "
                            f"chunked or pyg")
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
-    per_batch = max(n * d, m * d, m * e, n * e, n * m if any(isinstance(g, Mask) for g in members) else 0)
+    dense = any(g.attn_mask is not None for g in members)
+    per_batch = max(n * d, m * d, m * e, n * e, n * m if dense else 0)
     if per_batch >= 2**31:  # in-batch offsets are 32-bit in the kernels
         return False, (f"the triton kernels index one batch element with 32-bit offsets; N={n}, M={m}, d={d}, "
                        f"e={e} needs {per_batch} elements")
@@ -328,16 +338,16 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     col = flat(form.col, (m,))
     v = flat(value, (m, e))
     flat_form = replace(form, query=fq, key=fk, row=row, col=col)
-    members = [] if graph is None else (graph.graphs if isinstance(graph, Intersection) else [graph])
-    exclude_self = any(isinstance(g, ExcludeSelf) for g in members)
+    members = _members(graph)
+    exclude_self = any(g.excludes_self for g in members)
     mask = None
     for g in members:
-        if isinstance(g, Mask) and g.mask.dtype == torch.bool:
-            mask = g.mask if mask is None else mask & g.mask
+        if g.attn_mask is not None and g.attn_mask.dtype == torch.bool:
+            mask = g.attn_mask if mask is None else mask & g.attn_mask
     mask4 = None if mask is None else _as4(mask.to(torch.int8), lead)
     bias = graph.dense_bias() if graph is not None else None
     bias4 = None if bias is None else _as4(bias.to(fq.dtype if fq.dtype != torch.float64 else torch.float32), lead)
-    window = next((g for g in members if isinstance(g, LocalWindow)), None)
+    window = next((g for g in members if _is_window(g)), None)
     bn, bm = block_n or 64, block_m or 64
     coords = plan = None
     if window is not None:
