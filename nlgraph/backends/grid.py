@@ -34,6 +34,7 @@ fp32 for fp16/bf16 inputs and the input dtype otherwise. The autograd Functions 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -201,6 +202,16 @@ class _Plan:
         return flat.expand(self.shape).reshape(-1)
 
 
+@dataclass(frozen=True)
+class _GridRun:
+    """What the grid Functions read besides their tensors: the kernel's flat top and normalisation, and
+    for a window its slot plan (None for criss-cross)."""
+
+    clamp: Optional[float]
+    norm: str
+    plan: Optional[_Plan] = None
+
+
 def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Tensor, bias: Optional[Tensor],
                  clamp: Optional[float], dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """One slot's scores s = min(q'.k' + r + c + o, 0) + bias (c = -inf where the slot has no key: the
@@ -231,8 +242,9 @@ class _WindowAggregate(torch.autograd.Function):
     per query (C = sum f) or the running max (C = 1), not differentiable."""
 
     @staticmethod
-    def forward(fq, fk, row, col, rpb, value, meta):
-        plan, clamp, norm = meta["plan"], meta["clamp"], meta["norm"]
+    def forward(fq, fk, row, col, rpb, value, run: _GridRun):
+        plan, clamp, norm = run.plan, run.clamp, run.norm
+        assert plan is not None  # a window run carries its plan
         kp, vp = plan.pad(fk, True), plan.pad(value, True)
         cp = plan.key_bias(col, fk)
         lead = fq.shape[:-1]
@@ -272,16 +284,16 @@ class _WindowAggregate(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fq, fk, row, col, rpb, value, meta = inputs
+        fq, fk, row, col, rpb, value, run = inputs
         out, stat = output
-        ctx.meta = meta
+        ctx.run = run
         ctx.mark_non_differentiable(stat)
         ctx.save_for_backward(fq, fk, row, col, rpb, value, out, stat)
 
     @staticmethod
     def backward(ctx, dout, _dstat):
         fq, fk, row, col, rpb, value, out, stat = ctx.saved_tensors
-        plan, clamp, norm = ctx.meta["plan"], ctx.meta["clamp"], ctx.meta["norm"]
+        plan, clamp, norm = ctx.run.plan, ctx.run.clamp, ctx.run.norm
         need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
         b = fq.shape[0]
         n = math.prod(plan.shape)
@@ -380,8 +392,8 @@ class _CrissCrossAggregate(torch.autograd.Function):
     normalised weights (N (H + W) per batch entry) for the backward's four products per part."""
 
     @staticmethod
-    def forward(fq, fk, row, col, value, meta):
-        clamp, norm = meta["clamp"], meta["norm"]
+    def forward(fq, fk, row, col, value, run: _GridRun):
+        clamp, norm = run.clamp, run.norm
         (qr, qc), (kr, kc) = _both(fq), _both(fk)
         sr, sc, _, _ = _cc_lin(qr, kr, qc, kc, row, col, clamp)
         # the column part without the query itself (h' = h): it is counted once, in the row part
@@ -401,16 +413,16 @@ class _CrissCrossAggregate(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fq, fk, row, col, value, meta = inputs
+        fq, fk, row, col, value, run = inputs
         out, pr, pc = output
-        ctx.meta = meta
+        ctx.run = run
         ctx.mark_non_differentiable(pr, pc)
         ctx.save_for_backward(fq, fk, row, col, value, out, pr, pc)
 
     @staticmethod
     def backward(ctx, dout, _dpr, _dpc):
         fq, fk, row, col, value, out, pr, pc = ctx.saved_tensors
-        clamp, norm = ctx.meta["clamp"], ctx.meta["norm"]
+        clamp, norm = ctx.run.clamp, ctx.run.norm
         need_q, need_k, need_r, need_c, need_v = ctx.needs_input_grad[:5]
         dor, doc = _both(dout.to(value.dtype))
         dv = None
@@ -462,15 +474,14 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
     fq, fk = grid(f.query, True), grid(f.key, True)
     row, col = grid(f.row, False), grid(f.col, False)
     v = grid(p.value, True)
-    meta = {"clamp": f.clamp, "norm": f.norm}
     if graph.grid_pattern == "criss_cross":
-        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, meta)[0]
+        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, _GridRun(f.clamp, f.norm))[0]
     else:
         rpb = graph.rpb
         if rpb is not None:
             dims = len(shape)
             table = tuple(rpb.shape[rpb.dim() - dims:])
             rpb = rpb.to(p.value.dtype).expand(*lead, *table).reshape(bsz, *table)
-        meta["plan"] = _Plan(graph, query.device)
-        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, meta)[0]
+        run = _GridRun(f.clamp, f.norm, _Plan(graph, query.device))
+        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, run)[0]
     return out.reshape(*lead, n, e).to(query.dtype)

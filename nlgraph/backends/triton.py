@@ -38,15 +38,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .._optional import missing, optional
 from ..affinity import Gaussian, Softmax
-from ..graph import ExcludeSelf, Intersection, LocalWindow, Mask
-from .chunked import default_blocks, tile_backward
+from ..graph import ExcludeSelf, Graph, Intersection, Mask
+from ._tiles import TileRun, spans, tile_backward
+from .chunked import default_blocks
 from .common import Problem
 
 __all__ = ["can_run", "prefer", "run", "RETURNS_LSE"]
@@ -139,14 +140,61 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _shared_args(meta: dict, fq: Tensor, fk: Tensor, value: Tensor, row: Optional[Tensor], col: Optional[Tensor],
+class Launch(NamedTuple):
+    """What the kernels read besides their tensor arguments: one typed record per call (folded for vmap).
+
+    A named tuple, so torch.func's transforms see (and unwrap) the tensors in it as they do for the
+    Functions' other arguments.
+
+    Attributes:
+        problem: the aggregation flattened to one batch dim (B, N, ...); its graph is the same edge set
+            in the (B, N, M) layout, for the tile-recomputing backward of a float mask.
+        blocks: (BLOCK_N, BLOCK_M) of the kernels.
+        mask4: the bool masks combined, as an int8 (B1, B2, N|1, M|1) view (None: no mask).
+        bias4_shape: the (B1, B2, N|1, M|1) shape of the float bias (None: no bias).
+        b2: B2, the last leading dim (the masks' second batch stride).
+        exclude_self: j != i is tested by index in the kernels.
+        window: the local-window member, whose edges the kernels test from ``coords`` (None: none).
+        coords: (N, D) int32 grid coordinates of the window's nodes.
+        plan: (row tiles, column tiles) int8 tile plan of the window (1 = the pair may hold edges).
+    """
+
+    problem: Problem
+    blocks: tuple[int, int]
+    mask4: Optional[Tensor]
+    bias4_shape: Optional[tuple[int, ...]]
+    b2: int
+    exclude_self: bool
+    window: Optional[Graph]
+    coords: Optional[Tensor]
+    plan: Optional[Tensor]
+
+    @property
+    def radius(self) -> tuple[int, ...]:
+        """The window's radius per axis (() without a window)."""
+        return () if self.window is None else self.window.radius
+
+    def folded(self, batch: int) -> "Launch":
+        """The launch for ``batch`` copies of the problem side by side in the batch dimension (vmap)."""
+        p, mask4 = self.problem, self.mask4
+        if mask4 is not None:  # the masks' first batch dim (b // B2) grows by the factor ``batch``
+            mask4 = mask4.unsqueeze(0).expand(batch, *mask4.shape).reshape(batch * mask4.shape[0],
+                                                                           *mask4.shape[1:])
+        shape4 = self.bias4_shape
+        return self._replace(mask4=mask4,
+                             bias4_shape=None if shape4 is None else (batch * shape4[0], *shape4[1:]),
+                             problem=replace(p, lead=(batch * p.lead[0],),
+                                             graph=_flat_graph(self.exclude_self, self.window, mask4)))
+
+
+def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Optional[Tensor], col: Optional[Tensor],
                  bias: Optional[Tensor], dummy: Tensor) -> tuple[list, list, list, dict]:
     """Launch arguments every kernel takes: (pointers Q K V R C MK BI CO PL, their strides, the mask/bias
     strides and sizes, constexprs); ``dummy`` stands in for absent tensors."""
-    p = meta["problem"]
-    mask4 = meta["mask4"]
-    bias4 = bias.reshape(meta["bias4_shape"]) if bias is not None else None
-    coords, plan = meta["coords"], meta["plan"]
+    p = launch.problem
+    mask4 = launch.mask4
+    bias4 = bias.reshape(launch.bias4_shape) if bias is not None and launch.bias4_shape is not None else None
+    coords, plan = launch.coords, launch.plan
     ptrs = [fq, fk, value, row if row is not None else dummy, col if col is not None else dummy,
             mask4 if mask4 is not None else dummy, bias4 if bias4 is not None else dummy,
             coords if coords is not None else dummy, plan if plan is not None else dummy]
@@ -154,12 +202,12 @@ def _shared_args(meta: dict, fq: Tensor, fk: Tensor, value: Tensor, row: Optiona
                value.stride(0), value.stride(1), value.stride(2),
                row.stride(0) if row is not None else 0, row.stride(1) if row is not None else 0,
                col.stride(0) if col is not None else 0, col.stride(1) if col is not None else 0]
-    radius = tuple(meta["radius"]) + (0,) * (3 - len(meta["radius"]))
-    bn, bm = meta["kernel_blocks"]
-    sizes = [*_strides4(mask4), *_strides4(bias4), p.n, p.m, fq.shape[-1], p.e, meta["b2"],
+    radius = tuple(launch.radius) + (0,) * (3 - len(launch.radius))
+    bn, bm = launch.blocks
+    sizes = [*_strides4(mask4), *_strides4(bias4), p.n, p.m, fq.shape[-1], p.e, launch.b2,
              float(p.form.clamp or 0.0), *radius, -(-p.m // bm)]
     flags = dict(HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
-                 EXCL_SELF=meta["exclude_self"], HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
+                 EXCL_SELF=launch.exclude_self, HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
                  WIN_DIMS=0 if coords is None else coords.shape[1], HAS_PLAN=plan is not None,
                  NORM_SUM=p.form.norm == "sum",
                  # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16): upcast there
@@ -168,7 +216,7 @@ def _shared_args(meta: dict, fq: Tensor, fk: Tensor, value: Tensor, row: Optiona
     return ptrs, strides, sizes, flags
 
 
-def _flat_graph(exclude_self: bool, window: Optional[LocalWindow], mask4: Optional[Tensor]):
+def _flat_graph(exclude_self: bool, window: Optional[Graph], mask4: Optional[Tensor]) -> Optional[Graph]:
     """The graph in the flattened (B, N, M) layout, for the tile-recomputing backward of a float mask."""
     parts = ([ExcludeSelf()] if exclude_self else []) + ([window] if window is not None else []) + (
         [Mask(mask4.reshape(-1, *mask4.shape[-2:]).bool())] if mask4 is not None else [])
@@ -189,18 +237,6 @@ def _fold(batch: int, in_dims, tensors) -> list[Optional[Tensor]]:
     return out
 
 
-def _fold_meta(meta: dict, batch: int) -> dict:
-    """The launch description for ``batch`` copies of the problem side by side in the batch dimension."""
-    p, mask4 = meta["problem"], meta["mask4"]
-    if mask4 is not None:  # the masks' first batch dim (b // B2) grows by the factor ``batch``
-        mask4 = mask4.unsqueeze(0).expand(batch, *mask4.shape).reshape(batch * mask4.shape[0], *mask4.shape[1:])
-    shape4 = meta["bias4_shape"]
-    return dict(meta, mask4=mask4,
-                bias4_shape=None if shape4 is None else (batch * shape4[0], *shape4[1:]),
-                problem=replace(p, lead=(batch * p.lead[0],),
-                                graph=_flat_graph(meta["exclude_self"], meta["window"], mask4)))
-
-
 def _unfold(batch: int, tensors) -> tuple:
     return tuple(None if t is None else t.reshape(batch, t.shape[0] // batch, *t.shape[1:]) for t in tensors)
 
@@ -216,15 +252,15 @@ class _TritonAggregate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(fq, fk, row, col, bias, value, meta):
+    def forward(fq, fk, row, col, bias, value, launch: Launch):
         import triton
 
         fwd, _, _ = _kernels()
-        p = meta["problem"]
+        p = launch.problem
         b, n = fq.shape[0], p.n
         out = torch.empty(b, n, p.e, dtype=torch.float32, device=fq.device)
         stat = torch.empty(b, n, dtype=torch.float32, device=fq.device)
-        ptrs, strides, sizes, flags = _shared_args(meta, fq, fk, value, row, col, bias, out)
+        ptrs, strides, sizes, flags = _shared_args(launch, fq, fk, value, row, col, bias, out)
         grid = (triton.cdiv(n, flags["BLOCK_N"]), b, triton.cdiv(p.e, flags["BLOCK_E"]))
         fwd[grid](*ptrs, out, stat, *strides,
                   out.stride(0), out.stride(1), out.stride(2), stat.stride(0), stat.stride(1), *sizes, **flags)
@@ -232,25 +268,25 @@ class _TritonAggregate(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fq, fk, row, col, bias, value, meta = inputs
+        fq, fk, row, col, bias, value, launch = inputs
         out, stat = output
-        ctx.meta = meta
-        if meta["problem"].form.norm != "sum":
+        ctx.launch = launch
+        if launch.problem.form.norm != "sum":
             ctx.mark_non_differentiable(stat)  # C = 1: 0 or -inf, a constant
         ctx.save_for_backward(fq, fk, row, col, bias, value, out, stat)
 
     @staticmethod
-    def vmap(info, in_dims, fq, fk, row, col, bias, value, meta):
+    def vmap(info, in_dims, fq, fk, row, col, bias, value, launch):
         folded = _fold(info.batch_size, in_dims[:6], (fq, fk, row, col, bias, value))
-        out, stat = _TritonAggregate.apply(*folded, _fold_meta(meta, info.batch_size))
+        out, stat = _TritonAggregate.apply(*folded, launch.folded(info.batch_size))
         return _unfold(info.batch_size, (out, stat)), (0, 0)
 
     @staticmethod
     def backward(ctx, dout, dstat):
         fq, fk, row, col, bias, value, out, stat = ctx.saved_tensors
-        if dstat is None or ctx.meta["problem"].form.norm != "sum":
+        if dstat is None or ctx.launch.problem.form.norm != "sum":
             dstat = torch.zeros_like(stat)
-        grads = _TritonBackward.apply(fq, fk, row, col, bias, value, out, stat, dout, dstat, ctx.meta,
+        grads = _TritonBackward.apply(fq, fk, row, col, bias, value, out, stat, dout, dstat, ctx.launch,
                                       tuple(ctx.needs_input_grad[:6]))
         return tuple(grads) + (None,)
 
@@ -262,12 +298,12 @@ class _TritonBackward(torch.autograd.Function):
     differentiable again (the kernels have no double backward)."""
 
     @staticmethod
-    def forward(fq, fk, row, col, bias, value, out, stat, dout, dstat, meta, needs):
+    def forward(fq, fk, row, col, bias, value, out, stat, dout, dstat, launch: Launch, needs):
         import triton
 
         _, bwd_kv, bwd_q = _kernels()
         need_q, need_k, need_r, need_c, need_b, need_v = needs
-        p = meta["problem"]
+        p = launch.problem
         b, n, m, d, e = fq.shape[0], p.n, p.m, fq.shape[-1], p.e
         dout = dout.to(value.dtype)
         # D_i = dO_i . O_i - dlse_i (softmax normalisation); unused for C = 1
@@ -276,7 +312,7 @@ class _TritonBackward(torch.autograd.Function):
         f32 = lambda *s, need=True: torch.empty(*s, dtype=torch.float32, device=fq.device) if need else delta  # noqa
         dq, dk, dv = f32(b, n, d, need=need_q), f32(b, m, d, need=need_k), f32(b, m, e, need=need_v)
         dr, dc = f32(b, n, need=need_r), f32(b, m, need=need_c)
-        ptrs, strides, sizes, flags = _shared_args(meta, fq, fk, value, row, col, bias, delta)
+        ptrs, strides, sizes, flags = _shared_args(launch, fq, fk, value, row, col, bias, delta)
         bn, bm, bd, be = flags["BLOCK_N"], flags["BLOCK_M"], flags["BLOCK_D"], flags["BLOCK_E"]
         dstrides = [dout.stride(0), dout.stride(1), dout.stride(2)]
         common = (*ptrs, dout, stat, delta)
@@ -295,9 +331,8 @@ class _TritonBackward(torch.autograd.Function):
         if need_b:  # a float mask's gradient is itself N x M: the PyTorch tile loop computes it
             cast = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
             q32, k32, r32, c32, v32 = cast(fq), cast(fk), cast(row), cast(col), cast(value)
-            p32 = replace(p, form=replace(p.form, query=q32, key=k32, row=r32, col=c32), value=v32)
-            tmeta = dict(meta, problem=p32, blocks=default_blocks(b, n, m), dropout_p=0.0)
-            db = tile_backward(tmeta, (False, False, False, False, True, False), q32, k32, r32, c32, bias, v32,
+            tiles = TileRun(p, default_blocks(b, n, m))  # the tile loop binds the fp32 tensors itself
+            db = tile_backward(tiles, (False, False, False, False, True, False), q32, k32, r32, c32, bias, v32,
                                cast(out), stat, dout.to(torch.float32), dstat.to(torch.float32))[4]
         grads = (dq if need_q else None, dk if need_k else None, dr if need_r else None, dc if need_c else None,
                  db, dv if need_v else None)
@@ -309,9 +344,9 @@ class _TritonBackward(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, fq, fk, row, col, bias, value, out, stat, dout, dstat, meta, needs):
+    def vmap(info, in_dims, fq, fk, row, col, bias, value, out, stat, dout, dstat, launch, needs):
         folded = _fold(info.batch_size, in_dims[:10], (fq, fk, row, col, bias, value, out, stat, dout, dstat))
-        grads = _TritonBackward.apply(*folded, _fold_meta(meta, info.batch_size), needs)
+        grads = _TritonBackward.apply(*folded, launch.folded(info.batch_size), needs)
         return _unfold(info.batch_size, grads), tuple(None if g is None else 0 for g in grads)
 
     @staticmethod
@@ -352,18 +387,15 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     coords = plan = None
     if window is not None:
         coords = window.coords(fq.device).contiguous()
-        rows = [(i, min(n, i + bn)) for i in range(0, n, bn)]
-        cols = [(j, min(m, j + bm)) for j in range(0, m, bm)]
-        plan = window.tile_pairs(rows, cols, fq.device).to(torch.int8).contiguous()
+        pairs = window.tile_pairs(spans(n, bn), spans(m, bm), fq.device)
+        plan = None if pairs is None else pairs.to(torch.int8).contiguous()
     # the tile-recomputing backward sees the same graph and bias in the flattened (B, N, M) layout
     flat_graph = None if graph is None else _flat_graph(exclude_self, window, mask4)
     bias_flat = None if bias4 is None else bias4.reshape(-1, *bias4.shape[-2:])
     problem = Problem(flat_form, v, bias_flat, flat_graph, (bsz,), n, m, e)
-    meta = {"problem": problem, "kernel_blocks": (bn, bm), "mask4": mask4, "coords": coords, "plan": plan,
-            "radius": () if window is None else window.radius,
-            "bias4_shape": None if bias4 is None else tuple(bias4.shape), "b2": (lead or (1,))[-1],
-            "exclude_self": exclude_self, "window": window}
-    out, stat = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, meta)
+    launch = Launch(problem, (bn, bm), mask4, None if bias4 is None else tuple(bias4.shape), (lead or (1,))[-1],
+                    exclude_self, window, coords, plan)
+    out, stat = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, launch)
     if not return_lse:
         return out.reshape(*lead, n, e)
     lse = stat.reshape(*lead, n)
