@@ -8,7 +8,6 @@ torch.func.vmap (:func:`nlgraph._values.checking_values`), so the op traces with
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal, Mapping, Optional, Union, overload
 
@@ -259,8 +258,8 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         graph = None
     if query.shape[-1] == 0:
         query, key = _featureless(query, key)
-    name, mod = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p),
-                               return_lse=return_lse)
+    name, chosen = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p),
+                                  return_lse=return_lse)
     opts = dict(options or {})
     if dropout_p > 0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -270,24 +269,17 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     if return_lse:
         opts_internal["return_lse"] = True
     if opts:
-        params = list(inspect.signature(mod.run).parameters.values())[5:]
-        internal = ("dropout_p", "seed", "return_lse")
-        accepted = [p.name for p in params
-                    if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in internal]
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        unknown = sorted(set(opts) - set(accepted))
-        if unknown and not takes_any:
-            raise TypeError(f"backend {name!r} does not take option(s) {unknown}; it accepts {accepted}")
+        chosen.check_options(opts)
     if (return_lse and value.shape[-1] == 0 and query.shape[-2] > 0 and key.shape[-2] > 0
             and 0 not in _lead(query, key, value, graph)):
         # no value channels, but the queries do have keys: their C_i is computed on one zero channel
         padded = torch.cat([value, value.new_zeros(*value.shape[:-1], 1)], dim=-1)
-        y, lse = mod.run(query, key, padded, affinity, graph, **opts_internal, **opts)
+        y, lse = chosen.run(query, key, padded, affinity, graph, **opts_internal, **opts)
         return _ungroup((y[..., :0], lse), groups, True)
     if _nothing_to_aggregate(query, key, value, graph):
         out = _zeros_result(query, key, value, affinity, graph, return_lse)
     else:
-        out = mod.run(query, key, value, affinity, graph, **opts_internal, **opts)
+        out = chosen.run(query, key, value, affinity, graph, **opts_internal, **opts)
     return _ungroup(out, groups, return_lse)
 
 
