@@ -35,7 +35,8 @@ __all__ = ["register", "backend_names", "get_backend", "backend", "compatible_ba
            "select_backend", "Backend", "BackendError"]
 
 _REGISTRY: dict[str, str] = {}  # name -> module path; insertion order is the automatic priority
-_MODULES: dict[str, "Backend"] = {}  # name -> the loaded module's record
+_MODULES: dict[str, ModuleType] = {}  # name -> the loaded module
+_RECORDS: dict[str, "Backend"] = {}  # name -> the record of the module in _MODULES
 
 #: ``run`` keywords the dispatch itself passes (never user options).
 _INTERNAL = ("dropout_p", "seed", "return_lse")
@@ -144,15 +145,19 @@ def backend(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {backend_names()}, got {name!r}")
     if name not in _MODULES:
-        _MODULES[name] = Backend.from_module(name, import_module(_REGISTRY[name]))  # compile-friendly
-    return _MODULES[name]
+        _MODULES[name] = import_module(_REGISTRY[name])  # compile-friendly
+    module = _MODULES[name]
+    rec = _RECORDS.get(name)
+    if rec is None or rec.module is not module:  # first use, or the module was replaced (tests do)
+        rec = _RECORDS[name] = Backend.from_module(name, module)
+    return rec
 
 
 _backend = backend  # for select_backend, whose ``backend`` argument shadows the function
 
 
 def get_backend(name: str) -> ModuleType:
-    """The module of backend ``name`` (loaded on first use)."""
+    """The module of backend ``name`` (loaded, and checked, on first use)."""
     return backend(name).module
 
 
