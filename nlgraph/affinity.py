@@ -304,10 +304,12 @@ class Gaussian(Affinity):
     def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True, offset: float = 0.0):
         _check_scalar("Gaussian(bandwidth)", bandwidth, positive=True)
         if isinstance(bandwidth, Tensor) and bandwidth.dim() > 1:
-            raise ValueError(f"Gaussian(bandwidth) must be a scalar or (d,), got shape {tuple(bandwidth.shape)}")
+            raise ValueError(f"Gaussian(bandwidth) must be a scalar or (d,), got shape "
+                             f"{tuple(bandwidth.shape)}")
         if not isinstance(normalize, bool):
             raise TypeError(f"Gaussian(normalize) must be a bool, got {type(normalize).__name__}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset) or offset < 0:
+        if (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)
+                or offset < 0):
             raise ValueError(f"Gaussian(offset) must be a finite number >= 0, got {offset!r}")
         self.bandwidth = bandwidth
         self.normalize = normalize

@@ -132,7 +132,13 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
     lead, n, m = p.lead, p.n, p.m
     dout = dout.to(dtype)
     rows, cols = spans(n, bn), spans(m, bm)
-    dq, dk, dr, dc, dv, db = {}, {}, {}, {}, {}, {}  # tile index (db: (row, col) block) -> gradient
+    # tile index -> gradient (db: (row block, column block) of the bias -> gradient)
+    dq: dict[int, Tensor] = {}
+    dk: dict[int, Tensor] = {}
+    dr: dict[int, Tensor] = {}
+    dc: dict[int, Tensor] = {}
+    dv: dict[int, Tensor] = {}
+    db: dict[tuple[int, int], Tensor] = {}
     need_lin = need_q or need_k or need_r or need_c
     b_rows = need_b and bias.shape[-2] != 1  # the float mask has a row per query (else it broadcasts)
     b_cols = need_b and bias.shape[-1] != 1
@@ -141,8 +147,8 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
     for ti, (i0, i1) in enumerate(rows):
         do = dout[..., i0:i1, :]
         st = stat[..., i0:i1]
-        # D_i = dO_i . O_i (softmax and count normalisations).
-        dsum = (do * out[..., i0:i1, :]).sum(-1) if norm != "none" else None
+        # D_i = dO_i . O_i (softmax and count normalisations; C = 1 has none: a 0 that is never read).
+        dsum = (do * out[..., i0:i1, :]).sum(-1) if norm != "none" else do.new_zeros(())
         if dstat is not None and norm != "none":
             ds_ = dstat[..., i0:i1].to(dtype)
             dsum = dsum - (ds_ if norm == "sum" else ds_ * st)
@@ -205,7 +211,7 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
                 _add(db, key, dlogw.sum_to_size(slice_rows_cols(bias, i0, i1, j0, j1).shape))
 
     def reduce(parts: dict, spans, dim: int, like: Optional[Tensor], need: bool) -> Optional[Tensor]:
-        if not need:
+        if not need or like is None:
             return None
         return _assemble(parts, spans, dim, like).sum_to_size(like.shape)
 

@@ -48,7 +48,8 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     if graph is None:
         return True, ""
     if math.prod(graph.lead_shape) != 1:
-        return False, f"pyg runs one edge list shared by the batch; {graph!r} has batch dims {graph.lead_shape}"
+        return False, (f"pyg runs one edge list shared by the batch; {graph!r} has batch dims "
+                       f"{graph.lead_shape}")
     return True, ""
 
 
@@ -146,7 +147,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
         g = torch.relu(s) if f.kernel == "relu" else s
         w = torch.ones_like(g) if logw is None else torch.exp(logw).expand_as(g)
         den = torch.zeros(g.shape[0], n, dtype=g.dtype, device=device).index_add(1, dst, w)
-        inv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        pos = den > 0
+        inv = torch.where(pos, 1.0 / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(den))
         alpha = g * w * inv.index_select(1, dst)
         if return_lse:
             lse = safe_log(den).expand(math.prod(lead), n).reshape(*lead, n)

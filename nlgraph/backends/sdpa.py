@@ -143,7 +143,8 @@ def _layout(query, key, value, affinity, graph) -> _Layout:
     augment = gaussian and _needs_bias_grad(affinity, key)
     col_mask = gaussian and not augment
     causal = len(members) == 1 and members[0].causal and not col_mask
-    float_masks = [g.attn_mask for g in members if g.attn_mask is not None and g.attn_mask.is_floating_point()]
+    float_masks = [g.attn_mask for g in members
+                   if g.attn_mask is not None and g.attn_mask.is_floating_point()]
     mask = (bool(members) and not causal) or col_mask
     mask_grad = torch.is_grad_enabled() and any(t.requires_grad for t in float_masks)
     dq, dv = d + augment, e

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ...graph import ExcludeSelf, Graph, Intersection, Mask
+from ...graph import ExcludeSelf, Graph, Intersection, LocalWindow, Mask
 from .._tiles import TileRun, tile_backward
 from ..chunked import default_blocks
 from ..common import Problem
@@ -40,7 +40,8 @@ def _strides4(t: Optional[Tensor]) -> tuple[int, int, int, int]:
     """(batch-1, batch-2, row, column) strides of a (B1, B2, N|1, M|1) view; size-1 dims get stride 0."""
     if t is None:
         return (0, 0, 0, 0)
-    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4))
+    s = [0 if t.shape[i] == 1 else t.stride(i) for i in range(4)]
+    return s[0], s[1], s[2], s[3]
 
 
 def _as4(t: Tensor, lead: tuple[int, ...]) -> Tensor:
@@ -89,7 +90,7 @@ class Launch(NamedTuple):
     bias4_shape: Optional[tuple[int, ...]]
     b2: int
     exclude_self: bool
-    window: Optional[Graph]
+    window: Optional[LocalWindow]
     coords: Optional[Tensor]
     plan: Optional[Tensor]
 
@@ -142,7 +143,8 @@ def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Opt
     return ptrs, strides, sizes, flags
 
 
-def _flat_graph(exclude_self: bool, window: Optional[Graph], mask4: Optional[Tensor]) -> Optional[Graph]:
+def _flat_graph(exclude_self: bool, window: Optional[LocalWindow],
+                mask4: Optional[Tensor]) -> Optional[Graph]:
     """The graph in the flattened (B, N, M) layout, for the tile-recomputing backward of a float mask."""
     parts = ([ExcludeSelf()] if exclude_self else []) + ([window] if window is not None else []) + (
         [Mask(mask4.reshape(-1, *mask4.shape[-2:]).bool())] if mask4 is not None else [])
@@ -153,7 +155,7 @@ def _fold(batch: int, in_dims, tensors) -> list[Optional[Tensor]]:
     """vmap support: fold the vmapped dimension into the kernels' batch, (V, B, ...) -> (V * B, ...).
 
     Every tensor the kernels take leads with the batch B; an input that is not vmapped is repeated."""
-    out = []
+    out: list[Optional[Tensor]] = []
     for t, dim in zip(tensors, in_dims, strict=True):
         if t is None:
             out.append(None)
