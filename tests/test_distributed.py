@@ -255,6 +255,45 @@ def _run_properties(rank, world, errors):
         errors.append(f"rank {rank}: the property ran {len(ran)} of 12 examples")
 
 
+def _run_ring_memory_and_params(rank, world, rows, errors):
+    """The ring keeps only this rank's shards for backward (memory O(local), counted with
+    saved_tensors_hooks), and tensors inside the affinity and the graph (a Concatenation's weight, a
+    float mask bias) get their gradients: each rank's contribution, summed over ranks == one process."""
+    sizes = [r * W for r in rows]
+    sl = nd.shard_slice(sizes, rank)
+    q, k, v, dy = _problem(seed=5)
+    gen = torch.Generator().manual_seed(9)
+    weight = (torch.randn(2 * D, generator=gen, dtype=torch.float64) * 0.3).requires_grad_(True)
+    bias = torch.randn(H * W, H * W, generator=gen, dtype=torch.float64).requires_grad_(True)
+    for aff, graph, name in ((Concatenation(weight), None, "concat weight"),
+                             (Softmax(), G.Mask(bias), "mask bias")):
+        leaf = weight if graph is None else bias
+        leaf.grad = None
+        nlgraph.aggregate(q, k, v, aff, graph).backward(dy)
+        want, leaf.grad = leaf.grad.clone(), None
+        mine = [t[..., sl, :].clone().requires_grad_(True) for t in (q, k, v)]
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = nd.aggregate(*mine, aff, graph, method="ring")
+            y.backward(dy[..., sl, :])
+            got = leaf.grad.clone()
+            dist.all_reduce(got)
+        except Exception:  # noqa: BLE001
+            errors.append(f"rank {rank} ring {name}: {traceback.format_exc()[-600:]}")
+            continue
+        _check(f"rank {rank} ring d({name})", got, want, errors)
+        local = sum(t.numel() for t in mine) + 2 * y.numel()  # q, k, v shards, y and lse (<= y)
+        if sum(saved) > local:
+            errors.append(f"rank {rank} ring {name}: saved {sum(saved)} elements for backward, more than "
+                          f"the local shards' {local}")
+
+
 def _worker(rank, world, rows, init_file, out_dir):
     errors, traffic = [], {}
     try:
@@ -264,6 +303,7 @@ def _worker(rank, world, rows, init_file, out_dir):
         _run_cases(rank, world, rows, errors, traffic)
         _run_modules(rank, world, errors)
         _run_properties(rank, world, errors)
+        _run_ring_memory_and_params(rank, world, rows, errors)
         # ranks that disagree on the problem get a ValueError on every rank, not a hang
         q, k, v, _ = _problem()
         d = D if rank else D - 1
