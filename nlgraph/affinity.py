@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -130,32 +130,33 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> Scor
     terms = [t for t in (form.query, form.row, form.col) if t is not None]
     dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
     info = torch.finfo(dtype)
-    width = 0 if form.query is None else form.query.shape[-1]
+    # the bilinear term: a form has both query and key or neither
+    q, k = (form.query, form.key) if form.query is not None and form.key is not None else (None, None)
+    width = 0 if q is None else q.shape[-1]
     with torch.no_grad():
         # a screen first: S <= d max|q'| max|k'| needs four whole-tensor reductions (no copies); only
         # when that coarser bound does not pass does the per-feature bound below decide
-        ext = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
-        if form.query is not None and form.key is not form.query:
-            ext += [form.key.detach().amax(), form.key.detach().amin()]
-        ext = torch.stack([x.double() for x in ext]).abs().tolist()
+        reductions = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
+        if k is not None and k is not q:
+            reductions += [k.detach().amax(), k.detach().amin()]
+        ext = torch.stack([x.double() for x in reductions]).abs().tolist()
         big = [max(ext[i], ext[i + len(terms)]) for i in range(len(terms))]
         coarse = sum(big)
-        if form.query is not None:
-            kmax = big[0] if form.key is form.query else max(ext[-2], ext[-1])
+        if q is not None:
+            kmax = big[0] if k is q else max(ext[-2], ext[-1])
             coarse += width * big[0] * kmax * factor - big[0]
         if coarse * (1 + (width + 2) * info.eps) < info.max:  # False for inf / NaN: the fine bound decides
             return form
-        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
-        if form.query is not None:
+        acc = torch.zeros((), dtype=torch.float64, device=terms[0].device)
+        if q is not None and k is not None:
             # per-feature max |.| over every other dim (no reshape: strided views are not copied)
-            qa = form.query.detach().abs().amax(dim=tuple(range(form.query.dim() - 1))).double()
-            ka = qa if form.key is form.query else \
-                form.key.detach().abs().amax(dim=tuple(range(form.key.dim() - 1))).double()
-            bound = bound + (qa * ka).sum() * factor
+            qa = q.detach().abs().amax(dim=tuple(range(q.dim() - 1))).double()
+            ka = qa if k is q else k.detach().abs().amax(dim=tuple(range(k.dim() - 1))).double()
+            acc = acc + (qa * ka).sum() * factor
         for t in (form.row, form.col):
             if t is not None:
-                bound = bound + t.detach().abs().amax().double()
-        bound = float(bound)
+                acc = acc + t.detach().abs().amax().double()
+        bound = float(acc)
     if not bound * (1 + (width + 2) * info.eps) < info.max:  # also False for inf / NaN
         reach = f"can reach {bound:.3g}" if math.isfinite(bound) else "overflow already in their terms"
         raise ValueError(
@@ -194,11 +195,19 @@ def _check_tensor_values(name: str, value: Tensor, *, positive: bool) -> None:
         raise ValueError(f"{name} must be finite (shape {tuple(value.shape)})")
 
 
-def _fmt(value: Scalar) -> str:
+def _fmt(value: Optional[Scalar]) -> str:
     """Short repr of a parameter: numbers as they are, tensors by shape."""
     if isinstance(value, Tensor):
         return f"tensor{tuple(value.shape)}"
     return repr(value)
+
+
+@overload
+def _as(value: Tensor, like: Tensor) -> Tensor: ...
+
+
+@overload
+def _as(value: Scalar, like: Tensor) -> Scalar: ...
 
 
 def _as(value: Scalar, like: Tensor) -> Scalar:
@@ -301,10 +310,13 @@ class Gaussian(Affinity):
     def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True, offset: float = 0.0):
         _check_scalar("Gaussian(bandwidth)", bandwidth, positive=True)
         if isinstance(bandwidth, Tensor) and bandwidth.dim() > 1:
-            raise ValueError(f"Gaussian(bandwidth) must be a scalar or (d,), got shape {tuple(bandwidth.shape)}")
+            raise ValueError(
+                f"Gaussian(bandwidth) must be a scalar or (d,), got shape {tuple(bandwidth.shape)}"
+            )
         if not isinstance(normalize, bool):
             raise TypeError(f"Gaussian(normalize) must be a bool, got {type(normalize).__name__}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset) or offset < 0:
+        if (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)
+                or offset < 0):
             raise ValueError(f"Gaussian(offset) must be a finite number >= 0, got {offset!r}")
         self.bandwidth = bandwidth
         self.normalize = normalize
