@@ -431,14 +431,13 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     dense = all(needs[i] == whole for i in range(world))
     plan: dict[str, Any] = {"rank": me, "world": world, "group": group, "k_starts": k_starts,
                             "take": take, "give": give, "tag": 0, "sent": 0}
-    kw = {"backend": backend, "options": options}
     same_kv = key is value
 
     def local(k: Tensor, v: Tensor, segments: list[tuple[int, int]], lse: bool):
         g = None if graph is None else _ShardGraph(graph, q0, n, segments)
         if not lse:
-            return core.aggregate(query, k, v, affinity, g, **kw)
-        return core.aggregate(query, k, v, affinity, g, return_lse=True, **kw)
+            return core.aggregate(query, k, v, affinity, g, backend=backend, options=options)
+        return core.aggregate(query, k, v, affinity, g, backend=backend, options=options, return_lse=True)
 
     if method == "ring" and dense and world > 1:
         parts, sent = [], 0
