@@ -9,17 +9,17 @@ Every affinity lowers itself to one canonical *score form* that all backends sha
 where w_ij are the graph's edge weights (1 for a plain edge). The canonical form is what makes one
 tiled loop (and one fused GPU kernel) serve attention, non-local blocks and the dense-CRF message:
 
-================  =========================================  ==================  ===========
-affinity          f(q_i, k_j)                                canonical form      C_i
-================  =========================================  ==================  ===========
-``Softmax``       exp(s q_i.k_j)                             q'=s q, k'=k        sum_j f
-``Gaussian``      exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))      q'=(q-m)/b,         sum_j f or 1
-                                                             k'=(k-m)/b,
-                                                             r=-|q'|^2/2,
-                                                             c=-|k'|^2/2
-``DotProduct``    s q_i.k_j                                  q'=s q, k'=k        number of neighbours
-``Concatenation`` ReLU(w_q.q_i + w_k.k_j + b)                r=w_q.q+b, c=w_k.k  number of neighbours
-================  =========================================  ==================  ===========
+=================  ===========================================  ==================  ====================
+affinity           f(q_i, k_j)                                  canonical form      C_i
+=================  ===========================================  ==================  ====================
+``Softmax``        exp(s q_i.k_j)                               q'=s q, k'=k        sum_j f
+``Gaussian``       ``exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))``    q'=(q-m)/b,         sum_j f or 1
+                                                                k'=(k-m)/b,
+                                                                ``r=-|q'|^2/2``,
+                                                                ``c=-|k'|^2/2``
+``DotProduct``     s q_i.k_j                                    q'=s q, k'=k        number of neighbours
+``Concatenation``  ReLU(w_q.q_i + w_k.k_j + b)                  r=w_q.q+b, c=w_k.k  number of neighbours
+=================  ===========================================  ==================  ====================
 
 ``EdgeWeighted(base, weight)`` multiplies f by a per-edge weight w_ij >= 0 (and, for the count
 normalisation, C_i becomes sum_j w_ij, i.e. weights act as edge multiplicities).
@@ -33,15 +33,16 @@ Numerics of the lowering (every backend that consumes the form inherits them):
 
 * The Gaussian is translation invariant, so its features are centred on a common shift m (the keys'
   mean, detached: f does not depend on m, so values and gradients are exact for any m) before the
-  expansion |q' - k'|^2 = |q'|^2 + |k'|^2 - 2 q'.k'. The expansion's rounding error is then about
-  u (|q'|^2 + |k'|^2) with q', k' measured from the data's centre, not from the origin: features
-  far from the origin (pixel coordinates of a large image or volume, a crop at an offset) keep
-  their float32 precision.
+  expansion ``|q' - k'|^2 = |q'|^2 + |k'|^2 - 2 q'.k'``. The expansion's rounding error is then
+  about ``u (|q'|^2 + |k'|^2)`` with q', k' measured from the data's centre, not from the origin:
+  features far from the origin (pixel coordinates of a large image or volume, a crop at an offset)
+  keep their float32 precision.
 * In eager mode each form checks that its scores cannot overflow the accumulation dtype (float32
-  for fp16/bf16/fp32 inputs, float64 for float64): |s_ij| <= sum_d max_i |q'_id| max_j |k'_jd| +
-  max |r| + max |c| must stay below its largest finite number, else a ValueError says so (instead
-  of the NaN, or the silently zero weights, an overflowed score gives). Under torch.compile /
-  export and inside vmap the check steps aside (nlgraph._values.checking_values).
+  for fp16/bf16/fp32 inputs, float64 for float64):
+  ``|s_ij| <= sum_d max_i |q'_id| max_j |k'_jd| + max |r| + max |c|`` must stay below its largest
+  finite number, else a ValueError says so (instead of the NaN, or the silently zero weights, an
+  overflowed score gives). Under torch.compile / export and inside vmap the check steps aside
+  (nlgraph._values.checking_values).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class ScoreForm:
     #: (a Gaussian with a flat top, as non-local means uses to discount the noise variance).
     clamp: Optional[float] = None
     #: (..., N) a per-query term left out of the scores because C = sum f cancels it (the normalised
-    #: Gaussian's -|q'|^2/2), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
+    #: Gaussian's ``-|q'|^2/2``), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
     #: log-normaliser (``aggregate(..., return_lse=True)``) reads it; y does not depend on it.
     lse_row: Optional[Tensor] = None
 

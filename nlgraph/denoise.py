@@ -3,7 +3,7 @@
 Non-local means is an instance of the core op ``y_i = sum_j f_ij v_j / C_i`` on a ``LocalWindow``
 graph (radius ``patch_distance``, clipped at the borders): every pixel is a node, its features the
 (reflect-padded) patch around it, the affinity a Gaussian on patch distances normalised by its sum
-(C = sum f), the values the pixels:
+(C = sum f), the values the pixels::
 
     u_i = sum_{j in window(i)} w_ij u_j / sum_j w_ij,
     w_ij = exp(-max(sum_p g_p |P_i(p) - P_j(p)|^2 / (C h^2 sum g) - 2 sigma^2 / h^2, 0))
