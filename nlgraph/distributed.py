@@ -395,7 +395,7 @@ class _RingAggregate(torch.autograd.Function):
         dq = torch.zeros_like(query)
         dparams = [torch.zeros_like(p) for p in params]
         k_cur, v_cur = key, value
-        dk_cur, dv_cur = torch.zeros_like(key), None if same_kv else torch.zeros_like(value)
+        dk_cur, dv_cur = torch.zeros_like(key), torch.zeros_like(value)  # dv_cur unused when key is value
         finite = torch.isfinite(lse)
         lse_safe = torch.where(finite, lse, torch.zeros_like(lse))
         base = 1000
@@ -443,7 +443,7 @@ class _RingAggregate(torch.autograd.Function):
             for pending in (gk, gv) + ((pk, pv) if s + 1 < world else ()):
                 if pending is not None:
                     _wait(pending["works"])
-            dk_cur, dv_cur = gk["buf"], None if gv is None else gv["buf"]
+            dk_cur, dv_cur = gk["buf"], dv_cur if gv is None else gv["buf"]
             if s + 1 < world:
                 k_cur = pk["buf"]
                 v_cur = k_cur if pv is None else pv["buf"]
@@ -542,14 +542,13 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     dense = all(needs[i] == whole or n_sizes[i] == 0 for i in range(world))
     plan: dict[str, Any] = {"rank": me, "world": world, "group": group, "k_starts": k_starts,
                             "take": take, "give": give, "tag": 0, "sent": 0}
-    kw = {"backend": backend, "options": options}
     same_kv = key is value
 
     def local(q: Tensor, k: Tensor, v: Tensor, segments: list[tuple[int, int]], lse: bool):
         g = None if graph is None else _ShardGraph(graph, q0, n, segments)
         if not lse:
-            return core.aggregate(q, k, v, affinity, g, **kw)
-        return core.aggregate(q, k, v, affinity, g, return_lse=True, **kw)
+            return core.aggregate(q, k, v, affinity, g, backend=backend, options=options)
+        return core.aggregate(q, k, v, affinity, g, backend=backend, options=options, return_lse=True)
 
     if method == "ring" and dense and world > 1:
         params = _grad_tensors(affinity, graph)
