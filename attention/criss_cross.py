@@ -46,16 +46,17 @@ class CrissCrossAttention(nn.Module):
         self.query_conv = nn.Conv2d(in_channels, d, 1)
         self.key_conv = nn.Conv2d(in_channels, d, 1)
         self.value_conv = nn.Conv2d(in_channels, in_channels, 1)
-        self.gamma = nn.Parameter(self.value_conv.bias.new_zeros(1))
+        self.gamma = nn.Parameter(self.value_conv.weight.new_zeros(1))
         self.backend = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, C, H, W) with C = {self.in_channels}, got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, C, H, W) with C = {self.in_channels}, "
+                             f"got {tuple(x.shape)}")
         b, c, h, w = x.shape
-        tokens = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731
-        y = nlgraph.aggregate(tokens(self.query_conv(x)), tokens(self.key_conv(x)), tokens(self.value_conv(x)),
-                              nlgraph.Softmax(scale=1.0), G.CrissCross((h, w)), backend=self.backend)
+        convs = (self.query_conv, self.key_conv, self.value_conv)
+        q, k, v = (conv(x).flatten(2).transpose(1, 2) for conv in convs)  # (B, H*W, channels) tokens
+        y = nlgraph.aggregate(q, k, v, nlgraph.Softmax(scale=1.0), G.CrissCross((h, w)), backend=self.backend)
         return self.gamma * y.transpose(1, 2).reshape(b, c, h, w) + x

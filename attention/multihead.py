@@ -71,7 +71,7 @@ def attention_graph(batch: int, heads: int, n: int, m: int, key_padding_mask: Op
             of ``attn_mask``, which is still checked: torch's hint that attn_mask is that mask.
     """
     lead = (batch, heads)
-    graphs = []
+    graphs: list[G.Graph] = []
     if key_padding_mask is not None:
         _check_mask("key_padding_mask", key_padding_mask)
         if tuple(key_padding_mask.shape) != (batch, m):
@@ -184,7 +184,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if self._qkv_same_embed_dim:
             if query is key and key is value:
-                return F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)
+                q, k, v = F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)
+                return q, k, v
             wq, wk, wv = self.in_proj_weight.chunk(3)
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
@@ -240,7 +241,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must share (batch, "
                              f"length) with query {tuple(query.shape)} (batch_first={self.batch_first})")
         m = k.shape[1]
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:  # (add_bias_kv: both or neither)
             k = torch.cat([k, self.bias_k.expand(b, 1, e)], dim=1)
             v = torch.cat([v, self.bias_v.expand(b, 1, e)], dim=1)
         h, hd = self.num_heads, self.head_dim

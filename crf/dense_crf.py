@@ -84,14 +84,16 @@ def crf_features(image: Tensor, theta_pos: Bandwidth, theta_col: Optional[Union[
         scale = torch.tensor([st / th for st, th in zip(steps, thetas, strict=True)], dtype=dt, device=dev)
     feats = [(grid * scale).expand(b, -1, -1)]
     if theta_col is not None:
+        col: Bandwidth
         if not isinstance(theta_col, (Tensor, Sequence)):
             col = float(theta_col)
         else:
-            col = theta_col if isinstance(theta_col, Tensor) else torch.tensor(theta_col, dtype=torch.float64)
-            if col.dim() > 1 or col.numel() not in (1, c):
+            per_channel = (theta_col if isinstance(theta_col, Tensor)
+                           else torch.tensor(theta_col, dtype=torch.float64))
+            if per_channel.dim() > 1 or per_channel.numel() not in (1, c):
                 raise ValueError(f"theta_col must be one bandwidth or one per channel (C = {c}), got shape "
-                                 f"{tuple(col.shape)}")
-            col = col.to(dtype=dt, device=dev)
+                                 f"{tuple(per_channel.shape)}")
+            col = per_channel.to(dtype=dt, device=dev)
         feats.append(image.flatten(2).transpose(1, 2) / col)
     return torch.cat(feats, dim=-1)
 
@@ -287,7 +289,8 @@ class DenseCRF(nn.Module):
             origin = sum(first[:dist.get_rank(self.process_group)])
         feats = []
         if self.kernel_weights.requires_grad or float(self.kernel_weights[0]) != 0:
-            f_app = crf_features(image, self.theta_alpha, self.theta_beta, self.theta_time, self.spacing, origin)
+            f_app = crf_features(image, self.theta_alpha, self.theta_beta, self.theta_time, self.spacing,
+                                 origin)
             feats.append((f_app, kw[0]))
         if self.kernel_weights.requires_grad or float(self.kernel_weights[1]) != 0:
             f_smooth = crf_features(image, self.theta_gamma, None, self.theta_time, self.spacing, origin)

@@ -29,7 +29,8 @@ deliberate difference.
 
 from __future__ import annotations
 
-from numbers import Number
+import math
+from numbers import Real
 from typing import Optional
 
 import numpy as np
@@ -74,19 +75,22 @@ def _float_matrix(name: str, x, shape: Optional[tuple] = None) -> torch.Tensor:
 
 def _count(name: str, val, minimum: int) -> int:
     """An int argument (pydensecrf's C ``int``): ints, numpy ints and integral floats (4.0) are accepted."""
-    if isinstance(val, (bool, np.bool_)) or not isinstance(val, Number):
+    if isinstance(val, (bool, np.bool_)) or not isinstance(val, Real):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(val).__name__} {val!r}")
-    if not isinstance(val, (int, np.integer)):
+    if isinstance(val, (int, np.integer)):
+        count = int(val)
+    else:
         try:
-            integral = float(val).is_integer()
+            as_float = float(val)
         except (TypeError, ValueError, OverflowError):
-            integral = False
-        if not integral:
+            as_float = math.nan
+        if not as_float.is_integer():
             raise ValueError(f"{name} must be an int >= {minimum}, got {val!r} (pydensecrf would silently "
                              f"truncate it)")
-    if int(val) < minimum:
+        count = int(as_float)
+    if count < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {val!r}")
-    return int(val)
+    return count
 
 
 def _unary_energy(name: str, u, shape: Optional[tuple] = None) -> torch.Tensor:
@@ -139,21 +143,23 @@ class _Pairwise:
         if normalization != NO_NORMALIZATION:
             ones = torch.ones(features.shape[0], 1)
             k1 = self.filter(ones)[:, 0]
-            self.norm = 1.0 / torch.sqrt(k1 + 1e-20) if normalization == NORMALIZE_SYMMETRIC else 1.0 / (k1 + 1e-20)
+            symmetric = normalization == NORMALIZE_SYMMETRIC
+            self.norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
 
     @staticmethod
     def _compat(compat, n_labels: int):
-        if isinstance(compat, Number) and not isinstance(compat, bool):
-            if not np.isfinite(compat):
+        if isinstance(compat, Real) and not isinstance(compat, bool):
+            if not math.isfinite(compat):
                 raise ValueError(f"compat must be finite, got {compat}")
             return "potts", float(compat)
         arr = np.asarray(compat)
         if arr.dtype.kind not in "fiu":
-            raise TypeError(f"compat must be a number, a ({n_labels},) vector or a ({n_labels}, {n_labels}) matrix, "
-                            f"got dtype {arr.dtype}")
+            raise TypeError(f"compat must be a number, a ({n_labels},) vector or a ({n_labels}, {n_labels}) "
+                            f"matrix, got dtype {arr.dtype}")
         if arr.ndim == 1:
             if arr.shape != (n_labels,):
-                raise ValueError(f"compat vector must have one entry per label ({n_labels},), got {arr.shape}")
+                raise ValueError(f"compat vector must have one entry per label ({n_labels},), "
+                                 f"got {arr.shape}")
             kind = "diagonal"
         elif arr.ndim == 2:
             if arr.shape != (n_labels, n_labels):
@@ -177,7 +183,8 @@ class _Pairwise:
 
         ``scratch``: an (N, L) buffer for the normalised input (reused across iterations)."""
         if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
-            x = torch.mul(q, self.norm[:, None], out=scratch) if scratch is not None else q * self.norm[:, None]
+            norm = self.norm[:, None]
+            x = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
         else:
             x = q
         x = self.filter(x)  # a fresh tensor: scaled in place below (one pass instead of two)
@@ -257,12 +264,14 @@ class DenseCRF:
             raise ValueError(f"Bad shape for unary energy (need {want}, got {tuple(u.energy.shape)})")
         self._unary = u.energy.T.contiguous()
 
-    def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
+    def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL,
+                          normalization=NORMALIZE_SYMMETRIC) -> None:
         """Add a Gaussian pairwise term over ``features`` (D, nvar) (already divided by their bandwidths)."""
         # our own copy, as pydensecrf keeps one: the caller may reuse its buffer (for the next CRF)
         feats = _float_matrix("features", features).clone()
         if feats.shape[1] != self._nvar:
-            raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), got {tuple(feats.shape)})")
+            raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), "
+                             f"got {tuple(feats.shape)})")
         # (N, D) as a view of the (D, N) array: the lattice reads coordinate rows (no transposing copy)
         self._pairwise.append(_Pairwise(self, feats.T, compat, kernel, normalization))
 
@@ -302,7 +311,10 @@ class DenseCRF:
 
     def startInference(self):
         """(Q, tmp1, tmp2) to drive :meth:`stepInference` by hand; all float32 (nlabels, nvar) arrays."""
-        q = _softmax_labels(-self._energy()) if self._unary is not None else torch.zeros(self._nvar, self._nlabel)
+        if self._unary is not None:
+            q = _softmax_labels(-self._energy())
+        else:
+            q = torch.zeros(self._nvar, self._nlabel)
         shape = (self._nlabel, self._nvar)
         return q.T.numpy().copy(), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
@@ -316,7 +328,8 @@ class DenseCRF:
         """One mean-field step, in place on the arrays from :meth:`startInference`."""
         q = self._marginals("Q", Q)
         for name, t in (("tmp1", tmp1), ("tmp2", tmp2)):
-            if not isinstance(t, np.ndarray) or t.shape != (self._nlabel, self._nvar) or t.dtype != np.float32:
+            if (not isinstance(t, np.ndarray) or t.shape != (self._nlabel, self._nvar)
+                    or t.dtype != np.float32):
                 raise ValueError(f"{name} must be the float32 ({self._nlabel}, {self._nvar}) array from "
                                  f"startInference")
         new_q, t1, t2 = self._step(q)
@@ -351,8 +364,8 @@ class DenseCRF2D(DenseCRF):
 
     @staticmethod
     def _pair(name: str, s, n: int) -> tuple:
-        vals = (s,) * n if isinstance(s, Number) else tuple(s)
-        if len(vals) != n or not all(isinstance(v, Number) and np.isfinite(v) and v > 0 for v in vals):
+        vals = (s,) * n if isinstance(s, Real) else tuple(s)
+        if len(vals) != n or not all(isinstance(v, Real) and math.isfinite(v) and float(v) > 0 for v in vals):
             raise ValueError(f"{name} must be a positive number or {n} of them, got {s!r}")
         return vals
 
@@ -360,22 +373,27 @@ class DenseCRF2D(DenseCRF):
         """Smoothness kernel on positions: features (x / sx, y / sy)."""
         sx, sy = self._pair("sxy", sxy, 2)
         x, y = self._grid()
-        self.addPairwiseEnergy(np.stack([x / np.float32(sx), y / np.float32(sy)]), compat, kernel, normalization)
+        feats = np.stack([x / np.float32(sx), y / np.float32(sy)])
+        self.addPairwiseEnergy(feats, compat, kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,
                              normalization=NORMALIZE_SYMMETRIC) -> None:
-        """Appearance kernel: features (x / sx, y / sy, r / sr, g / sg, b / sb) from a uint8 (h, w, 3) image."""
+        """Appearance kernel on the positions and colours of a uint8 (h, w, 3) image ``rgbim``.
+
+        Features (x / sx, y / sy, r / sr, g / sg, b / sb).
+        """
         sx, sy = self._pair("sxy", sxy, 2)
         sr, sg, sb = self._pair("srgb", srgb, 3)
         im = np.asarray(rgbim)
         if im.dtype != np.uint8:
             raise ValueError(f"rgbim must be a uint8 (h, w, 3) image, got dtype {im.dtype}")
         if im.ndim != 3 or im.shape[:2] != (self._h, self._w):
-            raise ValueError(f"Bad shape for pairwise bilateral (Need {(self._h, self._w, 3)}, got {im.shape})")
+            raise ValueError(f"Bad shape for pairwise bilateral (Need {(self._h, self._w, 3)}, "
+                             f"got {im.shape})")
         if im.shape[2] != 3:
             raise ValueError("addPairwiseBilateral only works for RGB images. For other types, use "
-                             "`utils.create_pairwise_bilateral` to construct your own pairwise energy and add it "
-                             "through `addPairwiseEnergy`.")
+                             "`utils.create_pairwise_bilateral` to construct your own pairwise energy and "
+                             "add it through `addPairwiseEnergy`.")
         x, y = self._grid()
         col = im.reshape(-1, 3).astype(np.float32)
         feats = np.stack([x / np.float32(sx), y / np.float32(sy), col[:, 0] / np.float32(sr),

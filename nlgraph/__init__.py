@@ -10,8 +10,14 @@ graphs (N(i)) in :mod:`nlgraph.graph`, backends behind one dispatch in :mod:`nlg
 
 from . import affinity, graph
 from .affinity import Concatenation, DotProduct, EdgeWeighted, Gaussian, Softmax
-from .blocks import (CompactNonLocal, DisentangledNonLocal, GlobalContextBlock, LatentGraphBlock,
-                     NeighborhoodAttention, PyramidNonLocal)
+from .blocks import (
+    CompactNonLocal,
+    DisentangledNonLocal,
+    GlobalContextBlock,
+    LatentGraphBlock,
+    NeighborhoodAttention,
+    PyramidNonLocal,
+)
 from .core import aggregate
 from .denoise import denoise_nl_means
 from .dispatch import BackendError, backend_names, compatible_backends, select_backend

@@ -137,11 +137,20 @@ def _logit_scale(block: _NonLocalNd) -> float:
     return float(aff.scale)
 
 
+def _conv_norm(block: _NonLocalNd) -> nn.Sequential:
+    """``block.W`` of a block built with ``bn_layer=True``: the ``Sequential(conv, norm)``."""
+    w = block.W
+    if not isinstance(w, nn.Sequential) or len(w) != 2:
+        raise TypeError(f"{type(block).__name__}.W must be nn.Sequential(conv, norm) with bn_layer=True, "
+                        f"got {type(w).__name__}")
+    return w
+
+
 def _output_map(block: _NonLocalNd) -> tuple[Tensor, Tensor]:
     """W (and BN with running statistics) as one affine map (C, inter), (C,)."""
     if not block.bn_layer:
         return _linear_of(block.W)
-    conv, bn = block.W[0], block.W[1]
+    conv, bn = _conv_norm(block)
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise ValueError(f"nonlocal_to_mha: the block's norm is {type(bn).__name__}, which normalises over "
                          f"positions and is no per-token linear map; only BatchNorm (eval mode) folds")
@@ -529,11 +538,13 @@ def nonlocal_from_state_dict(state_dict: Mapping[str, Tensor], layout: str, mode
         if norm["kind"] == "gn":
             if c % norm["num_groups"]:
                 raise ValueError(f"norm_cfg num_groups={norm['num_groups']} does not divide in_channels={c}")
-            block.W[1] = nn.GroupNorm(norm["num_groups"], c, eps=norm["eps"])
+            _conv_norm(block)[1] = nn.GroupNorm(norm["num_groups"], c, eps=norm["eps"])
         elif "eps" in norm:
-            block.W[1].eps, block.W[1].momentum = norm["eps"], norm["momentum"]
+            bn = _conv_norm(block)[1]
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):  # (always: the constructor's BatchNorm)
+                bn.eps, bn.momentum = norm["eps"], norm["momentum"]
         if not norm.get("requires_grad", True):
-            block.W[1].requires_grad_(False)
+            _conv_norm(block)[1].requires_grad_(False)
     block = block.to(ref.device, ref.dtype)
     expected = block.state_dict()
     for k, v in sd.items():
@@ -569,7 +580,7 @@ def nonlocal_to_state_dict(block: _NonLocalNd, layout: str,
     use_scale = _DEFAULT_SCALE[layout] if use_scale is None else use_scale
     if layout == "non_local_pytorch" and use_scale:
         raise ValueError("non_local_pytorch's blocks have no logit scale (use_scale)")
-    norm_mod = block.W[1] if block.bn_layer else None
+    norm_mod = _conv_norm(block)[1] if block.bn_layer else None
     norm = None if norm_mod is None else "gn" if isinstance(norm_mod, nn.GroupNorm) else "bn"
     if layout == "timm":
         if block.dim != 2 or block.mode != "embedded_gaussian" or block.sub_sample or norm != "bn":

@@ -9,17 +9,17 @@ Every affinity lowers itself to one canonical *score form* that all backends sha
 where w_ij are the graph's edge weights (1 for a plain edge). The canonical form is what makes one
 tiled loop (and one fused GPU kernel) serve attention, non-local blocks and the dense-CRF message:
 
-================  =========================================  ==================  ===========
-affinity          f(q_i, k_j)                                canonical form      C_i
-================  =========================================  ==================  ===========
-``Softmax``       exp(s q_i.k_j)                             q'=s q, k'=k        sum_j f
-``Gaussian``      exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))      q'=(q-m)/b,         sum_j f or 1
-                                                             k'=(k-m)/b,
-                                                             r=-|q'|^2/2,
-                                                             c=-|k'|^2/2
-``DotProduct``    s q_i.k_j                                  q'=s q, k'=k        number of neighbours
-``Concatenation`` ReLU(w_q.q_i + w_k.k_j + b)                r=w_q.q+b, c=w_k.k  number of neighbours
-================  =========================================  ==================  ===========
+=================  ===========================================  ==================  ====================
+affinity           f(q_i, k_j)                                  canonical form      C_i
+=================  ===========================================  ==================  ====================
+``Softmax``        exp(s q_i.k_j)                               q'=s q, k'=k        sum_j f
+``Gaussian``       ``exp(-max(|q_i/b - k_j/b|^2/2 - o, 0))``    q'=(q-m)/b,         sum_j f or 1
+                                                                k'=(k-m)/b,
+                                                                ``r=-|q'|^2/2``,
+                                                                ``c=-|k'|^2/2``
+``DotProduct``     s q_i.k_j                                    q'=s q, k'=k        number of neighbours
+``Concatenation``  ReLU(w_q.q_i + w_k.k_j + b)                  r=w_q.q+b, c=w_k.k  number of neighbours
+=================  ===========================================  ==================  ====================
 
 ``EdgeWeighted(base, weight)`` multiplies f by a per-edge weight w_ij >= 0 (and, for the count
 normalisation, C_i becomes sum_j w_ij, i.e. weights act as edge multiplicities).
@@ -33,22 +33,23 @@ Numerics of the lowering (every backend that consumes the form inherits them):
 
 * The Gaussian is translation invariant, so its features are centred on a common shift m (the keys'
   mean, detached: f does not depend on m, so values and gradients are exact for any m) before the
-  expansion |q' - k'|^2 = |q'|^2 + |k'|^2 - 2 q'.k'. The expansion's rounding error is then about
-  u (|q'|^2 + |k'|^2) with q', k' measured from the data's centre, not from the origin: features
-  far from the origin (pixel coordinates of a large image or volume, a crop at an offset) keep
-  their float32 precision.
+  expansion ``|q' - k'|^2 = |q'|^2 + |k'|^2 - 2 q'.k'``. The expansion's rounding error is then
+  about ``u (|q'|^2 + |k'|^2)`` with q', k' measured from the data's centre, not from the origin:
+  features far from the origin (pixel coordinates of a large image or volume, a crop at an offset)
+  keep their float32 precision.
 * In eager mode each form checks that its scores cannot overflow the accumulation dtype (float32
-  for fp16/bf16/fp32 inputs, float64 for float64): |s_ij| <= sum_d max_i |q'_id| max_j |k'_jd| +
-  max |r| + max |c| must stay below its largest finite number, else a ValueError says so (instead
-  of the NaN, or the silently zero weights, an overflowed score gives). Under torch.compile /
-  export and inside vmap the check steps aside (nlgraph._values.checking_values).
+  for fp16/bf16/fp32 inputs, float64 for float64):
+  ``|s_ij| <= sum_d max_i |q'_id| max_j |k'_jd| + max |r| + max |c|`` must stay below its largest
+  finite number, else a ValueError says so (instead of the NaN, or the silently zero weights, an
+  overflowed score gives). Under torch.compile / export and inside vmap the check steps aside
+  (nlgraph._values.checking_values).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -95,7 +96,7 @@ class ScoreForm:
     #: (a Gaussian with a flat top, as non-local means uses to discount the noise variance).
     clamp: Optional[float] = None
     #: (..., N) a per-query term left out of the scores because C = sum f cancels it (the normalised
-    #: Gaussian's -|q'|^2/2), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
+    #: Gaussian's ``-|q'|^2/2``), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
     #: log-normaliser (``aggregate(..., return_lse=True)``) reads it; y does not depend on it.
     lse_row: Optional[Tensor] = None
 
@@ -130,32 +131,33 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> Scor
     terms = [t for t in (form.query, form.row, form.col) if t is not None]
     dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
     info = torch.finfo(dtype)
-    width = 0 if form.query is None else form.query.shape[-1]
+    # the bilinear term: a form has both query and key or neither
+    q, k = (form.query, form.key) if form.query is not None and form.key is not None else (None, None)
+    width = 0 if q is None else q.shape[-1]
     with torch.no_grad():
         # a screen first: S <= d max|q'| max|k'| needs four whole-tensor reductions (no copies); only
         # when that coarser bound does not pass does the per-feature bound below decide
-        ext = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
-        if form.query is not None and form.key is not form.query:
-            ext += [form.key.detach().amax(), form.key.detach().amin()]
-        ext = torch.stack([x.double() for x in ext]).abs().tolist()
+        reductions = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
+        if k is not None and k is not q:
+            reductions += [k.detach().amax(), k.detach().amin()]
+        ext = torch.stack([x.double() for x in reductions]).abs().tolist()
         big = [max(ext[i], ext[i + len(terms)]) for i in range(len(terms))]
         coarse = sum(big)
-        if form.query is not None:
-            kmax = big[0] if form.key is form.query else max(ext[-2], ext[-1])
+        if q is not None:
+            kmax = big[0] if k is q else max(ext[-2], ext[-1])
             coarse += width * big[0] * kmax * factor - big[0]
         if coarse * (1 + (width + 2) * info.eps) < info.max:  # False for inf / NaN: the fine bound decides
             return form
-        bound = torch.zeros((), dtype=torch.float64, device=terms[0].device)
-        if form.query is not None:
+        acc = torch.zeros((), dtype=torch.float64, device=terms[0].device)
+        if q is not None and k is not None:
             # per-feature max |.| over every other dim (no reshape: strided views are not copied)
-            qa = form.query.detach().abs().amax(dim=tuple(range(form.query.dim() - 1))).double()
-            ka = qa if form.key is form.query else \
-                form.key.detach().abs().amax(dim=tuple(range(form.key.dim() - 1))).double()
-            bound = bound + (qa * ka).sum() * factor
+            qa = q.detach().abs().amax(dim=tuple(range(q.dim() - 1))).double()
+            ka = qa if k is q else k.detach().abs().amax(dim=tuple(range(k.dim() - 1))).double()
+            acc = acc + (qa * ka).sum() * factor
         for t in (form.row, form.col):
             if t is not None:
-                bound = bound + t.detach().abs().amax().double()
-        bound = float(bound)
+                acc = acc + t.detach().abs().amax().double()
+        bound = float(acc)
     if not bound * (1 + (width + 2) * info.eps) < info.max:  # also False for inf / NaN
         reach = f"can reach {bound:.3g}" if math.isfinite(bound) else "overflow already in their terms"
         raise ValueError(
@@ -194,11 +196,19 @@ def _check_tensor_values(name: str, value: Tensor, *, positive: bool) -> None:
         raise ValueError(f"{name} must be finite (shape {tuple(value.shape)})")
 
 
-def _fmt(value: Scalar) -> str:
+def _fmt(value: Optional[Scalar]) -> str:
     """Short repr of a parameter: numbers as they are, tensors by shape."""
     if isinstance(value, Tensor):
         return f"tensor{tuple(value.shape)}"
     return repr(value)
+
+
+@overload
+def _as(value: Tensor, like: Tensor) -> Tensor: ...
+
+
+@overload
+def _as(value: Scalar, like: Tensor) -> Scalar: ...
 
 
 def _as(value: Scalar, like: Tensor) -> Scalar:
@@ -304,8 +314,9 @@ class Gaussian(Affinity):
     def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True, offset: float = 0.0):
         _check_scalar("Gaussian(bandwidth)", bandwidth, positive=True)
         if isinstance(bandwidth, Tensor) and bandwidth.dim() > 1:
-            raise ValueError(f"Gaussian(bandwidth) must be a scalar or (d,), got shape "
-                             f"{tuple(bandwidth.shape)}")
+            raise ValueError(
+                f"Gaussian(bandwidth) must be a scalar or (d,), got shape {tuple(bandwidth.shape)}"
+            )
         if not isinstance(normalize, bool):
             raise TypeError(f"Gaussian(normalize) must be a bool, got {type(normalize).__name__}")
         if (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)

@@ -3,7 +3,7 @@
 Non-local means is an instance of the core op ``y_i = sum_j f_ij v_j / C_i`` on a ``LocalWindow``
 graph (radius ``patch_distance``, clipped at the borders): every pixel is a node, its features the
 (reflect-padded) patch around it, the affinity a Gaussian on patch distances normalised by its sum
-(C = sum f), the values the pixels:
+(C = sum f), the values the pixels::
 
     u_i = sum_{j in window(i)} w_ij u_j / sum_j w_ij,
     w_ij = exp(-max(sum_p g_p |P_i(p) - P_j(p)|^2 / (C h^2 sum g) - 2 sigma^2 / h^2, 0))
@@ -81,7 +81,9 @@ def _patch_weights(s: int, nd: int, channels: int, h: float, uniform: bool, dtyp
             g = g * (c > -o)
         w = g / (channels * s ** nd * h * h)
     else:
-        r2 = sum(c * c for c in grids)
+        r2 = grids[0] * grids[0]
+        for c in grids[1:]:
+            r2 = r2 + c * c
         a = (s - 1.0) / 4.0
         g = torch.exp(-r2 / (2 * a * a)) if a > 0 else torch.ones_like(r2)
         w = g / (channels * g.sum() * h * h)
@@ -123,7 +125,7 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     if fast:
         scale2 = inv_h2 / (channels * s ** nd)
         corr_w = float((s - 1) ** nd) / float(s ** nd)  # sum of the patch weights times channels * h^2
-        taps = None
+        taps: list[float] = []  # a box filter (cumulative sums): no taps
     else:
         a = (s - 1.0) / 4.0
         p = torch.arange(-o, o + 1, dtype=torch.float64)
@@ -243,10 +245,12 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     Returns:
         The denoised image, same shape and type.
     """
-    is_numpy = isinstance(image, np.ndarray)
-    if not is_numpy and not isinstance(image, torch.Tensor):
+    if isinstance(image, np.ndarray):
+        is_numpy, x = True, torch.from_numpy(np.ascontiguousarray(image))
+    elif isinstance(image, torch.Tensor):
+        is_numpy, x = False, image
+    else:
         raise TypeError(f"image must be a numpy array or a torch tensor, got {type(image).__name__}")
-    x = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image
     if not x.is_floating_point():
         raise TypeError(f"image must be floating point (e.g. skimage.img_as_float(image)), got {x.dtype}")
     if channel_axis is not None:

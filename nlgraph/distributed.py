@@ -18,8 +18,10 @@ Methods:
     ``"ring"``: when every rank needs every key block, the blocks travel around the ring with
         overlapped ``isend``/``irecv`` (the next block is in flight while the current one is
         aggregated); the partial results are combined exactly with :func:`nlgraph.merge` (log-sum-exp
-        for softmax-normalised affinities, counts and sums otherwise). Forward memory O(local)
-        (under ``torch.no_grad``); with autograd every received block is kept for backward, O(M).
+        for softmax-normalised affinities, counts and sums otherwise). Memory O(local) in training
+        too: the backward sends the blocks around the ring again, recomputes each block's part and
+        returns each block's key/value gradient to its owner (ring attention's backward), so only
+        this rank's shards, y and its lse are kept.
     ``"allgather"``: every rank receives all the keys it needs at once and runs one local op:
         simpler, one call, O(M) memory.
     Either way, when the graph is sparse across shards (a rank needs only some blocks, or only a
@@ -39,6 +41,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .affinity import Affinity, Softmax
 from .graph import Block, Graph
@@ -312,34 +315,141 @@ def _start_pass(x: Tensor, rows: int, plan: dict, tag: int) -> dict:
             "bytes": send.numel() * send.element_size()}
 
 
-class _RingPass(torch.autograd.Function):
-    """Complete a ring step posted by :func:`_start_pass` (the transfer overlaps the aggregation of
-    the current block) and return the block that came from the previous rank. Backward: the gradient
-    goes back to the previous rank, ours comes from the next one."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, pending: dict, plan: dict) -> Tensor:
-        _wait(pending["works"])
-        ctx.plan, ctx.shape, ctx.tag = plan, x.shape, pending["tag"] + 1
-        return pending["buf"]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        plan = ctx.plan
-        me, world, group, tag = plan["rank"], plan["world"], plan["group"], ctx.tag
-        out = grad.new_zeros(ctx.shape)
-        works = []
-        if grad.numel():
-            dst = _global(group, (me - 1) % world)
-            works.append(dist.isend(grad.contiguous(), dst=dst, group=group, tag=tag))
-        if out.numel():
-            works.append(dist.irecv(out, src=_global(group, (me + 1) % world), group=group, tag=tag))
-        _wait(works)
-        return out, None, None
-
-
 def _global(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _grad_tensors(*objs: Any) -> list[Tensor]:
+    """Tensors requiring grad held by affinities and graphs (a Concatenation's weight, a float mask
+    bias, ...), found through their attributes, lists and nested graphs, each once."""
+    found: dict[int, Tensor] = {}
+
+    def visit(x: Any, depth: int) -> None:
+        if isinstance(x, Tensor):
+            if x.requires_grad:
+                found.setdefault(id(x), x)
+        elif depth < 4 and isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item, depth + 1)
+        elif depth < 4 and isinstance(x, (Affinity, Graph)):
+            for item in vars(x).values():
+                visit(item, depth + 1)
+
+    for obj in objs:
+        visit(obj, 0)
+    return list(found.values())
+
+
+class _RingAggregate(torch.autograd.Function):
+    """The ring over dense key blocks with memory O(local) in training too (ring attention's
+    backward): the forward keeps only this rank's shards, the merged y and its lse; the backward sends
+    the key/value blocks around the ring once more, recomputes each block's part (y_s, lse_s) and
+    back-propagates the merge's closed-form derivative through it:
+
+    * C = sum_s C_s: ``y = sum_s w_s y_s`` with ``w_s = exp(lse_s - lse)``, so ``dy_s = w_s dy`` and
+      ``dlse_s = w_s <dy, y_s - y>``;
+    * C = 1: ``y = sum_s y_s``, ``dy_s = dy``.
+
+    Each block's key/value gradient travels with it and reaches its owner after the last step.
+    Gradients of tensors inside the affinity or graph (``params``) are this rank's contributions, as
+    with autograd (sum them over ranks like any replicated parameter's)."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, run: Any, *params: Tensor) -> Tensor:
+        local, plan, m_sizes, k_starts, same_kv, affinity, _ = run
+        from .merge import merge
+
+        me, world = plan["rank"], plan["world"]
+        acc, sent = None, 0
+        k_cur, v_cur = key, value
+        for s in range(world):
+            owner = (me - s) % world
+            if s + 1 < world:  # the next block is in flight while this one is aggregated
+                rows = m_sizes[(owner - 1) % world]
+                pk = _start_pass(k_cur, rows, plan, 10 + 4 * s)
+                pv = None if same_kv else _start_pass(v_cur, rows, plan, 12 + 4 * s)
+            part = local(query, k_cur, v_cur, [(k_starts[owner], m_sizes[owner])], lse=True)
+            acc = part if acc is None else merge([acc, part], affinity)
+            if s + 1 < world:
+                _wait(pk["works"])
+                k_cur = pk["buf"]
+                if pv is not None:
+                    _wait(pv["works"])
+                v_cur = k_cur if pv is None else pv["buf"]
+                sent += pk["bytes"] + (0 if pv is None else pv["bytes"])
+        assert acc is not None
+        y, lse = acc
+        ctx.run = run
+        ctx.save_for_backward(query, key, value, y, lse)
+        plan["sent"] = sent
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        local, plan, m_sizes, k_starts, same_kv, affinity, params = ctx.run
+        query, key, value, y, lse = ctx.saved_tensors
+        need_q = ctx.needs_input_grad[0]
+        me, world = plan["rank"], plan["world"]
+        summed = affinity.norm == "none"
+        dq = torch.zeros_like(query)
+        dparams = [torch.zeros_like(p) for p in params]
+        k_cur, v_cur = key, value
+        dk_cur, dv_cur = torch.zeros_like(key), torch.zeros_like(value)  # dv_cur unused when key is value
+        finite = torch.isfinite(lse)
+        lse_safe = torch.where(finite, lse, torch.zeros_like(lse))
+        base = 1000
+        for s in range(world):
+            owner = (me - s) % world
+            nxt = m_sizes[(owner - 1) % world]
+            if s + 1 < world:  # post the next key/value block before the recomputation
+                pk = _start_pass(k_cur, nxt, plan, base + 8 * s)
+                pv = None if same_kv else _start_pass(v_cur, nxt, plan, base + 8 * s + 1)
+            with torch.enable_grad():
+                qd = query.detach().requires_grad_(need_q)
+                kd = k_cur.detach().requires_grad_(True)
+                vd = kd if same_kv else v_cur.detach().requires_grad_(True)
+                y_s, lse_s = local(qd, kd, vd, [(k_starts[owner], m_sizes[owner])], lse=True)
+                if summed:
+                    outs, grads_out = [y_s], [dy]
+                else:
+                    w = torch.where(finite & torch.isfinite(lse_s), torch.exp(lse_s.detach() - lse_safe),
+                                    torch.zeros_like(lse_safe))
+                    dlse = w * (dy * (y_s.detach() - y)).sum(-1)
+                    outs, grads_out = [y_s, lse_s], [w[..., None].to(dy.dtype) * dy, dlse.to(lse_s.dtype)]
+                inputs = ([qd] if need_q else []) + [kd] + ([] if same_kv else [vd]) + params
+                pairs = [(o, g) for o, g in zip(outs, grads_out, strict=True) if o.requires_grad]
+                # (edge counts: lse_s = log |K_s| does not depend on the inputs)
+                got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                          allow_unused=True)
+            got = list(got)
+            if need_q:
+                g = got.pop(0)
+                if g is not None:
+                    dq += g
+            g = got.pop(0)
+            if g is not None:
+                dk_cur = dk_cur + g
+            if not same_kv:
+                g = got.pop(0)
+                if g is not None:
+                    dv_cur = dv_cur + g
+            for acc, g in zip(dparams, got, strict=True):
+                if g is not None:
+                    acc += g
+            # this block's gradients go on with it (after the last step: to its owner, rank me + 1)
+            gk = _start_pass(dk_cur, nxt, plan, base + 8 * s + 2)
+            gv = None if same_kv else _start_pass(dv_cur, nxt, plan, base + 8 * s + 3)
+            for pending in (gk, gv) + ((pk, pv) if s + 1 < world else ()):
+                if pending is not None:
+                    _wait(pending["works"])
+            dk_cur, dv_cur = gk["buf"], dv_cur if gv is None else gv["buf"]
+            if s + 1 < world:
+                k_cur = pk["buf"]
+                v_cur = k_cur if pv is None else pv["buf"]
+        dkey = dk_cur
+        dvalue = None if same_kv else dv_cur
+        return (dq if need_q else None, dkey, dvalue, None, *dparams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,36 +538,23 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     dist.all_gather_object(needs, take, group=group)
     give = [needs[i][me] for i in range(world)]
     whole = [(k_starts[r], k_starts[r] + m_sizes[r]) for r in range(world)]
-    dense = all(needs[i] == whole for i in range(world))
+    # a rank without queries needs nothing but still relays the ring's blocks
+    dense = all(needs[i] == whole or n_sizes[i] == 0 for i in range(world))
     plan: dict[str, Any] = {"rank": me, "world": world, "group": group, "k_starts": k_starts,
                             "take": take, "give": give, "tag": 0, "sent": 0}
-    kw = {"backend": backend, "options": options}
     same_kv = key is value
 
-    def local(k: Tensor, v: Tensor, segments: list[tuple[int, int]], lse: bool):
+    def local(q: Tensor, k: Tensor, v: Tensor, segments: list[tuple[int, int]], lse: bool):
         g = None if graph is None else _ShardGraph(graph, q0, n, segments)
         if not lse:
-            return core.aggregate(query, k, v, affinity, g, **kw)
-        return core.aggregate(query, k, v, affinity, g, return_lse=True, **kw)
+            return core.aggregate(q, k, v, affinity, g, backend=backend, options=options)
+        return core.aggregate(q, k, v, affinity, g, backend=backend, options=options, return_lse=True)
 
     if method == "ring" and dense and world > 1:
-        parts, sent = [], 0
-        k_cur, v_cur = key, value
-        for s in range(world):
-            owner = (me - s) % world
-            if s + 1 < world:  # the next block is in flight while this one is aggregated
-                rows = m_sizes[(owner - 1) % world]
-                pk = _start_pass(k_cur, rows, plan, 10 + 4 * s)
-                pv = None if same_kv else _start_pass(v_cur, rows, plan, 12 + 4 * s)
-            parts.append(local(k_cur, v_cur, [(k_starts[owner], m_sizes[owner])], lse=True))
-            if s + 1 < world:
-                k_cur = _RingPass.apply(k_cur, pk, plan)
-                v_cur = k_cur if pv is None else _RingPass.apply(v_cur, pv, plan)
-                sent += pk["bytes"] + (0 if pv is None else pv["bytes"])
-        _LAST["last"] = ExchangeStats("ring", int(sent), world - 1)
-        from .merge import merge
-
-        y, _ = merge(parts, affinity)
+        params = _grad_tensors(affinity, graph)
+        run = (local, plan, m_sizes, k_starts, same_kv, affinity, params)
+        y = _RingAggregate.apply(query, key, key if same_kv else value, run, *params)
+        _LAST["last"] = ExchangeStats("ring", int(plan["sent"]), world - 1)
         return y
 
     plan_k = dict(plan, tag=2)
@@ -467,4 +564,4 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     blocks = sum(1 for i, (lo, hi) in enumerate(give) if i != me and hi > lo)
     _LAST["last"] = ExchangeStats(method if dense else "p2p", int(plan_k["sent"] + plan_v["sent"]), blocks)
     segments = [(lo, hi - lo) for lo, hi in take]
-    return local(k_all, v_all, segments, lse=False)
+    return local(query, k_all, v_all, segments, lse=False)

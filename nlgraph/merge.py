@@ -101,7 +101,9 @@ def merge(parts: Sequence[tuple[Tensor, Tensor]],
     acc = torch.promote_types(torch.promote_types(y_dtype, lse_dtype), torch.float32)
     lses = torch.stack([lse.to(acc) for _, lse in pairs])  # (S, ..., N)
     if affinity.norm == "none":  # C = 1: sums add; log C = 0 wherever some part has a neighbour
-        y = sum(y.to(acc) for y, _ in pairs)
+        y = pairs[0][0].to(acc, copy=True)
+        for part, _ in pairs[1:]:
+            y = y + part.to(acc)
         lse = torch.where(torch.isfinite(lses).any(0), 0.0, -math.inf).to(lse_dtype)
         return y.to(y_dtype), lse
     # C = sum_s C_s (softmax denominators or edge counts alike): weights C_s / C from the log-normalisers,

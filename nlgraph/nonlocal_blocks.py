@@ -53,9 +53,9 @@ _LAYOUT = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}
 class _NonLocalNd(nn.Module):
     dim = 0
 
-    def __init__(self, in_channels: int, inter_channels: Optional[int] = None, mode: str = "embedded_gaussian",
-                 sub_sample: bool = True, bn_layer: bool = True, use_scale: bool = False, *,
-                 process_group=None, distributed_method: str = "ring"):
+    def __init__(self, in_channels: int, inter_channels: Optional[int] = None,
+                 mode: str = "embedded_gaussian", sub_sample: bool = True, bn_layer: bool = True,
+                 use_scale: bool = False, *, process_group=None, distributed_method: str = "ring"):
         super().__init__()
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
@@ -78,14 +78,19 @@ class _NonLocalNd(nn.Module):
             self.concat_project = nn.Parameter(torch.empty(2 * inter_channels))
             nn.init.normal_(self.concat_project, std=(2 * inter_channels) ** -0.5)
         self.pool = _POOL[self.dim]() if self.sub_sample else nn.Identity()
+        # zero-initialised (BN's affine part, else the conv): a new block is the identity
+        project = conv(inter_channels, in_channels, 1)
+        self.W: nn.Module
         if self.bn_layer:
-            self.W = nn.Sequential(conv(inter_channels, in_channels, 1), _BN[self.dim](in_channels))
-            nn.init.zeros_(self.W[1].weight)
-            nn.init.zeros_(self.W[1].bias)
+            norm = _BN[self.dim](in_channels)
+            nn.init.zeros_(norm.weight)
+            nn.init.zeros_(norm.bias)
+            self.W = nn.Sequential(project, norm)
         else:
-            self.W = conv(inter_channels, in_channels, 1)
-            nn.init.zeros_(self.W.weight)
-            nn.init.zeros_(self.W.bias)
+            nn.init.zeros_(project.weight)
+            if project.bias is not None:  # always (a conv with bias); narrows the Optional
+                nn.init.zeros_(project.bias)
+            self.W = project
         #: backend of the core op ("auto": algebra for dot_product/concatenation, chunked otherwise)
         self.backend = "auto"
         #: a torch.distributed process group: the input is this rank's shard (module docstring)
@@ -152,6 +157,9 @@ class NonLocal2d(_NonLocalNd):
 
 
 class NonLocal3d(_NonLocalNd):
-    """Non-local block over clips (B, C, T, H, W): space-time, keys pooled (1, 2, 2). See the module docstring."""
+    """Non-local block over clips (B, C, T, H, W): space-time, keys pooled (1, 2, 2).
+
+    See the module docstring.
+    """
 
     dim = 3

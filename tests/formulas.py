@@ -178,7 +178,7 @@ def window_options_adjacency(shape, kernel_size, dilation=None, is_causal=None, 
     for i, ci in enumerate(coords):
         for j, cj in enumerate(coords):
             adj[i, j] = float(all(_axis_neighbours(a, b, s, k, t, c, border) for a, b, s, k, t, c
-                                  in zip(ci, cj, shape, kernel_size, dilation, is_causal)))
+                                  in zip(ci, cj, shape, kernel_size, dilation, is_causal, strict=True)))
     return adj
 
 
@@ -195,7 +195,7 @@ def window_rpb_bias(shape, kernel_size, dilation, rpb):
     for i, ci in enumerate(coords):
         for j, cj in enumerate(coords):
             pos, ok = 0, True
-            for a, b, k, t in zip(ci, cj, kernel_size, dilation):
+            for a, b, k, t in zip(ci, cj, kernel_size, dilation, strict=True):
                 rel = b // t - a // t + k - 1
                 ok = ok and 0 <= rel <= 2 * k - 2
                 pos = pos * (2 * k - 1) + min(max(rel, 0), 2 * k - 2)

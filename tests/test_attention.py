@@ -52,7 +52,7 @@ def _compare(theirs, ours, inputs, **kw):
         loss1, loss2 = loss1 + (w1 * dw).sum(), loss2 + (w2 * dw).sum()
     loss1.backward()
     loss2.backward()
-    for i, (a, b) in enumerate(zip(xs1, xs2)):
+    for i, (a, b) in enumerate(zip(xs1, xs2, strict=True)):
         torch.testing.assert_close(b.grad, a.grad, **TOL, msg=lambda m: f"d/dinput{i}: {m}")
     p1, p2 = dict(theirs.named_parameters()), dict(ours.named_parameters())
     assert p1.keys() == p2.keys()
@@ -172,7 +172,7 @@ def test_round_trip_to_torch(kdim):
     theirs = mha_to_torch(ours)
     assert type(theirs) is nn.MultiheadAttention
     back = mha_from_torch(theirs)
-    for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), back.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), back.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
         assert p1.data_ptr() != p2.data_ptr()  # copies, not shared
     x = _x(L, B, E)
@@ -198,7 +198,7 @@ def test_backends_agree_on_one_instance():
     for backend in ("chunked", "reference"):
         m.backend = backend
         outs[backend] = m(x, x, x)
-    for a, b in zip(outs["chunked"], outs["reference"]):
+    for a, b in zip(outs["chunked"], outs["reference"], strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
 
@@ -237,9 +237,11 @@ def test_bad_input():
         MultiheadAttention(12, 3, dropout=1.5)
     m = MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(2, 7, E)
-    with pytest.raises(ValueError, match=r"query must have shape \(B, L, E\) or \(L, E\) with E = 12, got \(2, 7, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"query must have shape \(B, L, E\) or \(L, E\) with E = 12, got \(2, 7, 5\)"):
         m(torch.randn(2, 7, 5), x, x)
-    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, S\) = \(2, 7\), got \(2, 6\)"):
+    with pytest.raises(ValueError,
+                       match=r"key_padding_mask must have shape \(B, S\) = \(2, 7\), got \(2, 6\)"):
         m(x, x, x, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"attn_mask must have shape \(L, S\) = \(7, 7\), got \(7, 6\)"):
         m(x, x, x, attn_mask=torch.zeros(7, 6, dtype=torch.bool))

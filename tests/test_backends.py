@@ -16,8 +16,7 @@ import nlgraph
 from nlgraph import affinity as A
 from nlgraph import graph as G
 
-from .formulas import (TOLERANCES, aggregate_formula, criss_cross_adjacency, edge_adjacency,
-                       window_adjacency)
+from .formulas import TOLERANCES, aggregate_formula, criss_cross_adjacency, edge_adjacency, window_adjacency
 
 H, W = 3, 4
 N = M = H * W
@@ -79,7 +78,8 @@ def make_graph(name: str, gen: torch.Generator):
         return G.ExcludeSelf(), ident, 1.0 - torch.eye(N, dtype=torch.float64), None, {}
     if name == "mask_and_self":
         mask = torch.rand(N, M, generator=gen) > 0.3
-        return G.Mask(mask) & G.ExcludeSelf(), ident, mask.double() * (1 - torch.eye(N, dtype=torch.float64)), None, {}
+        not_self = 1 - torch.eye(N, dtype=torch.float64)
+        return G.Mask(mask) & G.ExcludeSelf(), ident, mask.double() * not_self, None, {}
     if name == "window":
         return G.LocalWindow((H, W), radius=1), ident, window_adjacency((H, W), 1), None, {}
     if name == "criss_cross":
@@ -139,7 +139,8 @@ CASES = _cases()
 
 
 def test_coverage_of_backends():
-    """chunked, reference (and pyg when installed) cover every affinity x graph, except where chunked says why not."""
+    """chunked, reference (and pyg when installed) cover every affinity x graph, except where chunked
+    says why not."""
     ids = {c.id for c in CASES}
     for a in AFFINITIES:
         for g in GRAPHS:
@@ -170,7 +171,7 @@ def test_backend_matches_formula(aff_name, graph_name, backend):
     dout = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad(y, list(named.values()), dout, allow_unused=True)
     grads_ref = torch.autograd.grad(y_ref, list(named.values()), dout, allow_unused=True)
-    for (name, t), g, g_ref in zip(named.items(), grads, grads_ref):
+    for (name, t), g, g_ref in zip(named.items(), grads, grads_ref, strict=True):
         g = torch.zeros_like(t) if g is None else g
         g_ref = torch.zeros_like(t) if g_ref is None else g_ref
         assert torch.isfinite(g).all(), f"non-finite gradient for {name}"
@@ -191,12 +192,15 @@ def test_broadcast_leading_dims(backend, kind):
     aff = A.Softmax() if kind == "softmax" else A.DotProduct()
     if backend == "algebra" and kind == "softmax":
         pytest.skip("algebra has no closed form for softmax")
-    y = nlgraph.aggregate(q, k, v, aff, backend=backend, options=CHUNK_OPTIONS if backend == "chunked" else None)
+    options = CHUNK_OPTIONS if backend == "chunked" else None
+    y = nlgraph.aggregate(q, k, v, aff, backend=backend, options=options)
     assert y.shape == (2, 3, 7, E)
     y_ref = aggregate_formula(kind, q, k, v, {})
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)  # float64 bound (formulas.TOLERANCES)
     dout = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    for name, g, gr in zip("qkv", torch.autograd.grad(y, (q, k, v), dout), torch.autograd.grad(y_ref, (q, k, v), dout)):
+    grads = torch.autograd.grad(y, (q, k, v), dout)
+    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dout)
+    for name, g, gr in zip("qkv", grads, grads_ref, strict=True):
         # float64 bound (formulas.TOLERANCES)
         torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-10, msg=lambda m: f"d/d{name}: {m}")
 
@@ -222,6 +226,7 @@ def test_large_logit_softmax_matches_formula_in_float64():
     q = torch.randn(1, 20, 4, generator=gen, dtype=torch.float64) * 30
     k = torch.randn(1, 20, 4, generator=gen, dtype=torch.float64) * 30
     v = torch.randn(1, 20, 2, generator=gen, dtype=torch.float64)
-    y = nlgraph.aggregate(q, k, v, A.Softmax(scale=1.0), backend="chunked", options={"block_n": 4, "block_m": 3})
+    y = nlgraph.aggregate(q, k, v, A.Softmax(scale=1.0), backend="chunked",
+                          options={"block_n": 4, "block_m": 3})
     y_ref = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)  # float64 bound (formulas.TOLERANCES)

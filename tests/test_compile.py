@@ -63,14 +63,16 @@ def test_nonlocal2d_compiles_fullgraph(mode):
     """One graph, forward and backward (AOTAutograd traces both): chunked backend for the softmax
     modes, algebra for the others. Inductor's code generation is checked separately (slower)."""
     block = _nonlocal(mode)
-    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                    requires_grad=True)
     params = [x] + list(block.parameters())
     y_eager = block(x)
     g_eager = _grads(y_eager, params)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     y = compiled(x)
     torch.testing.assert_close(y, y_eager, atol=ATOL, rtol=RTOL)
-    for name, g, ge in zip(["x"] + [n for n, _ in block.named_parameters()], _grads(y, params), g_eager):
+    names = ["x"] + [n for n, _ in block.named_parameters()]
+    for name, g, ge in zip(names, _grads(y, params), g_eager, strict=True):
         torch.testing.assert_close(g, ge, atol=ATOL, rtol=RTOL, msg=lambda m: f"d/d{name}: {m}")
 
 
@@ -85,7 +87,7 @@ def test_multihead_attention_compiles_fullgraph():
     compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
     y = compiled(x, x, x, key_padding_mask=pad)[0]
     torch.testing.assert_close(y, y_eager, atol=ATOL, rtol=RTOL)
-    for g, ge in zip(_grads(y, params), g_eager):
+    for g, ge in zip(_grads(y, params), g_eager, strict=True):
         torch.testing.assert_close(g, ge, atol=ATOL, rtol=RTOL)
 
 

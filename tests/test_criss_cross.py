@@ -45,7 +45,7 @@ def test_matches_ccnet_reference(shape):
     params = list(m.parameters())
     grads = torch.autograd.grad(y, [x1, *params], dy)
     grads_ref = torch.autograd.grad(y_ref, [x2, *params], dy)
-    for name, g, gr in zip(["x"] + [n for n, _ in m.named_parameters()], grads, grads_ref):
+    for name, g, gr in zip(["x"] + [n for n, _ in m.named_parameters()], grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, **TOL, msg=lambda msg: f"d/d{name}: {msg}")
 
 

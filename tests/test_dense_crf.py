@@ -81,7 +81,7 @@ def test_matches_materialised_mean_field(trainable, compat):
     params = [p for p in crf.parameters()]
     g = torch.autograd.grad(q, [u1, *params], dq)
     g_ref = torch.autograd.grad(q_ref, [u2, *params], dq)
-    for name, a, r in zip(["unary"] + [n for n, _ in crf.named_parameters()], g, g_ref):
+    for name, a, r in zip(["unary"] + [n for n, _ in crf.named_parameters()], g, g_ref, strict=True):
         torch.testing.assert_close(a, r, **TOL, msg=lambda m: f"d/d{name}: {m}")
 
 
@@ -115,7 +115,8 @@ def test_one_message_is_the_core_op():
     q = torch.softmax(torch.randn(2, 30, 3, generator=gen, dtype=torch.float64), -1)
     m = crf.message(q, [(feat, torch.tensor(1.0, dtype=torch.float64))])
     torch.testing.assert_close(m, kernel_matrix(feat) @ q, **TOL)
-    y = nlgraph.aggregate(feat, feat, q, nlgraph.Gaussian(1.0, normalize=False), G.ExcludeSelf(), backend="reference")
+    y = nlgraph.aggregate(feat, feat, q, nlgraph.Gaussian(1.0, normalize=False), G.ExcludeSelf(),
+                          backend="reference")
     torch.testing.assert_close(m, y, **TOL)
 
 
@@ -153,9 +154,11 @@ def test_refines_a_noisy_segmentation():
 
 def test_bad_input():
     crf = DenseCRF(3)
-    with pytest.raises(ValueError, match=r"unary must be \(B, L, H, W\) or \(B, L, T, H, W\) with L = 3, got \(1, 2, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"unary must be \(B, L, H, W\) or \(B, L, T, H, W\) with L = 3, "
+                                         r"got \(1, 2, 4, 4\)"):
         crf(torch.randn(1, 2, 4, 4), torch.rand(1, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"image must be \(B, C, \.\.\.\) with the unary's batch and spatial size"):
+    with pytest.raises(ValueError,
+                       match=r"image must be \(B, C, \.\.\.\) with the unary's batch and spatial size"):
         crf(torch.randn(1, 3, 4, 4), torch.rand(1, 3, 4, 5))
     with pytest.raises(TypeError, match=r"image must be floating point, got torch.uint8"):
         crf(torch.randn(1, 3, 4, 4), torch.zeros(1, 3, 4, 4, dtype=torch.uint8))

@@ -121,7 +121,7 @@ def test_step_inference_and_kl_divergence_match():
     # (Higham and Mary 2019), lambda = 5 (our sums run in float64; the other terms' float32 products
     # add ~u sum |terms| each).
     u64 = unary.astype(np.float64)
-    for (kl_t, q_t, _), (kl_o, q_o, t1) in zip(theirs, mine):
+    for (kl_t, q_t, _), (kl_o, q_o, t1) in zip(theirs, mine, strict=True):
         p = -u64 - t1
         grad = np.log(np.maximum(q_o, 1e-20)) + 1 + u64 + 2 * p
         entropy = q_o * np.log(np.maximum(q_o, 1e-20))
@@ -142,13 +142,15 @@ def test_compatibility_forms_and_normalisations(compat, normalization):
     c = {"scalar": 4.0, "vector": rng.random(n).astype(np.float32) * 4,
          "matrix": rng.random((n, n)).astype(np.float32) * 4}[compat]
     # pydensecrf needs C-contiguous arrays (its README wraps them in np.ascontiguousarray)
-    unary = np.ascontiguousarray(pydensecrf_utils.unary_from_softmax(rng.dirichlet(np.ones(n), size=(h * w)).T))
+    probs = rng.dirichlet(np.ones(n), size=(h * w)).T
+    unary = np.ascontiguousarray(pydensecrf_utils.unary_from_softmax(probs))
     feats = pydensecrf_utils.create_pairwise_bilateral(sdims=(30, 30), schan=(20, 20, 20), img=img, chdim=2)
 
     def build(dcrf):
         d = dcrf.DenseCRF(h * w, n)
         d.setUnaryEnergy(unary)
-        d.addPairwiseEnergy(feats, compat=c, kernel=dcrf.DIAG_KERNEL, normalization=getattr(dcrf, normalization))
+        d.addPairwiseEnergy(feats, compat=c, kernel=dcrf.DIAG_KERNEL,
+                            normalization=getattr(dcrf, normalization))
         return d
 
     compare(*run_both(build, 3))
@@ -164,10 +166,10 @@ def test_utils_equal_pydensecrf_utils():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 6, size=(7, 9))
     for zero_unsure in (True, False):
-        np.testing.assert_array_equal(ours_utils.unary_from_labels(labels, 6 if not zero_unsure else 5, 0.8,
-                                                                   zero_unsure=zero_unsure),
-                                      pydensecrf_utils.unary_from_labels(labels, 6 if not zero_unsure else 5, 0.8,
-                                                                         zero_unsure=zero_unsure))
+        n_labels = 6 if not zero_unsure else 5
+        np.testing.assert_array_equal(
+            ours_utils.unary_from_labels(labels, n_labels, 0.8, zero_unsure=zero_unsure),
+            pydensecrf_utils.unary_from_labels(labels, n_labels, 0.8, zero_unsure=zero_unsure))
     sm = rng.dirichlet(np.ones(4), size=(7, 9)).transpose(2, 0, 1)
     for scale in (None, 0.6):
         np.testing.assert_array_equal(ours_utils.unary_from_softmax(sm, scale=scale),
@@ -175,8 +177,9 @@ def test_utils_equal_pydensecrf_utils():
     np.testing.assert_array_equal(ours_utils.create_pairwise_gaussian((3, 5), (7, 9)),
                                   pydensecrf_utils.create_pairwise_gaussian((3, 5), (7, 9)))
     img = rng.integers(0, 256, size=(7, 9, 3)).astype(np.uint8)
-    np.testing.assert_array_equal(ours_utils.create_pairwise_bilateral((3, 5), (10, 20, 30), img, chdim=2),
-                                  pydensecrf_utils.create_pairwise_bilateral((3, 5), (10, 20, 30), img, chdim=2))
+    np.testing.assert_array_equal(
+        ours_utils.create_pairwise_bilateral((3, 5), (10, 20, 30), img, chdim=2),
+        pydensecrf_utils.create_pairwise_bilateral((3, 5), (10, 20, 30), img, chdim=2))
     np.testing.assert_array_equal(ours_utils.create_pairwise_bilateral((3, 5), 10, img[..., 0]),
                                   pydensecrf_utils.create_pairwise_bilateral((3, 5), 10, img[..., 0]))
 
@@ -236,12 +239,14 @@ def test_inputs_pydensecrf_silently_misuses_raise_here():
     u[0, 0] = np.nan
     with pytest.raises(ValueError, match="unary energy contains NaN"):
         d.setUnaryEnergy(u)
-    with pytest.raises(ValueError, match=r"Bad shape for pairwise energy \(Need \(\?, 100\), got \(2, 99\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"Bad shape for pairwise energy \(Need \(\?, 100\), got \(2, 99\)\)"):
         d.addPairwiseEnergy(np.ones((2, 99), np.float32), compat=1.0)
     with pytest.raises(TypeError, match="unary energy must be a real-valued array"):
         d.setUnaryEnergy(np.full((3, 100), "a"))
     d2 = ours.DenseCRF2D(10, 8, 3)
-    with pytest.raises(ValueError, match=r"Bad shape for pairwise bilateral \(Need \(8, 10, 3\), got \(10, 8, 3\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"Bad shape for pairwise bilateral \(Need \(8, 10, 3\), got \(10, 8, 3\)\)"):
         d2.addPairwiseBilateral(5, 5, np.zeros((10, 8, 3), np.uint8), 3)
     with pytest.raises(ValueError, match="rgbim must be a uint8"):
         d2.addPairwiseBilateral(5, 5, np.zeros((8, 10, 3), np.float64), 3)
@@ -302,7 +307,7 @@ def test_a_reused_feature_buffer_does_not_change_earlier_crfs():
         d.setUnaryEnergy(unary)
         d.addPairwiseEnergy(buf, compat=5.0)
         shared.append(d)
-    for d, f in zip(shared, feats):
+    for d, f in zip(shared, feats, strict=True):
         own = ours.DenseCRF(h * w, 3)
         own.setUnaryEnergy(unary)
         own.addPairwiseEnergy(f.copy(), compat=5.0)

@@ -199,6 +199,101 @@ def _run_modules(rank, world, errors):
             _check(f"rank {rank} MHA {name} d{n}", p.grad, want[n], errors)
 
 
+def _run_properties(rank, world, errors):
+    """Hypothesis over shard sizes (empty and uneven, queries and keys split independently), broadcast
+    batch shapes, features, affinities, graphs and both methods: every rank draws the same examples
+    (derandomised, generation phase only, the body never raises), so they issue the same collectives."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    affinities = _affinities()
+    ran = []
+    sizes = st.lists(st.integers(0, 4), min_size=world, max_size=world).filter(lambda s: sum(s) > 0)
+
+    @settings(max_examples=12, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(n_rows=sizes, m_rows=sizes, d=st.integers(1, 3), e=st.integers(1, 3),
+           lead=st.sampled_from([((), ()), ((2,), (2,)), ((2, 1), (1, 3)), ((1, 2), (2,))]),
+           aname=st.sampled_from(sorted(affinities)),
+           gname=st.sampled_from(["complete", "mask", "exclude_self", "window_1d"]),
+           method=st.sampled_from(METHODS), seed=st.integers(0, 2**16))
+    def prop(n_rows, m_rows, d, e, lead, aname, gname, method, seed):
+        if gname in ("exclude_self", "window_1d"):
+            m_rows = n_rows  # self-graphs: one node set
+        n, m = sum(n_rows), sum(m_rows)
+        gen = torch.Generator().manual_seed(seed)
+        ql, kl = lead
+        aff = affinities[aname]
+        if aname == "concat":
+            aff = Concatenation(torch.randn(2 * d, generator=gen, dtype=torch.float64) * 0.3)
+        q = torch.randn(*ql, n, d, generator=gen, dtype=torch.float64)
+        k = torch.randn(*kl, m, d, generator=gen, dtype=torch.float64)
+        v = torch.randn(*kl, m, e, generator=gen, dtype=torch.float64)
+        graph = {"complete": None, "mask": G.Mask(torch.rand(n, m, generator=gen) > 0.3),
+                 "exclude_self": G.ExcludeSelf(), "window_1d": G.LocalWindow((n,), 1)}[gname]
+        ran.append(1)
+        tag = f"rank {rank}/{world} property n={n_rows} m={m_rows} lead={lead} {aname} x {gname} [{method}]"
+        ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        try:
+            y_ref = nlgraph.aggregate(*ref, aff, graph)
+            dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+            y_ref.backward(dy)
+            sq, sk = nd.shard_slice(n_rows, rank), nd.shard_slice(m_rows, rank)
+            mine = [q[..., sq, :].clone().requires_grad_(True), k[..., sk, :].clone().requires_grad_(True),
+                    v[..., sk, :].clone().requires_grad_(True)]
+            y = nd.aggregate(*mine, aff, graph, method=method)
+            y.backward(dy[..., sq, :])
+        except Exception:  # noqa: BLE001 - never raise: the ranks must keep drawing the same examples
+            errors.append(f"{tag}: {traceback.format_exc()[-600:]}")
+            return
+        _check(f"{tag} y", y, y_ref[..., sq, :], errors)
+        for nm, t, r, s in zip("qkv", mine, ref, (sq, sk, sk), strict=True):
+            _check(f"{tag} d{nm}", t.grad, r.grad[..., s, :], errors)
+
+    prop()
+    if len(ran) < 12:
+        errors.append(f"rank {rank}: the property ran {len(ran)} of 12 examples")
+
+
+def _run_ring_memory_and_params(rank, world, rows, errors):
+    """The ring keeps only this rank's shards for backward (memory O(local), counted with
+    saved_tensors_hooks), and tensors inside the affinity and the graph (a Concatenation's weight, a
+    float mask bias) get their gradients: each rank's contribution, summed over ranks == one process."""
+    sizes = [r * W for r in rows]
+    sl = nd.shard_slice(sizes, rank)
+    q, k, v, dy = _problem(seed=5)
+    gen = torch.Generator().manual_seed(9)
+    weight = (torch.randn(2 * D, generator=gen, dtype=torch.float64) * 0.3).requires_grad_(True)
+    bias = torch.randn(H * W, H * W, generator=gen, dtype=torch.float64).requires_grad_(True)
+    for aff, graph, name in ((Concatenation(weight), None, "concat weight"),
+                             (Softmax(), G.Mask(bias), "mask bias")):
+        leaf = weight if graph is None else bias
+        leaf.grad = None
+        nlgraph.aggregate(q, k, v, aff, graph).backward(dy)
+        want, leaf.grad = leaf.grad.clone(), None
+        mine = [t[..., sl, :].clone().requires_grad_(True) for t in (q, k, v)]
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = nd.aggregate(*mine, aff, graph, method="ring")
+            y.backward(dy[..., sl, :])
+            got = leaf.grad.clone()
+            dist.all_reduce(got)
+        except Exception:  # noqa: BLE001
+            errors.append(f"rank {rank} ring {name}: {traceback.format_exc()[-600:]}")
+            continue
+        _check(f"rank {rank} ring d({name})", got, want, errors)
+        local = sum(t.numel() for t in mine) + 2 * y.numel()  # q, k, v shards, y and lse (<= y)
+        if sum(saved) > local:
+            errors.append(f"rank {rank} ring {name}: saved {sum(saved)} elements for backward, more than "
+                          f"the local shards' {local}")
+
+
 def _worker(rank, world, rows, init_file, out_dir):
     errors, traffic = [], {}
     try:
@@ -207,6 +302,8 @@ def _worker(rank, world, rows, init_file, out_dir):
         torch.set_num_threads(1)
         _run_cases(rank, world, rows, errors, traffic)
         _run_modules(rank, world, errors)
+        _run_properties(rank, world, errors)
+        _run_ring_memory_and_params(rank, world, rows, errors)
         # ranks that disagree on the problem get a ValueError on every rank, not a hang
         q, k, v, _ = _problem()
         d = D if rank else D - 1
@@ -265,6 +362,11 @@ def test_errors_without_process_group():
         nd.aggregate(q, q, q)
     with pytest.raises(ValueError, match="method"):
         nd.aggregate(q, q, q, method="ulysses")
+
+
+def test_all_reduce_sum_rejects_non_tensors():
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor"):
+        nd.all_reduce_sum([1.0, 2.0])
 
 
 def test_shard_helpers():

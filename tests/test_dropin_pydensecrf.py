@@ -350,7 +350,7 @@ def test_energies_pydensecrf_turns_into_nan_raise_here():
         d = pydensecrf.DenseCRF2D(w, h, 3)
         d.setUnaryEnergy(v)
         d.addPairwiseGaussian(sxy=3, compat=3)
-        assert np.isnan(np.array(d.inference(2))).any()  # pydensecrf: NaN marginals
+        assert np.isnan(np.array(d.inference(2))).any(), name  # pydensecrf: NaN marginals
         with pytest.raises(ValueError, match=rf"unary energy contains NaN or -inf \(first at label {lab}, "
                                              rf"variable {var}\)"):
             ours.DenseCRF2D(w, h, 3).setUnaryEnergy(v)

@@ -40,7 +40,8 @@ def test_signature_defaults_and_positional_order_are_torchs():
         theirs = inspect.signature(getattr(nn.MultiheadAttention, name)).parameters
         assert list(ours) == list(theirs) + extensions[name], name
         for p in extensions[name]:
-            assert ours[p].kind is inspect.Parameter.KEYWORD_ONLY and ours[p].default is not inspect.Parameter.empty
+            assert ours[p].kind is inspect.Parameter.KEYWORD_ONLY
+            assert ours[p].default is not inspect.Parameter.empty
         for p in theirs:
             assert ours[p].default == theirs[p].default, (name, p)
             assert ours[p].kind == theirs[p].kind, (name, p)
@@ -81,7 +82,7 @@ def test_state_dicts_interchange_and_device_dtype(kdim, bias, add_bias_kv):
               dtype=torch.float64)
     theirs, ours = nn.MultiheadAttention(D, NH, **kw), MultiheadAttention(D, NH, **kw)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+    for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
         assert p.shape == q.shape and p.dtype == torch.float64 and p.device.type == "cpu", n
     ours.load_state_dict(theirs.state_dict())  # strict both ways
     theirs.load_state_dict(ours.state_dict())
@@ -125,7 +126,7 @@ def _run_both(theirs, ours, inputs, kwargs, grad: bool):
     torch.testing.assert_close(y2, y1, **TOL, msg=lambda m: f"output: {m}")
     if grad:
         names = ["input"] * len(inputs) + [n for n, _ in theirs.named_parameters()]
-        for name, g1, g2 in zip(names, *grads):
+        for name, g1, g2 in zip(names, *grads, strict=True):
             torch.testing.assert_close(g2, g1, **TOL, msg=lambda m: f"d/d{name}: {m}")
     return calls
 

@@ -50,7 +50,8 @@ def test_dropout_gradcheck(backend):
     q, k, v = (t.requires_grad_(True) for t in _qkv(n=6, m=7))
 
     def fn(q, k, v):
-        return nlgraph.aggregate(q, k, v, backend=backend, options=OPTS[backend], dropout_p=0.4, generator=_gen(3))
+        return nlgraph.aggregate(q, k, v, backend=backend, options=OPTS[backend], dropout_p=0.4,
+                                 generator=_gen(3))
 
     # central differences at eps = 1e-6: truncation eps^2 |f^(3)| / 6 ~ 1e-12 x O(10), rounding
     # ~100 u |f| / eps ~ 1e-8; both far below atol 1e-6

@@ -33,8 +33,8 @@ def test_denoise_example(tmp_path):
 def test_crf_refine_example_runs_on_both_libraries(original):
     if original:
         pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (test dependency) not installed")
-    args = [sys.executable, str(ROOT / "examples" / "crf_refine.py"), "--size", "64"] + (["--pydensecrf"] if original
-                                                                                          else [])
+    args = [sys.executable, str(ROOT / "examples" / "crf_refine.py"), "--size", "64"]
+    args += ["--pydensecrf"] if original else []
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -131,7 +131,8 @@ def test_chunked_under_torch_func_matches_reference(case):
     for argnum in (0, 1, 2):
         jac = torch.func.jacrev(fn("chunked"), argnums=argnum)(q, k, v)
         want = torch.func.jacrev(fn("reference"), argnums=argnum)(q, k, v)
-        torch.testing.assert_close(jac, want, atol=1e-12, rtol=1e-12, msg=lambda m: f"jacrev argnum {argnum}: {m}")
+        torch.testing.assert_close(jac, want, atol=1e-12, rtol=1e-12,
+                                   msg=lambda m: f"jacrev argnum {argnum}: {m}")
     # vmap over a batch of queries (per-sample code, batched by the generated rule) == the batched op
     y = torch.func.vmap(fn("chunked"), in_dims=(0, None, None))(t["qb"], k, v)
     torch.testing.assert_close(y, fn("reference")(t["qb"], k, v), atol=1e-12, rtol=1e-12)

@@ -118,7 +118,8 @@ def test_blocked_order_is_a_block_major_permutation():
 
 
 def test_grid_order_must_be_a_permutation():
-    with pytest.raises(ValueError, match=r"LocalWindow\(order\) must be an int64 permutation of shape \(6,\)"):
+    with pytest.raises(ValueError,
+                       match=r"LocalWindow\(order\) must be an int64 permutation of shape \(6,\)"):
         G.LocalWindow((2, 3), 1, order=torch.arange(5))
     with pytest.raises(ValueError, match=r"LocalWindow\(order\) must be a permutation of 0..5"):
         G.LocalWindow((2, 3), 1, order=torch.zeros(6, dtype=torch.long))

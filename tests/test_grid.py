@@ -98,7 +98,7 @@ def _check(y, y_ref, inputs, names):
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
     grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
     refs = torch.autograd.grad(y_ref, inputs, dy, allow_unused=True)
-    for name, g, r in zip(names, grads, refs):
+    for name, g, r in zip(names, grads, refs, strict=True):
         g = torch.zeros_like(r) if g is None and r is not None else g
         r = torch.zeros_like(g) if r is None and g is not None else r
         torch.testing.assert_close(g, r, **TOL, msg=lambda m, name=name: f"d/d{name}: {m}")
@@ -119,7 +119,7 @@ def test_window_equals_formula(shape, opts, aff):
     y = nlgraph.aggregate(q, kk, v, make(), graph, backend="grid")
     y_ref = aggregate_formula(kind, q, kk, v, params, adj=adj, bias=bias)
     inputs = [q, kk, v] + ([rpb] if rpb is not None else [])
-    _check(y, y_ref, inputs, ["query", "key", "value", "rpb"])
+    _check(y, y_ref, inputs, ["query", "key", "value", "rpb"][: len(inputs)])
 
 
 @pytest.mark.parametrize("aff", list(AFFINITIES))
@@ -228,7 +228,7 @@ def test_window_options_agree_across_backends(shape, opts):
             y0, g0 = outs["reference"]
             for b, (y, g) in outs.items():
                 torch.testing.assert_close(y, y0, **TOL, msg=lambda m, b=b: f"{b} forward: {m}")
-                for i, (a, r) in enumerate(zip(g, g0)):
+                for i, (a, r) in enumerate(zip(g, g0, strict=True)):
                     torch.testing.assert_close(a, r, **TOL, msg=lambda m, b=b, i=i: f"{b} gradient {i}: {m}")
 
 
@@ -309,17 +309,18 @@ def test_shift_border_matches_a_natten_pixel_loop(shape, kernel, dilation):
     for h in range(heads):
         for c in coords:
             per_axis = []
-            for x, s, kk, t in zip(c, shape, kernel, dilation):
+            for x, s, kk, t in zip(c, shape, kernel, dilation, strict=True):
                 if kk % 2:
                     start = natten_window_start(x, s, kk, t)
                     per_axis.append([start + u * t for u in range(kk)])
                 else:
                     per_axis.append(natten_even_window(x, s, kk, t))
-            i = sum(x * st for x, st in zip(c, strides))
+            i = sum(x * st for x, st in zip(c, strides, strict=True))
             logits, vals = [], []
             for key in itertools.product(*per_axis):
-                j = sum(x * st for x, st in zip(key, strides))
-                rel = tuple(kj // t - x // t + kk - 1 for kj, x, t, kk in zip(key, c, dilation, kernel))
+                j = sum(x * st for x, st in zip(key, strides, strict=True))
+                rel = tuple(kj // t - x // t + kk - 1
+                            for kj, x, t, kk in zip(key, c, dilation, kernel, strict=True))
                 logits.append((q[h, i] * k[h, j]).sum() / math.sqrt(d) + rpb[(h, *rel)])
                 vals.append(v[h, j])
             w = torch.softmax(torch.stack(logits), 0)
@@ -413,6 +414,6 @@ def test_grid_traces_under_torch_compile():
     g_eager = torch.autograd.grad(y_eager.square().sum(), [q, k, v, rpb])
     y = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(y, y_eager, **TOL)
-    for a, b in zip(torch.autograd.grad(y.square().sum(), [q, k, v, rpb]), g_eager):
+    for a, b in zip(torch.autograd.grad(y.square().sum(), [q, k, v, rpb]), g_eager, strict=True):
         torch.testing.assert_close(a, b, **TOL)
     torch._dynamo.reset()

@@ -93,7 +93,7 @@ def test_mode_matches_formula(dim, mode, sub_sample):
     z_ref = _formula(block, x2)
     grads_ref = torch.autograd.grad(z_ref, [x2, *params.values()], dz)
     torch.testing.assert_close(z, z_ref, **TOL, msg=lambda m: f"forward: {m}")
-    for name, g, gr in zip(["x", *params], grads, grads_ref):
+    for name, g, gr in zip(["x", *params], grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, **TOL, msg=lambda m: f"d/d{name}: {m}")
 
 

@@ -31,8 +31,8 @@ def test_low_precision_error_within_twice_plain_torch(dtype, kind):
     k64 = torch.randn(2, 80, 16, generator=gen, dtype=torch.float64)
     v64 = torch.randn(2, 80, 8, generator=gen, dtype=torch.float64)
     params = {"bandwidth": 2.0} if kind.startswith("gaussian") else {}
-    aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(2.0), "gaussian_unnorm": A.Gaussian(2.0, normalize=False),
-           "dot": A.DotProduct()}[kind]
+    aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(2.0),
+           "gaussian_unnorm": A.Gaussian(2.0, normalize=False), "dot": A.DotProduct()}[kind]
     exact = aggregate_formula(kind, q64, k64, v64, params)
     q, k, v = (t.to(dtype) for t in (q64, k64, v64))
     plain = aggregate_formula(kind, q, k, v, params)  # plain PyTorch, materialised in low precision
@@ -72,8 +72,9 @@ def test_constant_inputs_give_no_nan_gradients(dtype, kind):
     v = torch.ones(2, 12, 3, dtype=dtype, requires_grad=True)
     bw = torch.ones(4, dtype=dtype, requires_grad=True)
     w = torch.ones(8, dtype=dtype, requires_grad=True)
-    aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(bw), "gaussian_unnorm": A.Gaussian(bw, normalize=False),
-           "dot": A.DotProduct(), "concat": A.Concatenation(w)}[kind]
+    aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(bw),
+           "gaussian_unnorm": A.Gaussian(bw, normalize=False), "dot": A.DotProduct(),
+           "concat": A.Concatenation(w)}[kind]
     for backend in nlgraph.dispatch.exact_backends(q, k, v, aff, G.ExcludeSelf()):
         for graph in (None, G.ExcludeSelf()):
             y = nlgraph.aggregate(q, k, v, aff, graph, backend=backend)
@@ -209,8 +210,9 @@ def test_overflowing_scores_raise_a_clear_error(kind):
     gen = torch.Generator().manual_seed(10)
     q = torch.randn(6, 3, generator=gen) * 1e20
     v = torch.randn(6, 2, generator=gen)
-    aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(1.0), "gaussian_unnorm": A.Gaussian(1.0, normalize=False),
-           "dot": A.DotProduct(), "concat": A.Concatenation(torch.full((6,), 1e20))}[kind]
+    aff = {"softmax": A.Softmax(), "gaussian": A.Gaussian(1.0),
+           "gaussian_unnorm": A.Gaussian(1.0, normalize=False), "dot": A.DotProduct(),
+           "concat": A.Concatenation(torch.full((6,), 1e20))}[kind]
     assert torch.isfinite(q).all()
     # every exact backend (the lattice's own range guard is tested with the lattice)
     for backend in nlgraph.dispatch.exact_backends(q, q, v, aff, None):

@@ -140,7 +140,8 @@ def test_bandwidth_and_lattice_cache():
     other[0, 5, 1] += 0.25  # one point differs: no false hit
     y_other = nlgraph.aggregate(other, other, v, g, backend="permutohedral")
     P.clear_cache()
-    torch.testing.assert_close(y_other, nlgraph.aggregate(other, other, v, g, backend="permutohedral"), rtol=0, atol=0)
+    torch.testing.assert_close(y_other, nlgraph.aggregate(other, other, v, g, backend="permutohedral"),
+                               rtol=0, atol=0)
 
 
 def test_capability_checks_and_dispatch():
@@ -221,8 +222,10 @@ def test_lexicographic_simplex_sort_gives_the_same_lattice(monkeypatch):
     monkeypatch.setattr(P, "_ONE_KEY_BITS", 0)  # force (point code, rank digits...) as separate keys
     several = P.build_lattice(q, q, True)
     assert one_key.num_vertices == several.num_vertices
-    for a, b in zip([one_key.splat, one_key.slice, *one_key.blurs], [several.splat, several.slice, *several.blurs]):
-        assert torch.equal(a.crow_indices(), b.crow_indices()) and torch.equal(a.col_indices(), b.col_indices())
+    for a, b in zip([one_key.splat, one_key.slice, *one_key.blurs],
+                    [several.splat, several.slice, *several.blurs], strict=True):
+        assert torch.equal(a.crow_indices(), b.crow_indices())
+        assert torch.equal(a.col_indices(), b.col_indices())
         assert torch.equal(a.values(), b.values())
     assert torch.equal(one_key.splat_order, several.splat_order)
 
@@ -237,7 +240,7 @@ def test_segmented_arange_with_empty_runs():
     run_start = run.cumsum(0) - run
     total = int(run.sum())
     for step, dtype in ((1, torch.int32), (6, torch.long)):
-        expected = [k * step + int(o) for r, o, s in zip(run.tolist(), off, run_start.tolist())
+        expected = [k * step + int(o) for r, o, s in zip(run.tolist(), off, run_start.tolist(), strict=True)
                     for k in range(s, s + r)]
         got = P._segmented_arange(off, run_start, total, step, dtype)
         assert got.dtype == dtype and got.tolist() == expected
@@ -255,8 +258,9 @@ def test_dense_table_and_binary_search_find_the_same_neighbours(monkeypatch, d, 
         monkeypatch.setattr(P, "_DENSE_MAX", factor)
         lattices.append(P.build_lattice(q, q, True))
     a, b = lattices
-    for x, y in zip(a.blurs, b.blurs):
-        assert torch.equal(x.crow_indices(), y.crow_indices()) and torch.equal(x.col_indices(), y.col_indices())
+    for x, y in zip(a.blurs, b.blurs, strict=True):
+        assert torch.equal(x.crow_indices(), y.crow_indices())
+        assert torch.equal(x.col_indices(), y.col_indices())
     present = (a.blurs[0].col_indices().view(-1, 3)[:, [0, 2]] % (a.num_vertices + 1) != 0).sum()
     assert present > 0  # the lattice has neighbours to find
 
@@ -308,7 +312,6 @@ def test_cache_keys_on_tensor_bandwidth_values():
 def test_cache_sees_in_place_edits_the_version_counter_misses():
     """An in-place edit of the bandwidth tensor, ``x.data.mul_()`` and an edit through numpy-shared
     memory (neither bumps the version counter) all change the answer."""
-    np = pytest.importorskip("numpy")
     f, v = _case_features(1)
     g = A.Gaussian(1.0, normalize=False)
     bw = torch.tensor([1.0, 1.0, 1.0])

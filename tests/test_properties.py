@@ -65,7 +65,7 @@ def window_adjacency(shape: tuple[int, ...], radius: tuple[int, ...],
         cu = coords[perm[u]]
         for w in range(n):
             cw = coords[perm[w]]
-            adj[u, w] = float(all(abs(a - b) <= r for a, b, r in zip(cu, cw, radius)))
+            adj[u, w] = float(all(abs(a - b) <= r for a, b, r in zip(cu, cw, radius, strict=True)))
     return adj
 
 
@@ -237,7 +237,7 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
         kernel = tuple(mk.integer(1, 3) for _ in grid)
         dilation = tuple(mk.integer(1, 2) for _ in grid)
         causal = tuple(mk.coin() and mk.coin() for _ in grid)
-        shift_ok = all(c or k * t <= s for k, t, s, c in zip(kernel, dilation, grid, causal))
+        shift_ok = all(c or k * t <= s for k, t, s, c in zip(kernel, dilation, grid, causal, strict=True))
         border = "shift" if shift_ok and mk.coin() else "clip"
         out = Member(None, adj=window_options_adjacency(grid, kernel, dilation, causal, border))
         rpb = None
@@ -280,8 +280,8 @@ def member(mk: Maker, kind: str, n: int, m: int, lead: tuple[int, ...], grid) ->
 
 
 GRID_SHAPES = [(1,), (4,), (6,), (2, 3), (3, 3), (2, 4), (1, 5), (2, 2, 2), (2, 1, 3), (3, 2, 2)]
-ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window", "window_opts",
-              "criss_cross")
+ALL_GRAPHS = ("mask_bool", "mask_float", "knn", "edge_index", "exclude_self", "causal", "window",
+              "window_opts", "criss_cross")
 ALL_AFFINITIES = ("softmax", "gaussian", "dot", "concat")
 
 
@@ -484,7 +484,7 @@ def check_case(case: Case, rtol: float, atol: float, backends: list[str], lse: b
             _close(got[fin], l_ref[fin], f"lse, {what}", rtol, atol)
             loss = loss + (_finite_or_zero(got).to(F64) * dl).sum()
         grads = torch.autograd.grad(loss, libs, allow_unused=True)
-        for name, t, g, g_ref in zip(names, refs, grads, grads_ref):
+        for name, t, g, g_ref in zip(names, refs, grads, grads_ref, strict=True):
             g = torch.zeros_like(t) if g is None else g
             g_ref = torch.zeros_like(t) if g_ref is None else g_ref
             if name in case.zero_grad:
@@ -673,8 +673,9 @@ def test_softmax_matches_sdpa_incl_empty_dims(args):
     _close(y, y_ref, "forward", rtol, atol)
     leaves = [q, k, v] + ([mask] if mask is not None and mask.is_floating_point() else [])
     dout = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
-    for name, t, g, g_ref in zip(["query", "key", "value", "mask"], leaves,
+    names = ["query", "key", "value", "mask"][: len(leaves)]
+    for name, t, g, g_ref in zip(names, leaves,
                                  torch.autograd.grad(y, leaves, dout, allow_unused=True),
-                                 torch.autograd.grad(y_ref, leaves, dout, allow_unused=True)):
+                                 torch.autograd.grad(y_ref, leaves, dout, allow_unused=True), strict=True):
         _close(torch.zeros_like(t) if g is None else g, torch.zeros_like(t) if g_ref is None else g_ref,
                f"d/d{name}", rtol, atol)

@@ -33,11 +33,12 @@ def _fwd_bwd(fn, leaves):
 def _assert_same(a, b):
     (ya, ga), (yb, gb) = a, b
     torch.testing.assert_close(ya, yb, **TOL)
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x, y, **TOL)
 
 
-@pytest.mark.parametrize("aff", [A.Softmax(), A.Gaussian(1.3), A.Gaussian(1.3, normalize=False), A.DotProduct()])
+@pytest.mark.parametrize("aff", [A.Softmax(), A.Gaussian(1.3), A.Gaussian(1.3, normalize=False),
+                                 A.DotProduct()])
 def test_complete_edge_index_equals_dense_op(aff):
     n = 17
     ei, _ = G.Complete().edges(n, n, torch.device("cpu"))
@@ -48,8 +49,8 @@ def test_complete_edge_index_equals_dense_op(aff):
     _assert_same(sparse, dense)
 
 
-@pytest.mark.parametrize("graph", [G.LocalWindow((5, 6), 1), G.LocalWindow((3, 4, 3), (0, 1, 1)), G.CrissCross((5, 6)),
-                                   "knn"])
+@pytest.mark.parametrize("graph", [G.LocalWindow((5, 6), 1), G.LocalWindow((3, 4, 3), (0, 1, 1)),
+                                   G.CrissCross((5, 6)), "knn"])
 def test_sparse_graphs_equal_dense_op_with_the_matching_mask(graph):
     n = 30 if graph != "knn" else 30
     if graph == "knn":
@@ -73,7 +74,8 @@ def test_node_without_incoming_edges_gets_zeros():
 
 
 def test_transformer_conv_is_the_core_op():
-    """torch_geometric.nn.TransformerConv (1 head, no root weight, no beta) == aggregate(Softmax, EdgeIndex)."""
+    """torch_geometric.nn.TransformerConv (1 head, no root weight, no beta) == aggregate(Softmax,
+    EdgeIndex)."""
     from torch_geometric.nn import TransformerConv
 
     torch.manual_seed(0)
@@ -87,7 +89,8 @@ def test_transformer_conv_is_the_core_op():
     y_ours = nlgraph.aggregate(q, k, v, A.Softmax(), G.EdgeIndex(ei), backend="pyg")
     torch.testing.assert_close(y_ours, y_conv, **TOL)
     dy = torch.randn_like(y_conv)
-    torch.testing.assert_close(torch.autograd.grad(y_ours, x2, dy)[0], torch.autograd.grad(y_conv, x1, dy)[0], **TOL)
+    torch.testing.assert_close(torch.autograd.grad(y_ours, x2, dy)[0], torch.autograd.grad(y_conv, x1, dy)[0],
+                               **TOL)
     # and through the dense path with the matching mask (duplicate edges counted twice, as PyG sums them)
     y_dense = nlgraph.aggregate(q, k, v, A.Softmax(), G.EdgeIndex(ei), backend="chunked")
     torch.testing.assert_close(y_dense, y_conv, **TOL)
@@ -103,16 +106,19 @@ def test_dispatch_prefers_pyg_for_sparse_graphs_where_measured_faster():
     assert nlgraph.select_backend(q, q, v, A.Softmax(), G.CrissCross((64, 64)))[0] == "grid"
     assert nlgraph.select_backend(q, q, v, A.DotProduct(), G.CrissCross((64, 64)))[0] == "pyg"
     order = G.blocked_order((64, 64), 8)
-    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.LocalWindow((64, 64), 2, order=order))[0] == "chunked"
+    window = G.LocalWindow((64, 64), 2, order=order)
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), window)[0] == "chunked"
     knn = G.KNN(torch.randint(0, n, (n, 8)))
     assert nlgraph.select_backend(q, q, v, A.Softmax(), knn)[0] == "pyg"
     wide = torch.randn(1, n, 1024)
     knn64 = G.KNN(torch.randint(0, n, (n, 64)))  # 262k edges x (2 * 1024 + 4) gathered elements > 2^27
     assert nlgraph.select_backend(wide, wide, v, A.Softmax(), knn64)[0] == "chunked"
-    assert nlgraph.select_backend(q, q, v, A.Softmax(), G.EdgeIndex(torch.randint(0, n, (2, 1000))))[0] == "pyg"
+    edges = G.EdgeIndex(torch.randint(0, n, (2, 1000)))
+    assert nlgraph.select_backend(q, q, v, A.Softmax(), edges)[0] == "pyg"
     assert nlgraph.select_backend(q, q, v, A.Softmax(), None)[0] == "sdpa"
     small = torch.randn(1, 20, 8)
-    assert nlgraph.select_backend(small, small, small, A.DotProduct(), G.LocalWindow((4, 5), 2))[0] == "chunked"
+    small_window = G.LocalWindow((4, 5), 2)
+    assert nlgraph.select_backend(small, small, small, A.DotProduct(), small_window)[0] == "chunked"
     batched_knn = G.KNN(torch.zeros(2, 20, 3, dtype=torch.long))
     ok, reason = nlgraph.dispatch.get_backend("pyg").can_run(small, small, small, A.Softmax(), batched_knn)
     assert not ok and "batch dims" in reason

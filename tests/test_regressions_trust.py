@@ -44,7 +44,7 @@ def _assert_matches(fn, ref, leaves, what):
     """fn() == ref(), forward and the gradient of every leaf."""
     y, y_ref = fn(), ref()
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"forward, {what}: {m}")
-    for i, (g, g_ref) in enumerate(zip(_grads(y, leaves), _grads(y_ref, leaves))):
+    for i, (g, g_ref) in enumerate(zip(_grads(y, leaves), _grads(y_ref, leaves), strict=True)):
         g = torch.zeros_like(leaves[i]) if g is None else g
         g_ref = torch.zeros_like(leaves[i]) if g_ref is None else g_ref
         torch.testing.assert_close(g, g_ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad {i}, {what}: {m}")

@@ -58,7 +58,7 @@ def test_matches_sdpa(dtype, mask_kind, backend):
         named["attn_mask"] = mask
     grads = torch.autograd.grad(y, list(named.values()), dout)
     grads_ref = torch.autograd.grad(y_ref, list(named.values()), dout)
-    for name, g, gr in zip(named, grads, grads_ref):
+    for name, g, gr in zip(named, grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, rtol=rtol, atol=atol, msg=lambda m: f"d/d{name}: {m}")
 
 

@@ -80,7 +80,9 @@ def test_fp32_matches_reference(aff_name, shape, exclude_self):
     y_ref = nlgraph.aggregate(q, k, v, aff, graph, backend="reference")
     torch.testing.assert_close(y, y_ref, **_fp32_tol(q, k, aff, y_ref))
     dy = torch.randn_like(y)
-    for name, g, gr in zip("qkv", torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy)):
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy)
+    for name, g, gr in zip("qkv", grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, aff, gr), msg=lambda msg: f"d/d{name}: {msg}")
 
 
@@ -125,7 +127,8 @@ def test_capabilities_and_dispatch(monkeypatch):
     assert not ok and "float16, bfloat16 or float32" in why
     ok, why = mod.can_run(x, x, x, A.DotProduct(), None)
     assert not ok and "exp-kernel" in why
-    ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.LocalWindow((4,), 1))
+    head = x[:, :4].contiguous()
+    ok, why = mod.can_run(head, head.clone(), x, A.Softmax(), G.LocalWindow((4,), 1))
     assert ok  # local windows run in the kernel
     ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.CrissCross((2, 2)))
     assert not ok and "one local window" in why
@@ -136,7 +139,8 @@ def test_capabilities_and_dispatch(monkeypatch):
         assert nlgraph.select_backend(x, x, x, A.Softmax(), None)[0] == "sdpa"
 
 
-@pytest.mark.parametrize("kind", ["bool2d", "bool_batch", "key_padding", "float", "float_and_self", "empty_rows"])
+@pytest.mark.parametrize("kind", ["bool2d", "bool_batch", "key_padding", "float", "float_and_self",
+                                  "empty_rows"])
 def test_masks_match_reference(kind):
     gen = torch.Generator().manual_seed(3)
     b, h, n, d, e = 2, 3, 21, 16, 6
@@ -158,16 +162,18 @@ def test_masks_match_reference(kind):
         m = torch.rand(n, n, generator=gen) > 0.5
         m[4] = False  # a row with no neighbour
         graph = G.Mask(m.to(DEVICE)) & G.ExcludeSelf()
-    y = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="triton", options={"block_n": 16, "block_m": 16})
+    y = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="triton",
+                          options={"block_n": 16, "block_m": 16})
     y_ref = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="reference")
     torch.testing.assert_close(y, y_ref, **_fp32_tol(q, k, A.Softmax(), y_ref, bias))
     leaves = [q, k, v] + ([bias] if bias is not None else [])
     dy = torch.randn_like(y)
-    for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
+    for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy), strict=True):
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, A.Softmax(), gr, bias))
 
 
-@pytest.mark.parametrize("shape,radius,order", [((6, 7), 1, False), ((5, 8), (2, 1), True), ((3, 4, 4), 1, False)])
+@pytest.mark.parametrize("shape,radius,order", [((6, 7), 1, False), ((5, 8), (2, 1), True),
+                                                ((3, 4, 4), 1, False)])
 @pytest.mark.parametrize("aff_name", ["softmax", "gaussian_offset"])
 def test_local_window_in_kernel_matches_reference(shape, radius, order, aff_name):
     n = 1
@@ -177,11 +183,14 @@ def test_local_window_in_kernel_matches_reference(shape, radius, order, aff_name
     q, k, v = _inputs(n, n, 16, 5, torch.float32, seed=4)
     aff = AFFINITIES[aff_name](16)
     opts = {"block_n": 16, "block_m": 16}
-    y = nlgraph.aggregate(q, k, v, aff, graph & G.ExcludeSelf() if order else graph, backend="triton", options=opts)
+    y = nlgraph.aggregate(q, k, v, aff, graph & G.ExcludeSelf() if order else graph, backend="triton",
+                          options=opts)
     y_ref = nlgraph.aggregate(q, k, v, aff, graph & G.ExcludeSelf() if order else graph, backend="reference")
     torch.testing.assert_close(y, y_ref, **_fp32_tol(q, k, aff, y_ref))
     dy = torch.randn_like(y)
-    for g, gr in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy)):
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy)
+    for g, gr in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, aff, gr))
 
 
@@ -220,7 +229,7 @@ def test_low_precision_gradients_within_twice_plain_torch(dtype, aff_name):
                  lambda a, b, c: nlgraph.aggregate(a, b, c, AFFINITIES[aff_name](64) if aff_name == "softmax"
                                                    else A.Gaussian(8.0, normalize=False), backend="triton",
                                                    options={"block_n": 16, "block_m": 16}))
-    for name, g_ex, g_pl, g_us in zip("qkv", exact, plain, ours):
+    for name, g_ex, g_pl, g_us in zip("qkv", exact, plain, ours, strict=True):
         assert g_us.dtype == dtype
         err_plain = (g_pl.double() - g_ex).abs().max().item()
         err = (g_us.double().cpu() - g_ex).abs().max().item()
@@ -241,7 +250,9 @@ def test_backward_runs_in_the_kernels(monkeypatch):
                           options={"block_n": 16, "block_m": 16})
     y_ref = nlgraph.aggregate(q, k, v, A.Gaussian(2.0, offset=0.3), backend="reference")
     dy = torch.randn_like(y)
-    for g, gr in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy)):
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy)
+    for g, gr in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, A.Gaussian(2.0, offset=0.3), gr))
 
 
@@ -249,13 +260,13 @@ def test_backward_runs_in_the_kernels(monkeypatch):
 def test_gradients_of_a_subset(wrt):
     """Only the requested gradients are computed (the kernels get zero chunks for the rest)."""
     q, k, v = _inputs(18, 21, 20, 9, torch.float32, seed=9)
-    leaves = [t for name, t in zip("qkv", (q, k, v)) if name in wrt]
-    qd, kd, vd = (t if name in wrt else t.detach() for name, t in zip("qkv", (q, k, v)))
+    leaves = [t for name, t in zip("qkv", (q, k, v), strict=True) if name in wrt]
+    qd, kd, vd = (t if name in wrt else t.detach() for name, t in zip("qkv", (q, k, v), strict=True))
     opts = {"block_n": 16, "block_m": 16}
     y = nlgraph.aggregate(qd, kd, vd, A.Gaussian(3.0), backend="triton", options=opts)
     y_ref = nlgraph.aggregate(qd, kd, vd, A.Gaussian(3.0), backend="reference")
     dy = torch.randn_like(y)
-    for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy)):
+    for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, leaves, dy), strict=True):
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, A.Gaussian(3.0), gr))
 
 
@@ -290,7 +301,8 @@ def test_torch_func_vmap_and_jacrev(graph_kind):
 
     for argnum in (0, 2):
         torch.testing.assert_close(torch.func.jacrev(fn("triton"), argnums=argnum)(q, k, v),
-                                   torch.func.jacrev(fn("reference"), argnums=argnum)(q, k, v), rtol=1e-4, atol=1e-5)
+                                   torch.func.jacrev(fn("reference"), argnums=argnum)(q, k, v),
+                                   rtol=1e-4, atol=1e-5)
     qb = torch.randn(3, *q.shape, generator=gen).to(DEVICE)
     torch.testing.assert_close(torch.func.vmap(fn("triton"), in_dims=(0, None, None))(qb, k, v),
                                fn("reference")(qb, k, v), rtol=1e-4, atol=1e-5)

@@ -14,7 +14,8 @@ from nlgraph.dispatch import BackendError
 
 
 def qkv(n=6, m=7, d=4, e=3, dtype=torch.float32):
-    return torch.randn(2, n, d, dtype=dtype), torch.randn(2, m, d, dtype=dtype), torch.randn(2, m, e, dtype=dtype)
+    return (torch.randn(2, n, d, dtype=dtype), torch.randn(2, m, d, dtype=dtype),
+            torch.randn(2, m, e, dtype=dtype))
 
 
 def test_wrong_rank():
@@ -49,7 +50,8 @@ def test_mixed_dtypes():
 
 def test_integer_dtype():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"value must be float16, bfloat16, float32 or float64, got torch.int64"):
+    with pytest.raises(TypeError,
+                       match=r"value must be float16, bfloat16, float32 or float64, got torch.int64"):
         nlgraph.aggregate(q, k, torch.ones(2, 7, 3, dtype=torch.long))
 
 
@@ -69,7 +71,7 @@ def test_mixed_devices():
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("which", ["query", "key", "value"])
 def test_non_finite(bad, which):
-    t = dict(zip(("query", "key", "value"), qkv()))
+    t = dict(zip(("query", "key", "value"), qkv(), strict=True))
     t[which][0, 1, 1] = bad
     with pytest.raises(ValueError, match=rf"{which} contains NaN or Inf"):
         nlgraph.aggregate(t["query"], t["key"], t["value"])
@@ -101,7 +103,7 @@ def test_empty_dims_follow_sdpa(case):
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad(y, leaves, dy)
-    for name, g, g_ref in zip("qkv", grads, torch.autograd.grad(y_ref, leaves, dy)):
+    for name, g, g_ref in zip("qkv", grads, torch.autograd.grad(y_ref, leaves, dy), strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"d/d{name}: {m}")
 
 
@@ -112,7 +114,7 @@ def test_empty_dims_other_affinities_and_graphs(case):
 
     gen = torch.Generator().manual_seed(1)
     q, k, v = [torch.randn(s, generator=gen, dtype=torch.float64) for s in EMPTY_SHAPES[case]]
-    n, m = q.shape[-2], k.shape[-2]
+    n = q.shape[-2]
     bias = torch.randn(n, 1, generator=gen, dtype=torch.float64).requires_grad_(True)
     for aff, kind, params in ((A.DotProduct(), "dot", {}),
                               (A.Gaussian(1.3, normalize=False), "gaussian_unnorm", {"bandwidth": 1.3})):
@@ -194,7 +196,8 @@ def test_affinity_parameters():
         A.Gaussian(0.0)
     with pytest.raises(ValueError, match=r"Gaussian\(bandwidth\) has 3 entries but the features have d=4"):
         nlgraph.aggregate(q, k, v, A.Gaussian(torch.ones(3)))
-    with pytest.raises(ValueError, match=r"Concatenation\(weight\) has shape \(6,\), expected \(2\*d,\) = \(8,\)"):
+    with pytest.raises(ValueError,
+                       match=r"Concatenation\(weight\) has shape \(6,\), expected \(2\*d,\) = \(8,\)"):
         nlgraph.aggregate(q, k, v, A.Concatenation(torch.ones(6)))
     with pytest.raises(TypeError, match=r"affinity must be an nlgraph.affinity.Affinity"):
         nlgraph.aggregate(q, k, v, "softmax")
@@ -214,9 +217,11 @@ def test_graph_type():
 
 def test_backend_errors():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['algebra', 'sdpa', 'triton', 'permutohedral', 'grid', 'pyg', 'chunked', 'reference'"):
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['algebra', 'sdpa', 'triton', "
+                                         r"'permutohedral', 'grid', 'pyg', 'chunked', 'reference'"):
         nlgraph.aggregate(q, k, v, backend="cuda-magic")
-    with pytest.raises(BackendError, match=r"backend='algebra' cannot run affinity=Softmax.*closed forms for DotProduct"):
+    with pytest.raises(BackendError,
+                       match=r"backend='algebra' cannot run affinity=Softmax.*closed forms for DotProduct"):
         nlgraph.aggregate(q, k, v, backend="algebra")
     with pytest.raises(TypeError, match=r"backend 'chunked' does not take option\(s\) \['tile'\]"):
         nlgraph.aggregate(q, k, v, backend="chunked", options={"tile": 3})

@@ -1,6 +1,6 @@
 """Video classification that needs the time axis: C2D with and without space-time non-local blocks.
 
-    python examples/video/train.py [--steps 600] [--seed 0] [--world-size 1]
+    python examples/video/train.py [--steps 600] [--seed 0] [--world-size 1] [--dtype float64]
 
 Clips of 4 frames (28x28) show one scikit-learn digit moving in a straight line; in the last frame
 it either stays the same digit (label 1) or turns into a digit of another class (label 0). Every
@@ -15,7 +15,9 @@ block is exactly attention over the T*H*W tokens (torch.nn.MultiheadAttention af
 processes on this machine each hold T / N frames of every clip; the NonLocal3d block runs on
 :func:`nlgraph.distributed.aggregate` (process_group=), BatchNorm statistics and the final pooling
 are summed across ranks, and gradients are averaged as DDP does, so every step is the
-single-process step (to rounding) and the accuracy is the single-process one.
+single-process step (to rounding). The comparison runs in float64 by default (``--dtype``): this
+recipe's first steps follow rounding-level gradients, so two float32 runs that only sum in a
+different order (threads or ranks) can end hundreds of steps apart on the initial plateau.
 """
 
 from __future__ import annotations
@@ -167,22 +169,33 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
 
 
 def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_test: int = 500,
-                         seed: int = 0, dtype: torch.dtype = torch.float32, method: str = "ring") -> dict:
+                         seed: int = 0, dtype: torch.dtype = torch.float64, method: str = "ring") -> dict:
     """Train the non-local model on one process and on ``world`` spawned gloo processes (frames
-    sharded) from the same initial weights and batches: both test accuracies, and how far the first
-    step's loss and gradients are apart (rounding only: the trajectories then drift apart as any two
-    float32 runs summing in different orders do, since Adam amplifies differences of near-zero
-    gradients)."""
+    sharded) from the same initial weights (those :func:`run` gives its non-local model) and the same
+    batches: both test accuracies, and how far the first step's loss and gradients and the final
+    parameters are apart.
+
+    Every context-parallel step is the single-process step to rounding (``tests/test_examples.py``).
+    The recipe's first steps are driven by gradients at rounding level (the block's BatchNorm scale
+    starts at 0, and BatchNorm makes its gradient a sum of terms that cancel to ~0), which Adam
+    normalises to full steps, so any two runs summing in different orders (1 vs 2 torch threads, 1
+    vs 2 ranks) part ways after a few hundred steps and their accuracies are two draws of the
+    recipe's spread. float64 (the default here) keeps that spread small; see the README."""
     if not 1 < world <= T:
         raise ValueError(f"world must be in 2..{T} (the clips have {T} frames), got {world}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     import torch.multiprocessing as mp
 
-    # the initial weights run() gives its non-local model: the same RNG stream (the baseline is built
-    # and trained first, and tasks.train re-seeds), so the accuracies compare with run()'s
+    # the RNG stream run() has when it builds its non-local model: clips, the baseline's weights, and
+    # the baseline's training (tasks.train re-seeds, then draws one batch index tensor per step)
     torch.manual_seed(seed)
     x_tr, y_tr = make_clips(n_train, seed)
     x_te, y_te = make_clips(n_test, seed + 1)
-    train(C2D(nonlocal_blocks=False), x_tr, y_tr, steps, seed)
+    C2D(nonlocal_blocks=False)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        torch.randint(0, x_tr.shape[0], (32,))
     model = C2D(nonlocal_blocks=True).to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), os.path.join(tmp, "init.pt"))
@@ -230,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--method", choices=("ring", "allgather"), default="ring",
                     help="nlgraph.distributed method with --world-size (default ring)")
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                    help="precision of the --world-size comparison (default float64)")
     ap.add_argument("--world-size", type=int, default=1,
                     help=f"train the non-local model on this many gloo processes too, 2..{T} (default 1)")
     args = ap.parse_args(argv)
@@ -241,8 +256,10 @@ def main(argv=None) -> int:
         run(args.steps, seed=args.seed)
         return 0
     t = time.perf_counter()
-    res = run_context_parallel(args.world_size, args.steps, seed=args.seed, method=args.method)
-    print(f"C2D + space-time non-local, same initial weights and batches ({time.perf_counter() - t:.0f}s):")
+    res = run_context_parallel(args.world_size, args.steps, seed=args.seed, method=args.method,
+                               dtype=getattr(torch, args.dtype))
+    print(f"C2D + space-time non-local, {args.dtype}, same initial weights and batches "
+          f"({time.perf_counter() - t:.0f}s):")
     for name, val in res.items():
         print(f"  {name:<28} {val:.3g}" if "difference" in name else f"  {name:<28} test accuracy {val:.3f}")
     return 0

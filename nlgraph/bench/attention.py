@@ -128,13 +128,13 @@ def _module_step(case: dict):
         with torch.no_grad():
             for p in block.parameters():
                 p.normal_(0, 0.02)
-        mod = block if case["impl"] == "nlgraph" else _SDPANonLocal(block)
+        mod: torch.nn.Module = block if case["impl"] == "nlgraph" else _SDPANonLocal(block)
         x = torch.randn(1, 512, case["size"], case["size"], requires_grad=True)
 
-        def step():
+        def nonlocal_step():
             with harness.sdpa_forced(path):
                 mod(x).sum().backward()
-        return step
+        return nonlocal_step
     from attention import MultiheadAttention
     from nlgraph.adapters import mha_to_torch
 
@@ -142,10 +142,10 @@ def _module_step(case: dict):
     mod = ours if case["impl"] == "nlgraph" else mha_to_torch(ours)
     x = torch.randn(case.get("batch", 2), case["n"], 256, requires_grad=True)
 
-    def step():
+    def mha_step():
         with harness.sdpa_forced(path):
             mod(x, x, x, need_weights=False)[0].sum().backward()
-    return step
+    return mha_step
 
 
 def make_step(case: dict):

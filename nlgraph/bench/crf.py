@@ -34,10 +34,11 @@ Needs the test extras (pydensecrf2, scikit-image).
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -117,13 +118,17 @@ def _stages(modules, img, unary, n, repeats: int) -> list[dict[str, float]]:
     one dict per module, the modules run alternately (one untimed round first)."""
     from nlgraph.backends import permutohedral
 
-    runs = [[] for _ in modules]
+    runs: list[list[list[float]]] = [[] for _ in modules]  # per module, per round: the stages' seconds
     for _ in range(repeats + 1):
-        for dcrf, mod_runs in zip(modules, runs):
+        for dcrf, mod_runs in zip(modules, runs, strict=True):
             permutohedral.clear_cache()
             mod_runs.append([])
             _pipeline(dcrf, img, unary, n, stage_times=mod_runs[-1])
-    return [{stage: sorted(t)[len(t) // 2] for stage, t in zip(STAGES, zip(*mod_runs[1:]))} for mod_runs in runs]
+    medians = []
+    for mod_runs in runs:
+        per_stage = zip(*mod_runs[1:], strict=True)  # (the untimed round left out)
+        medians.append({stage: sorted(t)[len(t) // 2] for stage, t in zip(STAGES, per_stage, strict=True)})
+    return medians
 
 
 SECTIONS = ("photos", "volumes", "learn")
@@ -141,8 +146,10 @@ def _ct_volume(shape: tuple[int, int, int], seed: int = 0):
     for _ in range(3):
         centre = [rng.uniform(0.25, 0.75) * s for s in shape]
         radius = [rng.uniform(0.12, 0.25) * s for s in shape]
-        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius, strict=True)) < 1
-        gt |= inside.astype(np.int64)
+        r2 = np.zeros(shape, dtype=np.float32)  # squared radius in the ellipsoid's own units
+        for g, c, r in zip(grids, centre, radius, strict=True):
+            r2 = r2 + ((g - c) / r) ** 2
+        gt |= (r2 < 1).astype(np.int64)
     vol = (60 + 100 * gt + rng.normal(0, 25, shape)).astype(np.float32)
     noisy = np.where(rng.random(shape) < 0.3, 1 - gt, gt)
     return vol, gt, unary_from_labels(noisy, 2, gt_prob=0.7, zero_unsure=False)
@@ -222,10 +229,11 @@ def _learn_rows(quick: bool, repeats: int) -> list[dict]:
     b, h, w = (2, 20, 20) if quick else (2, 48, 48)
     steps = 40 if quick else 200
     unary, image, gt = _blob_task(b, h, w)
-    kw = dict(w_appearance=0.05, w_smoothness=0.3, num_iterations=3)
-    truth = dict(theta_alpha=6.0, theta_beta=20.0, theta_gamma=2.0)
-    start = dict(theta_alpha=2.0, theta_beta=100.0, theta_gamma=0.5)  # too narrow: no denoising
-    rows, step_s = [], {}
+    kw: dict[str, Any] = dict(w_appearance=0.05, w_smoothness=0.3, num_iterations=3)
+    truth: dict[str, Any] = dict(theta_alpha=6.0, theta_beta=20.0, theta_gamma=2.0)
+    start: dict[str, Any] = dict(theta_alpha=2.0, theta_beta=100.0, theta_gamma=0.5)  # too narrow
+    rows: list[dict[str, Any]] = []
+    step_s: dict[str, float] = {}
     for backend in ("permutohedral", "chunked"):
         teacher = DenseCRF(2, **truth, **kw).double()
         teacher.backend = backend
@@ -235,8 +243,7 @@ def _learn_rows(quick: bool, repeats: int) -> list[dict]:
         student.backend = backend
         student.kernel_weights.requires_grad_(False)
         student.compatibility.requires_grad_(False)
-        opt = torch.optim.Adam([student.log_theta_alpha, student.log_theta_beta, student.log_theta_gamma],
-                               lr=0.1)
+        opt = torch.optim.Adam([student.get_parameter(f"log_{k}") for k in truth], lr=0.1)  # log_theta_*
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
         def step(student=student, opt=opt, target=target):
@@ -300,7 +307,7 @@ def main(argv=None) -> int:
 
 def _photo_rows(ours, peer, args) -> list[dict]:
     """The 2-D photo rows (cold, stream, stages, exact vs lattice crop)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     images = _images()
     # process warm-up for both sides (first-call costs, the allocator's growing mmap threshold): the
     # first timed case otherwise pays ~20-40% extra
@@ -315,22 +322,24 @@ def _photo_rows(ours, peer, args) -> list[dict]:
             unary = _unary(img, n)
             q_ours = _cold(ours, img, unary, n)
             q_peer = _pipeline(peer, img, unary, n)
-            t_ours, t_peer = harness.time_pair(lambda: _cold(ours, img, unary, n),
-                                               lambda: _pipeline(peer, img, unary, n), repeats=args.repeats)
+            cold_ours = functools.partial(_cold, ours, img, unary, n)
+            cold_peer = functools.partial(_pipeline, peer, img, unary, n)
+            t_ours, t_peer = harness.time_pair(cold_ours, cold_peer, repeats=args.repeats)
             common = dict(ours="crf.densecrf", peer=PEER,
                           agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
                           max_abs_q_diff=float(np.abs(q_ours - q_peer).max()))
             size = f"{img.shape[0]}x{img.shape[1]}"
-            faults = dict(ours_page_faults=_page_faults(lambda: _cold(ours, img, unary, n)),
-                          peer_page_faults=_page_faults(lambda: _pipeline(peer, img, unary, n)))
+            faults = dict(ours_page_faults=_page_faults(cold_ours), peer_page_faults=_page_faults(cold_peer))
             rows.append(dict(name=f"{name} {size} L={n} 5 iters, cold", ours_s=t_ours, peer_s=t_peer,
                              ratio=t_ours / t_peer, **common, **faults))
-            print(f"  {rows[-1]['name']}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr, flush=True)
+            print(f"  {rows[-1]['name']}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr,
+                  flush=True)
             s_ours = _stream_time(ours, img, unary, n, args.repeats + 1)
             s_peer = _stream_time(peer, img, unary, n, args.repeats + 1)
             rows.append(dict(name=f"{name} {size} L={n} 5 iters, stream", ours_s=s_ours, peer_s=s_peer,
                              ratio=s_ours / s_peer, **common))
-            print(f"  {rows[-1]['name']}: ours {s_ours:.3f}s pydensecrf {s_peer:.3f}s", file=sys.stderr, flush=True)
+            print(f"  {rows[-1]['name']}: ours {s_ours:.3f}s pydensecrf {s_peer:.3f}s", file=sys.stderr,
+                  flush=True)
     img = images["astronaut"] if not args.quick else np.ascontiguousarray(images["astronaut"][::4, ::4])
     for n in (2, 21):
         unary = _unary(img, n)
@@ -338,16 +347,18 @@ def _photo_rows(ours, peer, args) -> list[dict]:
         for stage in st_ours:
             rows.append(dict(name=f"astronaut {img.shape[0]}x{img.shape[1]} L={n} {stage}, cold",
                              ours="crf.densecrf", peer=PEER,
-                             ours_s=st_ours[stage], peer_s=st_peer[stage], ratio=st_ours[stage] / st_peer[stage]))
-    size = 48 if args.quick else 96
-    crop = np.ascontiguousarray(images["astronaut"][100:100 + size, 200:200 + size])
+                             ours_s=st_ours[stage], peer_s=st_peer[stage],
+                             ratio=st_ours[stage] / st_peer[stage]))
+    side = 48 if args.quick else 96
+    crop = np.ascontiguousarray(images["astronaut"][100:100 + side, 200:200 + side])
     for n in (2, 21):
         unary = _unary(crop, n)
         q_lat = _cold(ours, crop, unary, n)
         q_ex = _pipeline(ours, crop, unary, n, backend="chunked")
-        t_lat = harness.time_call(lambda: _cold(ours, crop, unary, n), repeats=args.repeats)
-        t_ex = harness.time_call(lambda: _pipeline(ours, crop, unary, n, backend="chunked"), repeats=args.repeats)
-        rows.append(dict(name=f"astronaut crop {size}x{size} L={n} 5 iters", ours="permutohedral",
+        t_lat = harness.time_call(functools.partial(_cold, ours, crop, unary, n), repeats=args.repeats)
+        t_ex = harness.time_call(functools.partial(_pipeline, ours, crop, unary, n, backend="chunked"),
+                                 repeats=args.repeats)
+        rows.append(dict(name=f"astronaut crop {side}x{side} L={n} 5 iters", ours="permutohedral",
                          peer="chunked (exact)",
                          ours_s=t_lat, peer_s=t_ex, ratio=t_lat / t_ex,
                          agreement=float((q_lat.argmax(0) == q_ex.argmax(0)).mean()),

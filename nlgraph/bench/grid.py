@@ -118,10 +118,10 @@ def _window_step(case: dict) -> Callable[[], object]:
         fn = lambda: nlgraph.aggregate(q, k, v, nlgraph.Softmax(), graph, backend=impl)  # noqa: E731
 
     if not train:
-        def step():
+        def forward_step():
             with torch.no_grad():
                 return fn()
-        return step
+        return forward_step
 
     def step():
         fn().backward(dy)

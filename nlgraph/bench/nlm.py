@@ -21,8 +21,10 @@ subprocess (``--no-memory`` skips). ``--quick`` uses 96x96 and skips the anchors
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,7 +37,8 @@ NOISE = 0.08
 
 
 def _noisy(image: str, size: int):
-    from skimage import data, img_as_float
+    from skimage import data
+    from skimage.util import img_as_float
 
     name, ca = IMAGES[image]
     clean = img_as_float(getattr(data, name)()[:size, :size])
@@ -59,7 +62,7 @@ def _memory_case(case: dict) -> None:
 
 
 def _anchors(image: str, size: int, clean, noisy, ca, psnr) -> list[dict]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         import cv2
     except ImportError:
@@ -134,36 +137,37 @@ def main(argv=None) -> int:
             def theirs(fast, noisy=noisy, ca=ca):
                 return sk_nl_means(noisy, fast_mode=fast, channel_axis=ca, **PARAMS)
 
-            fns = {}
+            # keys (who, fast_mode, threads, cutoff); scikit-image's have neither threads nor cutoff
+            fns: dict[tuple[str, bool, Optional[int], Optional[float]], Callable[[], object]] = {}
             for fast in (True, False):
                 for th in thread_counts:
-                    fns[("ours", fast, th, None)] = lambda f=fast, t=th: ours(f, t)
-            fns[("ours", True, thread_counts[0], 5.0)] = lambda t=thread_counts[0]: ours(True, t, 5.0)
-            fns[("skimage", True)] = lambda: theirs(True)
-            fns[("skimage", False)] = lambda: theirs(False)
+                    fns[("ours", fast, th, None)] = functools.partial(ours, fast, th)
+            fns[("ours", True, thread_counts[0], 5.0)] = functools.partial(ours, True, thread_counts[0], 5.0)
+            fns[("skimage", True, None, None)] = functools.partial(theirs, True)
+            fns[("skimage", False, None, None)] = functools.partial(theirs, False)
             outs = {k: fn() for k, fn in fns.items()}  # the warm-up, and the outputs for PSNR
             t = harness.time_round_robin(fns, repeats=args.repeats, warmup=0)
             torch.set_num_threads(default_threads)
-            sk_fast = t[("skimage", True)]
+            sk_fast = t[("skimage", True, None, None)]
             for key in fns:
-                if key[0] != "ours":
+                who, fast, threads, cutoff = key
+                if who != "ours":
                     continue
-                _, fast, th, cutoff = key
-                peer = ("skimage", fast)
+                peer = ("skimage", fast, None, None)
                 name = f"{image} {size}x{size} fast_mode={fast}" + (f" cutoff={cutoff:g}" if cutoff else "")
-                row = dict(name=name,
-                           threads=th, ours="nlgraph[auto]", peer=f"skimage[fast_mode={fast}]",
-                           ours_s=t[key], peer_s=t[peer], ratio=t[key] / t[peer],
-                           peer_fastest="skimage[fast_mode=True]", ratio_fastest=t[key] / sk_fast,
-                           psnr_noisy=psnr(noisy), psnr_ours=psnr(outs[key]), psnr_peer=psnr(outs[peer]))
+                row: dict[str, Any] = dict(
+                    name=name, threads=threads, ours="nlgraph[auto]", peer=f"skimage[fast_mode={fast}]",
+                    ours_s=t[key], peer_s=t[peer], ratio=t[key] / t[peer],
+                    peer_fastest="skimage[fast_mode=True]", ratio_fastest=t[key] / sk_fast,
+                    psnr_noisy=psnr(noisy), psnr_ours=psnr(outs[key]), psnr_peer=psnr(outs[peer]))
                 row["psnr_diff"] = row["psnr_ours"] - row["psnr_peer"]
-                if not args.no_memory and cutoff is None and th == thread_counts[0]:
-                    case = dict(image=image, size=size, fast=fast, threads=th)
+                if not args.no_memory and cutoff is None and threads == thread_counts[0]:
+                    case = dict(image=image, size=size, fast=fast, threads=threads)
                     row["ours_peak_mib"] = harness.measure_peak_in_subprocess(module, dict(case, who="ours"))
                     row["peer_peak_mib"] = harness.measure_peak_in_subprocess(module,
                                                                               dict(case, who="skimage"))
                 rows.append(row)
-                print(f"  {row['name']} threads={th}: ours {t[key]:.3f}s skimage {t[peer]:.3f}s "
+                print(f"  {row['name']} threads={threads}: ours {t[key]:.3f}s skimage {t[peer]:.3f}s "
                       f"PSNR {row['psnr_ours']:.3f} vs {row['psnr_peer']:.3f}", file=sys.stderr, flush=True)
             if not args.quick:
                 rows += _anchors(image, size, clean, noisy, ca, psnr)

@@ -76,7 +76,7 @@ class PyramidNonLocal(nn.Module):
         self.backend = "auto"
 
     def pyramid(self, t: Tensor) -> Tensor:
-        """(B, d, *spatial) -> (B, M, d): average pools at every scale, cells concatenated."""
+        """``(B, d, *spatial) -> (B, M, d)``: average pools at every scale, cells concatenated."""
         spatial = t.shape[2:]
         pool = _POOL[len(spatial)]
         cells = [pool(t, tuple(min(s, n) for n in spatial)).flatten(2) for s in self.pool_scales]
