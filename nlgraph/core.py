@@ -345,7 +345,7 @@ def _gqa_graph(graph: Optional[Graph], groups: int, hq: int) -> Optional[Graph]:
     if not isinstance(graph, Graph) or not graph.lead_shape:
         return graph  # no per-head data (or not a graph: validate_inputs says so)
     if isinstance(graph, Intersection):
-        return Intersection([_gqa_graph(g, groups, hq) for g in graph.graphs])
+        return Intersection([h for g in graph.graphs if (h := _gqa_graph(g, groups, hq)) is not None])
     if isinstance(graph, Mask):
         if graph.mask.dim() < 3:
             return graph

@@ -16,6 +16,7 @@ log(M - 1) with ``ExcludeSelf`` (-inf when M = 1): the neighbour count, a consta
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -42,11 +43,13 @@ def _exclude_self(graph) -> bool:
 
 def _dot_product(query: Tensor, key: Tensor, value: Tensor, affinity: DotProduct, graph) -> Tensor:
     f = affinity.form(query, key)
+    fq, fk = f.query, f.key
+    assert fq is not None and fk is not None  # the dot product's form is q' . k'
     m = key.shape[-2]
-    kv = f.key.transpose(-1, -2) @ value  # (..., d, e)
-    y = f.query @ kv
+    kv = fk.transpose(-1, -2) @ value  # (..., d, e)
+    y = fq @ kv
     if _exclude_self(graph):
-        y = y - (f.query * f.key).sum(-1, keepdim=True) * value
+        y = y - (fq * fk).sum(-1, keepdim=True) * value
         return y / (m - 1) if m > 1 else _no_neighbour(y)
     return y / m
 
@@ -60,6 +63,7 @@ def _no_neighbour(y: Tensor) -> Tensor:
 def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concatenation, graph) -> Tensor:
     f = affinity.form(query, key)
     a, b = f.row, f.col  # (..., N), (..., M)
+    assert a is not None and b is not None  # the concatenation's form is r_i + c_j
     m = key.shape[-2]
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1], value.shape[:-2])
     a = a.expand(*lead, a.shape[-1])
@@ -84,7 +88,8 @@ def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concaten
 
 
 #: The closed forms this backend computes, by :attr:`nlgraph.affinity.Affinity.closed_form`.
-_CLOSED_FORMS = {"dot_product": _dot_product, "concatenation": _concatenation}
+_CLOSED_FORMS: dict[str, Callable[..., Tensor]] = {"dot_product": _dot_product,
+                                                   "concatenation": _concatenation}
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):

@@ -92,7 +92,9 @@ class _ChunkedAggregate(torch.autograd.Function):
             tn = i1 - i0
             acc = torch.zeros(*lead, tn, e, dtype=dtype, device=device)
             den = torch.zeros(*lead, tn, dtype=dtype, device=device)
-            mx = torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device) if kernel == "exp" else None
+            # the running max of the exp kernels (the linear kernels keep none)
+            mx: Optional[Tensor] = (torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device)
+                                    if kernel == "exp" else None)
             for tj, j0 in enumerate(range(0, m, bm)):
                 if plan is not None and not plan[ti][tj]:
                     continue  # block-sparse graph: no edge can be in this tile
@@ -102,7 +104,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                     continue  # block-sparse graph: no edge in this tile
                 v = value[..., j0:j1, :]
                 keep = tile_dropout(run, lead, i0, i1, j0, j1, device, dtype)
-                if kernel == "exp":
+                if mx is not None:  # the exp kernels
                     # fresh: updated in place
                     s = exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)
                     new = torch.maximum(mx, s.amax(-1))
@@ -125,7 +127,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                         den = den + (j1 - j0)
                     else:
                         den = den + (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)).expand_as(den)
-            if kernel == "exp":
+            if mx is not None:  # the exp kernels
                 safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
                 if norm == "sum":
                     outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])

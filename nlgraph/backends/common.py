@@ -66,7 +66,7 @@ def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: 
 def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int) -> Tensor:
     """``q'_i . k'_j + r_i + c_j`` for queries [i0, i1) and keys [j0, j1): (..., tn, tm)."""
     s: Optional[Tensor] = None
-    if form.query is not None:
+    if form.query is not None and form.key is not None:
         s = form.query[..., i0:i1, :] @ form.key[..., j0:j1, :].transpose(-1, -2)
     if form.row is not None:
         r = form.row[..., i0:i1, None]
@@ -74,6 +74,7 @@ def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int) -> Tensor:
     if form.col is not None:
         c = form.col[..., None, j0:j1]
         s = c if s is None else s + c
+    assert s is not None  # every form has a feature product or a bias
     return s
 
 

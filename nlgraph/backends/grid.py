@@ -99,7 +99,9 @@ class _Plan:
         self.pads = [(graph.reach[a][0] * graph.dilation[a], graph.reach[a][1] * graph.dilation[a])
                      if self.slice_axes[a] else (0, 0) for a in range(d)]
         self.dilation = graph.dilation
-        self.keys, self.rel, self.rel_const = [], [], []
+        self.keys: list[Tensor] = []
+        self.rel: list[Tensor] = []
+        self.rel_const: list[Optional[list[int]]] = []  # per axis: a clipped slot's table entry
         for a in range(d):
             key, _ = graph.axis_slots(a, device)
             k = graph.kernel_size[a]
@@ -165,7 +167,9 @@ class _Plan:
             return
         t = self.dilation[last]
         for outer, ts in self.walk(tensors, stop=last):
-            prod = fq @ ts[0].transpose(-1, -2)
+            keys = ts[0]
+            assert keys is not None  # the walk's first map is the (padded) key map
+            prod = fq @ keys.transpose(-1, -2)
             for u in range(self.slots[last]):
                 yield (outer + (u,), prod.diagonal(offset=u * t, dim1=-2, dim2=-1),
                        [None if x is None else self.take(x, last, u) for x in ts])
@@ -177,28 +181,27 @@ class _Plan:
 
     def flat_keys(self, slot: tuple[int, ...]) -> Tensor:
         """(N,) row-major index of each query's key in this slot (clamped into the grid where none)."""
-        flat = None
-        for a, u in enumerate(slot):
-            kb = self._axis_view(self.keys[a][u], a)
-            flat = kb if flat is None else flat * self.shape[a] + kb
+        flat = self._axis_view(self.keys[0][slot[0]], 0)
+        for a, u in enumerate(slot[1:], 1):
+            flat = flat * self.shape[a] + self._axis_view(self.keys[a][u], a)
         return flat.expand(self.shape).reshape(-1)
 
     def bias(self, rpb: Tensor, slot: tuple[int, ...]) -> Tensor:
         """The slot's bias-table entries, (B, *shape) broadcastable, from rpb (B, *table)."""
         out = rpb
         for a, u in enumerate(slot):
-            if self.slice_axes[a]:  # one offset: one entry for every query
-                out = out.narrow(1 + a, self.rel_const[a][u], 1)
+            const = self.rel_const[a]
+            if const is not None:  # a clipped axis: one offset, one entry for every query
+                out = out.narrow(1 + a, const[u], 1)
             else:
                 out = out.index_select(1 + a, self.rel[a][u])
         return out
 
     def flat_rel(self, slot: tuple[int, ...]) -> Tensor:
         """(N,) flat bias-table index of each query's edge in this slot."""
-        flat = None
-        for a, u in enumerate(slot):
-            r = self._axis_view(self.rel[a][u], a)
-            flat = r if flat is None else flat * self.table[a] + r
+        flat = self._axis_view(self.rel[0][slot[0]], 0)
+        for a, u in enumerate(slot[1:], 1):
+            flat = flat * self.table[a] + self._axis_view(self.rel[a][u], a)
         return flat.expand(self.shape).reshape(-1)
 
 

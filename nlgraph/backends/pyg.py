@@ -20,6 +20,7 @@ torch_geometric is imported only here, on first use; ``import nlgraph`` does not
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -118,8 +119,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
     src, dst = ei[0], ei[1]
     f = p.form
     lead = p.lead
-    s = None
-    if f.query is not None:
+    s: Optional[Tensor] = None
+    if f.query is not None and f.key is not None:
         qf = f.query.expand(*lead, n, f.query.shape[-1])
         kf = f.key.expand(*lead, m, f.key.shape[-1])
         s = (qf.index_select(-2, dst) * kf.index_select(-2, src)).sum(-1)
@@ -129,6 +130,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
     if f.col is not None:
         c = f.col.expand(*lead, m).index_select(-1, src)
         s = c if s is None else s + c
+    assert s is not None  # every form has a feature product or a bias
     s = s.expand(*lead, s.shape[-1]).reshape(math.prod(lead), s.shape[-1])  # (B, E), also for E = 0
     if f.kernel == "exp":
         if f.clamp is not None:  # flat top of the Gaussian

@@ -225,6 +225,7 @@ def _plan(query, key, value, affinity, graph) -> _Call:
     n, m = lay.n, lay.m
     device = query.device
     col = None
+    scale: Optional[float]
     if type(affinity) is Softmax:
         s = affinity.scale
         if isinstance(s, Tensor):
@@ -247,7 +248,8 @@ def _plan(query, key, value, affinity, graph) -> _Call:
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     mask = None
     if lay.mask:
-        bools, floats = [], []
+        bools: list[Tensor] = []
+        floats: list[Tensor] = []
         for g in _members(graph):
             t = _mask_of(g, n, m, device)
             (floats if t.is_floating_point() else bools).append(_as4(t, lay.lead, False))

@@ -181,7 +181,7 @@ class LocalWindow(_GridGraph):
             cap = (s - 1) // t
             reach.append((min(left, cap), min(right, cap)))
         self.reach = tuple(reach)
-        #: per axis, the largest |offset| of an edge in grid steps (the radius of a plain window)
+        #: per axis, the largest ``|offset|`` of an edge in grid steps (the radius of a plain window)
         self.radius = tuple(max(lr) * t if self.border == "clip" or c else (kk - 1) * t
                             for lr, t, kk, c in zip(self.reach, self.dilation, k, self.is_causal,
                                                     strict=True))

@@ -118,11 +118,16 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     n, m, e = query.shape[-2], key.shape[-2], value.shape[-1]
     # the canonical form in the input dtype (fp16/bf16 feed tl.dot; it accumulates in fp32)
     form = affinity.form(query, key)
-    flat = lambda t, shape: None if t is None else t.expand(*lead, *shape).reshape(bsz, *shape).contiguous()  # noqa
+
+    def flat(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return t.expand(*lead, *shape).reshape(bsz, *shape).contiguous()
+
+    # Softmax's and Gaussian's forms have features q', k' (can_run admits no other affinity)
+    assert form.query is not None and form.key is not None
     fq = flat(form.query, (n, form.query.shape[-1]))
     fk = flat(form.key, (m, form.key.shape[-1]))
-    row = flat(form.row, (n,))
-    col = flat(form.col, (m,))
+    row = None if form.row is None else flat(form.row, (n,))
+    col = None if form.col is None else flat(form.col, (m,))
     v = flat(value, (m, e))
     flat_form = replace(form, query=fq, key=fk, row=row, col=col)
     members = _members(graph)
