@@ -1,12 +1,13 @@
-"""Shape arithmetic on the hot path of every call, in plain Python."""
+"""Shape arithmetic on the hot path of every call, in plain Python, and the one tile slicer."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
-__all__ = ["broadcast_shapes"]
+__all__ = ["broadcast_shapes", "slice_rows_cols"]
 
 
 def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
@@ -30,3 +31,11 @@ def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
                 raise RuntimeError(f"shapes {[tuple(t) for t in shapes]} do not broadcast")
             out[offset + i] = x
     return tuple(out)
+
+
+def slice_rows_cols(t: Tensor, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """Rows [i0, i1) and columns [j0, j1) of the last two dims of ``t``, which may broadcast (size 1)
+    along either: a size-1 dim stays size 1. The one tile slicer of graphs, tiles and backends."""
+    rows = slice(0, 1) if t.shape[-2] == 1 else slice(i0, i1)
+    cols = slice(0, 1) if t.shape[-1] == 1 else slice(j0, j1)
+    return t[..., rows, cols]

@@ -223,6 +223,9 @@ class Affinity:
 
     kernel: str = "exp"
     norm: str = "sum"
+    #: The exact closed form the sum has on the complete graph (``"dot_product"``: ``q (k^T v)``;
+    #: ``"concatenation"``: sorted prefix sums of ReLU(a_i + b_j)), or None; the algebra backend asks.
+    closed_form: Optional[str] = None
 
     def validate(self, query: Tensor, key: Tensor) -> None:
         """Check the parameters against the query/key shapes; raise ValueError/TypeError."""
@@ -372,6 +375,7 @@ class DotProduct(Affinity):
     """
 
     kernel, norm = "linear", "count"
+    closed_form = "dot_product"
 
     def __init__(self, scale: Scalar = 1.0):
         _check_scalar("DotProduct(scale)", scale, positive=False, scalar=True)
@@ -406,6 +410,7 @@ class Concatenation(Affinity):
     """
 
     kernel, norm = "relu", "count"
+    closed_form = "concatenation"
 
     def __init__(self, weight: Tensor, bias: Optional[Scalar] = None):
         if not isinstance(weight, Tensor):

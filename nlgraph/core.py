@@ -8,7 +8,6 @@ torch.func.vmap (:func:`nlgraph._values.checking_values`), so the op traces with
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal, Mapping, Optional, Union, overload
 
@@ -17,9 +16,9 @@ from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from ._shapes import broadcast_shapes
-from .backends.common import compute_dtype
 from ._values import all_finite, checking_values
 from .affinity import Affinity, DotProduct, EdgeWeighted, Softmax
+from .backends.common import compute_dtype
 from .dispatch import select_backend
 from .graph import Causal, Complete, EdgeIndex, Graph, Intersection, Mask, safe_log
 
@@ -45,21 +44,25 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                        f"{value.dtype}")
     if not query.device == key.device == value.device:
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    for name, t, dims in (("query", query, "(..., N, d)"), ("key", key, "(..., M, d)"), ("value", value, "(..., M, e)")):
+    for name, t, dims in (("query", query, "(..., N, d)"), ("key", key, "(..., M, d)"),
+                          ("value", value, "(..., M, e)")):
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape {dims}, got {_shape(t)}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(
-            f"query and key must have the same feature width d, got query {_shape(query)} and key {_shape(key)}"
+            f"query and key must have the same feature width d, got query {_shape(query)} and key "
+            f"{_shape(key)}"
         )
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(
-            f"key and value must have the same number of keys M, got key {_shape(key)} and value {_shape(value)}"
+            f"key and value must have the same number of keys M, got key {_shape(key)} and value "
+            f"{_shape(value)}"
         )
     try:
         lead = broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
@@ -73,7 +76,8 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
         raise TypeError(f"affinity must be an nlgraph.affinity.Affinity, got {type(affinity).__name__}")
     for t in affinity.tensors():
         if t.device != query.device:
-            raise ValueError(f"{affinity!r} has a parameter on {t.device} but the inputs are on {query.device}")
+            raise ValueError(f"{affinity!r} has a parameter on {t.device} but the inputs are on "
+                             f"{query.device}")
     affinity.validate(query, key)
     if isinstance(affinity, EdgeWeighted) and affinity.weight.dim() >= 2:
         try:
@@ -124,7 +128,8 @@ def _sums_finite(tensors: list[Tensor]) -> bool:
     return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
-def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: int) -> tuple[Affinity, Optional[Graph]]:
+def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int,
+                       m: int) -> tuple[Affinity, Optional[Graph]]:
     """Turn ``EdgeWeighted`` into graph data: (E,) weights onto an EdgeIndex, dense ones into a log-mask."""
     if not isinstance(affinity, EdgeWeighted):
         return affinity, graph
@@ -132,18 +137,20 @@ def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int, m: in
     if w.dim() == 1:
         if not isinstance(graph, EdgeIndex):
             raise ValueError(
-                f"EdgeWeighted(weight) of shape {tuple(w.shape)} is per edge and needs an EdgeIndex graph, got {graph!r}"
+                f"EdgeWeighted(weight) of shape {tuple(w.shape)} is per edge and needs an EdgeIndex graph, "
+                f"got {graph!r}"
             )
         if w.shape[0] != graph.edge_index.shape[1]:
             raise ValueError(
-                f"EdgeWeighted(weight) has {w.shape[0]} entries but the EdgeIndex graph has {graph.edge_index.shape[1]} edges"
+                f"EdgeWeighted(weight) has {w.shape[0]} entries but the EdgeIndex graph has "
+                f"{graph.edge_index.shape[1]} edges"
             )
         total = w if graph.edge_weight is None else w * graph.edge_weight
         return affinity.base, graph.with_weight(total)
     if w.shape[-2] not in (1, n) or w.shape[-1] not in (1, m):
         raise ValueError(
-            f"EdgeWeighted(weight) has shape {tuple(w.shape)}; dense weights must be (..., N, M) = (..., {n}, {m}) "
-            f"or broadcast to it"
+            f"EdgeWeighted(weight) has shape {tuple(w.shape)}; dense weights must be (..., N, M) = "
+            f"(..., {n}, {m}) or broadcast to it"
         )
     log_w = Mask(safe_log(w))
     return affinity.base, log_w if graph is None else graph & log_w
@@ -259,8 +266,8 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         graph = None
     if query.shape[-1] == 0:
         query, key = _featureless(query, key)
-    name, mod = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p),
-                               return_lse=return_lse)
+    name, chosen = select_backend(query, key, value, affinity, graph, backend, dropout_p=float(dropout_p),
+                                  return_lse=return_lse)
     opts = dict(options or {})
     if dropout_p > 0:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -270,24 +277,17 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
     if return_lse:
         opts_internal["return_lse"] = True
     if opts:
-        params = list(inspect.signature(mod.run).parameters.values())[5:]
-        internal = ("dropout_p", "seed", "return_lse")
-        accepted = [p.name for p in params
-                    if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in internal]
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        unknown = sorted(set(opts) - set(accepted))
-        if unknown and not takes_any:
-            raise TypeError(f"backend {name!r} does not take option(s) {unknown}; it accepts {accepted}")
+        chosen.check_options(opts)
     if (return_lse and value.shape[-1] == 0 and query.shape[-2] > 0 and key.shape[-2] > 0
             and 0 not in _lead(query, key, value, graph)):
         # no value channels, but the queries do have keys: their C_i is computed on one zero channel
         padded = torch.cat([value, value.new_zeros(*value.shape[:-1], 1)], dim=-1)
-        y, lse = mod.run(query, key, padded, affinity, graph, **opts_internal, **opts)
+        y, lse = chosen.run(query, key, padded, affinity, graph, **opts_internal, **opts)
         return _ungroup((y[..., :0], lse), groups, True)
     if _nothing_to_aggregate(query, key, value, graph):
         out = _zeros_result(query, key, value, affinity, graph, return_lse)
     else:
-        out = mod.run(query, key, value, affinity, graph, **opts_internal, **opts)
+        out = chosen.run(query, key, value, affinity, graph, **opts_internal, **opts)
     return _ungroup(out, groups, return_lse)
 
 
@@ -345,7 +345,7 @@ def _gqa_graph(graph: Optional[Graph], groups: int, hq: int) -> Optional[Graph]:
     if not isinstance(graph, Graph) or not graph.lead_shape:
         return graph  # no per-head data (or not a graph: validate_inputs says so)
     if isinstance(graph, Intersection):
-        return Intersection([_gqa_graph(g, groups, hq) for g in graph.graphs])
+        return Intersection([h for g in graph.graphs if (h := _gqa_graph(g, groups, hq)) is not None])
     if isinstance(graph, Mask):
         if graph.mask.dim() < 3:
             return graph

@@ -24,7 +24,7 @@ def compile_all(archs, dtypes, block: int = 64) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nlgraph.backends import _triton_kernels as kernels
+    from nlgraph.backends.triton import kernels
 
     done = []
     for arch in archs:

@@ -16,12 +16,12 @@ log(M - 1) with ``ExcludeSelf`` (-inf when M = 1): the neighbour count, a consta
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..affinity import Concatenation, DotProduct
-from ..graph import Complete, ExcludeSelf
 from .common import compute_dtype
 
 __all__ = ["can_run", "run", "RETURNS_LSE"]
@@ -30,24 +30,26 @@ RETURNS_LSE = True
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
-    if not isinstance(affinity, (DotProduct, Concatenation)):
+    if affinity.closed_form not in _CLOSED_FORMS:
         return False, f"algebra has closed forms for DotProduct and Concatenation only, not {affinity!r}"
-    if graph is not None and not isinstance(graph, (Complete, ExcludeSelf)):
+    if graph is not None and not (graph.is_complete or graph.excludes_self):
         return False, f"algebra needs the complete graph or ExcludeSelf, not {graph!r}"
     return True, ""
 
 
 def _exclude_self(graph) -> bool:
-    return isinstance(graph, ExcludeSelf)
+    return graph is not None and graph.excludes_self
 
 
 def _dot_product(query: Tensor, key: Tensor, value: Tensor, affinity: DotProduct, graph) -> Tensor:
     f = affinity.form(query, key)
+    fq, fk = f.query, f.key
+    assert fq is not None and fk is not None  # the dot product's form is q' . k'
     m = key.shape[-2]
-    kv = f.key.transpose(-1, -2) @ value  # (..., d, e)
-    y = f.query @ kv
+    kv = fk.transpose(-1, -2) @ value  # (..., d, e)
+    y = fq @ kv
     if _exclude_self(graph):
-        y = y - (f.query * f.key).sum(-1, keepdim=True) * value
+        y = y - (fq * fk).sum(-1, keepdim=True) * value
         return y / (m - 1) if m > 1 else _no_neighbour(y)
     return y / m
 
@@ -61,6 +63,7 @@ def _no_neighbour(y: Tensor) -> Tensor:
 def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concatenation, graph) -> Tensor:
     f = affinity.form(query, key)
     a, b = f.row, f.col  # (..., N), (..., M)
+    assert a is not None and b is not None  # the concatenation's form is r_i + c_j
     m = key.shape[-2]
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1], value.shape[:-2])
     a = a.expand(*lead, a.shape[-1])
@@ -84,10 +87,15 @@ def _concatenation(query: Tensor, key: Tensor, value: Tensor, affinity: Concaten
     return (y / m).to(value.dtype)
 
 
+#: The closed forms this backend computes, by :attr:`nlgraph.affinity.Affinity.closed_form`.
+_CLOSED_FORMS: dict[str, Callable[..., Tensor]] = {"dot_product": _dot_product,
+                                                   "concatenation": _concatenation}
+
+
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):
     cd = compute_dtype(query.dtype)
     q, k, v = query.to(cd), key.to(cd), value.to(cd)
-    fn = _dot_product if isinstance(affinity, DotProduct) else _concatenation
+    fn = _CLOSED_FORMS[affinity.closed_form]
     y = fn(q, k, v, affinity, graph)
     n = query.shape[-2]
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._shapes import broadcast_shapes
+from .._shapes import broadcast_shapes, slice_rows_cols
 from ..affinity import Affinity, ScoreForm
-from ..graph import Graph, _slice_rows_cols, safe_log
+from ..graph import Graph, safe_log
 
 __all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
            "clamp_scores", "exp_scores", "edge_weights"]
@@ -66,7 +66,7 @@ def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: 
 def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int) -> Tensor:
     """``q'_i . k'_j + r_i + c_j`` for queries [i0, i1) and keys [j0, j1): (..., tn, tm)."""
     s: Optional[Tensor] = None
-    if form.query is not None:
+    if form.query is not None and form.key is not None:
         s = form.query[..., i0:i1, :] @ form.key[..., j0:j1, :].transpose(-1, -2)
     if form.row is not None:
         r = form.row[..., i0:i1, None]
@@ -74,6 +74,7 @@ def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int) -> Tensor:
     if form.col is not None:
         c = form.col[..., None, j0:j1]
         s = c if s is None else s + c
+    assert s is not None  # every form has a feature product or a bias
     return s
 
 
@@ -94,7 +95,7 @@ def tile_log_weights(graph: Optional[Graph], bias: Optional[Tensor], i0: int, i1
             else:
                 logw = safe_log(blk.to(dtype))
     if bias is not None:
-        b = _slice_rows_cols(bias, i0, i1, j0, j1)
+        b = slice_rows_cols(bias, i0, i1, j0, j1)
         logw = b if logw is None else logw + b
     return mask, logw
 

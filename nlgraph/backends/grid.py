@@ -34,13 +34,14 @@ fp32 for fp16/bf16 inputs and the input dtype otherwise. The autograd Functions 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import CrissCross, LocalWindow
+from ..graph import LocalWindow
 from .common import lower
 
 __all__ = ["can_run", "prefer", "run", "MAX_WINDOW_SLOTS"]
@@ -59,9 +60,12 @@ MAX_WINDOW_SLOTS = 100
 #: accumulator are rescaled once per group instead of once per slot.
 SLOT_GROUP = 8
 
+#: The grid patterns (:attr:`nlgraph.graph.Graph.grid_pattern`) this backend computes.
+_PATTERNS = ("window", "criss_cross")
+
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
-    if not isinstance(graph, (LocalWindow, CrissCross)):
+    if graph is None or graph.grid_pattern not in _PATTERNS:
         return False, f"grid computes LocalWindow and CrissCross graphs (alone), not {graph!r}"
     if graph.order is not None:
         return False, "grid needs the row-major node order (order=None); use chunked for a permuted order"
@@ -73,7 +77,7 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
 
 def prefer(query, key, value, affinity, graph) -> bool:
     """Criss-cross always; windows up to MAX_WINDOW_SLOTS keys per query (measured: module docstring)."""
-    if isinstance(graph, CrissCross):
+    if graph.grid_pattern == "criss_cross":
         return True
     return math.prod(graph.window_size) <= MAX_WINDOW_SLOTS
 
@@ -95,7 +99,9 @@ class _Plan:
         self.pads = [(graph.reach[a][0] * graph.dilation[a], graph.reach[a][1] * graph.dilation[a])
                      if self.slice_axes[a] else (0, 0) for a in range(d)]
         self.dilation = graph.dilation
-        self.keys, self.rel, self.rel_const = [], [], []
+        self.keys: list[Tensor] = []
+        self.rel: list[Tensor] = []
+        self.rel_const: list[Optional[list[int]]] = []  # per axis: a clipped slot's table entry
         for a in range(d):
             key, _ = graph.axis_slots(a, device)
             k = graph.kernel_size[a]
@@ -161,7 +167,9 @@ class _Plan:
             return
         t = self.dilation[last]
         for outer, ts in self.walk(tensors, stop=last):
-            prod = fq @ ts[0].transpose(-1, -2)
+            keys = ts[0]
+            assert keys is not None  # the walk's first map is the (padded) key map
+            prod = fq @ keys.transpose(-1, -2)
             for u in range(self.slots[last]):
                 yield (outer + (u,), prod.diagonal(offset=u * t, dim1=-2, dim2=-1),
                        [None if x is None else self.take(x, last, u) for x in ts])
@@ -173,29 +181,38 @@ class _Plan:
 
     def flat_keys(self, slot: tuple[int, ...]) -> Tensor:
         """(N,) row-major index of each query's key in this slot (clamped into the grid where none)."""
-        flat = None
-        for a, u in enumerate(slot):
-            kb = self._axis_view(self.keys[a][u], a)
-            flat = kb if flat is None else flat * self.shape[a] + kb
+        flat = self._axis_view(self.keys[0][slot[0]], 0)
+        for a, u in enumerate(slot[1:], 1):
+            flat = flat * self.shape[a] + self._axis_view(self.keys[a][u], a)
         return flat.expand(self.shape).reshape(-1)
 
     def bias(self, rpb: Tensor, slot: tuple[int, ...]) -> Tensor:
         """The slot's bias-table entries, (B, *shape) broadcastable, from rpb (B, *table)."""
         out = rpb
         for a, u in enumerate(slot):
-            if self.slice_axes[a]:  # one offset: one entry for every query
-                out = out.narrow(1 + a, self.rel_const[a][u], 1)
+            const = self.rel_const[a]
+            if const is not None:  # a clipped axis: one offset, one entry for every query
+                out = out.narrow(1 + a, const[u], 1)
             else:
                 out = out.index_select(1 + a, self.rel[a][u])
         return out
 
     def flat_rel(self, slot: tuple[int, ...]) -> Tensor:
         """(N,) flat bias-table index of each query's edge in this slot."""
-        flat = None
-        for a, u in enumerate(slot):
-            r = self._axis_view(self.rel[a][u], a)
-            flat = r if flat is None else flat * self.table[a] + r
+        flat = self._axis_view(self.rel[0][slot[0]], 0)
+        for a, u in enumerate(slot[1:], 1):
+            flat = flat * self.table[a] + self._axis_view(self.rel[a][u], a)
         return flat.expand(self.shape).reshape(-1)
+
+
+@dataclass(frozen=True)
+class _GridRun:
+    """What the grid Functions read besides their tensors: the kernel's flat top and normalisation, and
+    for a window its slot plan (None for criss-cross)."""
+
+    clamp: Optional[float]
+    norm: str
+    plan: Optional[_Plan] = None
 
 
 def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Tensor, bias: Optional[Tensor],
@@ -228,8 +245,9 @@ class _WindowAggregate(torch.autograd.Function):
     per query (C = sum f) or the running max (C = 1), not differentiable."""
 
     @staticmethod
-    def forward(fq, fk, row, col, rpb, value, meta):
-        plan, clamp, norm = meta["plan"], meta["clamp"], meta["norm"]
+    def forward(fq, fk, row, col, rpb, value, run: _GridRun):
+        plan, clamp, norm = run.plan, run.clamp, run.norm
+        assert plan is not None  # a window run carries its plan
         kp, vp = plan.pad(fk, True), plan.pad(value, True)
         cp = plan.key_bias(col, fk)
         lead = fq.shape[:-1]
@@ -269,16 +287,16 @@ class _WindowAggregate(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fq, fk, row, col, rpb, value, meta = inputs
+        fq, fk, row, col, rpb, value, run = inputs
         out, stat = output
-        ctx.meta = meta
+        ctx.run = run
         ctx.mark_non_differentiable(stat)
         ctx.save_for_backward(fq, fk, row, col, rpb, value, out, stat)
 
     @staticmethod
     def backward(ctx, dout, _dstat):
         fq, fk, row, col, rpb, value, out, stat = ctx.saved_tensors
-        plan, clamp, norm = ctx.meta["plan"], ctx.meta["clamp"], ctx.meta["norm"]
+        plan, clamp, norm = ctx.run.plan, ctx.run.clamp, ctx.run.norm
         need_q, need_k, need_r, need_c, need_b, need_v = ctx.needs_input_grad[:6]
         b = fq.shape[0]
         n = math.prod(plan.shape)
@@ -377,8 +395,8 @@ class _CrissCrossAggregate(torch.autograd.Function):
     normalised weights (N (H + W) per batch entry) for the backward's four products per part."""
 
     @staticmethod
-    def forward(fq, fk, row, col, value, meta):
-        clamp, norm = meta["clamp"], meta["norm"]
+    def forward(fq, fk, row, col, value, run: _GridRun):
+        clamp, norm = run.clamp, run.norm
         (qr, qc), (kr, kc) = _both(fq), _both(fk)
         sr, sc, _, _ = _cc_lin(qr, kr, qc, kc, row, col, clamp)
         # the column part without the query itself (h' = h): it is counted once, in the row part
@@ -398,16 +416,16 @@ class _CrissCrossAggregate(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        fq, fk, row, col, value, meta = inputs
+        fq, fk, row, col, value, run = inputs
         out, pr, pc = output
-        ctx.meta = meta
+        ctx.run = run
         ctx.mark_non_differentiable(pr, pc)
         ctx.save_for_backward(fq, fk, row, col, value, out, pr, pc)
 
     @staticmethod
     def backward(ctx, dout, _dpr, _dpc):
         fq, fk, row, col, value, out, pr, pc = ctx.saved_tensors
-        clamp, norm = ctx.meta["clamp"], ctx.meta["norm"]
+        clamp, norm = ctx.run.clamp, ctx.run.norm
         need_q, need_k, need_r, need_c, need_v = ctx.needs_input_grad[:5]
         dor, doc = _both(dout.to(value.dtype))
         dv = None
@@ -459,15 +477,14 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
     fq, fk = grid(f.query, True), grid(f.key, True)
     row, col = grid(f.row, False), grid(f.col, False)
     v = grid(p.value, True)
-    meta = {"clamp": f.clamp, "norm": f.norm}
-    if isinstance(graph, CrissCross):
-        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, meta)[0]
+    if graph.grid_pattern == "criss_cross":
+        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, _GridRun(f.clamp, f.norm))[0]
     else:
         rpb = graph.rpb
         if rpb is not None:
             dims = len(shape)
             table = tuple(rpb.shape[rpb.dim() - dims:])
             rpb = rpb.to(p.value.dtype).expand(*lead, *table).reshape(bsz, *table)
-        meta["plan"] = _Plan(graph, query.device)
-        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, meta)[0]
+        run = _GridRun(f.clamp, f.norm, _Plan(graph, query.device))
+        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, run)[0]
     return out.reshape(*lead, n, e).to(query.dtype)

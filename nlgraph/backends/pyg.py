@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._optional import missing, optional
-from ..graph import EdgeIndex, Graph
+from ..graph import Complete
 from .common import lower, safe_log
 
 __all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS", "RETURNS_LSE"]
@@ -43,48 +43,28 @@ MAX_DENSITY = 1.0 / 16
 MAX_EDGE_ELEMENTS = 1 << 27
 
 
-def _edge_count(graph: Graph, n: int, m: int) -> Optional[int]:
-    """A cheap upper bound on the number of edges, or None when unknown without enumerating."""
-    from ..graph import KNN, CrissCross, Intersection, LocalWindow
-
-    if isinstance(graph, EdgeIndex):
-        return graph.edge_index.shape[1]
-    if isinstance(graph, LocalWindow):
-        return n * math.prod(graph.window_size)
-    if isinstance(graph, CrissCross):
-        return n * (sum(graph.shape) - 1)
-    if isinstance(graph, KNN):
-        return n * graph.index.shape[-1]
-    if isinstance(graph, Intersection):
-        counts = [c for c in (_edge_count(g, n, m) for g in graph.graphs) if c is not None]
-        return min(counts) if counts else None
-    return None
-
-
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     if optional("torch_geometric") is None:
         return False, missing("torch_geometric")
     if graph is None:
         return True, ""
     if math.prod(graph.lead_shape) != 1:
-        return False, f"pyg runs one edge list shared by the batch; {graph!r} has batch dims {graph.lead_shape}"
+        return False, (f"pyg runs one edge list shared by the batch; {graph!r} has batch dims "
+                       f"{graph.lead_shape}")
     return True, ""
 
 
 def prefer(query, key, value, affinity, graph) -> bool:
-    """Explicit edge lists always; other graphs when they have few enough edges."""
-    from ..graph import Intersection
-
+    """Explicit edge lists always; fan-in graphs (k-NN, criss-cross) when they have few enough edges
+    (:attr:`nlgraph.graph.Graph.sparsity`, :meth:`nlgraph.graph.Graph.edge_bound`)."""
     if graph is None:
         return False
-    from ..graph import KNN, CrissCross
-
-    members = graph.graphs if isinstance(graph, Intersection) else [graph]
-    if any(isinstance(g, EdgeIndex) for g in members):
+    members = graph.members()
+    if any(g.sparsity == "edge_list" for g in members):
         return True
-    if not any(isinstance(g, (KNN, CrissCross)) for g in members):
+    if not any(g.sparsity == "fan_in" for g in members):
         return False
-    count = _edge_count(graph, query.shape[-2], key.shape[-2])
+    count = graph.edge_bound(query.shape[-2], key.shape[-2])
     if count is None or count > MAX_DENSITY * query.shape[-2] * key.shape[-2]:
         return False
     batch = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
@@ -129,8 +109,6 @@ def _scatter_lse(s: Tensor, dst: Tensor, n: int) -> Tensor:
 def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_lse: bool = False):
     from torch_geometric.utils import softmax as pyg_softmax
 
-    from ..graph import Complete
-
     p = lower(query, key, value, affinity, graph)
     n, m, e = p.n, p.m, p.e
     device = query.device
@@ -141,8 +119,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
     src, dst = ei[0], ei[1]
     f = p.form
     lead = p.lead
-    s = None
-    if f.query is not None:
+    s: Optional[Tensor] = None
+    if f.query is not None and f.key is not None:
         qf = f.query.expand(*lead, n, f.query.shape[-1])
         kf = f.key.expand(*lead, m, f.key.shape[-1])
         s = (qf.index_select(-2, dst) * kf.index_select(-2, src)).sum(-1)
@@ -152,6 +130,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
     if f.col is not None:
         c = f.col.expand(*lead, m).index_select(-1, src)
         s = c if s is None else s + c
+    assert s is not None  # every form has a feature product or a bias
     s = s.expand(*lead, s.shape[-1]).reshape(math.prod(lead), s.shape[-1])  # (B, E), also for E = 0
     if f.kernel == "exp":
         if f.clamp is not None:  # flat top of the Gaussian
@@ -170,7 +149,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
         g = torch.relu(s) if f.kernel == "relu" else s
         w = torch.ones_like(g) if logw is None else torch.exp(logw).expand_as(g)
         den = torch.zeros(g.shape[0], n, dtype=g.dtype, device=device).index_add(1, dst, w)
-        inv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+        pos = den > 0
+        inv = torch.where(pos, 1.0 / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(den))
         alpha = g * w * inv.index_select(1, dst)
         if return_lse:
             lse = safe_log(den).expand(math.prod(lead), n).reshape(*lead, n)

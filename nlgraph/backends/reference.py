@@ -13,8 +13,16 @@ import math
 import torch
 from torch import Tensor
 
-from .common import (clamp_scores, dropout_keep, edge_weights, exp_scores, lower, safe_log, tile_linear,
-                     tile_log_weights)
+from .common import (
+    clamp_scores,
+    dropout_keep,
+    edge_weights,
+    exp_scores,
+    lower,
+    safe_log,
+    tile_linear,
+    tile_log_weights,
+)
 
 __all__ = ["can_run", "run", "RETURNS_LSE"]
 

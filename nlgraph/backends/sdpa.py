@@ -54,7 +54,7 @@ from torch import Tensor
 from .._shapes import broadcast_shapes
 from .._values import checking_values
 from ..affinity import Gaussian, Softmax
-from ..graph import Causal, ExcludeSelf, Intersection, Mask
+from ..graph import Causal, Mask
 
 __all__ = ["can_run", "prefer", "run", "kernel_for", "kernel_summary", "MATH_MAX_SCORES"]
 
@@ -75,7 +75,12 @@ _KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"
 def _members(graph) -> list:
     if graph is None:
         return []
-    return list(graph.graphs) if isinstance(graph, Intersection) else [graph]
+    return list(graph.members())
+
+
+def _is_sdpa_mask(g) -> bool:
+    """SDPA describes the graph itself: a stored ``attn_mask``, ``is_causal`` or the j != i mask."""
+    return g.attn_mask is not None or g.causal or g.excludes_self
 
 
 def _gaussian_ok(affinity) -> bool:
@@ -96,10 +101,10 @@ def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple
         return False, f"sdpa computes softmax attention (Softmax, normalised Gaussian), not {affinity!r}"
     members = _members(graph)
     for g in members:
-        if not isinstance(g, (Mask, ExcludeSelf, Causal)):
+        if not _is_sdpa_mask(g):
             return False, (f"sdpa takes the complete graph, Mask, Causal and ExcludeSelf (and their "
                            f"intersections), not {graph!r}")
-    if not _ZERO_EMPTY_ROWS and any(not isinstance(g, Causal) for g in members):
+    if not _ZERO_EMPTY_ROWS and any(not g.causal for g in members):
         return False, f"torch {torch.__version__} returns NaN for fully masked rows (zeros from torch 2.5)"
     return True, ""
 
@@ -137,8 +142,9 @@ def _layout(query, key, value, affinity, graph) -> _Layout:
     gaussian = type(affinity) is Gaussian
     augment = gaussian and _needs_bias_grad(affinity, key)
     col_mask = gaussian and not augment
-    causal = len(members) == 1 and isinstance(members[0], Causal) and not col_mask
-    float_masks = [g.mask for g in members if isinstance(g, Mask) and g.mask.is_floating_point()]
+    causal = len(members) == 1 and members[0].causal and not col_mask
+    float_masks = [g.attn_mask for g in members
+                   if g.attn_mask is not None and g.attn_mask.is_floating_point()]
     mask = (bool(members) and not causal) or col_mask
     mask_grad = torch.is_grad_enabled() and any(t.requires_grad for t in float_masks)
     dq, dv = d + augment, e
@@ -203,9 +209,9 @@ def _as4(t: Tensor, lead: tuple[int, ...], full: bool) -> Tensor:
 
 
 def _mask_of(g, n: int, m: int, device: torch.device) -> Tensor:
-    if isinstance(g, Mask):
-        return g.mask
-    if isinstance(g, ExcludeSelf):
+    if g.attn_mask is not None:
+        return g.attn_mask
+    if g.excludes_self:
         return ~torch.eye(n, dtype=torch.bool, device=device)
     return torch.ones(n, m, dtype=torch.bool, device=device).tril()  # Causal, top-left aligned
 
@@ -219,6 +225,7 @@ def _plan(query, key, value, affinity, graph) -> _Call:
     n, m = lay.n, lay.m
     device = query.device
     col = None
+    scale: Optional[float]
     if type(affinity) is Softmax:
         s = affinity.scale
         if isinstance(s, Tensor):
@@ -241,7 +248,8 @@ def _plan(query, key, value, affinity, graph) -> _Call:
     q4, k4, v4 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q4, k4, v4))
     mask = None
     if lay.mask:
-        bools, floats = [], []
+        bools: list[Tensor] = []
+        floats: list[Tensor] = []
         for g in _members(graph):
             t = _mask_of(g, n, m, device)
             (floats if t.is_floating_point() else bools).append(_as4(t, lay.lead, False))

@@ -79,7 +79,7 @@ def _matches(e: _CacheEntry, query: Tensor, key: Tensor, same: bool, lead: tuple
              corners: bool = False) -> bool:
     return (e.lead == lead and e.same == same and e.compute == cd
             and (not corners or e.lattice.corners is not None) and _same_bandwidth(e.bandwidth, b)
-            and _bits_equal(e.query, query) and (same or _bits_equal(e.key, key)))
+            and _bits_equal(e.query, query) and (same or (e.key is not None and _bits_equal(e.key, key))))
 
 
 def _private(t: Tensor) -> Tensor:

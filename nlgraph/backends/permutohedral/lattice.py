@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -88,12 +88,13 @@ def _lex_sort(keys: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """(the permutation sorting rows by (keys[0], keys[1], ...) lexicographically (stable), the keys in
     that order)."""
     if len(keys) == 1:
-        ordered, order = torch.sort(keys[0], stable=True)
-        return order, [ordered]
-    order = None
+        ordered, perm = torch.sort(keys[0], stable=True)
+        return perm, [ordered]
+    order: Optional[Tensor] = None
     for k in reversed(keys):
         order = (torch.sort(k, stable=True)[1] if order is None
                  else order.index_select(0, torch.sort(k.index_select(0, order), stable=True)[1]))
+    assert order is not None  # two keys or more here
     return order, [k.index_select(0, order) for k in keys]
 
 
@@ -149,7 +150,7 @@ def _elevate_block(ft: Tensor, scale: list[float], rem0: Tensor, rank: Tensor, b
     # elevated[d] = -d cf[d-1]; elevated[c] = sum_{j >= c} cf_j - c cf[c-1]; elevated[0] = sum_j cf_j,
     # the sum accumulated from the last coordinate, as the reference does
     el = torch.empty(d1, n, device=ft.device, dtype=ft.dtype)
-    acc = None
+    acc: Optional[Tensor] = None
     for c in range(d, 0, -1):
         cf = ft[c - 1] * scale[c - 1]
         if acc is None:
@@ -158,6 +159,8 @@ def _elevate_block(ft: Tensor, scale: list[float], rem0: Tensor, rank: Tensor, b
         else:
             torch.sub(acc, cf * c, out=el[c])
             acc.add_(cf)
+    if acc is None:  # d = 0 (the core op pads featureless inputs to d = 1 before they get here)
+        raise ValueError("the permutohedral lattice needs features with d >= 1 dims")
     el[0] = acc
     # nearest remainder-0 point: up = down + d + 1 where up - elevated < elevated - down, else down
     torch.mul(el, 1.0 / d1, out=rem0).floor_().mul_(d1)
@@ -339,8 +342,8 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     nq = b * n
     slot_dtype = _index_dtype(perm.shape[0])
     slot_s = torch.div(perm, d1, rounding_mode="floor").to(slot_dtype)
-    vm = dict(sid=sid, bary=bary, slot_s=slot_s, slot_r=(perm - slot_s * d1).to(slot_dtype),
-              vertex_start=first, num_s=num_s, num_v=num_v)
+    vm: dict[str, Any] = dict(sid=sid, bary=bary, slot_s=slot_s, slot_r=(perm - slot_s * d1).to(slot_dtype),
+                              vertex_start=first, num_s=num_s, num_v=num_v)
     if same:
         slice_t_order = splat_order = order
         splat = slice_t = _vertex_matrix(order, **vm)

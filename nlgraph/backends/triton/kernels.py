@@ -15,7 +15,8 @@ import triton.language as tl
 def dot_nt(A, B, b, offs_n, offs_m, n_ok, m_ok, sab, san, sak, sbb, sbm, sbk, K,
            DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_K: tl.constexpr):
-    """A[b, offs_n, :] . B[b, offs_m, :]^T in fp32, the inner dimension K tiled by BLOCK_K (q'.k'^T, dO.V^T)."""
+    """A[b, offs_n, :] . B[b, offs_m, :]^T in fp32, the inner dimension K tiled by BLOCK_K
+    (q'.k'^T, dO.V^T)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -86,7 +87,7 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
 
 
 @triton.jit
-def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,
+def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as in FlashAttention)
         sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
         smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
         N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks,
@@ -132,7 +133,8 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,
     else:  # C = 1: log C = 0 where the query has a neighbour, -inf where it has none
         out = acc * tl.exp(m_safe)[:, None]
         stat = tl.where(m_i == float("-inf"), float("-inf"), 0.0)
-    tl.store(O + b * sob + offs_n[:, None] * son + offs_e[None, :] * soe, out, mask=n_ok[:, None] & e_ok[None, :])
+    tl.store(O + b * sob + offs_n[:, None] * son + offs_e[None, :] * soe, out,
+             mask=n_ok[:, None] & e_ok[None, :])
     if pid_e == 0:
         tl.store(L + b * slb + offs_n * sln, stat, mask=n_ok)
 
@@ -196,9 +198,11 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 acc_k += mma(tl.trans(ds), q, DOT_FP32, PREC)
     if do_k:
-        tl.store(DK + b * M * D + offs_m[:, None] * D + dd[None, :], acc_k, mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(DK + b * M * D + offs_m[:, None] * D + dd[None, :], acc_k,
+                 mask=m_ok[:, None] & d_ok[None, :])
     if do_v:
-        tl.store(DV + b * M * E + offs_m[:, None] * E + ee[None, :], acc_v, mask=m_ok[:, None] & e_ok[None, :])
+        tl.store(DV + b * M * E + offs_m[:, None] * E + ee[None, :], acc_v,
+                 mask=m_ok[:, None] & e_ok[None, :])
     if do_c:
         tl.store(DC + b * M + offs_m, acc_c, mask=m_ok)
 
@@ -256,6 +260,7 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             acc_q += mma(ds, k, DOT_FP32, PREC)
     if do_q:
-        tl.store(DQ + b * N * D + offs_n[:, None] * D + dd[None, :], acc_q, mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(DQ + b * N * D + offs_n[:, None] * D + dd[None, :], acc_q,
+                 mask=n_ok[:, None] & d_ok[None, :])
     if do_r:
         tl.store(DR + b * N + offs_n, acc_r, mask=n_ok)
