@@ -72,6 +72,13 @@ class Backend:
     prefer_hook: Optional[Callable[..., bool]]
     prefer_dropout: bool
 
+    def __getattr__(self, item: str) -> Any:
+        """Anything else is the module's (``EXACT``, its helpers): the record stands in for the module
+        :func:`select_backend` returned before it existed."""
+        if item == "module" or item.startswith("__"):
+            raise AttributeError(item)
+        return getattr(self.module, item)
+
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> "Backend":
         """Check a backend module's protocol once and describe it; TypeError naming what is wrong."""

@@ -185,3 +185,15 @@ def test_malformed_backend_modules_are_refused_when_loaded():
     bad_flag.EXACT = "yes"
     with pytest.raises(TypeError, match="EXACT must be a bool"):
         dispatch.Backend.from_module("x", bad_flag)
+
+
+def test_backend_record_stands_in_for_the_module():
+    """select_backend returned the module before the typed record: module attributes still read."""
+    q = torch.randn(5, 3)
+    name, rec = nlgraph.select_backend(q, q, q, A.Softmax(), None)
+    assert rec.module.__name__.endswith(name)
+    assert rec.run is not rec.module.run  # the record's own hooks win
+    helpers = [k for k in vars(rec.module) if not k.startswith("_") and not hasattr(type(rec), k)]
+    assert helpers and all(getattr(rec, k) is getattr(rec.module, k) for k in helpers)
+    with pytest.raises(AttributeError):
+        _ = rec.no_such_attribute
