@@ -15,9 +15,9 @@ block is exactly attention over the T*H*W tokens (torch.nn.MultiheadAttention af
 processes on this machine each hold T / N frames of every clip; the NonLocal3d block runs on
 :func:`nlgraph.distributed.aggregate` (process_group=), BatchNorm statistics and the final pooling
 are summed across ranks, and gradients are averaged as DDP does, so every step is the
-single-process step (to rounding). The comparison runs in float64 by default (``--dtype``): this
-recipe's first steps follow rounding-level gradients, so two float32 runs that only sum in a
-different order (threads or ranks) can end hundreds of steps apart on the initial plateau.
+single-process step (to rounding; ``--dtype``, float64 by default). The two final accuracies are
+not yet a like-for-like comparison: this recipe's 600-step outcome is a draw (a run may stay on the
+initial plateau), and any change in rounding (threads, ranks) makes another draw; see the README.
 """
 
 from __future__ import annotations
@@ -176,11 +176,11 @@ def run_context_parallel(world: int, steps: int = 600, n_train: int = 3000, n_te
     parameters are apart.
 
     Every context-parallel step is the single-process step to rounding (``tests/test_examples.py``).
-    The recipe's first steps are driven by gradients at rounding level (the block's BatchNorm scale
-    starts at 0, and BatchNorm makes its gradient a sum of terms that cancel to ~0), which Adam
-    normalises to full steps, so any two runs summing in different orders (1 vs 2 torch threads, 1
-    vs 2 ranks) part ways after a few hundred steps and their accuracies are two draws of the
-    recipe's spread. float64 (the default here) keeps that spread small; see the README."""
+    The trajectories still part after a few hundred steps whenever the rounding differs (1 vs 2 torch
+    threads, 1 vs 2 ranks, float32 or float64), and whether a run leaves the initial plateau (the
+    block's BatchNorm scale starts at 0 and the classifier averages over every position, so its first
+    gradients nearly cancel) differs between such draws: the accuracies are two draws of the
+    recipe's spread (measured in the README)."""
     if not 1 < world <= T:
         raise ValueError(f"world must be in 2..{T} (the clips have {T} frames), got {world}")
     if dtype not in (torch.float32, torch.float64):
