@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ._optional import missing, optional
 
 __all__ = ["NUM_CLASSES", "digit_scenes", "moving_digit_clips", "miou", "SegNet", "C2D", "receptive_field",
-           "train", "StepTimer"]
+           "train", "linear_decay", "StepTimer"]
 
 NUM_CLASSES = 11  # background + 10 digits
 
@@ -235,9 +235,15 @@ class StepTimer:
         return float(np.median(t)) if t else None
 
 
+def linear_decay(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate decayed linearly from its initial value to 0 over ``steps`` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
+
+
 def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int, batch: int = 16, lr: float = 3e-3,
           loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, extra: Sequence[nn.Parameter] = (),
-          timer: Optional[StepTimer] = None, progress: Optional[Callable[[], None]] = None) -> None:
+          timer: Optional[StepTimer] = None, progress: Optional[Callable[[], None]] = None,
+          lr_decay: bool = False) -> None:
     """Adam on random minibatches (drawn with ``torch.manual_seed(seed)``).
 
     Args:
@@ -251,10 +257,12 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int, batch: 
         extra: further parameters to optimise (e.g. a CRF's).
         timer: records each step's forward+backward wall time.
         progress: called after every step (a progress bar's update).
+        lr_decay: decay the learning rate linearly from ``lr`` to 0 over the ``steps`` (default: constant).
     """
     torch.manual_seed(seed)
     opt = torch.optim.Adam(list(model.parameters()) + list(extra), lr=lr)
     loss_fn = loss_fn or (lambda inputs, targets: F.cross_entropy(model(inputs), targets))
+    sched = linear_decay(opt, steps) if lr_decay else None
     model.train()
     for _ in range(steps):
         i = torch.randint(0, x.shape[0], (batch,))
@@ -265,5 +273,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int, batch: 
         if timer is not None:
             timer.times.append(time.perf_counter() - start)
         opt.step()
+        if sched is not None:
+            sched.step()
         if progress is not None:
             progress()
