@@ -1,6 +1,6 @@
 """Video classification that needs the time axis: C2D with and without space-time non-local blocks.
 
-    python examples/video/train.py [--steps 600] [--seed 0] [--world-size 1] [--dtype float64]
+    python examples/video/train.py [--steps N] [--seed 0] [--world-size 1] [--dtype float64]
 
 Clips of 4 frames (28x28) show one scikit-learn digit moving in a straight line; in the last frame
 it either stays the same digit (label 1) or turns into a digit of another class (label 0). Every
@@ -15,9 +15,10 @@ block is exactly attention over the T*H*W tokens (torch.nn.MultiheadAttention af
 processes on this machine each hold T / N frames of every clip; the NonLocal3d block runs on
 :func:`nlgraph.distributed.aggregate` (process_group=), BatchNorm statistics and the final pooling
 are summed across ranks, and gradients are averaged as DDP does, so every step is the
-single-process step (to rounding; ``--dtype``, float64 by default). The two final accuracies are
-not yet a like-for-like comparison: this recipe's 600-step outcome is a draw (a run may stay on the
-initial plateau), and any change in rounding (threads, ranks) makes another draw; see the README.
+single-process step (to rounding; ``--dtype``, float64 by default). The trajectories still part
+after a few hundred steps (any change in rounding is another draw of the recipe), so the two final
+accuracies are two draws: the comparison uses its own recipe (CP_STEPS steps, Adam at CP_LR decayed
+linearly), which left the initial plateau in every draw measured; see the README.
 """
 
 from __future__ import annotations
