@@ -237,6 +237,8 @@ class StepTimer:
 
 def linear_decay(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate decayed linearly from its initial value to 0 over ``steps`` steps."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
 
 
