@@ -25,7 +25,10 @@ Two computations of that one formula:
   once and added to both ends), box filtering with cumulative sums (integral images) or a separable
   Gaussian, then the weighted sums of the shifted pixels, all in vectorised tensor ops over every
   pixel. O(N w^D) for the box (independent of the patch size), O(N w^D p D) for the Gaussian,
-  against the core op's O(N w^D p^D C) for generic features. This is a specialised affinity
+  against the core op's O(N w^D p^D C) for generic features. On CPU the strips are shared among
+  ``torch.get_num_threads()`` worker threads (each with its own sums, added in a fixed order: the
+  result depends on the thread count only by rounding and is the same from call to call); with
+  autograd or on other devices one thread runs them all. This is a specialised affinity
   computation, not a second aggregation: it evaluates the same f_ij, C_i and sums as
   :func:`nlgraph.aggregate` on the same graph (tests check the equality), exploiting that a patch
   distance is a filtered difference image, which generic features do not allow. Differentiable
@@ -37,6 +40,7 @@ Two computations of that one formula:
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 from typing import Optional, Union
@@ -96,6 +100,10 @@ def _patch_weights(s: int, nd: int, channels: int, h: float, uniform: bool, dtyp
 # small enough to stay in the L2 cache (and in malloc's heap, not fresh mmaps) through the ~10
 # passes an offset takes.
 _STRIP_ELEMS = (1 << 15) - 1
+# Fewest strips per CPU worker thread before a second thread is worth its start and its sums.
+_MIN_STRIPS_PER_WORKER = 2
+# Most CPU worker threads: each holds its own image-sized sums.
+_MAX_WORKERS = 8
 
 
 def _half_window(radius: tuple[int, ...]):
@@ -149,11 +157,9 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     numpy_exp = inplace and x.device.type == "cpu"
     thresh = math.exp(-cutoff) if cutoff is not None else None
     radius = tuple(min(d, n - 1) for n in spatial)
-    num = x.clone()  # the offset 0: distance 0, weight exp(-max(-corr, 0)) = 1
-    den = torch.ones(spatial, dtype=x.dtype, device=x.device)
     # per-channel spatial views: every op of the loop is on one plane (fewer indexing calls per offset,
     # and strips sized by a plane)
-    xs_c, x_c, num_c = ([t[c] for c in range(channels)] for t in (xs, x, num))  # (not unbind: autograd)
+    xs_c, x_c = ([t[c] for c in range(channels)] for t in (xs, x))  # (not unbind: autograd)
     inner = 1
     for n in spatial[1:]:
         inner *= n + 2 * o
@@ -168,52 +174,86 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                      tuple(slice(a, b + 2 * o) for a, b in zip(lo[1:], hi[1:], strict=True)),
                      tuple(slice(a + v, b + v + 2 * o)
                            for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True))))
-    # strip-major, then offset by offset: a strip's pixels and those within the window of it stay in cache
-    for s0 in range(0, spatial[0], rows):
-        for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in plan:
-            r0, r1 = max(s0, lo0), min(s0 + rows, hi0)
-            if r0 >= r1:
-                continue
-            n0 = r1 - r0
-            pi = (slice(r0, r1 + 2 * o),) + rest_pi
-            pj = (slice(r0 + t[0], r1 + t[0] + 2 * o),) + rest_pj
-            dsq = xs_c[0][pi] - xs_c[0][pj]
-            dsq = dsq.square_() if inplace else dsq * dsq
-            for c in range(1, channels):  # sum over channels, one plane at a time
-                diff = xs_c[c][pi] - xs_c[c][pj]
-                dsq = dsq.addcmul_(diff, diff) if inplace else dsq + diff * diff
-            # filter the last axes first (contiguous), the strip axis last, which yields -distance
-            for ax in range(nd - 1, -1, -1):
-                n = n0 if ax == 0 else lens[ax]
-                if fast:
-                    if o == 0:  # an empty box: distance 0
-                        dsq = dsq.narrow(ax, 0, n) * 0.0
-                        continue
-                    q = dsq.cumsum(ax)
-                    a_, b_ = (q.narrow(ax, 2 * o, n), q.narrow(ax, 0, n))
-                    dsq = a_ - b_ if ax else b_ - a_
+
+    def run_strips(starts: list[int], num: torch.Tensor, den: torch.Tensor) -> None:
+        """Add the edges of the half window whose first end lies in these strips to num and den."""
+        num_c = [num[c] for c in range(channels)]
+        # strip-major, then offset by offset: a strip's pixels and those within the window of it stay
+        # in cache
+        for s0 in starts:
+            for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in plan:
+                r0, r1 = max(s0, lo0), min(s0 + rows, hi0)
+                if r0 >= r1:
+                    continue
+                n0 = r1 - r0
+                pi = (slice(r0, r1 + 2 * o),) + rest_pi
+                pj = (slice(r0 + t[0], r1 + t[0] + 2 * o),) + rest_pj
+                dsq = xs_c[0][pi] - xs_c[0][pj]
+                dsq = dsq.square_() if inplace else dsq * dsq
+                for c in range(1, channels):  # sum over channels, one plane at a time
+                    diff = xs_c[c][pi] - xs_c[c][pj]
+                    dsq = dsq.addcmul_(diff, diff) if inplace else dsq + diff * diff
+                # filter the last axes first (contiguous), the strip axis last, which yields -distance
+                for ax in range(nd - 1, -1, -1):
+                    n = n0 if ax == 0 else lens[ax]
+                    if fast:
+                        if o == 0:  # an empty box: distance 0
+                            dsq = dsq.narrow(ax, 0, n) * 0.0
+                            continue
+                        q = dsq.cumsum(ax)
+                        a_, b_ = (q.narrow(ax, 2 * o, n), q.narrow(ax, 0, n))
+                        dsq = a_ - b_ if ax else b_ - a_
+                    else:
+                        acc = dsq.narrow(ax, 0, n) * (taps[0] if ax else -taps[0])
+                        for k in range(1, 2 * o + 1):
+                            acc.add_(dsq.narrow(ax, k, n), alpha=taps[k] if ax else -taps[k])
+                        dsq = acc
+                negdist = dsq
+                if corr > 0:
+                    negdist = (negdist.add_(corr).clamp_(max=0.0) if inplace
+                               else (negdist + corr).clamp(max=0.0))
+                if numpy_exp:  # numpy's exp: single-threaded (torch's goes parallel on small strips and
+                    np.exp(negdist.numpy(), out=negdist.numpy())  # stalls on a busy machine)
+                    w = negdist
                 else:
-                    acc = dsq.narrow(ax, 0, n) * (taps[0] if ax else -taps[0])
-                    for k in range(1, 2 * o + 1):
-                        acc.add_(dsq.narrow(ax, k, n), alpha=taps[k] if ax else -taps[k])
-                    dsq = acc
-            negdist = dsq
-            if corr > 0:
-                negdist = negdist.add_(corr).clamp_(max=0.0) if inplace else (negdist + corr).clamp(max=0.0)
-            if numpy_exp:  # numpy's exp: single-threaded (torch's goes parallel on small strips and stalls
-                np.exp(negdist.numpy(), out=negdist.numpy())  # on a busy machine), and faster here
-                w = negdist
-            else:
-                w = negdist.exp_() if inplace else negdist.exp()
-            if thresh is not None:
-                w = F.threshold(w, thresh, 0.0, inplace=inplace)
-            ri = (slice(r0, r1),) + rest_i
-            rj = (slice(r0 + t[0], r1 + t[0]),) + rest_j
-            den[ri].add_(w)  # (not den[ri] += w: that also copies the view back onto itself)
-            den[rj].add_(w)
-            for c in range(channels):
-                num_c[c][ri].addcmul_(w, x_c[c][rj])
-                num_c[c][rj].addcmul_(w, x_c[c][ri])
+                    w = negdist.exp_() if inplace else negdist.exp()
+                if thresh is not None:
+                    w = F.threshold(w, thresh, 0.0, inplace=inplace)
+                ri = (slice(r0, r1),) + rest_i
+                rj = (slice(r0 + t[0], r1 + t[0]),) + rest_j
+                den[ri].add_(w)  # (not den[ri] += w: that also copies the view back onto itself)
+                den[rj].add_(w)
+                for c in range(channels):
+                    num_c[c][ri].addcmul_(w, x_c[c][rj])
+                    num_c[c][rj].addcmul_(w, x_c[c][ri])
+
+    starts = list(range(0, spatial[0], rows))
+    # the offset 0: distance 0, weight exp(-max(-corr, 0)) = 1
+    num, den = x.clone(), torch.ones(spatial, dtype=x.dtype, device=x.device)
+    workers = min(torch.get_num_threads(), _MAX_WORKERS, len(starts) // _MIN_STRIPS_PER_WORKER)
+    if workers < 2 or not inplace or x.device.type != "cpu":
+        run_strips(starts, num, den)
+        return num / den
+    # several CPU threads, each over its own strips (interleaved, so each covers the whole image) into
+    # its own sums (an edge adds to both its ends, which may lie in another worker's strips), added in
+    # worker order: deterministic for a given thread count. torch's ops release the GIL and, below
+    # its grain size, run inline in the worker, so the threads overlap. Workers run in the caller's
+    # grad and inference modes (both are thread-local).
+    parts = [(num, den)] + [(torch.zeros_like(num), torch.zeros_like(den)) for _ in range(workers - 1)]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def work(w: int) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            run_strips(starts[w::workers], *parts[w])
+
+    with concurrent.futures.ThreadPoolExecutor(workers - 1) as pool:
+        pending = [pool.submit(work, w) for w in range(1, workers)]
+        work(0)
+        for f in pending:
+            f.result()  # (re-raises a worker's exception)
+    for n_, d_ in parts[1:]:
+        num.add_(n_)
+        den.add_(d_)
     return num / den
 
 

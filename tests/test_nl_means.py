@@ -242,3 +242,51 @@ def test_bad_input():
         nlgraph.denoise_nl_means(img, backend="nope")
     with pytest.raises(TypeError, match=r"fast_mode must be a bool, got int"):
         nlgraph.denoise_nl_means(img, fast_mode=1)
+
+
+@pytest.fixture
+def worker_threads(monkeypatch):
+    """Strips of one row and one strip per worker, so the small test images run on several CPU worker
+    threads (here 3, more than this machine's cores: the result must not depend on the schedule)."""
+    import nlgraph.denoise as nd
+
+    monkeypatch.setattr(nd, "_STRIP_ELEMS", 1)
+    monkeypatch.setattr(nd, "_MIN_STRIPS_PER_WORKER", 1)
+    n = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_worker_threads_equal_loop_implementation(case, fast_mode, worker_threads):
+    """The shift-major path split over CPU worker threads (each its own strips and sums) == the pixel
+    loop, the same from call to call (the sums are added in worker order), also under inference mode
+    and for a torch tensor."""
+    shape, ca = CASES[case]
+    img, ref = _loop_case(case, fast_mode, 0.15)
+    kw = dict(patch_size=3, patch_distance=2, h=0.3, sigma=0.15, fast_mode=fast_mode, channel_axis=ca)
+    ours = nlgraph.denoise_nl_means(img, **kw)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)  # bound: test_equals_loop_implementation
+    np.testing.assert_array_equal(nlgraph.denoise_nl_means(img, **kw), ours)
+    with torch.inference_mode():
+        t = nlgraph.denoise_nl_means(torch.from_numpy(img), **kw)
+    np.testing.assert_array_equal(t.numpy(), ours)
+
+
+def test_worker_threads_reraise(worker_threads, monkeypatch):
+    """An error inside a worker thread reaches the caller (not a silently partial sum)."""
+    calls = []
+    exp = np.exp
+
+    def failing_exp(a, out=None):
+        calls.append(a.shape)
+        if len(calls) == 5:
+            raise FloatingPointError("injected")
+        return exp(a, out=out)
+
+    monkeypatch.setattr(np, "exp", failing_exp)
+    img = np.random.default_rng(1).random((9, 11))
+    with pytest.raises(FloatingPointError, match="injected"):
+        nlgraph.denoise_nl_means(img, patch_size=3, patch_distance=2, h=0.3)

@@ -24,6 +24,7 @@ linearly), which left the initial plateau in every draw measured; see the README
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -169,7 +170,8 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
             logits = sharded_logits(model, x_te[:, :, sl], t0, T, None)
         if rank == 0:
             torch.save({"accuracy": float((logits.argmax(1) == y_te).float().mean()), **first,
-                        "params": [p.detach() for p in model.parameters()]}, os.path.join(tmp, "out.pt"))
+                        "params": [p.detach() for p in model.parameters()],
+                        "buffers": [b.detach() for b in model.buffers()]}, os.path.join(tmp, "out.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -212,18 +214,22 @@ def run_context_parallel(world: int, steps: int = CP_STEPS, n_train: int = 3000,
     x_tr, x_te = x_tr.to(dtype), x_te.to(dtype)
     torch.manual_seed(seed)
     i = torch.randint(0, x_tr.shape[0], (32,))
-    model.train()
-    loss = nn.functional.cross_entropy(model(x_tr[i]), y_tr[i])
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    probe = copy.deepcopy(model).train()  # (a training forward updates the BatchNorm statistics)
+    loss = nn.functional.cross_entropy(probe(x_tr[i]), y_tr[i])
+    grads = torch.autograd.grad(loss, list(probe.parameters()))
     scale = max(float(g.abs().max()) for g in grads)
     gdiff = max(float((a - b).abs().max()) for a, b in zip(grads, out["grads"], strict=True)) / scale
     tasks.train(model, x_tr, y_tr, steps, seed, batch=32, lr=lr, lr_decay=True)
     pairs = zip(model.parameters(), out["params"], strict=True)
     pdiff = max(float((a.detach() - b).abs().max()) for a, b in pairs)
+    # the BatchNorm running statistics (the test accuracy reads them): global in both runs
+    bdiff = max(float((a.double() - b.double()).abs().max())
+                for a, b in zip(model.buffers(), out["buffers"], strict=True))
     return {"one process": accuracy(model, x_te, y_te), f"{world} ranks": out["accuracy"],
             "first step |loss difference|": abs(float(loss.detach()) - out["loss"]),
             "first step max |gradient difference| / max |gradient|": gdiff,
-            "max |parameter difference| after training": pdiff}
+            "max |parameter difference| after training": pdiff,
+            "max |BatchNorm statistics difference| after training": bdiff}
 
 
 def run(steps: int = 600, n_train: int = 3000, n_test: int = 500, seed: int = 0, log=print) -> dict:
