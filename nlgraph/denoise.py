@@ -213,7 +213,7 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                     negdist = (negdist.add_(corr).clamp_(max=0.0) if inplace
                                else (negdist + corr).clamp(max=0.0))
                 if numpy_exp:  # numpy's exp: single-threaded (torch's goes parallel on small strips and
-                    np.exp(negdist.numpy(), out=negdist.numpy())  # stalls on a busy machine)
+                    np.exp(negdist.numpy(), out=negdist.numpy())  # stalls on a busy machine), and faster
                     w = negdist
                 else:
                     w = negdist.exp_() if inplace else negdist.exp()
