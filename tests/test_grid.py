@@ -104,9 +104,21 @@ def _check(y, y_ref, inputs, names):
         torch.testing.assert_close(g, r, **TOL, msg=lambda m, name=name: f"d/d{name}: {m}")
 
 
+@pytest.fixture(params=[None, 3], ids=["whole-rows", "row-blocks-of-3"])
+def row_block(request, monkeypatch):
+    """The forward's score products over whole last-axis rows, and (ROW_BLOCK = 3, which divides no
+    extent here but 3 and 6) over blocks of queries with the padded last block, the path a long 1-D
+    sequence takes."""
+    if request.param is not None:
+        from nlgraph.backends import grid
+
+        monkeypatch.setattr(grid, "ROW_BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("aff", list(AFFINITIES))
 @pytest.mark.parametrize("shape,opts", WINDOWS, ids=[f"{s}-{o}" for s, o in WINDOWS])
-def test_window_equals_formula(shape, opts, aff):
+def test_window_equals_formula(shape, opts, aff, row_block):
     """Every option and affinity, batch x heads, per-head rpb (for kernel-size windows): grid == formula."""
     gen = torch.Generator().manual_seed(hash((shape, aff)) % 2**31)
     make, kind, params = AFFINITIES[aff]
@@ -327,6 +339,51 @@ def test_shift_border_matches_a_natten_pixel_loop(shape, kernel, dilation):
             rows.append((w[:, None] * torch.stack(vals)).sum(0))
     y_ref = torch.stack(rows).reshape(heads, n, e)
     _check(y, y_ref, [q, k, v, rpb], ["query", "key", "value", "rpb"])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("shape,kernel,dilation,causal", [
+    ((12,), 5, 1, False), ((13,), 3, 2, True), ((9, 10), 3, 1, False), ((11, 12), (5, 3), (2, 1), False),
+    ((9, 8), 3, 1, (True, False)), ((5, 6, 7), 3, (1, 2, 1), False)])
+def test_shift_border_matches_natten(shape, kernel, dilation, causal):
+    """border='shift' == NATTEN's own na1d/na2d/na3d (where natten installs; not a dependency): its
+    heads-last layout (B, *shape, heads, d), forward (its CPU path has no backward), every backend."""
+    natten = pytest.importorskip("natten.functional")
+    na = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(shape)]
+    gen = torch.Generator().manual_seed(11)
+    heads, d = 2, 8
+    n = math.prod(shape)
+    q, k, v = (torch.randn(1, *shape, heads, d, generator=gen) for _ in range(3))
+    y_natten = na(q, k, v, kernel_size=kernel, dilation=dilation, is_causal=causal)
+    dims = tuple(range(1, len(shape) + 1))
+    tokens = lambda t: t.permute(0, len(shape) + 1, *dims, len(shape) + 2).reshape(1, heads, n, d)  # noqa: E731
+    graph = G.LocalWindow(shape, kernel_size=kernel, dilation=dilation, is_causal=causal, border="shift")
+    for backend in nlgraph.dispatch.exact_backends(tokens(q), tokens(k), tokens(v), A.Softmax(), graph):
+        y = nlgraph.aggregate(tokens(q), tokens(k), tokens(v), A.Softmax(), graph, backend=backend)
+        # float32 softmax over <= 27 keys of width 8: a few ulps of the outputs' scale
+        torch.testing.assert_close(y, tokens(y_natten), rtol=1e-5, atol=1e-5, msg=backend)
+
+
+def test_window_dispatch_counts_offset_slots_and_gradients():
+    """grid takes windows of at most MAX_WINDOW_SLOTS offset slots when a gradient is wanted and
+    MAX_WINDOW_SLOTS_INFERENCE without; a shifted axis visits 2 k - 1 offsets."""
+    from nlgraph.backends import grid
+
+    shape = (64, 64)
+    q = torch.randn(1, 2, 64 * 64, 8)
+    leaf = q.clone().requires_grad_()
+    cases = [(G.LocalWindow(shape, 3), 49), (G.LocalWindow(shape, 6), 169),
+             (G.LocalWindow(shape, kernel_size=7, border="shift"), 169),
+             (G.LocalWindow(shape, kernel_size=13, border="shift"), 625),
+             (G.LocalWindow(shape, kernel_size=(7, 3), is_causal=(True, False), border="shift"), 7 * 5)]
+    for graph, slots in cases:
+        assert grid.window_slots(graph) == slots
+        for x, limit in ((q, grid.MAX_WINDOW_SLOTS_INFERENCE), (leaf, grid.MAX_WINDOW_SLOTS)):
+            want = "grid" if slots <= limit else "chunked"
+            assert nlgraph.select_backend(x, q, q, A.Softmax(), graph)[0] == want, (graph, x.requires_grad)
+        with torch.no_grad():
+            want = "grid" if slots <= grid.MAX_WINDOW_SLOTS_INFERENCE else "chunked"
+            assert nlgraph.select_backend(leaf, q, q, A.Softmax(), graph)[0] == want
 
 
 # ---------------------------------------------------------------- options, errors, dispatch

@@ -6,16 +6,18 @@ row and column) and no tile, mask or edge list is needed:
 * ``LocalWindow`` (1-D/2-D/3-D, every option: kernel size odd or even, dilation, causal axes, the
   ``"clip"`` and ``"shift"`` border rules, the relative position bias ``rpb``) is computed
   shift-major, the way scikit-image's fast non-local means and NATTEN's reference do it: one pass
-  per window slot, vectorised over all nodes at once. Slot u of every query is the key at offset u
-  (``"clip"``: a shifted view of the padded key map, no copy; the padding's column bias is -inf, so
-  keys past the border drop out without a mask) or the u-th key of its shifted window (``"shift"``:
-  a gather along the axis). On a clipped last axis the slots' dot products q'_i . k'_{i+u} are the
-  diagonals of one batched product per outer slot (rows of queries times their padded key rows), so
-  they run at matrix-product speed. An online (running-max) softmax merges the slots, in groups of
-  ``SLOT_GROUP`` that share one rescale, so the forward keeps O(N (d + e) + SLOT_GROUP N + N (W +
-  pad)) state and never holds N x window scores; the backward recomputes each slot's scores from
-  the saved log-sum-exp and adds the key-side gradients into views of padded buffers (a scatter,
-  ``index_add_``, on shifted axes). The bias enters as the slot's table entry (per offset and
+  per window slot, vectorised over all nodes at once. Slot u of every query is the key at offset u,
+  a shifted view of the padded key map (no copy); the padding's column bias is -inf, so keys past
+  the border drop out without a mask. A ``"shift"`` axis (NATTEN's window, which keeps k keys at the
+  borders by moving its start) has the 2 k - 1 offsets its windows can hold as slots, each with a
+  -inf log-weight for the queries whose window does not hold it (the interior's window is the
+  centred one; only the border queries reach further). The slots' dot products q'_i . k'_{i+u} on
+  the last axis are the diagonals of one batched product per outer slot (rows of queries times their
+  padded key rows), so they run at matrix-product speed. An online (running-max) softmax merges the
+  slots, in groups of ``SLOT_GROUP`` that share one rescale, so the forward keeps O(N (d + e) +
+  SLOT_GROUP N + N (W + pad)) state and never holds N x window scores; the backward recomputes each
+  slot's scores from the saved log-sum-exp and adds the key-side gradients into views of padded
+  buffers. The bias enters as the slot's table entry (per offset and
   leading dim, e.g. head) and its gradient is gathered the same way.
 * ``CrissCross`` (CCNet) is two batched matrix products per pass: the row part (B, H, W, W) and the
   column part (B, W, H, H) with the query itself removed from the column part (counted once), merged
@@ -44,21 +46,32 @@ from torch import Tensor
 from ..graph import LocalWindow
 from .common import lower
 
-__all__ = ["can_run", "prefer", "run", "MAX_WINDOW_SLOTS"]
+__all__ = ["can_run", "prefer", "run", "window_slots", "MAX_WINDOW_SLOTS", "MAX_WINDOW_SLOTS_INFERENCE"]
 
 _NEG_INF = -math.inf
 
 #: Automatic dispatch takes ``grid`` for criss-cross graphs always and for local windows of at most
-#: this many slots (keys per query). Measured with ``nlgraph bench grid`` (2-core CPU, one thread,
+#: this many offset slots when a gradient is wanted (:func:`window_slots`: the keys per query of a
+#: clipped window, (2 k - 1)^D for a shifted one). Measured with ``nlgraph bench grid`` (2-core CPU,
 #: forward+backward, 4 heads, benchmarks/results/grid-cpu.json): the shift-major loop's memory traffic
-#: grows with the window, the tiled ``chunked`` path's matrix products with the tiles it visits;
-#: grid took 0.5-0.9x chunked's time at 49 slots (radius 3) and 1.1x at 169 (radius 6) on 64x64 maps.
+#: grows with the slots, the tiled ``chunked`` path's matrix products with the tiles it visits; grid
+#: took 0.5-0.9x chunked's time at 49 slots (radius 3) and 1.1x at 169 (radius 6) on 64x64 maps.
 #: Criss-cross: grid 0.02x pyg's and 0.08x chunked's time at 64x64, C = 256.
 MAX_WINDOW_SLOTS = 100
+
+#: The same without gradients (inference): the forward alone reads each slot once, as one diagonal
+#: of a batched product, and took about half chunked's time at 169 slots (64x64, radius 6 clipped,
+#: kernel 7 shifted) and 1.4x at 625 (kernel 13 shifted).
+MAX_WINDOW_SLOTS_INFERENCE = 300
 
 #: Slots whose scores the forward holds at once (SLOT_GROUP x N scores): the running max and the
 #: accumulator are rescaled once per group instead of once per slot.
 SLOT_GROUP = 8
+
+#: Queries per block of the last axis in the forward's batched score products (its products hold N
+#: (ROW_BLOCK + padding) entries): a whole row of a 2-D map up to 256 wide; a long 1-D sequence in
+#: blocks, so its scores stay O(N window) rather than O(N^2).
+ROW_BLOCK = 256
 
 #: The grid patterns (:attr:`nlgraph.graph.Graph.grid_pattern`) this backend computes.
 _PATTERNS = ("window", "criss_cross")
@@ -75,11 +88,21 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     return True, ""
 
 
+def window_slots(graph: LocalWindow) -> int:
+    """The offset slots the grid backend visits for a window (its cost): the keys per query of a clipped
+    window; on a shifted axis the 2 k - 1 offsets either side, each -inf for the queries whose shifted
+    window does not hold it."""
+    return math.prod(lo + hi + 1 for lo, hi in (graph.slot_reach(a) for a in range(len(graph.shape))))
+
+
 def prefer(query, key, value, affinity, graph) -> bool:
-    """Criss-cross always; windows up to MAX_WINDOW_SLOTS keys per query (measured: module docstring)."""
+    """Criss-cross always; windows up to MAX_WINDOW_SLOTS offset slots when a gradient is wanted, up to
+    MAX_WINDOW_SLOTS_INFERENCE without (measured: the constants)."""
     if graph.grid_pattern == "criss_cross":
         return True
-    return math.prod(graph.window_size) <= MAX_WINDOW_SLOTS
+    tensors = (query, key, value, graph.rpb)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return window_slots(graph) <= (MAX_WINDOW_SLOTS if training else MAX_WINDOW_SLOTS_INFERENCE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,37 +111,36 @@ def prefer(query, key, value, affinity, graph) -> bool:
 
 
 class _Plan:
-    """The window's slots per axis, on one device: how each slot reads the key side, which queries it
-    serves, its flat key index (for the backward's scatter) and its bias-table index."""
+    """The window's offset slots per axis, on one device: the padding that turns each slot into a view
+    of the key side, the queries each slot serves (a -inf log-weight for the others, on shifted axes)
+    and each slot's bias-table index."""
 
     def __init__(self, graph: LocalWindow, device: torch.device):
         self.shape = graph.shape
         d = len(self.shape)
-        self.slice_axes = [not (graph.border == "shift" and not graph.is_causal[a]) for a in range(d)]
-        # zero padding of the key side on the clipped axes: slot u reads the view starting at u * dilation
-        self.pads = [(graph.reach[a][0] * graph.dilation[a], graph.reach[a][1] * graph.dilation[a])
-                     if self.slice_axes[a] else (0, 0) for a in range(d)]
+        reach = [graph.slot_reach(a) for a in range(d)]
+        # zero padding of the key side: slot u reads the view starting at u * dilation
+        self.pads = [(lo * t, hi * t) for (lo, hi), t in zip(reach, graph.dilation, strict=True)]
         self.dilation = graph.dilation
-        self.keys: list[Tensor] = []
         self.rel: list[Tensor] = []
-        self.rel_const: list[Optional[list[int]]] = []  # per axis: a clipped slot's table entry
+        self.rel_const: list[list[int]] = []  # per axis: a slot's table entry (its offset + k - 1)
+        # per shifted axis, (slots, extent): 0 where the query's window holds the slot's offset, -inf
+        # where not (a shifted window is a subset of the 2 k - 1 offsets either side, different near the
+        # borders); None on the other axes, where the -inf padding of the key bias does the clipping
+        self.masks: list[Optional[Tensor]] = []
         for a in range(d):
-            key, _ = graph.axis_slots(a, device)
-            k = graph.kernel_size[a]
-            t = graph.dilation[a]
+            key, ok = graph.axis_slots(a, device, offsets=True)
+            k, t = graph.kernel_size[a], graph.dilation[a]
             coord = torch.arange(self.shape[a], device=device)
-            rel = (key // t - coord[None, :] // t + k - 1).clamp(0, 2 * k - 2)  # where ok: the table index
-            self.keys.append(key)
-            self.rel.append(rel)
-            left = graph.reach[a][0]
-            # host-side (no sync, traceable): a clipped slot's table entry is its offset + k - 1
-            self.rel_const.append([u - left + k - 1 for u in range(key.shape[0])]
-                                  if self.slice_axes[a] else None)
+            self.rel.append((key // t - coord[None, :] // t + k - 1).clamp(0, 2 * k - 2))
+            self.rel_const.append([u - reach[a][0] + k - 1 for u in range(key.shape[0])])
+            self.masks.append(torch.zeros(ok.shape, device=device).masked_fill(~ok, _NEG_INF)
+                              if graph._shifted(a) else None)
         self.table = tuple(2 * k - 1 for k in graph.kernel_size)
-        self.slots = [kk.shape[0] for kk in self.keys]
+        self.slots = [lo + hi + 1 for lo, hi in reach]
 
     def pad(self, x: Tensor, channels: bool, value: float = 0.0) -> Tensor:
-        """Pad a (B, *shape[, c]) key-side map on the clipped axes with ``value``."""
+        """Pad a (B, *shape[, c]) key-side map with ``value``."""
         if not any(p != (0, 0) for p in self.pads):
             return x
         spec = [0, 0] if channels else []
@@ -128,7 +150,8 @@ class _Plan:
 
     def key_bias(self, col: Optional[Tensor], like: Tensor) -> Tensor:
         """The column bias padded with -inf: a slot reading past the border scores -inf there (the
-        keys that do not exist), so no slot needs a mask. Zeros stand in for an absent column bias."""
+        keys that do not exist), so no slot needs a mask for them. Zeros stand in for an absent column
+        bias."""
         base = col if col is not None else like.new_zeros(like.shape[:-1])
         return self.pad(base, False, value=_NEG_INF)
 
@@ -139,10 +162,8 @@ class _Plan:
         return x
 
     def take(self, x: Tensor, axis: int, u: int) -> Tensor:
-        """The key-side map seen by slot u along ``axis`` (a view on a clipped axis, a gather else)."""
-        if self.slice_axes[axis]:
-            return x.narrow(1 + axis, u * self.dilation[axis], self.shape[axis])
-        return x.index_select(1 + axis, self.keys[axis][u])
+        """The key-side map seen by slot u along ``axis`` (a view)."""
+        return x.narrow(1 + axis, u * self.dilation[axis], self.shape[axis])
 
     def walk(self, tensors: list[Optional[Tensor]], axis: int = 0, slot: tuple[int, ...] = (),
              stop: Optional[int] = None) -> Iterator[tuple[tuple[int, ...], list[Optional[Tensor]]]]:
@@ -156,45 +177,52 @@ class _Plan:
                                  slot + (u,), stop)
 
     def scored_walk(self, fq: Tensor, tensors: list[Optional[Tensor]]):
-        """:meth:`walk` with each slot's q'.k' (``tensors[0]`` is the padded key map): on a clipped last
-        axis one batched product per outer slot, fq (..., W, d) @ keys (..., W + pad, d)^T, whose
-        diagonals are the slots' dot products (views; matrix-product speed instead of one reduction
-        pass per slot); else a dot product per slot."""
+        """:meth:`walk` with each slot's q'.k' (``tensors[0]`` is the padded key map): per outer slot,
+        batched products of blocks of ``ROW_BLOCK`` queries along the last axis with the keys they
+        can reach, fq (..., blk, d) @ keys (..., blk + pad, d)^T, whose diagonals are the last axis'
+        slots' dot products (matrix-product speed instead of one reduction pass per slot; the blocks
+        keep the products at N (blk + pad) entries however long the last axis is)."""
         last = len(self.shape) - 1
-        if not self.slice_axes[last]:
-            for slot, ts in self.walk(tensors):
-                yield slot, torch.linalg.vecdot(fq, ts[0]), ts
-            return
         t = self.dilation[last]
+        w = self.shape[last]
+        pad = sum(self.pads[last])
+        blk = min(w, ROW_BLOCK)
+        nb = -(-w // blk)
+        fqb = fq
+        if nb > 1:  # the queries in nb blocks of blk (zero rows at the end, their scores dropped)
+            fqb = F.pad(fq, (0, 0, 0, nb * blk - w)).unflatten(-2, (nb, blk))
         for outer, ts in self.walk(tensors, stop=last):
             keys = ts[0]
             assert keys is not None  # the walk's first map is the (padded) key map
-            prod = fq @ keys.transpose(-1, -2)
+            if nb == 1:
+                prod = fq @ keys.transpose(-1, -2)
+            else:  # block i reads key rows [i blk, i blk + blk + pad): overlapping windows (a view)
+                kb = F.pad(keys, (0, 0, 0, nb * blk - w)).unfold(-2, blk + pad, blk)  # (..., nb, d, blk+pad)
+                prod = fqb @ kb
             for u in range(self.slots[last]):
-                yield (outer + (u,), prod.diagonal(offset=u * t, dim1=-2, dim2=-1),
-                       [None if x is None else self.take(x, last, u) for x in ts])
+                dot = prod.diagonal(offset=u * t, dim1=-2, dim2=-1)
+                if nb > 1:
+                    dot = dot.flatten(-2).narrow(-1, 0, w)
+                yield outer + (u,), dot, [None if x is None else self.take(x, last, u) for x in ts]
 
     def _axis_view(self, t: Tensor, axis: int) -> Tensor:
         view = [1] * len(self.shape)
         view[axis] = self.shape[axis]
         return t.reshape(view)
 
-    def flat_keys(self, slot: tuple[int, ...]) -> Tensor:
-        """(N,) row-major index of each query's key in this slot (clamped into the grid where none)."""
-        flat = self._axis_view(self.keys[0][slot[0]], 0)
-        for a, u in enumerate(slot[1:], 1):
-            flat = flat * self.shape[a] + self._axis_view(self.keys[a][u], a)
-        return flat.expand(self.shape).reshape(-1)
-
-    def bias(self, rpb: Tensor, slot: tuple[int, ...]) -> Tensor:
-        """The slot's bias-table entries, (B, *shape) broadcastable, from rpb (B, *table)."""
+    def bias(self, rpb: Optional[Tensor], slot: tuple[int, ...]) -> Optional[Tensor]:
+        """The slot's additive log-weight, (B, *shape) broadcastable: its bias-table entry from rpb
+        (B, *table) (one per slot: the offset is the slot's) plus, on shifted axes, -inf for the queries
+        whose window does not hold the slot's offset. None when neither applies."""
         out = rpb
+        if out is not None:
+            for a, u in enumerate(slot):
+                out = out.narrow(1 + a, self.rel_const[a][u], 1)
         for a, u in enumerate(slot):
-            const = self.rel_const[a]
-            if const is not None:  # a clipped axis: one offset, one entry for every query
-                out = out.narrow(1 + a, const[u], 1)
-            else:
-                out = out.index_select(1 + a, self.rel[a][u])
+            mask = self.masks[a]
+            if mask is not None:
+                m = self._axis_view(mask[u], a)
+                out = m if out is None else out + m
         return out
 
     def flat_rel(self, slot: tuple[int, ...]) -> Tensor:
@@ -270,7 +298,7 @@ class _WindowAggregate(torch.autograd.Function):
             return new, den, acc
 
         for slot, dot, (kt, vt, ct) in plan.scored_walk(fq, [kp, vp, cp]):
-            bias = None if rpb is None else plan.bias(rpb, slot)
+            bias = plan.bias(rpb, slot)
             group.append((_slot_scores(fq, kt, row, ct, bias, clamp, dot)[0], vt))
             if len(group) == SLOT_GROUP:
                 mx, den, acc = merge(mx, den, acc)
@@ -306,22 +334,15 @@ class _WindowAggregate(torch.autograd.Function):
         dsum = (dout * out).sum(-1) if norm == "sum" else None
         base = _finite_or_zero(stat)
         dq = torch.zeros_like(fq) if need_q else None
-        dk = fk.new_zeros(b, n, fk.shape[-1]) if need_k else None
-        dv = value.new_zeros(b, n, value.shape[-1]) if need_v else None
         dr = torch.zeros_like(row) if need_r else None
-        dc = col.new_zeros(b, n) if need_c else None
         db = rpb.new_zeros(b, math.prod(plan.table)) if need_b else None
-        views = all(plan.slice_axes)  # every slot reads a view: its key-side gradients add into views too
-        if views:  # zero-padded gradient buffers, cropped at the end
-            dk = plan.pad(fk.new_zeros(fk.shape), True) if need_k else None
-            dv = plan.pad(value.new_zeros(value.shape), True) if need_v else None
-            dc = plan.pad(col.new_zeros(col.shape), False) if need_c else None
-        q_flat = fq.reshape(b, n, -1)
-        do_flat = dout.reshape(b, n, -1)
-        grads = [dk, dv, dc] if views else [None] * 3
-        for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp] + grads):
-            bias = None if rpb is None else plan.bias(rpb, slot)
-            s, capped = _slot_scores(fq, kt, row, ct, bias, clamp)
+        # every slot reads a view of the padded key side: its key-side gradients add into views of
+        # zero-padded buffers, cropped at the end
+        dk = plan.pad(fk.new_zeros(fk.shape), True) if need_k else None
+        dv = plan.pad(value.new_zeros(value.shape), True) if need_v else None
+        dc = plan.pad(col.new_zeros(col.shape), False) if need_c else None
+        for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp, dk, dv, dc]):
+            s, capped = _slot_scores(fq, kt, row, ct, plan.bias(rpb, slot), clamp)
             if norm == "sum":
                 p = torch.exp(s - base)  # f / C from the saved log-sum-exp; 0 where the slot has no key
                 ds = p * (torch.linalg.vecdot(dout, vt) - dsum)
@@ -333,26 +354,17 @@ class _WindowAggregate(torch.autograd.Function):
             dlin = ds if capped is None else ds.masked_fill(capped, 0.0)
             if need_q:
                 dq.addcmul_(dlin[..., None], kt)
-            if views:
-                if need_v:
-                    dvt.addcmul_(p[..., None], dout)
-                if need_k:
-                    dkt.addcmul_(dlin[..., None], fq)
-                if need_c:
-                    dct.add_(dlin)
-            else:
-                keys = plan.flat_keys(slot) if (need_k or need_v or need_c) else None
-                if need_v:
-                    dv.index_add_(1, keys, (p.reshape(b, n, 1) * do_flat))
-                if need_k:
-                    dk.index_add_(1, keys, dlin.reshape(b, n, 1) * q_flat)
-                if need_c:
-                    dc.index_add_(1, keys, dlin.reshape(b, n))
+            if need_v:
+                dvt.addcmul_(p[..., None], dout)
+            if need_k:
+                dkt.addcmul_(dlin[..., None], fq)
+            if need_c:
+                dct.add_(dlin)
             if need_r:
                 dr.add_(dlin)
-        if views:  # crop the padding (it only ever received zeros from keys that do not exist)
-            crop = lambda t: None if t is None else plan.crop(t)  # noqa: E731
-            dk, dv, dc = crop(dk), crop(dv), crop(dc)
+        # crop the padding (it only ever received zeros from keys that do not exist)
+        crop = lambda t: None if t is None else plan.crop(t)  # noqa: E731
+        dk, dv, dc = crop(dk), crop(dv), crop(dc)
         shape = plan.shape
         reshaped = lambda t, s: None if t is None else t.reshape(s)  # noqa: E731
         return (dq, reshaped(dk, fk.shape), dr, reshaped(dc, None if col is None else col.shape),

@@ -16,7 +16,15 @@ Sections (``SECTIONS``; each is a function ``plan(quick, sizes) -> pairs`` plus 
   CPU (``torch.compile(flex_attention)`` with the window as a block mask, ``create_block_mask``
   outside the timing), forward+backward against ``scaled_dot_product_attention`` with the window
   as a dense bool mask (every kernel forced in turn, the fastest named; S = 64 only: the mask is
-  N^2) and against the chunked backend (a backend choice, the measurement behind grid's ``prefer``).
+  N^2); grid against the chunked backend forward and forward+backward (a backend choice, the
+  measurement behind grid's ``prefer``), for the shifted windows too (S = 64), and on a 1-D
+  sequence of 16384 tokens, r = 3 (the peak-memory row: O(N window), not O(N^2)).
+  Where NATTEN installs (``pip install natten``; on a machine without its compiled library it runs
+  on CPU through FlexAttention, forward only, uncompiled: its compiled Flex backend is CUDA-only),
+  a forward row against ``natten.functional.na2d`` with NATTEN's own window (``kernel_size = 2 r +
+  1``, every query keeping the full window: ours ``LocalWindow(..., border="shift")``), inputs in
+  its heads-last layout (B, S, S, heads, d) made outside the timing; S = 64 only (its CPU path
+  materialises the N^2 scores).
 
 Time ratio = ours / peer (< 1: ours faster); memory = measured peak RSS rise per case, in a
 subprocess (the harness). ``--sizes`` picks the window map sides (default 64 128).
@@ -93,13 +101,23 @@ def _window_step(case: dict) -> Callable[[], object]:
     from nlgraph import graph as G
 
     side, r, d, heads = case["side"], case["radius"], case["d"], case["heads"]
-    n = side * side
+    ndim = case.get("ndim", 2)
+    n = side ** ndim
     gen = torch.Generator().manual_seed(0)
     train = case["mode"] == "fwd+bwd"
     q, k, v = (torch.randn(1, heads, n, d, generator=gen).requires_grad_(train) for _ in range(3))
     dy = torch.randn(1, heads, n, d, generator=gen)
     impl, path = case["impl"], case.get("path")
-    if impl == "flex[compiled]":
+    border = case.get("border", "clip")
+    if impl == "natten":
+        from natten.functional import na2d
+
+        def heads_last(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().view(1, heads, side, side, d).permute(0, 2, 3, 1, 4).contiguous()
+
+        qn, kn, vn = heads_last(q), heads_last(k), heads_last(v)
+        fn = lambda: na2d(qn, kn, vn, kernel_size=2 * r + 1, torch_compile=path == "compiled")  # noqa: E731
+    elif impl == "flex[compiled]":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         block_mask = create_block_mask(_window_mask_mod(side, r), None, None, n, n, device="cpu")
@@ -114,7 +132,7 @@ def _window_step(case: dict) -> Callable[[], object]:
             with harness.sdpa_forced(path):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        graph = G.LocalWindow((side, side), r)
+        graph = _window_graph(side, r, border, ndim)
         fn = lambda: nlgraph.aggregate(q, k, v, nlgraph.Softmax(), graph, backend=impl)  # noqa: E731
 
     if not train:
@@ -131,6 +149,23 @@ def _window_step(case: dict) -> Callable[[], object]:
     return step
 
 
+def _window_graph(side: int, radius: int, border: str, ndim: int = 2):
+    from nlgraph import graph as G
+
+    if border == "shift":  # NATTEN's window: 2 r + 1 keys per axis for every query
+        return G.LocalWindow((side,) * ndim, kernel_size=2 * radius + 1, border="shift")
+    return G.LocalWindow((side,) * ndim, radius)
+
+
+def natten_available() -> bool:
+    """Whether ``natten`` imports (it is not a dependency: the NATTEN rows appear where it installs)."""
+    try:
+        import natten.functional  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _auto(kind: str, **kw) -> str:
     """The backend automatic dispatch picks for a case (named in the row)."""
     import nlgraph
@@ -140,8 +175,9 @@ def _auto(kind: str, **kw) -> str:
         hw, c = kw["hw"], kw["channels"]
         q, v = torch.zeros(1, hw * hw, c // 8), torch.zeros(1, hw * hw, c)
         return nlgraph.select_backend(q, q, v, nlgraph.Softmax(scale=1.0), G.CrissCross((hw, hw)))[0]
-    q = torch.zeros(1, kw["heads"], kw["side"] ** 2, kw["d"])
-    graph = G.LocalWindow((kw["side"],) * 2, kw["radius"])
+    ndim = kw.get("ndim", 2)
+    q = torch.zeros(1, kw["heads"], kw["side"] ** ndim, kw["d"], requires_grad=kw["mode"] == "fwd+bwd")
+    graph = _window_graph(kw["side"], kw["radius"], kw.get("border", "clip"), ndim)
     return nlgraph.select_backend(q, q, q, nlgraph.Softmax(), graph)[0]
 
 
@@ -160,16 +196,31 @@ def plan_criss_cross(quick: bool, sizes=None) -> list[dict]:
 def plan_window(quick: bool, sizes=None) -> list[dict]:
     sides = sizes or ([32] if quick else [64, 128])
     radii, dims = ([3], [32]) if quick else ([3, 6], [32, 64])
+    natten = natten_available()
     pairs = []
     for side in sides:
         for r in radii:
             for d in dims:
                 base = dict(section="window", side=side, radius=r, d=d, heads=4)
-                ours = _auto("window", side=side, radius=r, d=d, heads=4)
-                pairs.append(dict(base, mode="fwd", ours=ours, peer="flex[compiled]"))
+                fwd, train = dict(base, mode="fwd"), dict(base, mode="fwd+bwd")
+                pairs.append(dict(fwd, ours=_auto("window", **fwd), peer="flex[compiled]"))
                 if side <= 64:  # the dense mask is N^2
-                    pairs.append(dict(base, mode="fwd+bwd", ours=ours, peer="sdpa"))
-                pairs.append(dict(base, mode="fwd+bwd", ours="grid", peer="chunked"))
+                    pairs.append(dict(train, ours=_auto("window", **train), peer="sdpa"))
+                # the backend choice behind grid's prefer (not peers), with and without gradients
+                pairs += [dict(train, ours="grid", peer="chunked"), dict(fwd, ours="grid", peer="chunked")]
+                if side > 64:
+                    continue
+                shift = dict(base, border="shift")
+                if natten:  # its CPU path materialises the N^2 scores
+                    pairs.append(dict(shift, mode="fwd", ours=_auto("window", **shift, mode="fwd"),
+                                      peer="natten"))
+                pairs += [dict(shift, mode=m, ours="grid", peer="chunked") for m in ("fwd", "fwd+bwd")]
+    if not quick:  # a long 1-D sequence: the grid backend's scores stay O(N window) (peak memory)
+        seq = dict(section="window", ndim=1, side=16384, radius=3, d=32, heads=4)
+        for m in ("fwd", "fwd+bwd"):
+            pairs.append(dict(seq, mode=m, ours="grid", peer="chunked"))
+    if not natten:
+        print("  window: no NATTEN rows, natten is not installed (pip install natten)", file=sys.stderr)
     return pairs
 
 
@@ -193,13 +244,18 @@ def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
 
 
 def peer_paths(pair: dict):
+    if pair["peer"] == "natten":  # the compiled path is tried and left out (named) where it cannot run
+        return ["compiled", "eager"]
     return harness.sdpa_paths("cpu") if pair["peer"] == "sdpa" else None
 
 
 def describe(p: dict) -> str:
     if p["section"] == "criss-cross":
         return f"criss-cross {p['hw']}x{p['hw']} C={p['channels']} fwd+bwd"
-    return f"window {p['side']}^2 r={p['radius']} d={p['d']} h={p['heads']} {p['mode']}"
+    border = " shift" if p.get("border") == "shift" else ""
+    if p.get("ndim", 2) == 1:
+        return f"window 1-D N={p['side']} r={p['radius']} d={p['d']} h={p['heads']} {p['mode']}"
+    return f"window{border} {p['side']}^2 r={p['radius']} d={p['d']} h={p['heads']} {p['mode']}"
 
 
 def memory_case(case: dict) -> None:

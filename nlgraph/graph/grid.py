@@ -338,26 +338,35 @@ class LocalWindow(_GridGraph):
             src, dst = self._to_nodes(src), self._to_nodes(dst)
         return torch.stack([src, dst]), logw
 
-    def axis_slots(self, axis: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The window along one axis as offset slots: (key coordinate, exists), each (slots, extent).
+    def slot_reach(self, axis: int) -> tuple[int, int]:
+        """(left, right): the offsets, in dilation steps, that can hold a key on one axis: the reach,
+        or for a shifted window every offset up to k - 1 either way (its k keys lie within that span),
+        capped at the grid."""
+        if not self._shifted(axis):
+            return self.reach[axis]
+        cap = (self.shape[axis] - 1) // self.dilation[axis]
+        k = self.kernel_size[axis]
+        return min(k - 1, cap), min(k - 1, cap)
+
+    def axis_slots(self, axis: int, device: torch.device, offsets: bool = False) -> tuple[Tensor, Tensor]:
+        """The window along one axis as slots: (key coordinate, exists), each (slots, extent).
 
         Row u, column a: the key coordinate of the u-th window slot of a query at coordinate a (clamped
         into the grid where the slot has no key) and whether that key exists. With ``"clip"`` (and on a
         causal axis) slot u is the offset (u - left) * dilation, with ``"shift"`` the u-th key of the
-        shifted window. The grid backend iterates over the product of the axes' slots.
+        shifted window; with ``offsets=True`` a shifted axis too has one slot per offset of
+        :meth:`slot_reach`, each existing for the queries whose shifted window holds that offset (the
+        grid backend iterates over the product of the axes' offset slots).
         """
         s, t = self.shape[axis], self.dilation[axis]
         a = torch.arange(s, device=device)
         k = self.kernel_size[axis]
-        # candidate offsets (in dilation steps) that can hold a key: the reach, or for a shifted window
-        # every offset up to k - 1 either way (its k keys lie within that span), capped at the grid
-        cap = (s - 1) // t
-        left, right = (min(k - 1, cap), min(k - 1, cap)) if self._shifted(axis) else self.reach[axis]
+        left, right = self.slot_reach(axis)
         key = a[None, :] + torch.arange(-left, right + 1, device=device)[:, None] * t
         inside = (key >= 0) & (key < s)
         key = key.clamp(0, s - 1)
         ok = inside & self._axis_edge(axis, a[None, :], key)
-        if not self._shifted(axis):
+        if offsets or not self._shifted(axis):
             return key, ok
         # a shifted window holds exactly k keys per query: the u-th is the u-th candidate in the window
         # (a stable sort brings them first, in order; static shapes, so it traces)
