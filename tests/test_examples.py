@@ -90,12 +90,25 @@ def test_video_example_reduced():
     assert len(lines) == 3
 
 
+def test_video_example_context_parallel_rejects_bad_options():
+    pytest.importorskip("sklearn", reason="scikit-learn (test dependency) not installed")
+    from examples.video.train import main, run_context_parallel
+
+    with pytest.raises(ValueError, match="init_noise must be >= 0, got -0.1"):
+        run_context_parallel(2, steps=1, init_noise=-0.1)
+    with pytest.raises(ValueError, match="world must be in 2..4"):
+        run_context_parallel(5, steps=1)
+    with pytest.raises(SystemExit):
+        main(["--world-size", "2", "--init-noise", "nan"])
+
+
 def test_video_example_context_parallel_float64():
     """--world-size: 2 gloo ranks holding 2 frames each compute the single-process step (float64)."""
     pytest.importorskip("sklearn", reason="scikit-learn (test dependency) not installed")
     from examples.video.train import run_context_parallel
 
-    res = run_context_parallel(2, steps=3, n_train=16, n_test=8, seed=0, dtype=torch.float64)
+    # init_noise: both runs start from the same perturbed weights (the README's draws of the recipe)
+    res = run_context_parallel(2, steps=3, n_train=16, n_test=8, seed=0, dtype=torch.float64, init_noise=1e-3)
     assert res["one process"] == res["2 ranks"]
     # the same sums in another grouping (per-rank partial sums, then all-reduced): float64 rounding,
     # ~ (log2 of ~25k terms) u relative to the largest magnitudes involved; 1e-9 leaves ample room

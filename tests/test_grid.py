@@ -451,8 +451,10 @@ def test_dispatch_and_capabilities():
     tri = nlgraph.dispatch.get_backend("triton")
     import os
     if q.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        ok, why = tri.can_run(q, q, q, A.Softmax(), G.LocalWindow((64, 64), kernel_size=4))
-        assert not ok and "plain" in why
+        assert tri.can_run(q, q, q, A.Softmax(), G.LocalWindow((64, 64), kernel_size=4, border="shift"))[0]
+        ok, why = tri.can_run(q, q, q, A.Softmax(), G.LocalWindow((64, 64), kernel_size=4,
+                                                                   rpb=torch.zeros(7, 7)))
+        assert not ok and "relative position bias" in why
 
 
 def test_grid_traces_under_torch_compile():

@@ -194,6 +194,34 @@ def test_local_window_in_kernel_matches_reference(shape, radius, order, aff_name
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, aff, gr))
 
 
+@pytest.mark.parametrize("shape,opts", [
+    ((9,), dict(kernel_size=4, border="shift")),
+    ((6, 7), dict(kernel_size=(3, 4), dilation=(2, 1), border="shift")),
+    ((5, 8), dict(kernel_size=(2, 3), is_causal=(True, False), border="shift")),
+    ((7, 6), dict(kernel_size=3, dilation=(1, 2))),
+    ((3, 4, 6), dict(kernel_size=(2, 3, 3), dilation=(1, 1, 2), is_causal=(True, False, False),
+                     border="shift")),
+])
+def test_window_options_in_kernel_match_reference(shape, opts):
+    """Every LocalWindow option but the relative position bias runs in the kernel's window test
+    (LocalWindow._axis_edge's predicate from the coordinates; tiles the plan rules out skipped)."""
+    n = math.prod(shape)
+    graph = G.LocalWindow(shape, **opts)
+    q, k, v = _inputs(n, n, 16, 5, torch.float32, seed=5)
+    opts = {"block_n": 16, "block_m": 16}
+    y = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="triton", options=opts)
+    y_ref = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="reference")
+    torch.testing.assert_close(y, y_ref, **_fp32_tol(q, k, A.Softmax(), y_ref))
+    dy = torch.randn_like(y)
+    for g, gr in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy),
+                     strict=True):
+        torch.testing.assert_close(g, gr, **_fp32_tol(q, k, A.Softmax(), gr))
+    rpb = torch.zeros(*(2 * kk - 1 for kk in graph.kernel_size))
+    ok, why = nlgraph.dispatch.get_backend("triton").can_run(
+        q, k, v, A.Softmax(), G.LocalWindow(shape, rpb=rpb, **opts))
+    assert not ok and "relative position bias" in why
+
+
 def test_non_local_means_runs_on_the_kernel():
     import numpy as np
 

@@ -13,8 +13,8 @@ import os
 import sys
 
 _POINTERS = {"Q": "q", "K": "q", "V": "q", "R": "q", "C": "q", "BI": "q", "DO": "q", "MK": "i8", "PL": "i8",
-             "CO": "i32", "O": "fp32", "L": "fp32", "DL": "fp32", "DK": "fp32", "DV": "fp32", "DC": "fp32",
-             "DQ": "fp32", "DR": "fp32"}
+             "CO": "i32", "WP": "i32", "O": "fp32", "L": "fp32", "DL": "fp32", "DK": "fp32", "DV": "fp32",
+             "DC": "fp32", "DQ": "fp32", "DR": "fp32"}
 
 
 def compile_all(archs, dtypes, block: int = 64) -> list[str]:

@@ -1,6 +1,7 @@
 """Video classification that needs the time axis: C2D with and without space-time non-local blocks.
 
     python examples/video/train.py [--steps N] [--seed 0] [--world-size 1] [--dtype float64]
+                                   [--init-noise 0 --noise-seed 0]
 
 Clips of 4 frames (28x28) show one scikit-learn digit moving in a straight line; in the last frame
 it either stays the same digit (label 1) or turns into a digit of another class (label 0). Every
@@ -178,7 +179,7 @@ def _cp_worker(rank: int, world: int, tmp: str, steps: int, n_train: int, n_test
 
 def run_context_parallel(world: int, steps: int = CP_STEPS, n_train: int = 3000, n_test: int = 500,
                          seed: int = 0, dtype: torch.dtype = torch.float64, method: str = "ring",
-                         lr: float = CP_LR) -> dict:
+                         lr: float = CP_LR, init_noise: float = 0.0, noise_seed: int = 0) -> dict:
     """Train the non-local model on one process and on ``world`` spawned gloo processes (frames
     sharded) from the same initial weights (those :func:`run` gives its non-local model) and the same
     batches: both test accuracies, and how far the first step's loss and gradients and the final
@@ -189,11 +190,15 @@ def run_context_parallel(world: int, steps: int = CP_STEPS, n_train: int = 3000,
     threads, 1 vs 2 ranks, float32 or float64), and whether a run leaves the initial plateau (the
     block's BatchNorm scale starts at 0 and the classifier averages over every position, so its first
     gradients nearly cancel) differs between such draws: the accuracies are two draws of the
-    recipe's spread (measured in the README)."""
+    recipe's spread (measured in the README). ``init_noise`` > 0 multiplies the shared initial
+    weights by (1 + init_noise N(0, 1)) (generator seeded with ``noise_seed``) before both runs: another
+    draw of the same recipe, for measuring that spread."""
     if not 1 < world <= T:
         raise ValueError(f"world must be in 2..{T} (the clips have {T} frames), got {world}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not init_noise >= 0:
+        raise ValueError(f"init_noise must be >= 0, got {init_noise!r}")
     import torch.multiprocessing as mp
 
     # the RNG stream run() has when it builds its non-local model: clips, the baseline's weights, and
@@ -206,6 +211,11 @@ def run_context_parallel(world: int, steps: int = CP_STEPS, n_train: int = 3000,
     for _ in range(steps):
         torch.randint(0, x_tr.shape[0], (32,))
     model = C2D(nonlocal_blocks=True).to(dtype)
+    if init_noise:
+        gen = torch.Generator().manual_seed(noise_seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + init_noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), os.path.join(tmp, "init.pt"))
         mp.start_processes(_cp_worker, args=(world, tmp, steps, n_train, n_test, seed, dtype, method, lr),
@@ -259,6 +269,10 @@ def main(argv=None) -> int:
                     help="nlgraph.distributed method with --world-size (default ring)")
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                     help="precision of the --world-size comparison (default float64)")
+    ap.add_argument("--init-noise", type=float, default=0.0,
+                    help="with --world-size: multiply the shared initial weights by (1 + this * N(0, 1)), "
+                         "another draw of the recipe (default 0)")
+    ap.add_argument("--noise-seed", type=int, default=0, help="seed of --init-noise (default 0)")
     ap.add_argument("--world-size", type=int, default=1,
                     help=f"train the non-local model on this many gloo processes too, 2..{T} (default 1)")
     args = ap.parse_args(argv)
@@ -266,12 +280,15 @@ def main(argv=None) -> int:
         ap.error("--steps must be >= 1")
     if not 1 <= args.world_size <= T:
         ap.error(f"--world-size must be in 1..{T}")
+    if not args.init_noise >= 0:
+        ap.error("--init-noise must be >= 0")
     if args.world_size == 1:
         run(args.steps or 600, seed=args.seed)
         return 0
     t = time.perf_counter()
     res = run_context_parallel(args.world_size, args.steps or CP_STEPS, seed=args.seed, method=args.method,
-                               dtype=getattr(torch, args.dtype))
+                               dtype=getattr(torch, args.dtype), init_noise=args.init_noise,
+                               noise_seed=args.noise_seed)
     print(f"C2D + space-time non-local, {args.dtype}, same initial weights and batches "
           f"({time.perf_counter() - t:.0f}s):")
     for name, val in res.items():

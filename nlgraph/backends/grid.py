@@ -12,13 +12,13 @@ row and column) and no tile, mask or edge list is needed:
   borders by moving its start) has the 2 k - 1 offsets its windows can hold as slots, each with a
   -inf log-weight for the queries whose window does not hold it (the interior's window is the
   centred one; only the border queries reach further). The slots' dot products q'_i . k'_{i+u} on
-  the last axis are the diagonals of one batched product per outer slot (rows of queries times their
-  padded key rows), so they run at matrix-product speed. An online (running-max) softmax merges the
-  slots, in groups of ``SLOT_GROUP`` that share one rescale, so the forward keeps O(N (d + e) +
-  SLOT_GROUP N + N (W + pad)) state and never holds N x window scores; the backward recomputes each
-  slot's scores from the saved log-sum-exp and adds the key-side gradients into views of padded
-  buffers. The bias enters as the slot's table entry (per offset and
-  leading dim, e.g. head) and its gradient is gathered the same way.
+  the last axis are the diagonals of one batched product per outer slot (blocks of ``ROW_BLOCK``
+  queries times the padded key rows they reach), so they run at matrix-product speed. An online
+  (running-max) softmax merges the slots, in groups of ``SLOT_GROUP`` that share one rescale, so the
+  forward keeps O(N (d + e) + SLOT_GROUP N + N (min(W, ROW_BLOCK) + pad)) state and never holds N x
+  window scores; the backward recomputes each slot's scores from the saved log-sum-exp and adds the
+  key-side gradients into views of padded buffers. The bias enters as the slot's table entry (per
+  offset and leading dim, e.g. head) and its gradient is gathered the same way.
 * ``CrissCross`` (CCNet) is two batched matrix products per pass: the row part (B, H, W, W) and the
   column part (B, W, H, H) with the query itself removed from the column part (counted once), merged
   exactly by a joint log-sum-exp. That is O(N (H + W) d) work, CCNet's cost (tiles and edge lists

@@ -4,7 +4,9 @@ One kernel serves every exp-kernel affinity of the canonical form (``Softmax``; 
 C = sum f or C = 1, with or without a flat top) on the complete graph, with ``ExcludeSelf`` (by
 index), with dense bool / float masks (SDPA semantics; read through broadcast strides, so a
 (B, 1, 1, M) padding mask is never expanded to (B, H, N, M)) and with a local window computed
-from the nodes' grid coordinates, whole key blocks outside it skipped by a precomputed tile plan:
+from the nodes' grid coordinates (every ``LocalWindow`` option -- kernel size, dilation, causal axes,
+NATTEN's ``"shift"`` border -- but the relative position bias, which would be a dense N x M bias),
+whole key blocks outside it skipped by a precomputed tile plan:
 
     s_ij = q'_i . k'_j + r_i + c_j          (the row/column-bias form of nlgraph.affinity)
 
@@ -52,7 +54,7 @@ from ..._optional import missing, optional
 from ...affinity import Gaussian, Softmax
 from .._tiles import spans
 from ..common import Problem
-from .launch import Launch, _as4, _flat_graph, _interpreting, _TritonAggregate
+from .launch import Launch, _as4, _flat_graph, _interpreting, _TritonAggregate, window_params
 
 __all__ = ["can_run", "prefer", "run", "RETURNS_LSE"]
 
@@ -89,10 +91,9 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
         return False, (f"the triton kernel handles the complete graph, ExcludeSelf, dense masks and one "
                        f"local window so far, not {graph!r}")
     for g in members:
-        if _is_window(g) and not g.plain:
-            return False, (f"the triton kernel's window is the plain clipped (2r+1)^D window; {g!r} "
-                           f"(kernel size, dilation, causal axes, border='shift' or a relative position "
-                           f"bias) runs on grid, chunked or pyg")
+        if _is_window(g) and g.rpb is not None:
+            return False, (f"the triton kernel's window takes every option but a relative position bias "
+                           f"(it would be a dense N x M float bias); {g!r} runs on grid, chunked or pyg")
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
     dense = any(g.attn_mask is not None for g in members)
     per_batch = max(n * d, m * d, m * e, n * e, n * m if dense else 0)
@@ -142,9 +143,10 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     bias4 = None if bias is None else _as4(bias.to(bias_dtype), lead)
     window = next((g for g in members if _is_window(g)), None)
     bn, bm = block_n or 64, block_m or 64
-    coords = plan = None
+    coords = plan = wparams = None
     if window is not None:
         coords = window.coords(fq.device).contiguous()
+        wparams = window_params(window, fq.device)
         pairs = window.tile_pairs(spans(n, bn), spans(m, bm), fq.device)
         plan = None if pairs is None else pairs.to(torch.int8).contiguous()
     # the tile-recomputing backward sees the same graph and bias in the flattened (B, N, M) layout
@@ -152,7 +154,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, block_n: 
     bias_flat = None if bias4 is None else bias4.reshape(-1, *bias4.shape[-2:])
     problem = Problem(flat_form, v, bias_flat, flat_graph, (bsz,), n, m, e)
     launch = Launch(problem, (bn, bm), mask4, None if bias4 is None else tuple(bias4.shape),
-                    (lead or (1,))[-1], exclude_self, window, coords, plan)
+                    (lead or (1,))[-1], exclude_self, window, coords, plan, wparams)
     out, stat = _TritonAggregate.apply(fq, fk, row, col, bias_flat, v, launch)
     if not return_lse:
         return out.reshape(*lead, n, e)

@@ -47,7 +47,7 @@ def mma(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
            sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-           D, B2, clamp, rad0, rad1, rad2,
+           D, B2, clamp, WP,
            HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, DOT_FP32: tl.constexpr,
            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -67,11 +67,26 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
         valid = valid & (offs_n[:, None] != offs_m[None, :])
     if WIN_DIMS > 0:  # local window from the nodes' grid coordinates (int32, node order)
         for ax in tl.static_range(WIN_DIMS):
-            rad = rad0 if ax == 0 else (rad1 if ax == 1 else rad2)
+            # the axis' window (LocalWindow._axis_edge): WP[ax] = (left, right, dilation t, kernel k,
+            # shifted, extent); positions in units of t within the query's dilation group
+            left = tl.load(WP + ax * 6)
+            right = tl.load(WP + ax * 6 + 1)
+            t = tl.load(WP + ax * 6 + 2)
+            k = tl.load(WP + ax * 6 + 3)
+            shifted = tl.load(WP + ax * 6 + 4)
+            extent = tl.load(WP + ax * 6 + 5)
             cq = tl.load(CO + offs_n * WIN_DIMS + ax, mask=n_ok, other=0)
             ck = tl.load(CO + offs_m * WIN_DIMS + ax, mask=m_ok, other=0)
-            diff = cq[:, None] - ck[None, :]
-            valid = valid & (diff <= rad) & (diff >= -rad)
+            aq = cq // t
+            ak = ck // t
+            diff = ak[None, :] - aq[:, None]
+            ok = (diff >= -left) & (diff <= right)
+            if shifted != 0:  # NATTEN's window: k keys from clamp(a' - k // 2, 0, L' - k)
+                length = (extent - cq % t + t - 1) // t  # L' of the query's dilation group
+                start = tl.minimum(tl.maximum(aq - k // 2, 0), length - k)
+                ok = (ak[None, :] >= start[:, None]) & (ak[None, :] < start[:, None] + k)
+            ok = ok & ((cq % t)[:, None] == (ck % t)[None, :])
+            valid = valid & ok
     # dense masks are read through two batch strides (e.g. a (B, 1, 1, M) padding mask under
     # (B, H) leading dims) and per-row/column strides that may be 0 (broadcast)
     b1 = b // B2
@@ -90,7 +105,7 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
 def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as in FlashAttention)
         sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
         smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-        N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks,
+        N, M, D, E, B2, clamp, WP, n_kblocks,
         HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
         NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -114,7 +129,7 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as i
         m_ok = offs_m < M
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
-                         sbb1, sbb2, sbn, sbm, D, B2, clamp, rad0, rad1, rad2,
+                         sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
                          HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -143,7 +158,7 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as i
 def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
            sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sdb, sdn, sde,
            smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-           N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks, n_dchunks, n_echunks, n_cchunks,
+           N, M, D, E, B2, clamp, WP, n_kblocks, n_dchunks, n_echunks, n_cchunks,
            HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
            NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -173,7 +188,7 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
         n_ok = offs_n < N
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
-                         sbb1, sbb2, sbn, sbm, D, B2, clamp, rad0, rad1, rad2,
+                         sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
                          HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         base = tl.load(L + b * N + offs_n, mask=n_ok, other=0.0)
@@ -211,7 +226,7 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
 def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
           sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sdb, sdn, sde,
           smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-          N, M, D, E, B2, clamp, rad0, rad1, rad2, n_kblocks, n_qchunks, n_rchunks,
+          N, M, D, E, B2, clamp, WP, n_kblocks, n_qchunks, n_rchunks,
           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
           NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -241,7 +256,7 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
         m_ok = offs_m < M
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
-                         sbb1, sbb2, sbn, sbm, D, B2, clamp, rad0, rad1, rad2,
+                         sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
                          HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         if NORM_SUM:

@@ -82,6 +82,8 @@ class Launch(NamedTuple):
         window: the local-window member, whose edges the kernels test from ``coords`` (None: none).
         coords: (N, D) int32 grid coordinates of the window's nodes.
         plan: (row tiles, column tiles) int8 tile plan of the window (1 = the pair may hold edges).
+        wparams: (D, 6) int32 per-axis window parameters (left, right reach, dilation, kernel size,
+            shifted, extent) the kernels' window test reads (:func:`window_params`).
     """
 
     problem: Problem
@@ -93,11 +95,7 @@ class Launch(NamedTuple):
     window: Optional[LocalWindow]
     coords: Optional[Tensor]
     plan: Optional[Tensor]
-
-    @property
-    def radius(self) -> tuple[int, ...]:
-        """The window's radius per axis (() without a window)."""
-        return () if self.window is None else self.window.radius
+    wparams: Optional[Tensor] = None
 
     def folded(self, batch: int) -> "Launch":
         """The launch for ``batch`` copies of the problem side by side in the batch dimension (vmap)."""
@@ -112,6 +110,15 @@ class Launch(NamedTuple):
                                              graph=_flat_graph(self.exclude_self, self.window, mask4)))
 
 
+def window_params(window: LocalWindow, device: torch.device) -> Tensor:
+    """(D, 6) int32: per axis (left reach, right reach, dilation, kernel size, shifted, extent), what
+    the kernels' window test reads (the same predicate as ``LocalWindow._axis_edge``)."""
+    rows = [(lo, hi, t, k, int(window.border == "shift" and not causal), extent)
+            for (lo, hi), t, k, causal, extent in zip(window.reach, window.dilation, window.kernel_size,
+                                                      window.is_causal, window.shape, strict=True)]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
 def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Optional[Tensor],
                  col: Optional[Tensor], bias: Optional[Tensor],
                  dummy: Tensor) -> tuple[list, list, list, dict]:
@@ -120,7 +127,7 @@ def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Opt
     p = launch.problem
     mask4 = launch.mask4
     bias4 = bias.reshape(launch.bias4_shape) if bias is not None and launch.bias4_shape is not None else None
-    coords, plan = launch.coords, launch.plan
+    coords, plan, wparams = launch.coords, launch.plan, launch.wparams
     ptrs = [fq, fk, value, row if row is not None else dummy, col if col is not None else dummy,
             mask4 if mask4 is not None else dummy, bias4 if bias4 is not None else dummy,
             coords if coords is not None else dummy, plan if plan is not None else dummy]
@@ -128,10 +135,9 @@ def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Opt
                value.stride(0), value.stride(1), value.stride(2),
                row.stride(0) if row is not None else 0, row.stride(1) if row is not None else 0,
                col.stride(0) if col is not None else 0, col.stride(1) if col is not None else 0]
-    radius = tuple(launch.radius) + (0,) * (3 - len(launch.radius))
     bn, bm = launch.blocks
     sizes = [*_strides4(mask4), *_strides4(bias4), p.n, p.m, fq.shape[-1], p.e, launch.b2,
-             float(p.form.clamp or 0.0), *radius, -(-p.m // bm)]
+             float(p.form.clamp or 0.0), wparams if wparams is not None else dummy, -(-p.m // bm)]
     flags = dict(HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
                  EXCL_SELF=launch.exclude_self, HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
                  WIN_DIMS=0 if coords is None else coords.shape[1], HAS_PLAN=plan is not None,
