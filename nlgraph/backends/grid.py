@@ -176,12 +176,13 @@ class _Plan:
             yield from self.walk([None if t is None else self.take(t, axis, u) for t in tensors], axis + 1,
                                  slot + (u,), stop)
 
-    def scored_walk(self, fq: Tensor, tensors: list[Optional[Tensor]]):
-        """:meth:`walk` with each slot's q'.k' (``tensors[0]`` is the padded key map): per outer slot,
-        batched products of blocks of ``ROW_BLOCK`` queries along the last axis with the keys they
-        can reach, fq (..., blk, d) @ keys (..., blk + pad, d)^T, whose diagonals are the last axis'
-        slots' dot products (matrix-product speed instead of one reduction pass per slot; the blocks
-        keep the products at N (blk + pad) entries however long the last axis is)."""
+    def scored_walk(self, fq: Tensor, kp: Tensor, tensors: list[Optional[Tensor]]):
+        """:meth:`walk` over ``tensors`` with each slot's q'.k' from the padded key map ``kp``: per outer
+        slot, batched products of blocks of ``ROW_BLOCK`` queries along the last axis with the keys
+        they can reach, fq (..., blk, d) @ keys (..., blk + pad, d)^T, whose diagonals are the last
+        axis' slots' dot products (matrix-product speed instead of one reduction pass per slot; the
+        blocks keep the products at N (blk + pad) entries however long the last axis is). The keys
+        are laid out (..., d, W + pad) once, so the products read views of them without a copy."""
         last = len(self.shape) - 1
         t = self.dilation[last]
         w = self.shape[last]
@@ -189,21 +190,23 @@ class _Plan:
         blk = min(w, ROW_BLOCK)
         nb = -(-w // blk)
         fqb = fq
+        kt = kp.transpose(-1, -2)
         if nb > 1:  # the queries in nb blocks of blk (zero rows at the end, their scores dropped)
             fqb = F.pad(fq, (0, 0, 0, nb * blk - w)).unflatten(-2, (nb, blk))
-        for outer, ts in self.walk(tensors, stop=last):
+            kt = F.pad(kt, (0, nb * blk - w))
+        kt = kt.contiguous()
+        for outer, ts in self.walk([kt] + tensors, stop=last):
             keys = ts[0]
-            assert keys is not None  # the walk's first map is the (padded) key map
+            assert keys is not None  # the walk's first map is the (padded, transposed) key map
             if nb == 1:
-                prod = fq @ keys.transpose(-1, -2)
+                prod = fq @ keys
             else:  # block i reads key rows [i blk, i blk + blk + pad): overlapping windows (a view)
-                kb = F.pad(keys, (0, 0, 0, nb * blk - w)).unfold(-2, blk + pad, blk)  # (..., nb, d, blk+pad)
-                prod = fqb @ kb
+                prod = fqb @ keys.unfold(-1, blk + pad, blk).movedim(-2, -3)  # (..., nb, d, blk + pad)
             for u in range(self.slots[last]):
                 dot = prod.diagonal(offset=u * t, dim1=-2, dim2=-1)
                 if nb > 1:
                     dot = dot.flatten(-2).narrow(-1, 0, w)
-                yield outer + (u,), dot, [None if x is None else self.take(x, last, u) for x in ts]
+                yield outer + (u,), dot, [None if x is None else self.take(x, last, u) for x in ts[1:]]
 
     def _axis_view(self, t: Tensor, axis: int) -> Tensor:
         view = [1] * len(self.shape)
@@ -243,12 +246,15 @@ class _GridRun:
     plan: Optional[_Plan] = None
 
 
-def _slot_scores(fq: Tensor, kt: Tensor, row: Optional[Tensor], colt: Tensor, bias: Optional[Tensor],
-                 clamp: Optional[float], dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def _slot_scores(fq: Tensor, kt: Optional[Tensor], row: Optional[Tensor], colt: Tensor,
+                 bias: Optional[Tensor], clamp: Optional[float], dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """One slot's scores s = min(q'.k' + r + c + o, 0) + bias (c = -inf where the slot has no key: the
     padding of :meth:`_Plan.key_bias`) and the capped positions (flat top: no gradient through q', k',
     r, c there). ``dot``: q'.k' when already known."""
-    s = torch.linalg.vecdot(fq, kt) if dot is None else dot
+    if dot is None:
+        assert kt is not None  # the slot's keys, when its dot products are not given
+        dot = torch.linalg.vecdot(fq, kt)
+    s = dot
     if row is not None:
         s = s + row
     s = s + colt
@@ -286,7 +292,9 @@ class _WindowAggregate(torch.autograd.Function):
 
         def merge(mx, den, acc):
             """Fold a group of slots into the running state: one rescale per group, not per slot."""
-            new = torch.maximum(mx, torch.stack([s for s, _ in group]).amax(0))
+            new = mx
+            for s, _ in group:
+                new = torch.maximum(new, s)
             safe = _finite_or_zero(new)
             alpha = torch.exp(mx - safe)
             den, acc = den.mul_(alpha), acc.mul_(alpha[..., None])
@@ -297,9 +305,9 @@ class _WindowAggregate(torch.autograd.Function):
             group.clear()
             return new, den, acc
 
-        for slot, dot, (kt, vt, ct) in plan.scored_walk(fq, [kp, vp, cp]):
+        for slot, dot, (vt, ct) in plan.scored_walk(fq, kp, [vp, cp]):
             bias = plan.bias(rpb, slot)
-            group.append((_slot_scores(fq, kt, row, ct, bias, clamp, dot)[0], vt))
+            group.append((_slot_scores(fq, None, row, ct, bias, clamp, dot)[0], vt))
             if len(group) == SLOT_GROUP:
                 mx, den, acc = merge(mx, den, acc)
         if group:
