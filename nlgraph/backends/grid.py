@@ -195,7 +195,8 @@ class _Plan:
             fqb = F.pad(fq, (0, 0, 0, nb * blk - w)).unflatten(-2, (nb, blk))
             kt = F.pad(kt, (0, nb * blk - w))
         kt = kt.contiguous()
-        for outer, ts in self.walk([kt] + tensors, stop=last):
+        walked: list[Optional[Tensor]] = [kt, *tensors]
+        for outer, ts in self.walk(walked, stop=last):
             keys = ts[0]
             assert keys is not None  # the walk's first map is the (padded, transposed) key map
             if nb == 1:
@@ -247,7 +248,8 @@ class _GridRun:
 
 
 def _slot_scores(fq: Tensor, kt: Optional[Tensor], row: Optional[Tensor], colt: Tensor,
-                 bias: Optional[Tensor], clamp: Optional[float], dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                 bias: Optional[Tensor], clamp: Optional[float],
+                 dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """One slot's scores s = min(q'.k' + r + c + o, 0) + bias (c = -inf where the slot has no key: the
     padding of :meth:`_Plan.key_bias`) and the capped positions (flat top: no gradient through q', k',
     r, c there). ``dot``: q'.k' when already known."""
