@@ -365,25 +365,28 @@ def test_shift_border_matches_natten(shape, kernel, dilation, causal):
 
 
 def test_window_dispatch_counts_offset_slots_and_gradients():
-    """grid takes windows of at most MAX_WINDOW_SLOTS offset slots when a gradient is wanted and
-    MAX_WINDOW_SLOTS_INFERENCE without; a shifted axis visits 2 k - 1 offsets."""
+    """grid takes windows whose offset slots x (d + e) are at most MAX_WINDOW_WORK when a gradient is
+    wanted and MAX_WINDOW_WORK_INFERENCE without; a shifted axis visits 2 k - 1 offsets."""
     from nlgraph.backends import grid
 
     shape = (64, 64)
-    q = torch.randn(1, 2, 64 * 64, 8)
-    leaf = q.clone().requires_grad_()
     cases = [(G.LocalWindow(shape, 3), 49), (G.LocalWindow(shape, 6), 169),
              (G.LocalWindow(shape, kernel_size=7, border="shift"), 169),
              (G.LocalWindow(shape, kernel_size=13, border="shift"), 625),
              (G.LocalWindow(shape, kernel_size=(7, 3), is_causal=(True, False), border="shift"), 7 * 5)]
-    for graph, slots in cases:
-        assert grid.window_slots(graph) == slots
-        for x, limit in ((q, grid.MAX_WINDOW_SLOTS_INFERENCE), (leaf, grid.MAX_WINDOW_SLOTS)):
-            want = "grid" if slots <= limit else "chunked"
-            assert nlgraph.select_backend(x, q, q, A.Softmax(), graph)[0] == want, (graph, x.requires_grad)
-        with torch.no_grad():
-            want = "grid" if slots <= grid.MAX_WINDOW_SLOTS_INFERENCE else "chunked"
-            assert nlgraph.select_backend(leaf, q, q, A.Softmax(), graph)[0] == want
+    for d in (16, 32, 64):
+        q = torch.randn(1, 2, 64 * 64, d)
+        leaf = q.clone().requires_grad_()
+        for graph, slots in cases:
+            assert grid.window_slots(graph) == slots
+            work = slots * 2 * d
+            for x, limit in ((q, grid.MAX_WINDOW_WORK_INFERENCE), (leaf, grid.MAX_WINDOW_WORK)):
+                want = "grid" if work <= limit else "chunked"
+                got = nlgraph.select_backend(x, q, q, A.Softmax(), graph)[0]
+                assert got == want, (graph, d, x.requires_grad)
+            with torch.no_grad():
+                want = "grid" if work <= grid.MAX_WINDOW_WORK_INFERENCE else "chunked"
+                assert nlgraph.select_backend(leaf, q, q, A.Softmax(), graph)[0] == want
 
 
 # ---------------------------------------------------------------- options, errors, dispatch

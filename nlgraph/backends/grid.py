@@ -46,32 +46,35 @@ from torch import Tensor
 from ..graph import LocalWindow
 from .common import lower
 
-__all__ = ["can_run", "prefer", "run", "window_slots", "MAX_WINDOW_SLOTS", "MAX_WINDOW_SLOTS_INFERENCE"]
+__all__ = ["can_run", "prefer", "run", "window_slots", "MAX_WINDOW_WORK", "MAX_WINDOW_WORK_INFERENCE"]
 
 _NEG_INF = -math.inf
 
-#: Automatic dispatch takes ``grid`` for criss-cross graphs always and for local windows of at most
-#: this many offset slots when a gradient is wanted (:func:`window_slots`: the keys per query of a
-#: clipped window, (2 k - 1)^D for a shifted one). Measured with ``nlgraph bench grid`` (2-core CPU,
-#: forward+backward, 4 heads, benchmarks/results/grid-cpu.json): the shift-major loop's memory traffic
-#: grows with the slots, the tiled ``chunked`` path's matrix products with the tiles it visits; grid
-#: took 0.5-0.9x chunked's time at 49 slots (radius 3) and 1.1x at 169 (radius 6) on 64x64 maps.
-#: Criss-cross: grid 0.02x pyg's and 0.08x chunked's time at 64x64, C = 256.
-MAX_WINDOW_SLOTS = 100
+#: Automatic dispatch takes ``grid`` for criss-cross graphs always and for local windows whose work
+#: per query, the offset slots it visits (:func:`window_slots`: the keys of a clipped window, (2 k -
+#: 1)^D for a shifted one) times the widths d + e, is at most this when a gradient is wanted. Measured
+#: with ``nlgraph bench grid`` (2-core CPU, 2 threads, forward+backward, 4 heads of width d = e,
+#: 64^2 and 128^2 maps, benchmarks/results/grid-cpu.json): grid took 0.36-0.64x chunked's time up to
+#: 169 slots x 64 (radius 6 at d = 32; shifted kernel 7 at d = 32: 0.95x), and 1.08-1.77x at 169 x 128
+#: (radius 6 or shifted kernel 7 at d = 64), 2.7-3.4x at 625 slots (shifted kernel 13). Criss-cross:
+#: grid 0.01x pyg's and 0.05x chunked's time at 64x64, C = 256.
+MAX_WINDOW_WORK = 12000
 
-#: The same without gradients (inference): the forward alone reads each slot once, as one diagonal
-#: of a batched product, and took about half chunked's time at 169 slots (64x64, radius 6 clipped,
-#: kernel 7 shifted) and 1.4x at 625 (kernel 13 shifted).
-MAX_WINDOW_SLOTS_INFERENCE = 300
+#: The same without gradients (inference), where the forward reads each slot once: grid took 0.27-0.58x
+#: chunked's time up to 169 slots x 128 (radius 6 at d = 64; shifted kernel 7 at d = 64: 1.03x) and
+#: 1.56-2.0x at 625 x 64 (shifted kernel 13).
+MAX_WINDOW_WORK_INFERENCE = 24000
 
 #: Slots whose scores the forward holds at once (SLOT_GROUP x N scores): the running max and the
 #: accumulator are rescaled once per group instead of once per slot.
 SLOT_GROUP = 8
 
-#: Queries per block of the last axis in the forward's batched score products (its products hold N
-#: (ROW_BLOCK + padding) entries): a whole row of a 2-D map up to 256 wide; a long 1-D sequence in
-#: blocks, so its scores stay O(N window) rather than O(N^2).
-ROW_BLOCK = 256
+#: Queries per block of the last axis in the forward's batched score products: each block's product
+#: holds (ROW_BLOCK + padding) scores per query, of which only the window's slots are read, so small
+#: blocks waste the least (measured, 1 thread, 4 heads: 16-32 were 10-30% faster than whole rows of
+#: 64-128 and than 256 on 2-D maps, and 2x faster than 256 on a 1-D sequence of 16384), and keep the
+#: products at N (ROW_BLOCK + padding) entries however long the last axis is (a 1-D sequence too).
+ROW_BLOCK = 16
 
 #: The grid patterns (:attr:`nlgraph.graph.Graph.grid_pattern`) this backend computes.
 _PATTERNS = ("window", "criss_cross")
@@ -96,13 +99,14 @@ def window_slots(graph: LocalWindow) -> int:
 
 
 def prefer(query, key, value, affinity, graph) -> bool:
-    """Criss-cross always; windows up to MAX_WINDOW_SLOTS offset slots when a gradient is wanted, up to
-    MAX_WINDOW_SLOTS_INFERENCE without (measured: the constants)."""
+    """Criss-cross always; windows whose offset slots times (d + e) are at most MAX_WINDOW_WORK when a
+    gradient is wanted, MAX_WINDOW_WORK_INFERENCE without (measured: the constants)."""
     if graph.grid_pattern == "criss_cross":
         return True
     tensors = (query, key, value, graph.rpb)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return window_slots(graph) <= (MAX_WINDOW_SLOTS if training else MAX_WINDOW_SLOTS_INFERENCE)
+    work = window_slots(graph) * (query.shape[-1] + value.shape[-1])
+    return work <= (MAX_WINDOW_WORK if training else MAX_WINDOW_WORK_INFERENCE)
 
 
 # ------------------------------------------------------------------------------------------------
