@@ -54,15 +54,15 @@ _NEG_INF = -math.inf
 #: per query, the offset slots it visits (:func:`window_slots`: the keys of a clipped window, (2 k -
 #: 1)^D for a shifted one) times the widths d + e, is at most this when a gradient is wanted. Measured
 #: with ``nlgraph bench grid`` (2-core CPU, 2 threads, forward+backward, 4 heads of width d = e,
-#: 64^2 and 128^2 maps, benchmarks/results/grid-cpu.json): grid took 0.36-0.64x chunked's time up to
-#: 169 slots x 64 (radius 6 at d = 32; shifted kernel 7 at d = 32: 0.95x), and 1.08-1.77x at 169 x 128
-#: (radius 6 or shifted kernel 7 at d = 64), 2.7-3.4x at 625 slots (shifted kernel 13). Criss-cross:
-#: grid 0.01x pyg's and 0.05x chunked's time at 64x64, C = 256.
+#: 64^2 and 128^2 maps, benchmarks/results/grid-cpu.json): grid took 0.27-0.58x chunked's time up to
+#: 169 slots x 64 (radius 6 at d = 32; shifted kernel 7 at d = 32: 0.90x), 0.97-1.63x at 169 x 128
+#: (radius 6 or shifted kernel 7 at d = 64) and 2.4-3.6x at 625 slots (shifted kernel 13).
+#: Criss-cross: grid 0.02x pyg's and 0.06x chunked's time at 64x64, C = 256.
 MAX_WINDOW_WORK = 12000
 
-#: The same without gradients (inference), where the forward reads each slot once: grid took 0.27-0.58x
-#: chunked's time up to 169 slots x 128 (radius 6 at d = 64; shifted kernel 7 at d = 64: 1.03x) and
-#: 1.56-2.0x at 625 x 64 (shifted kernel 13).
+#: The same without gradients (inference), where the forward reads each slot once: grid took 0.13-0.57x
+#: chunked's time up to 169 slots x 128 (radius 6 at d = 64; shifted kernel 7 at d = 64: 0.93x) and
+#: 1.5-1.9x at 625 x 64 (shifted kernel 13).
 MAX_WINDOW_WORK_INFERENCE = 24000
 
 #: Slots whose scores the forward holds at once (SLOT_GROUP x N scores): the running max and the
