@@ -130,8 +130,10 @@ def test_capabilities_and_dispatch(monkeypatch):
     head = x[:, :4].contiguous()
     ok, why = mod.can_run(head, head.clone(), x, A.Softmax(), G.LocalWindow((4,), 1))
     assert ok  # local windows run in the kernel
-    ok, why = mod.can_run(x[:, :4].contiguous(), x[:, :4].contiguous(), x, A.Softmax(), G.CrissCross((2, 2)))
-    assert not ok and "one local window" in why
+    assert mod.can_run(head, head.clone(), x, A.Softmax(), G.CrissCross((2, 2)))[0]  # criss-cross too,
+    assert not mod.prefer(head, head.clone(), x, A.Softmax(), G.CrissCross((2, 2)))  # but grid is preferred
+    ok, why = mod.can_run(head, head.clone(), x, A.Softmax(), G.CrissCross((2, 2)) & G.LocalWindow((2, 2), 1))
+    assert not ok and "one local window or criss-cross" in why
     if not CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
         ok, why = mod.can_run(x, x, x, A.Softmax(), None)
@@ -208,8 +210,8 @@ def test_window_options_in_kernel_match_reference(shape, opts):
     n = math.prod(shape)
     graph = G.LocalWindow(shape, **opts)
     q, k, v = _inputs(n, n, 16, 5, torch.float32, seed=5)
-    opts = {"block_n": 16, "block_m": 16}
-    y = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="triton", options=opts)
+    blocks = {"block_n": 16, "block_m": 16}
+    y = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="triton", options=blocks)
     y_ref = nlgraph.aggregate(q, k, v, A.Softmax(), graph, backend="reference")
     torch.testing.assert_close(y, y_ref, **_fp32_tol(q, k, A.Softmax(), y_ref))
     dy = torch.randn_like(y)
@@ -220,6 +222,23 @@ def test_window_options_in_kernel_match_reference(shape, opts):
     ok, why = nlgraph.dispatch.get_backend("triton").can_run(
         q, k, v, A.Softmax(), G.LocalWindow(shape, rpb=rpb, **opts))
     assert not ok and "relative position bias" in why
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 6), (9, 3)])
+@pytest.mark.parametrize("aff_name", ["softmax", "gaussian_offset"])
+def test_criss_cross_in_kernel_matches_reference(shape, aff_name):
+    """CCNet's criss-cross graph in the kernel (the same row OR the same column, the query once)."""
+    n = math.prod(shape)
+    q, k, v = _inputs(n, n, 16, 5, torch.float32, seed=6)
+    aff = AFFINITIES[aff_name](16)
+    graph = G.CrissCross(shape)
+    y = nlgraph.aggregate(q, k, v, aff, graph, backend="triton", options={"block_n": 16, "block_m": 16})
+    y_ref = nlgraph.aggregate(q, k, v, aff, graph, backend="reference")
+    torch.testing.assert_close(y, y_ref, **_fp32_tol(q, k, aff, y_ref))
+    dy = torch.randn_like(y)
+    for g, gr in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy),
+                     strict=True):
+        torch.testing.assert_close(g, gr, **_fp32_tol(q, k, aff, gr))
 
 
 def test_non_local_means_runs_on_the_kernel():

@@ -30,9 +30,11 @@ def compile_all(archs, dtypes, block: int = 64) -> list[str]:
     for arch in archs:
         for dtype in dtypes:
             for fn in (kernels.fwd, kernels.bwd_kv, kernels.bwd_q):
-                # every feature on: flat top, exclude-self, 2-d window + plan, bool and float masks, row/col
+                # every feature on: flat top, exclude-self, 2-d window + plan (criss-cross's OR of the
+                # axes in fp32), bool and float masks, row/col
                 consts = dict(HAS_ROW=True, HAS_COL=True, HAS_CLAMP=True, EXCL_SELF=True, HAS_MASK=True,
-                              HAS_BIAS=True, WIN_DIMS=2, HAS_PLAN=True, NORM_SUM=True, DOT_FP32=False,
+                              HAS_BIAS=True, WIN_DIMS=2,
+                              WIN_ANY=dtype == "fp32", HAS_PLAN=True, NORM_SUM=True, DOT_FP32=False,
                               PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_N=block, BLOCK_M=block,
                               BLOCK_D=block, BLOCK_E=block)
                 sig = {}

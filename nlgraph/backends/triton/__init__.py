@@ -5,7 +5,8 @@ C = sum f or C = 1, with or without a flat top) on the complete graph, with ``Ex
 index), with dense bool / float masks (SDPA semantics; read through broadcast strides, so a
 (B, 1, 1, M) padding mask is never expanded to (B, H, N, M)) and with a local window computed
 from the nodes' grid coordinates (every ``LocalWindow`` option -- kernel size, dilation, causal axes,
-NATTEN's ``"shift"`` border -- but the relative position bias, which would be a dense N x M bias),
+NATTEN's ``"shift"`` border -- but the relative position bias, which would be a dense N x M bias --
+and CCNet's ``CrissCross``: the same row or column),
 whole key blocks outside it skipped by a precomputed tile plan:
 
     s_ij = q'_i . k'_j + r_i + c_j          (the row/column-bias form of nlgraph.affinity)
@@ -68,8 +69,9 @@ def _members(graph) -> tuple:
 
 
 def _is_window(g) -> bool:
-    """A window graph on the grid (the kernels test its edges from the nodes' coordinates)."""
-    return g.grid_pattern == "window"
+    """A window or criss-cross graph on the grid (the kernels test its edges from the nodes'
+    coordinates)."""
+    return g.grid_pattern in ("window", "criss_cross")
 
 
 def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
@@ -89,9 +91,9 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     if not all(g.excludes_self or g.attn_mask is not None or _is_window(g) for g in members) or sum(
             _is_window(g) for g in members) > 1:
         return False, (f"the triton kernel handles the complete graph, ExcludeSelf, dense masks and one "
-                       f"local window so far, not {graph!r}")
+                       f"local window or criss-cross graph so far, not {graph!r}")
     for g in members:
-        if _is_window(g) and g.rpb is not None:
+        if _is_window(g) and getattr(g, "rpb", None) is not None:
             return False, (f"the triton kernel's window takes every option but a relative position bias "
                            f"(it would be a dense N x M float bias); {g!r} runs on grid, chunked or pyg")
     n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
@@ -104,6 +106,11 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
 
 
 def prefer(query, key, value, affinity, graph) -> bool:
+    """On CUDA, but not criss-cross: its tile plan keeps every key tile that shares a column with the
+    query tile (about H of the N / BLOCK_M), so the kernel does O(N^2 d) work where the grid backend's
+    row and column products do O(N (H + W) d); forced (``backend="triton"``) it runs."""
+    if any(g.grid_pattern == "criss_cross" for g in _members(graph)):
+        return False
     return query.device.type == "cuda"
 
 

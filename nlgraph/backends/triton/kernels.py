@@ -49,7 +49,8 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
            sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
            D, B2, clamp, WP,
            HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
-           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, DOT_FP32: tl.constexpr,
+           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
+           DOT_FP32: tl.constexpr,
            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (BLOCK_N, BLOCK_M) score tile, non-edges at -inf; ``live``: where d s / d lin = 1 (not flat)."""
     s = dot_nt(Q, K, b, offs_n, offs_m, n_ok, m_ok, sqb, sqn, sqd, skb, skm, skd, D,
@@ -66,6 +67,12 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
     if EXCL_SELF:
         valid = valid & (offs_n[:, None] != offs_m[None, :])
     if WIN_DIMS > 0:  # local window from the nodes' grid coordinates (int32, node order)
+        # the axes' tests combine by AND (a window) or, with WIN_ANY, by OR (criss-cross: the same row
+        # or the same column, each axis' test a window of reach 0)
+        if WIN_ANY:
+            grid_ok = (offs_n[:, None] < 0) & (offs_m[None, :] < 0)  # no edge yet (OR from here)
+        else:
+            grid_ok = valid
         for ax in tl.static_range(WIN_DIMS):
             # the axis' window (LocalWindow._axis_edge): WP[ax] = (left, right, dilation t, kernel k,
             # shifted, extent); positions in units of t within the query's dilation group
@@ -86,7 +93,11 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                 start = tl.minimum(tl.maximum(aq - k // 2, 0), length - k)
                 ok = (ak[None, :] >= start[:, None]) & (ak[None, :] < start[:, None] + k)
             ok = ok & ((cq % t)[:, None] == (ck % t)[None, :])
-            valid = valid & ok
+            if WIN_ANY:
+                grid_ok = grid_ok | ok
+            else:
+                grid_ok = grid_ok & ok
+        valid = valid & grid_ok
     # dense masks are read through two batch strides (e.g. a (B, 1, 1, M) padding mask under
     # (B, H) leading dims) and per-row/column strides that may be 0 (broadcast)
     b1 = b // B2
@@ -107,7 +118,8 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as i
         smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
         N, M, D, E, B2, clamp, WP, n_kblocks,
         HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
+        HAS_PLAN: tl.constexpr,
         NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -130,7 +142,8 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as i
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
                          sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
-                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, DOT_FP32,
+                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, WIN_ANY,
+                         DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,7 +173,8 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
            smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
            N, M, D, E, B2, clamp, WP, n_kblocks, n_dchunks, n_echunks, n_cchunks,
            HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
-           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
+           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
+           HAS_PLAN: tl.constexpr,
            NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """A block of keys: dV = P^T dO and dK = dS^T Q for one feature / value chunk, dcol = sum_i dS."""
@@ -189,7 +203,8 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
                          sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
-                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, DOT_FP32,
+                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, WIN_ANY,
+                         DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         base = tl.load(L + b * N + offs_n, mask=n_ok, other=0.0)
         if NORM_SUM:  # P = exp(s - lse); C = 1: P = exp(s)
@@ -228,7 +243,8 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
           smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
           N, M, D, E, B2, clamp, WP, n_kblocks, n_qchunks, n_rchunks,
           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
-          HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, HAS_PLAN: tl.constexpr,
+          HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
+          HAS_PLAN: tl.constexpr,
           NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr,
           PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
           BLOCK_E: tl.constexpr):
@@ -257,7 +273,8 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
                          sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
-                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, DOT_FP32,
+                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, WIN_ANY,
+                         DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         if NORM_SUM:
             p = tl.exp(s - base[:, None])

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from ...graph import ExcludeSelf, Graph, Intersection, LocalWindow, Mask
+from ...graph import CrissCross, ExcludeSelf, Graph, Intersection, LocalWindow, Mask
 from .._tiles import TileRun, tile_backward
 from ..chunked import default_blocks
 from ..common import Problem
@@ -79,7 +79,8 @@ class Launch(NamedTuple):
         bias4_shape: the (B1, B2, N|1, M|1) shape of the float bias (None: no bias).
         b2: B2, the last leading dim (the masks' second batch stride).
         exclude_self: j != i is tested by index in the kernels.
-        window: the local-window member, whose edges the kernels test from ``coords`` (None: none).
+        window: the local-window or criss-cross member, whose edges the kernels test from ``coords``
+            (None: none).
         coords: (N, D) int32 grid coordinates of the window's nodes.
         plan: (row tiles, column tiles) int8 tile plan of the window (1 = the pair may hold edges).
         wparams: (D, 6) int32 per-axis window parameters (left, right reach, dilation, kernel size,
@@ -92,7 +93,7 @@ class Launch(NamedTuple):
     bias4_shape: Optional[tuple[int, ...]]
     b2: int
     exclude_self: bool
-    window: Optional[LocalWindow]
+    window: Optional[Graph]
     coords: Optional[Tensor]
     plan: Optional[Tensor]
     wparams: Optional[Tensor] = None
@@ -110,12 +111,16 @@ class Launch(NamedTuple):
                                              graph=_flat_graph(self.exclude_self, self.window, mask4)))
 
 
-def window_params(window: LocalWindow, device: torch.device) -> Tensor:
+def window_params(window: Union[LocalWindow, CrissCross], device: torch.device) -> Tensor:
     """(D, 6) int32: per axis (left reach, right reach, dilation, kernel size, shifted, extent), what
-    the kernels' window test reads (the same predicate as ``LocalWindow._axis_edge``)."""
-    rows = [(lo, hi, t, k, int(window.border == "shift" and not causal), extent)
-            for (lo, hi), t, k, causal, extent in zip(window.reach, window.dilation, window.kernel_size,
-                                                      window.is_causal, window.shape, strict=True)]
+    the kernels' window test reads (the same predicate as ``LocalWindow._axis_edge``). A criss-cross
+    graph is, per axis, a window of reach 0 (the same coordinate), the axes combined by OR."""
+    if isinstance(window, CrissCross):
+        rows = [(0, 0, 1, 1, 0, extent) for extent in window.shape]
+    else:
+        rows = [(lo, hi, t, k, int(window.border == "shift" and not causal), extent)
+                for (lo, hi), t, k, causal, extent in zip(window.reach, window.dilation, window.kernel_size,
+                                                          window.is_causal, window.shape, strict=True)]
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
@@ -140,7 +145,9 @@ def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Opt
              float(p.form.clamp or 0.0), wparams if wparams is not None else dummy, -(-p.m // bm)]
     flags = dict(HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
                  EXCL_SELF=launch.exclude_self, HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
-                 WIN_DIMS=0 if coords is None else coords.shape[1], HAS_PLAN=plan is not None,
+                 WIN_DIMS=0 if coords is None else coords.shape[1],
+                 WIN_ANY=launch.window is not None and launch.window.grid_pattern == "criss_cross",
+                 HAS_PLAN=plan is not None,
                  NORM_SUM=p.form.norm == "sum",
                  # Triton's CPU interpreter computes bf16 dot products wrongly (numpy has no bf16):
                  # upcast there
@@ -149,7 +156,7 @@ def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Opt
     return ptrs, strides, sizes, flags
 
 
-def _flat_graph(exclude_self: bool, window: Optional[LocalWindow],
+def _flat_graph(exclude_self: bool, window: Optional[Graph],
                 mask4: Optional[Tensor]) -> Optional[Graph]:
     """The graph in the flattened (B, N, M) layout, for the tile-recomputing backward of a float mask."""
     parts = ([ExcludeSelf()] if exclude_self else []) + ([window] if window is not None else []) + (
