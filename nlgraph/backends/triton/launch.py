@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -115,12 +115,13 @@ def window_params(window: Union[LocalWindow, CrissCross], device: torch.device) 
     """(D, 6) int32: per axis (left reach, right reach, dilation, kernel size, shifted, extent), what
     the kernels' window test reads (the same predicate as ``LocalWindow._axis_edge``). A criss-cross
     graph is, per axis, a window of reach 0 (the same coordinate), the axes combined by OR."""
-    if isinstance(window, CrissCross):
+    if window.grid_pattern == "criss_cross":
         rows = [(0, 0, 1, 1, 0, extent) for extent in window.shape]
     else:
-        rows = [(lo, hi, t, k, int(window.border == "shift" and not causal), extent)
-                for (lo, hi), t, k, causal, extent in zip(window.reach, window.dilation, window.kernel_size,
-                                                          window.is_causal, window.shape, strict=True)]
+        win = cast(LocalWindow, window)  # grid_pattern "window": the LocalWindow attributes
+        rows = [(lo, hi, t, k, int(win.border == "shift" and not causal), extent)
+                for (lo, hi), t, k, causal, extent in zip(win.reach, win.dilation, win.kernel_size,
+                                                          win.is_causal, win.shape, strict=True)]
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
