@@ -91,11 +91,16 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
     return True, ""
 
 
+def _slot_counts(graph: LocalWindow) -> list[int]:
+    """Per axis, the offset slots the grid backend visits (those of :meth:`LocalWindow.slot_reach`)."""
+    return [lo + hi + 1 for lo, hi in (graph.slot_reach(a) for a in range(len(graph.shape)))]
+
+
 def window_slots(graph: LocalWindow) -> int:
     """The offset slots the grid backend visits for a window (its cost): the keys per query of a clipped
     window; on a shifted axis the 2 k - 1 offsets either side, each -inf for the queries whose shifted
     window does not hold it."""
-    return math.prod(lo + hi + 1 for lo, hi in (graph.slot_reach(a) for a in range(len(graph.shape))))
+    return math.prod(_slot_counts(graph))
 
 
 def prefer(query, key, value, affinity, graph) -> bool:
@@ -126,22 +131,22 @@ class _Plan:
         # zero padding of the key side: slot u reads the view starting at u * dilation
         self.pads = [(lo * t, hi * t) for (lo, hi), t in zip(reach, graph.dilation, strict=True)]
         self.dilation = graph.dilation
-        self.rel: list[Tensor] = []
-        self.rel_const: list[list[int]] = []  # per axis: a slot's table entry (its offset + k - 1)
+        self.slots = _slot_counts(graph)
+        # per axis, each slot's bias-table entry: its offset (in dilation steps) + k - 1, the same for
+        # every query that has the slot's key (host-side ints: no sync, traceable)
+        self.rel_const = [[u - lo + k - 1 for u in range(n)]
+                          for (lo, _), k, n in zip(reach, graph.kernel_size, self.slots, strict=True)]
         # per shifted axis, (slots, extent): 0 where the query's window holds the slot's offset, -inf
         # where not (a shifted window is a subset of the 2 k - 1 offsets either side, different near the
         # borders); None on the other axes, where the -inf padding of the key bias does the clipping
         self.masks: list[Optional[Tensor]] = []
         for a in range(d):
-            key, ok = graph.axis_slots(a, device, offsets=True)
-            k, t = graph.kernel_size[a], graph.dilation[a]
-            coord = torch.arange(self.shape[a], device=device)
-            self.rel.append((key // t - coord[None, :] // t + k - 1).clamp(0, 2 * k - 2))
-            self.rel_const.append([u - reach[a][0] + k - 1 for u in range(key.shape[0])])
-            self.masks.append(torch.zeros(ok.shape, device=device).masked_fill(~ok, _NEG_INF)
-                              if graph._shifted(a) else None)
+            mask = None
+            if graph._shifted(a):
+                ok = graph.axis_slots(a, device, offsets=True)[1]
+                mask = torch.zeros(ok.shape, device=device).masked_fill(~ok, _NEG_INF)
+            self.masks.append(mask)
         self.table = tuple(2 * k - 1 for k in graph.kernel_size)
-        self.slots = [lo + hi + 1 for lo, hi in reach]
 
     def pad(self, x: Tensor, channels: bool, value: float = 0.0) -> Tensor:
         """Pad a (B, *shape[, c]) key-side map with ``value``."""
@@ -224,8 +229,8 @@ class _Plan:
         whose window does not hold the slot's offset. None when neither applies."""
         out = rpb
         if out is not None:
-            for a, u in enumerate(slot):
-                out = out.narrow(1 + a, self.rel_const[a][u], 1)
+            for a, entry in enumerate(self.table_entry(slot)):
+                out = out.narrow(1 + a, entry, 1)
         for a, u in enumerate(slot):
             mask = self.masks[a]
             if mask is not None:
@@ -233,12 +238,9 @@ class _Plan:
                 out = m if out is None else out + m
         return out
 
-    def flat_rel(self, slot: tuple[int, ...]) -> Tensor:
-        """(N,) flat bias-table index of each query's edge in this slot."""
-        flat = self._axis_view(self.rel[0][slot[0]], 0)
-        for a, u in enumerate(slot[1:], 1):
-            flat = flat * self.table[a] + self._axis_view(self.rel[a][u], a)
-        return flat.expand(self.shape).reshape(-1)
+    def table_entry(self, slot: tuple[int, ...]) -> tuple[int, ...]:
+        """The slot's bias-table entry (one per slot: the slot is one offset)."""
+        return tuple(self.rel_const[a][u] for a, u in enumerate(slot))
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,7 @@ class _WindowAggregate(torch.autograd.Function):
         base = _finite_or_zero(stat)
         dq = torch.zeros_like(fq) if need_q else None
         dr = torch.zeros_like(row) if need_r else None
-        db = rpb.new_zeros(b, math.prod(plan.table)) if need_b else None
+        db = rpb.new_zeros(b, *plan.table) if need_b else None
         # every slot reads a view of the padded key side: its key-side gradients add into views of
         # zero-padded buffers, cropped at the end
         dk = plan.pad(fk.new_zeros(fk.shape), True) if need_k else None
@@ -363,8 +365,8 @@ class _WindowAggregate(torch.autograd.Function):
             else:
                 p = torch.exp(s)
                 ds = p * torch.linalg.vecdot(dout, vt)
-            if need_b:
-                db.index_add_(1, plan.flat_rel(slot), ds.reshape(b, n))
+            if need_b:  # every query's edge in this slot reads the slot's one table entry
+                db[(slice(None),) + plan.table_entry(slot)].add_(ds.reshape(b, n).sum(1))
             dlin = ds if capped is None else ds.masked_fill(capped, 0.0)
             if need_q:
                 dq.addcmul_(dlin[..., None], kt)

@@ -119,9 +119,9 @@ def window_params(window: Union[LocalWindow, CrissCross], device: torch.device) 
         rows = [(0, 0, 1, 1, 0, extent) for extent in window.shape]
     else:
         win = cast(LocalWindow, window)  # grid_pattern "window": the LocalWindow attributes
-        rows = [(lo, hi, t, k, int(win.border == "shift" and not causal), extent)
-                for (lo, hi), t, k, causal, extent in zip(win.reach, win.dilation, win.kernel_size,
-                                                          win.is_causal, win.shape, strict=True)]
+        rows = [(lo, hi, t, k, int(win._shifted(a)), extent)
+                for a, ((lo, hi), t, k, extent) in enumerate(zip(win.reach, win.dilation, win.kernel_size,
+                                                                 win.shape, strict=True))]
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
