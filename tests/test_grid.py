@@ -374,6 +374,8 @@ def test_window_dispatch_counts_offset_slots_and_gradients():
              (G.LocalWindow(shape, kernel_size=7, border="shift"), 169),
              (G.LocalWindow(shape, kernel_size=13, border="shift"), 625),
              (G.LocalWindow(shape, kernel_size=(7, 3), is_causal=(True, False), border="shift"), 7 * 5)]
+    with pytest.raises(TypeError, match=r"window_slots\(graph\) takes a LocalWindow, got CrissCross"):
+        grid.window_slots(G.CrissCross(shape))
     for d in (16, 32, 64):
         q = torch.randn(1, 2, 64 * 64, d)
         leaf = q.clone().requires_grad_()

@@ -102,6 +102,8 @@ def window_slots(graph: LocalWindow) -> int:
     """The offset slots the grid backend visits for a window (its cost): the keys per query of a clipped
     window; on a shifted axis the 2 k - 1 offsets either side, each -inf for the queries whose shifted
     window does not hold it."""
+    if getattr(graph, "grid_pattern", None) != "window":
+        raise TypeError(f"window_slots(graph) takes a LocalWindow, got {graph!r}")
     return math.prod(_slot_counts(graph))
 
 
