@@ -230,6 +230,35 @@ def test_lexicographic_simplex_sort_gives_the_same_lattice(monkeypatch):
     assert torch.equal(one_key.splat_order, several.splat_order)
 
 
+@pytest.mark.parametrize("lo,span", [(-5, 40), (-(2**40), 2**31 - 1), (2**50, 2**31), (0, 2**62)])
+def test_narrow_sort_equals_torch_stable_sort(lo, span):
+    """Keys whose range fits 32 bits are sorted as int32 offsets: the same sorted keys and the same
+    (stable) permutation as torch's int64 sort, with many ties; wider ranges take torch's sort."""
+    gen = torch.Generator().manual_seed(5)
+    n = 3 * P.lattice._NARROW_SORT_MIN
+    key = lo + (torch.rand(n, generator=gen, dtype=torch.float64) * span).long()
+    key[:50] = key[50:100]  # ties
+    key[0], key[1] = lo, lo + span  # the range's ends
+    ordered, perm = P.lattice._sort(key)
+    want, want_perm = torch.sort(key, stable=True)
+    assert ordered.dtype == torch.long and torch.equal(ordered, want) and torch.equal(perm, want_perm)
+
+
+def test_narrow_sort_builds_the_same_lattice(monkeypatch):
+    """The lattice built through the int32 sorts is the one built through torch's int64 sort."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.rand(1, 6000, 3, generator=gen) * 20
+    narrow = P.build_lattice(q, q, True)
+    monkeypatch.setattr(P.lattice, "_NARROW_SORT_MIN", 1 << 62)
+    wide = P.build_lattice(q, q, True)
+    for a, b in zip([narrow.splat, narrow.slice, *narrow.blurs], [wide.splat, wide.slice, *wide.blurs],
+                    strict=True):
+        assert torch.equal(a.crow_indices(), b.crow_indices())
+        assert torch.equal(a.col_indices(), b.col_indices())
+        assert torch.equal(a.values(), b.values())
+    assert torch.equal(narrow.splat_order, wide.splat_order)
+
+
 def test_segmented_arange_with_empty_runs():
     """The run-wise ranges the vertex-major splat is built from, against a loop, with empty runs
     (inside, first and last) and 32- and 64-bit outputs."""

