@@ -95,6 +95,9 @@ class ScoreForm:
     #: exp kernels only: the score is capped at 0 after adding this offset, s <- min(s + clamp, 0)
     #: (a Gaussian with a flat top, as non-local means uses to discount the noise variance).
     clamp: Optional[float] = None
+    #: exp kernels only: after the flat top, scores below ``-floor`` are dropped (f = 0, as a non-edge):
+    #: a truncated kernel (a Gaussian with a cut-off). None keeps every score.
+    floor: Optional[float] = None
     #: (..., N) a per-query term left out of the scores because C = sum f cancels it (the normalised
     #: Gaussian's ``-|q'|^2/2``), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
     #: log-normaliser (``aggregate(..., return_lse=True)``) reads it; y does not depend on it.
@@ -307,11 +310,17 @@ class Gaussian(Affinity):
         offset: o >= 0 flattens the top: ``f = exp(-max(|q' - k'|^2 / 2 - o, 0))``, i.e. distances
             below sqrt(2 o) all weigh 1 (non-local means' noise-variance correction). 0 (default)
             is the plain Gaussian.
+        cutoff: None (default: every pair) or c >= 0 truncates the kernel: ``f = 0`` where
+            ``max(|q' - k'|^2 / 2 - o, 0) > c`` (weights below exp(-c) are dropped, as scikit-image's
+            fast non-local means drops those below exp(-5)). A dropped pair is a non-edge: it adds
+            to neither sum nor C, and a query whose every pair is dropped gets 0 (and a log-normaliser
+            of -inf).
     """
 
     kernel = "exp"
 
-    def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True, offset: float = 0.0):
+    def __init__(self, bandwidth: Scalar = 1.0, normalize: bool = True, offset: float = 0.0,
+                 cutoff: Optional[float] = None):
         _check_scalar("Gaussian(bandwidth)", bandwidth, positive=True)
         if isinstance(bandwidth, Tensor) and bandwidth.dim() > 1:
             raise ValueError(
@@ -322,9 +331,13 @@ class Gaussian(Affinity):
         if (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)
                 or offset < 0):
             raise ValueError(f"Gaussian(offset) must be a finite number >= 0, got {offset!r}")
+        if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float))
+                                   or not math.isfinite(cutoff) or cutoff < 0):
+            raise ValueError(f"Gaussian(cutoff) must be None or a finite number >= 0, got {cutoff!r}")
         self.bandwidth = bandwidth
         self.normalize = normalize
         self.offset = float(offset)
+        self.cutoff = None if cutoff is None else float(cutoff)
         self.norm = "sum" if normalize else "none"
 
     def validate(self, query: Tensor, key: Tensor) -> None:
@@ -356,14 +369,16 @@ class Gaussian(Affinity):
         col = -0.5 * (k * k).sum(-1)
         # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
         # dropping it keeps the logits small and loses nothing, values and gradients alike. The
-        # flat top (offset > 0) needs the true distance, so it keeps the row term.
-        dropped = self.normalize and not self.offset
+        # flat top (offset > 0) and the cut-off need the true distance, so they keep the row term.
+        dropped = self.normalize and not self.offset and self.cutoff is None
         row = -0.5 * (q * q).sum(-1)
         return _checked(self, ScoreForm(q, k, None if dropped else row, col, "exp", self.norm,
-                                        self.offset or None, lse_row=row if dropped else None))
+                                        self.offset or None, lse_row=row if dropped else None,
+                                        floor=self.cutoff))
 
     def __repr__(self) -> str:
         extra = f", offset={self.offset}" if self.offset else ""
+        extra += f", cutoff={self.cutoff}" if self.cutoff is not None else ""
         return f"Gaussian(bandwidth={_fmt(self.bandwidth)}, normalize={self.normalize}{extra})"
 
 

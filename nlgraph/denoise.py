@@ -11,9 +11,11 @@ graph (radius ``patch_distance``, clipped at the borders): every pixel is a node
 with patch weights g Gaussian (std (patch_size - 1) / 4, scikit-image's classic algorithm,
 ``fast_mode=False``) or uniform (``fast_mode=True``: scikit-image's fast-mode distance, which sums
 over the (patch_size - 1)^D box its integral images cover and divides by patch_size^D), including
-scikit-image's sigma correction. This is the exact formula (scikit-image additionally drops
-weights of distance above 5, ``cutoff=5.0`` here, and its fast mode also searches reflected pixels
-past the border, so results agree to a fraction of a dB of PSNR rather than bit for bit).
+scikit-image's sigma correction and its cut-off: weights whose corrected distance exceeds
+``cutoff`` (default 5.0, scikit-image's ``DISTANCE_CUTOFF``) are 0 (``cutoff=None``: the exact
+formula). scikit-image's fast mode also searches reflected pixels past the border, and its classic
+mode applies the cut-off to partial sums, so results agree to a fraction of a dB of PSNR rather
+than bit for bit.
 
 Two computations of that one formula:
 
@@ -25,8 +27,8 @@ Two computations of that one formula:
   once and added to both ends), box filtering with cumulative sums (integral images) or a separable
   Gaussian, then the weighted sums of the shifted pixels, all in vectorised tensor ops over every
   pixel. O(N w^D) for the box (independent of the patch size), O(N w^D p D) for the Gaussian,
-  against the core op's O(N w^D p^D C) for generic features. On CPU the strips are shared among
-  ``torch.get_num_threads()`` worker threads (each with its own sums, added in a fixed order: the
+  against the core op's O(N w^D p^D C) for generic features. On CPU the window's offsets are shared
+  among ``torch.get_num_threads()`` worker threads (each with its own sums, added in a fixed order: the
   result depends on the thread count only by rounding and is the same from call to call); with
   autograd or on other devices one thread runs them all. This is a specialised affinity
   computation, not a second aggregation: it evaluates the same f_ij, C_i and sums as
@@ -100,8 +102,9 @@ def _patch_weights(s: int, nd: int, channels: int, h: float, uniform: bool, dtyp
 # small enough to stay in the L2 cache (and in malloc's heap, not fresh mmaps) through the ~10
 # passes an offset takes.
 _STRIP_ELEMS = (1 << 15) - 1
-# Fewest strips per CPU worker thread before a second thread is worth its start and its sums.
-_MIN_STRIPS_PER_WORKER = 2
+# Fewest window offsets per CPU worker thread before a second thread is worth its start and its
+# image-sized sums.
+_MIN_OFFSETS_PER_WORKER = 8
 # Most CPU worker threads: each holds its own image-sized sums.
 _MAX_WORKERS = 8
 
@@ -122,9 +125,9 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     patch filter applied to D_t(q) = sum_c (x_c(q) - x_c(q + t))^2 on the reflect-padded image:
     fast mode sums D_t over the box of patch offsets (-o, o]^D with cumulative sums (two passes per
     axis, whatever the patch size), the classic mode weighs it with the separable Gaussian (one
-    multiply-add per tap and axis). The weight w = exp(-max(dist - corr, 0)) then adds w x(i + t)
-    to pixel i and w x(i) to pixel i + t (the distance is symmetric). Strips along the first axis
-    keep the work arrays in cache on CPU.
+    multiply-add per tap and axis). The weight w = exp(-max(dist - corr, 0)) (0 where
+    max(dist - corr, 0) > cutoff) then adds w x(i + t) to pixel i and w x(i) to pixel i + t (the
+    distance is symmetric). Strips along the first axis keep the work arrays in cache on CPU.
     """
     x = x.contiguous()  # channel-first planes (a colour image arrives channel-last, strided by C)
     channels, spatial = x.shape[0], tuple(x.shape[1:])
@@ -155,11 +158,17 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                          f"overflows a float")
     inplace = not (torch.is_grad_enabled() and x.requires_grad)  # autograd: out-of-place weights
     numpy_exp = inplace and x.device.type == "cpu"
-    thresh = math.exp(-cutoff) if cutoff is not None else None
+    # the cut-off keeps the weights w = exp(-max(d - corr, 0)) >= exp(-cutoff), i.e. above the next
+    # value below that in the image's dtype (F.threshold keeps w > t). On the weights, not on the
+    # distances before exp: numpy's exp of -inf takes a slow path (6.6x a finite strip's time here)
+    thresh = None
+    if cutoff is not None:
+        edge = np.exp(np.array(-cutoff, dtype=np.float64 if x.dtype == torch.float64 else np.float32))
+        thresh = float(np.nextafter(edge, edge.dtype.type(0)))
     radius = tuple(min(d, n - 1) for n in spatial)
-    # per-channel spatial views: every op of the loop is on one plane (fewer indexing calls per offset,
-    # and strips sized by a plane)
-    xs_c, x_c = ([t[c] for c in range(channels)] for t in (xs, x))  # (not unbind: autograd)
+    # the values and a plane of ones (the weight sum rides along as one more channel: one
+    # multiply-add per offset and edge end covers the numerator and the denominator)
+    xa = torch.cat([x, torch.ones_like(x[:1])])
     inner = 1
     for n in spatial[1:]:
         inner *= n + 2 * o
@@ -174,24 +183,27 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                      tuple(slice(a, b + 2 * o) for a, b in zip(lo[1:], hi[1:], strict=True)),
                      tuple(slice(a + v, b + v + 2 * o)
                            for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True))))
+    every = slice(None)
 
-    def run_strips(starts: list[int], num: torch.Tensor, den: torch.Tensor) -> None:
-        """Add the edges of the half window whose first end lies in these strips to num and den."""
-        num_c = [num[c] for c in range(channels)]
+    def run_strips(starts: list[int], offsets: list, acc: torch.Tensor) -> None:
+        """Add the edges with these offsets whose first end lies in these strips to acc (the
+        weighted sums of the values, then of ones)."""
         # strip-major, then offset by offset: a strip's pixels and those within the window of it stay
         # in cache
         for s0 in starts:
-            for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in plan:
+            for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in offsets:
                 r0, r1 = max(s0, lo0), min(s0 + rows, hi0)
                 if r0 >= r1:
                     continue
                 n0 = r1 - r0
                 pi = (slice(r0, r1 + 2 * o),) + rest_pi
                 pj = (slice(r0 + t[0], r1 + t[0] + 2 * o),) + rest_pj
-                dsq = xs_c[0][pi] - xs_c[0][pj]
+                # the sum over channels, one plane at a time (faster than one op over all planes and
+                # a reduction)
+                dsq = xs[0][pi] - xs[0][pj]
                 dsq = dsq.square_() if inplace else dsq * dsq
-                for c in range(1, channels):  # sum over channels, one plane at a time
-                    diff = xs_c[c][pi] - xs_c[c][pj]
+                for c in range(1, channels):
+                    diff = xs[c][pi] - xs[c][pj]
                     dsq = dsq.addcmul_(diff, diff) if inplace else dsq + diff * diff
                 # filter the last axes first (contiguous), the strip axis last, which yields -distance
                 for ax in range(nd - 1, -1, -1):
@@ -204,10 +216,10 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                         a_, b_ = (q.narrow(ax, 2 * o, n), q.narrow(ax, 0, n))
                         dsq = a_ - b_ if ax else b_ - a_
                     else:
-                        acc = dsq.narrow(ax, 0, n) * (taps[0] if ax else -taps[0])
+                        acc_ = dsq.narrow(ax, 0, n) * (taps[0] if ax else -taps[0])
                         for k in range(1, 2 * o + 1):
-                            acc.add_(dsq.narrow(ax, k, n), alpha=taps[k] if ax else -taps[k])
-                        dsq = acc
+                            acc_.add_(dsq.narrow(ax, k, n), alpha=taps[k] if ax else -taps[k])
+                        dsq = acc_
                 negdist = dsq
                 if corr > 0:
                     negdist = (negdist.add_(corr).clamp_(max=0.0) if inplace
@@ -217,49 +229,47 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                     w = negdist
                 else:
                     w = negdist.exp_() if inplace else negdist.exp()
-                if thresh is not None:
+                if thresh is not None:  # the cut-off: weights below exp(-cutoff) are 0
                     w = F.threshold(w, thresh, 0.0, inplace=inplace)
-                ri = (slice(r0, r1),) + rest_i
-                rj = (slice(r0 + t[0], r1 + t[0]),) + rest_j
-                den[ri].add_(w)  # (not den[ri] += w: that also copies the view back onto itself)
-                den[rj].add_(w)
-                for c in range(channels):
-                    num_c[c][ri].addcmul_(w, x_c[c][rj])
-                    num_c[c][rj].addcmul_(w, x_c[c][ri])
+                ri = (every, slice(r0, r1)) + rest_i
+                rj = (every, slice(r0 + t[0], r1 + t[0])) + rest_j
+                # (addcmul_ on the view, not acc[ri] += ...: that also copies the view back onto itself)
+                acc[ri].addcmul_(w, xa[rj])
+                acc[rj].addcmul_(w, xa[ri])
 
     starts = list(range(0, spatial[0], rows))
     # the offset 0: distance 0, weight exp(-max(-corr, 0)) = 1
-    num, den = x.clone(), torch.ones(spatial, dtype=x.dtype, device=x.device)
-    workers = min(torch.get_num_threads(), _MAX_WORKERS, len(starts) // _MIN_STRIPS_PER_WORKER)
+    acc = xa.clone()
+    workers = min(torch.get_num_threads(), _MAX_WORKERS, len(plan) // _MIN_OFFSETS_PER_WORKER)
     if workers < 2 or not inplace or x.device.type != "cpu":
-        run_strips(starts, num, den)
-        return num / den
-    # several CPU threads, each over its own strips (interleaved, so each covers the whole image) into
-    # its own sums (an edge adds to both its ends, which may lie in another worker's strips), added in
-    # worker order: deterministic for a given thread count. torch's ops release the GIL and, below
-    # its grain size, run inline in the worker, so the threads overlap. Workers run in the caller's
-    # grad and inference modes (both are thread-local).
-    parts = [(num, den)] + [(torch.zeros_like(num), torch.zeros_like(den)) for _ in range(workers - 1)]
+        run_strips(starts, plan, acc)
+        return acc[:channels] / acc[channels]
+    # several CPU threads, each over its own offsets (interleaved, so each does about the same work)
+    # and every strip, into its own sums, added in worker order: deterministic for a given thread
+    # count. Splitting the offsets (not the strips) keeps each op at the strip size that stays in
+    # cache however small the image. torch's ops release the GIL and, below its grain size, run
+    # inline in the worker, so the threads overlap. Workers run in the caller's grad and inference
+    # modes (both are thread-local).
+    parts = [acc] + [torch.zeros_like(acc) for _ in range(workers - 1)]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def work(w: int) -> None:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            run_strips(starts[w::workers], *parts[w])
+            run_strips(starts, plan[w::workers], parts[w])
 
     with concurrent.futures.ThreadPoolExecutor(workers - 1) as pool:
         pending = [pool.submit(work, w) for w in range(1, workers)]
         work(0)
         for f in pending:
             f.result()  # (re-raises a worker's exception)
-    for n_, d_ in parts[1:]:
-        num.add_(n_)
-        den.add_(d_)
-    return num / den
+    for part in parts[1:]:
+        acc.add_(part)
+    return acc[:channels] / acc[channels]
 
 
 def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int = 11, h: float = 0.1,
                      fast_mode: bool = True, sigma: float = 0.0, channel_axis: Optional[int] = None, *,
-                     backend: str = "auto", block: int = 16, cutoff: Optional[float] = None) -> ArrayLike:
+                     backend: str = "auto", block: int = 16, cutoff: Optional[float] = 5.0) -> ArrayLike:
     """Non-local means with scikit-image's argument names and meanings.
 
     Args:
@@ -278,9 +288,11 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
             :func:`nlgraph.aggregate` call on the ``LocalWindow`` graph with that backend. Same result.
         block: side of the spatial blocks the nodes are laid out in (a core-op backend only; affects
             speed only).
-        cutoff: None (default, the exact formula) or a distance above which (after the sigma
-            correction) a weight is dropped: ``5.0`` is scikit-image's fast-mode rule (weights below
-            exp(-5) are skipped). Only with ``backend="auto"``.
+        cutoff: a distance (after the sigma correction) above which a weight is dropped: 5.0
+            (default) is scikit-image's rule (its ``DISTANCE_CUTOFF``: weights below exp(-5) are
+            skipped); None keeps every weight (the exact formula). The shift-major path and every
+            core-op backend (grid, chunked, triton, pyg, reference) apply it, as the core op's
+            ``Gaussian(cutoff=...)``.
 
     Returns:
         The denoised image, same shape and type.
@@ -325,9 +337,6 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
         if (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff)
                 or cutoff < 0):
             raise ValueError(f"cutoff must be None or a finite number >= 0, got {cutoff!r}")
-        if backend != "auto":
-            raise ValueError(f"cutoff={cutoff!r} needs backend='auto' (the core op's Gaussian affinity has "
-                             f"no cut-off), got backend={backend!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if not all_finite(x):
@@ -358,7 +367,7 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     order = blocked_order(spatial, block).to(x.device)
     graph = LocalWindow(spatial, patch_distance, order=order)
     f = feats[order].contiguous()
-    aff = A.Gaussian(1.0, normalize=True, offset=offset)
+    aff = A.Gaussian(1.0, normalize=True, offset=offset, cutoff=None if cutoff is None else float(cutoff))
     y_ordered = aggregate(f, f, values[order].contiguous(), aff, graph, backend=backend)
     y = torch.empty_like(y_ordered)
     y[order] = y_ordered

@@ -118,6 +118,8 @@ def log_affinity(kind: str, q, k, params: dict):
         dist = 0.5 * (diff * diff).sum(-1)
         if params.get("offset"):
             dist = torch.clamp(dist - params["offset"], min=0.0)  # flat top
+        if params.get("cutoff") is not None:  # truncated: no weight beyond the cut-off
+            dist = torch.where(dist > params["cutoff"], math.inf, dist)
         return -dist
     raise ValueError(kind)
 

@@ -101,6 +101,7 @@ FUNC_CASES = {
     "softmax": (lambda t: A.Softmax(), lambda t: None),
     "gaussian_c1_mask": (lambda t: A.Gaussian(1.3, normalize=False), lambda t: G.Mask(t["bool_mask"])),
     "gaussian_offset": (lambda t: A.Gaussian(0.8, offset=0.5), lambda t: G.ExcludeSelf()),
+    "gaussian_cutoff": (lambda t: A.Gaussian(0.8, offset=0.2, cutoff=0.9), lambda t: G.ExcludeSelf()),
     "softmax_float_mask": (lambda t: A.Softmax(), lambda t: G.Mask(t["float_mask"])),
     "dot_window": (lambda t: A.DotProduct(), lambda t: G.LocalWindow((2, 3), radius=1)),
     "concat": (lambda t: A.Concatenation(t["w"]), lambda t: G.Mask(t["bool_mask"])),

@@ -42,6 +42,11 @@ AFFINITIES = {
     "gaussian": (lambda: A.Gaussian(1.5), "gaussian", {"bandwidth": 1.5}),
     "gaussian_c1": (lambda: A.Gaussian(1.5, normalize=False), "gaussian_unnorm", {"bandwidth": 1.5}),
     "gaussian_offset": (lambda: A.Gaussian(2.0, offset=0.5), "gaussian", {"bandwidth": 2.0, "offset": 0.5}),
+    # truncated: drops a good part of these random features' pairs
+    "gaussian_cutoff": (lambda: A.Gaussian(1.0, offset=0.2, cutoff=0.6), "gaussian",
+                        {"bandwidth": 1.0, "offset": 0.2, "cutoff": 0.6}),
+    "gaussian_c1_cutoff": (lambda: A.Gaussian(1.0, normalize=False, cutoff=0.6), "gaussian_unnorm",
+                           {"bandwidth": 1.0, "cutoff": 0.6}),
 }
 
 # (shape, LocalWindow options): every option alone and in combination, 1-D / 2-D / 3-D
@@ -481,3 +486,32 @@ def test_grid_traces_under_torch_compile():
     for a, b in zip(torch.autograd.grad(y.square().sum(), [q, k, v, rpb]), g_eager, strict=True):
         torch.testing.assert_close(a, b, **TOL)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("graph", [G.LocalWindow((4, 5), 1), G.CrissCross((4, 5))],
+                         ids=["window", "criss_cross"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cutoff_dropping_every_key_gives_zero(graph, normalize):
+    """A truncated Gaussian whose cut-off drops a query's every key: that query gets 0 and zero
+    gradients (no NaN), the others the formula's value, on every backend that takes the graph."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 20, 3, dtype=F64, generator=gen)
+    k = torch.randn(2, 20, 3, dtype=F64, generator=gen)
+    q[:, :7] += 10.0  # the first 7 queries are far from every key
+    v = torch.randn(2, 20, 2, dtype=F64, generator=gen)
+    adj = (window_options_adjacency((4, 5), (3, 3)) if isinstance(graph, G.LocalWindow)
+           else criss_cross_adjacency(4, 5).to(F64))
+    params = {"bandwidth": 1.0, "cutoff": 2.0}
+    kind = "gaussian" if normalize else "gaussian_unnorm"
+    aff = A.Gaussian(1.0, normalize=normalize, cutoff=2.0)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = aggregate_formula(kind, *leaves, params, adj)
+    assert torch.equal(ref[:, :7], torch.zeros_like(ref[:, :7])) and ref[:, 7:].abs().max() > 0.1
+    g_ref = torch.autograd.grad(ref.sum(), leaves)
+    for backend in ("grid", "chunked", "reference", "pyg"):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        y = nlgraph.aggregate(*ins, aff, graph, backend=backend)
+        torch.testing.assert_close(y, ref, **TOL, msg=backend)
+        for g, gr in zip(torch.autograd.grad(y.sum(), ins), g_ref, strict=True):
+            assert torch.isfinite(g).all(), backend
+            torch.testing.assert_close(g, gr, **TOL, msg=backend)

@@ -309,8 +309,10 @@ def make_affinity(draw, mk: Maker, aff_kind: str, d: int, tensors: dict):
             tensors["bandwidth"] = (lib, ref)
         else:
             lib = ref = mk.choice([0.7, 1.0, 2.0])
+        cutoff = mk.choice([None, None, None, 0.8, 3.0])
         kind = "gaussian" if normalize else "gaussian_unnorm"
-        return A.Gaussian(lib, normalize=normalize, offset=offset), kind, {"bandwidth": ref, "offset": offset}
+        return (A.Gaussian(lib, normalize=normalize, offset=offset, cutoff=cutoff), kind,
+                {"bandwidth": ref, "offset": offset, "cutoff": cutoff})
     if aff_kind == "dot":
         lib, ref = _scalar_param(draw, mk, mk.choice([1.0, -0.5, 0.25]), tensors, "scale")
         return A.DotProduct(scale=lib), "dot", {"scale": ref}
@@ -504,7 +506,8 @@ def test_every_backend_matches_the_formula(case: Case):
     if not any(name.startswith(("edge_weight", "per_edge")) for name in case.named):
         assert "chunked" in backends, case.describe()  # only per-edge weights with gradients keep chunked out
     # the sdpa backend takes exactly the softmax-normalised attention cases SDPA computes
-    sdpa_case = (case.kind == "softmax" or (case.kind == "gaussian" and not case.params.get("offset"))) and \
+    sdpa_case = (case.kind == "softmax" or (case.kind == "gaussian" and not case.params.get("offset")
+                                            and case.params.get("cutoff") is None)) and \
         all(label in ("Mask", "Causal", "ExcludeSelf", "Intersection") for label in case.labels[1:-1]) and \
         not any(name.startswith("per_edge") for name in case.named)
     assert ("sdpa" in backends) == sdpa_case, case.describe()

@@ -311,6 +311,7 @@ def test_dispatch_takes_sdpa_only_where_it_is_exact():
     w = torch.ones(M, dtype=F64)
     others = [(A.Gaussian(1.0, normalize=False), None, "C = 1"),
               (A.Gaussian(1.0, offset=0.5), None, "flat top"),
+              (A.Gaussian(1.0, cutoff=2.0), None, "cut-off"),
               (A.DotProduct(), None, "not attention"), (A.Softmax(), G.LocalWindow((3, 3), 1), "not "),
               (A.Softmax(), G.EdgeIndex(torch.stack([torch.arange(M)] * 2), w), "not ")]
     for aff, graph, reason in others:

@@ -127,6 +127,8 @@ def test_capabilities_and_dispatch(monkeypatch):
     assert not ok and "float16, bfloat16 or float32" in why
     ok, why = mod.can_run(x, x, x, A.DotProduct(), None)
     assert not ok and "exp-kernel" in why
+    ok, why = mod.can_run(x, x, x, A.Gaussian(1.0, cutoff=2.0), None)
+    assert ok  # the cut-off runs in the kernel
     head = x[:, :4].contiguous()
     ok, why = mod.can_run(head, head.clone(), x, A.Softmax(), G.LocalWindow((4,), 1))
     assert ok  # local windows run in the kernel
@@ -241,11 +243,62 @@ def test_criss_cross_in_kernel_matches_reference(shape, aff_name):
         torch.testing.assert_close(g, gr, **_fp32_tol(q, k, aff, gr))
 
 
+def _cutoff_in_a_gap(q, k, bandwidth, offset):
+    """A cut-off halfway between two neighbouring pair distances (float64), far from every pair.
+
+    The cut-off is a jump: a pair within rounding of it may be kept by one side and dropped by the
+    other. Placing it in the widest gap between the middle third of the sorted distances keeps every
+    pair many roundings away (asserted), so both sides drop the same pairs.
+    """
+    qd, kd = q.detach().double().cpu() / bandwidth, k.detach().double().cpu() / bandwidth
+    dist = ((qd[..., :, None, :] - kd[..., None, :, :]) ** 2).sum(-1) / 2 - offset
+    u = dist.clamp(min=0).flatten().sort().values
+    lo, hi = len(u) // 3, 2 * len(u) // 3
+    gaps = u[lo + 1:hi + 1] - u[lo:hi]
+    i = lo + int(gaps.argmax())
+    cut = float(u[i] + u[i + 1]) / 2
+    assert float(u[i + 1] - u[i]) > 1e-4 * (1 + cut)  # >> float32 rounding of a distance (~1e-6 relative)
+    return cut
+
+
+@pytest.mark.parametrize("normalize,offset", [(True, 0.0), (True, 0.5), (False, 0.0)])
+@pytest.mark.parametrize("graph_kind", ["complete", "exclude_self", "window"])
+def test_gaussian_cutoff_in_kernel_matches_reference(normalize, offset, graph_kind):
+    """Gaussian(cutoff=c): pairs farther than c are non-edges, in the kernel as in the reference."""
+    shape = (5, 6)
+    n = shape[0] * shape[1]
+    q, k, v = _inputs(n, n, 8, 5, torch.float32, self_graph=True)
+    bw = 2.0
+    aff = A.Gaussian(bw, normalize=normalize, offset=offset, cutoff=_cutoff_in_a_gap(q, k, bw, offset))
+    graph = {"complete": None, "exclude_self": G.ExcludeSelf(), "window": G.LocalWindow(shape, 2)}[graph_kind]
+    opts = {"block_n": 16, "block_m": 16}
+    y = nlgraph.aggregate(q, k, v, aff, graph, backend="triton", options=opts)
+    y_ref = nlgraph.aggregate(q, k, v, aff, graph, backend="reference")
+    tol = _fp32_tol(q, k, aff, y_ref)
+    torch.testing.assert_close(y, y_ref, **tol)
+    dy = torch.randn_like(y)
+    for g, gr in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(y_ref, (q, k, v), dy),
+                     strict=True):
+        torch.testing.assert_close(g, gr, **_fp32_tol(q, k, aff, gr))
+
+
+def test_gaussian_cutoff_dropping_a_whole_row_gives_zero():
+    """A query whose every pair is cut off has no neighbour: y = 0, finite (zero) gradients."""
+    q, k, v = _inputs(7, 9, 4, 3, torch.float32)
+    with torch.no_grad():
+        q[:, 2] += 100.0  # far from every key
+    aff = A.Gaussian(1.0, cutoff=3.0)
+    y = nlgraph.aggregate(q, k, v, aff, backend="triton", options={"block_n": 16, "block_m": 16})
+    assert torch.equal(y[:, 2], torch.zeros_like(y[:, 2]))
+    gq, = torch.autograd.grad(y.sum(), q)
+    assert torch.isfinite(gq).all() and torch.equal(gq[:, 2], torch.zeros_like(gq[:, 2]))
+
+
 def test_non_local_means_runs_on_the_kernel():
     import numpy as np
 
     img = np.random.default_rng(0).random((12, 14)).astype(np.float32)
-    kw = dict(patch_size=3, patch_distance=2, h=0.3)
+    kw = dict(patch_size=3, patch_distance=2, h=0.3)  # the default cut-off (5) runs in the kernel
     ours = nlgraph.denoise_nl_means(torch.from_numpy(img).to(DEVICE), backend="triton", **kw)
     ref = nlgraph.denoise_nl_means(img.astype(np.float64), **kw)
     # float32 vs exact: a weight's logit is a patch distance / h^2, a sum of squares (its own |terms|),

@@ -194,6 +194,14 @@ def test_affinity_parameters():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"Gaussian\(bandwidth\) must be > 0"):
         A.Gaussian(0.0)
+    for bad in (-1.0, math.inf, math.nan, True, "5"):
+        with pytest.raises(ValueError, match=r"Gaussian\(cutoff\) must be None or a finite number >= 0"):
+            A.Gaussian(1.0, cutoff=bad)
+    # backends without a cut-off say so (permutohedral; triton's check comes after its device test)
+    with pytest.raises(BackendError, match=r"Gaussian\(cutoff=\.\.\.\) needs an exact backend"):
+        nlgraph.aggregate(q, k, v, A.Gaussian(1.0, cutoff=2.0), backend="permutohedral")
+    with pytest.raises(BackendError, match=r"cut-off drops pairs by their distance"):
+        nlgraph.aggregate(q, k, v, A.Gaussian(1.0, cutoff=2.0), backend="sdpa")
     with pytest.raises(ValueError, match=r"Gaussian\(bandwidth\) has 3 entries but the features have d=4"):
         nlgraph.aggregate(q, k, v, A.Gaussian(torch.ones(3)))
     with pytest.raises(ValueError,

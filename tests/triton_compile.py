@@ -30,9 +30,10 @@ def compile_all(archs, dtypes, block: int = 64) -> list[str]:
     for arch in archs:
         for dtype in dtypes:
             for fn in (kernels.fwd, kernels.bwd_kv, kernels.bwd_q):
-                # every feature on: flat top, exclude-self, 2-d window + plan (criss-cross's OR of the
-                # axes in fp32), bool and float masks, row/col
-                consts = dict(HAS_ROW=True, HAS_COL=True, HAS_CLAMP=True, EXCL_SELF=True, HAS_MASK=True,
+                # every feature on: flat top, cut-off, exclude-self, 2-d window + plan (criss-cross's OR of
+                # the axes in fp32), bool and float masks, row/col
+                consts = dict(HAS_ROW=True, HAS_COL=True, HAS_CLAMP=True, HAS_FLOOR=True, EXCL_SELF=True,
+                              HAS_MASK=True,
                               HAS_BIAS=True, WIN_DIMS=2,
                               WIN_ANY=dtype == "fp32", HAS_PLAN=True, NORM_SUM=True, DOT_FP32=False,
                               PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_N=block, BLOCK_M=block,
@@ -44,7 +45,7 @@ def compile_all(archs, dtypes, block: int = 64) -> list[str]:
                     elif name in _POINTERS:
                         sig[name] = "*" + (dtype if _POINTERS[name] == "q" else _POINTERS[name])
                     else:
-                        sig[name] = "fp32" if name == "clamp" else "i32"
+                        sig[name] = "fp32" if name in ("clamp", "floor") else "i32"
                 src = ASTSource(fn=fn, signature=sig,
                                 constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))

@@ -89,7 +89,7 @@ def bind(p: Problem, fq, fk, row, col, bias, value) -> Problem:
     Under torch.func transforms a Function's forward and backward receive unwrapped tensors, not the
     ones the problem was lowered with; the tiles must read exactly the tensors they are given."""
     f = p.form
-    form = ScoreForm(fq, fk, row, col, f.kernel, f.norm, f.clamp)
+    form = ScoreForm(fq, fk, row, col, f.kernel, f.norm, f.clamp, floor=f.floor)
     return Problem(form, value, bias, p.graph, p.lead, p.n, p.m, p.e)
 
 

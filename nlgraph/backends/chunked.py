@@ -108,8 +108,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                     # fresh: updated in place
                     s = exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)
                     new = torch.maximum(mx, s.amax(-1))
-                    # rows can only be all -inf when the graph removes edges
-                    restricted = mask is not None or logw is not None
+                    # rows can only be all -inf when the graph removes edges (or the cut-off does)
+                    restricted = mask is not None or logw is not None or p.form.floor is not None
                     safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if restricted else new
                     w = s.sub_(safe[..., None]).exp_()
                     alpha = torch.exp(mx - safe)

@@ -18,7 +18,7 @@ from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, safe_log
 
 __all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
-           "clamp_scores", "exp_scores", "edge_weights"]
+           "clamp_scores", "floor_scores", "exp_scores", "edge_weights"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,10 +114,19 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, tile: int, device:
 
 
 def clamp_scores(form: ScoreForm, lin: Tensor, inplace: bool = False) -> Tensor:
-    """The flat top of an exp kernel: ``min(s + clamp, 0)`` (identity when ``form.clamp`` is None)."""
-    if form.clamp is None:
-        return lin
-    return lin.add_(form.clamp).clamp_max_(0.0) if inplace else (lin + form.clamp).clamp(max=0.0)
+    """The flat top of an exp kernel, ``min(s + clamp, 0)`` (when ``form.clamp`` is set), then its
+    cut-off: -inf below ``-form.floor`` (when set). The identity when neither is."""
+    if form.clamp is not None:
+        lin = lin.add_(form.clamp).clamp_max_(0.0) if inplace else (lin + form.clamp).clamp(max=0.0)
+    if form.floor is not None:
+        lin = floor_scores(lin, form.floor, inplace)
+    return lin
+
+
+def floor_scores(s: Tensor, floor: float, inplace: bool = False) -> Tensor:
+    """The cut-off of a truncated exp kernel: scores below ``-floor`` become -inf (f = 0)."""
+    cut = s.detach() < -floor
+    return s.masked_fill_(cut, -math.inf) if inplace else s.masked_fill(cut, -math.inf)
 
 
 def exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:

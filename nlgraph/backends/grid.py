@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import LocalWindow
-from .common import lower
+from .common import floor_scores, lower
 
 __all__ = ["can_run", "prefer", "run", "window_slots", "MAX_WINDOW_WORK", "MAX_WINDOW_WORK_INFERENCE"]
 
@@ -255,14 +255,17 @@ class _GridRun:
     clamp: Optional[float]
     norm: str
     plan: Optional[_Plan] = None
+    floor: Optional[float] = None  # the kernel's cut-off (ScoreForm.floor)
 
 
 def _slot_scores(fq: Tensor, kt: Optional[Tensor], row: Optional[Tensor], colt: Tensor,
                  bias: Optional[Tensor], clamp: Optional[float],
-                 dot: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                 dot: Optional[Tensor] = None,
+                 floor: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
     """One slot's scores s = min(q'.k' + r + c + o, 0) + bias (c = -inf where the slot has no key: the
-    padding of :meth:`_Plan.key_bias`) and the capped positions (flat top: no gradient through q', k',
-    r, c there). ``dot``: q'.k' when already known."""
+    padding of :meth:`_Plan.key_bias`; -inf below ``-floor`` before the bias: the cut-off) and the
+    capped positions (flat top: no gradient through q', k', r, c there). ``dot``: q'.k' when already
+    known."""
     if dot is None:
         assert kt is not None  # the slot's keys, when its dot products are not given
         dot = torch.linalg.vecdot(fq, kt)
@@ -275,6 +278,8 @@ def _slot_scores(fq: Tensor, kt: Optional[Tensor], row: Optional[Tensor], colt: 
         s = s + clamp
         capped = s >= 0
         s = s.clamp_max(0.0)
+    if floor is not None:
+        s = floor_scores(s, floor)
     if bias is not None:
         s = s + bias
     return s, capped
@@ -319,7 +324,7 @@ class _WindowAggregate(torch.autograd.Function):
 
         for slot, dot, (vt, ct) in plan.scored_walk(fq, kp, [vp, cp]):
             bias = plan.bias(rpb, slot)
-            group.append((_slot_scores(fq, None, row, ct, bias, clamp, dot)[0], vt))
+            group.append((_slot_scores(fq, None, row, ct, bias, clamp, dot, run.floor)[0], vt))
             if len(group) == SLOT_GROUP:
                 mx, den, acc = merge(mx, den, acc)
         if group:
@@ -362,7 +367,7 @@ class _WindowAggregate(torch.autograd.Function):
         dv = plan.pad(value.new_zeros(value.shape), True) if need_v else None
         dc = plan.pad(col.new_zeros(col.shape), False) if need_c else None
         for slot, (kt, vt, ct, dkt, dvt, dct) in plan.walk([kp, vp, cp, dk, dv, dc]):
-            s, capped = _slot_scores(fq, kt, row, ct, plan.bias(rpb, slot), clamp)
+            s, capped = _slot_scores(fq, kt, row, ct, plan.bias(rpb, slot), clamp, floor=ctx.run.floor)
             if norm == "sum":
                 p = torch.exp(s - base)  # f / C from the saved log-sum-exp; 0 where the slot has no key
                 ds = p * (torch.linalg.vecdot(dout, vt) - dsum)
@@ -397,9 +402,11 @@ class _WindowAggregate(torch.autograd.Function):
 
 
 def _cc_lin(qr: Tensor, kr: Tensor, qc: Tensor, kc: Tensor, row: Optional[Tensor], col: Optional[Tensor],
-            clamp: Optional[float]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+            clamp: Optional[float], floor: Optional[float] = None
+            ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Row scores (B, H, W, W') and column scores (B, W, H, H') from the row-major (B, H, W, d) and
-    column-major (B, W, H, d) features, and (flat top) their capped positions."""
+    column-major (B, W, H, d) features, (flat top) their capped positions, and (cut-off) -inf below
+    ``-floor``."""
     sr = qr @ kr.transpose(-1, -2)
     sc = qc @ kc.transpose(-1, -2)
     if row is not None:
@@ -413,6 +420,8 @@ def _cc_lin(qr: Tensor, kr: Tensor, qc: Tensor, kc: Tensor, row: Optional[Tensor
         sr, sc = sr + clamp, sc + clamp
         cr, cc = sr >= 0, sc >= 0
         sr, sc = sr.clamp_max(0.0), sc.clamp_max(0.0)
+    if floor is not None:
+        sr, sc = floor_scores(sr, floor), floor_scores(sc, floor)
     return sr, sc, cr, cc
 
 
@@ -430,14 +439,18 @@ class _CrissCrossAggregate(torch.autograd.Function):
     def forward(fq, fk, row, col, value, run: _GridRun):
         clamp, norm = run.clamp, run.norm
         (qr, qc), (kr, kc) = _both(fq), _both(fk)
-        sr, sc, _, _ = _cc_lin(qr, kr, qc, kc, row, col, clamp)
+        sr, sc, _, _ = _cc_lin(qr, kr, qc, kc, row, col, clamp, run.floor)
         # the column part without the query itself (h' = h): it is counted once, in the row part
         sc.diagonal(dim1=-2, dim2=-1).fill_(_NEG_INF)
         if norm == "sum":
             m = torch.maximum(sr.amax(-1), sc.amax(-1).transpose(1, 2))  # (B, H, W); finite (self in the row)
+            if run.floor is not None:  # ... unless the cut-off drops the query's every key
+                m = _finite_or_zero(m)
             pr = sr.sub_(m[..., None]).exp_()
             pc = sc.sub_(m.transpose(1, 2)[..., None]).exp_()
             den = pr.sum(-1) + pc.sum(-1).transpose(1, 2)
+            if run.floor is not None:
+                den = torch.where(den > 0, den, torch.ones_like(den))
             pr = pr.div_(den[..., None])
             pc = pc.div_(den.transpose(1, 2)[..., None])
         else:
@@ -510,13 +523,13 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
     row, col = grid(f.row, False), grid(f.col, False)
     v = grid(p.value, True)
     if graph.grid_pattern == "criss_cross":
-        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, _GridRun(f.clamp, f.norm))[0]
+        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, _GridRun(f.clamp, f.norm, floor=f.floor))[0]
     else:
         rpb = graph.rpb
         if rpb is not None:
             dims = len(shape)
             table = tuple(rpb.shape[rpb.dim() - dims:])
             rpb = rpb.to(p.value.dtype).expand(*lead, *table).reshape(bsz, *table)
-        run = _GridRun(f.clamp, f.norm, _Plan(graph, query.device))
+        run = _GridRun(f.clamp, f.norm, _Plan(graph, query.device), f.floor)
         out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, run)[0]
     return out.reshape(*lead, n, e).to(query.dtype)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._optional import missing, optional
 from ..graph import Complete
-from .common import lower, safe_log
+from .common import floor_scores, lower, safe_log
 
 __all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS", "RETURNS_LSE"]
 
@@ -135,16 +135,29 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
     if f.kernel == "exp":
         if f.clamp is not None:  # flat top of the Gaussian
             s = (s + f.clamp).clamp(max=0.0)
+        if f.floor is not None:  # its cut-off: -inf (no weight) below -floor
+            s = floor_scores(s, f.floor)
         if logw is not None:  # edge weights and float-mask logits, from the edge list
             s = s + logw
-        alpha = pyg_softmax(s, dst, num_nodes=n, dim=-1) if f.norm == "sum" else torch.exp(s)
+        if f.norm != "sum":
+            alpha = torch.exp(s)
+        elif f.floor is None:
+            alpha = pyg_softmax(s, dst, num_nodes=n, dim=-1)
+        else:  # a node may have lost every edge to the cut-off: PyG's softmax would give NaN there
+            lse_e = _scatter_lse(s, dst, n)
+            lse_e = torch.where(torch.isfinite(lse_e), lse_e, torch.zeros_like(lse_e))
+            alpha = torch.exp(s - lse_e.index_select(1, dst))
         if return_lse and f.norm == "sum":
             lse = _scatter_lse(s, dst, n)
             lse = lse.reshape(*lead, n) if f.lse_row is None else lse.reshape(*lead, n) + f.lse_row
-        elif return_lse:  # C = 1: 0 where a node has an incoming edge
+        elif return_lse and f.floor is None:  # C = 1: 0 where a node has an incoming edge
             has = torch.zeros(n, dtype=s.dtype, device=device).index_add(
                 0, dst, torch.ones_like(dst, dtype=s.dtype))
             lse = torch.where(has > 0, 0.0, -math.inf).to(s.dtype).expand(*lead, n)
+        elif return_lse:  # ... that the cut-off kept
+            has = torch.zeros(s.shape[0], n, dtype=s.dtype, device=device).index_add(
+                1, dst, torch.isfinite(s.detach()).to(s.dtype))
+            lse = torch.where(has > 0, 0.0, -math.inf).to(s.dtype).reshape(*lead, n)
     else:
         g = torch.relu(s) if f.kernel == "relu" else s
         w = torch.ones_like(g) if logw is None else torch.exp(logw).expand_as(g)

@@ -84,7 +84,8 @@ def _is_sdpa_mask(g) -> bool:
 
 
 def _gaussian_ok(affinity) -> bool:
-    return type(affinity) is Gaussian and affinity.normalize and not affinity.offset
+    return (type(affinity) is Gaussian and affinity.normalize and not affinity.offset
+            and affinity.cutoff is None)
 
 
 def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple[bool, str]:
@@ -97,6 +98,8 @@ def can_run(query, key, value, affinity, graph, dropout_p: float = 0.0) -> tuple
             return False, "SDPA normalises by the softmax: Gaussian(normalize=False) (C = 1) is not attention"
         if affinity.offset:
             return False, "the Gaussian's flat top (offset > 0) is not a column bias; SDPA cannot express it"
+        if affinity.cutoff is not None:
+            return False, "the Gaussian's cut-off drops pairs by their distance; SDPA cannot express it"
     else:
         return False, f"sdpa computes softmax attention (Softmax, normalised Gaussian), not {affinity!r}"
     members = _members(graph)

@@ -3,8 +3,9 @@
 256x256 and 512x512 crops of scikit-image photos (camera: grey; astronaut: colour) with Gaussian
 noise (sigma = 0.08), patch_size=7, patch_distance=11, h=0.08 (scikit-image's defaults except h),
 float64. Ours is ``nlgraph.denoise_nl_means`` (default ``backend="auto"``: the shift-major path),
-both ``fast_mode`` settings, exact weights, plus fast mode with ``cutoff=5.0`` (scikit-image's rule
-of dropping weights below exp(-5)). The peers run in the same process, all timed in turns:
+both ``fast_mode`` settings with the default cut-off (``cutoff=5.0``, scikit-image's rule of
+dropping weights below exp(-5)), plus fast mode with ``cutoff=None`` (the exact formula, every
+weight kept). The peers run in the same process, all timed in turns:
 scikit-image's fast mode (its integral-image algorithm, its fastest path) and its classic mode (the
 same Gaussian-weighted distance as our ``fast_mode=False``). Each row's ``ratio`` is against the
 scikit-image path computing the same distance; ``ratio_fastest`` against scikit-image's fastest
@@ -129,20 +130,22 @@ def main(argv=None) -> int:
             def psnr(x, clean=clean):
                 return float(peak_signal_noise_ratio(clean, x, data_range=1.0))
 
-            def ours(fast, threads, cutoff=None, noisy=noisy, ca=ca):
+            def ours(fast, threads, cutoff="default", noisy=noisy, ca=ca):
                 torch.set_num_threads(threads)
-                return nlgraph.denoise_nl_means(noisy, fast_mode=fast, channel_axis=ca, cutoff=cutoff,
-                                                **PARAMS)
+                kw = {} if cutoff == "default" else {"cutoff": cutoff}
+                return nlgraph.denoise_nl_means(noisy, fast_mode=fast, channel_axis=ca, **kw, **PARAMS)
 
             def theirs(fast, noisy=noisy, ca=ca):
                 return sk_nl_means(noisy, fast_mode=fast, channel_axis=ca, **PARAMS)
 
-            # keys (who, fast_mode, threads, cutoff); scikit-image's have neither threads nor cutoff
-            fns: dict[tuple[str, bool, Optional[int], Optional[float]], Callable[[], object]] = {}
+            # keys (who, fast_mode, threads, cutoff: "default" or None); scikit-image's have neither
+            # threads nor cutoff
+            fns: dict[tuple[str, bool, Optional[int], Optional[str]], Callable[[], object]] = {}
             for fast in (True, False):
                 for th in thread_counts:
-                    fns[("ours", fast, th, None)] = functools.partial(ours, fast, th)
-            fns[("ours", True, thread_counts[0], 5.0)] = functools.partial(ours, True, thread_counts[0], 5.0)
+                    fns[("ours", fast, th, "default")] = functools.partial(ours, fast, th)
+            exact = ("ours", True, thread_counts[0], None)
+            fns[exact] = functools.partial(ours, True, thread_counts[0], None)
             fns[("skimage", True, None, None)] = functools.partial(theirs, True)
             fns[("skimage", False, None, None)] = functools.partial(theirs, False)
             outs = {k: fn() for k, fn in fns.items()}  # the warm-up, and the outputs for PSNR
@@ -154,14 +157,14 @@ def main(argv=None) -> int:
                 if who != "ours":
                     continue
                 peer = ("skimage", fast, None, None)
-                name = f"{image} {size}x{size} fast_mode={fast}" + (f" cutoff={cutoff:g}" if cutoff else "")
+                name = f"{image} {size}x{size} fast_mode={fast}" + (" cutoff=None" if cutoff is None else "")
                 row: dict[str, Any] = dict(
                     name=name, threads=threads, ours="nlgraph[auto]", peer=f"skimage[fast_mode={fast}]",
                     ours_s=t[key], peer_s=t[peer], ratio=t[key] / t[peer],
                     peer_fastest="skimage[fast_mode=True]", ratio_fastest=t[key] / sk_fast,
                     psnr_noisy=psnr(noisy), psnr_ours=psnr(outs[key]), psnr_peer=psnr(outs[peer]))
                 row["psnr_diff"] = row["psnr_ours"] - row["psnr_peer"]
-                if not args.no_memory and cutoff is None and threads == thread_counts[0]:
+                if not args.no_memory and cutoff == "default" and threads == thread_counts[0]:
                     case = dict(image=image, size=size, fast=fast, threads=threads)
                     row["ours_peak_mib"] = harness.measure_peak_in_subprocess(module, dict(case, who="ours"))
                     row["peer_peak_mib"] = harness.measure_peak_in_subprocess(module,

@@ -90,6 +90,8 @@ def can_run(query, key, value, affinity, graph) -> tuple[bool, str]:
         return False, f"permutohedral filters Gaussian affinities only, not {affinity!r}"
     if affinity.offset:
         return False, "permutohedral filters plain Gaussians; Gaussian(offset > 0) needs an exact backend"
+    if affinity.cutoff is not None:
+        return False, "permutohedral filters plain Gaussians; Gaussian(cutoff=...) needs an exact backend"
     if graph is not None:
         return False, f"permutohedral filters over the complete graph (self included), not {graph!r}"
     d = query.shape[-1]

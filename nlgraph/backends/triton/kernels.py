@@ -47,8 +47,9 @@ def mma(a, b, DOT_FP32: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
            sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-           D, B2, clamp, WP,
-           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
+           D, B2, clamp, floor, WP,
+           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_FLOOR: tl.constexpr,
+           EXCL_SELF: tl.constexpr,
            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
            DOT_FP32: tl.constexpr,
            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -64,6 +65,8 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
     if HAS_CLAMP:  # flat top: min(s + clamp, 0); no gradient where capped
         live = live & (s + clamp < 0.0)
         s = tl.minimum(s + clamp, 0.0)
+    if HAS_FLOOR:  # cut-off: no weight below -floor (the pair is a non-edge)
+        valid = valid & (s >= -floor)
     if EXCL_SELF:
         valid = valid & (offs_n[:, None] != offs_m[None, :])
     if WIN_DIMS > 0:  # local window from the nodes' grid coordinates (int32, node order)
@@ -116,8 +119,9 @@ def scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
 def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as in FlashAttention)
         sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sob, son, soe, slb, sln,
         smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-        N, M, D, E, B2, clamp, WP, n_kblocks,
-        HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
+        N, M, D, E, B2, clamp, floor, WP, n_kblocks,
+        HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_FLOOR: tl.constexpr,
+        EXCL_SELF: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
         HAS_PLAN: tl.constexpr,
         NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -141,9 +145,9 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as i
         m_ok = offs_m < M
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
-                         sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
-                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, WIN_ANY,
-                         DOT_FP32,
+                         sbb1, sbb2, sbn, sbm, D, B2, clamp, floor, WP,
+                         HAS_ROW, HAS_COL, HAS_CLAMP, HAS_FLOOR, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS,
+                         WIN_ANY, DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -171,8 +175,9 @@ def fwd(Q, K, V, R, C, MK, BI, CO, PL, O, L,  # noqa: E741  (O: the output, as i
 def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
            sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sdb, sdn, sde,
            smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-           N, M, D, E, B2, clamp, WP, n_kblocks, n_dchunks, n_echunks, n_cchunks,
-           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
+           N, M, D, E, B2, clamp, floor, WP, n_kblocks, n_dchunks, n_echunks, n_cchunks,
+           HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_FLOOR: tl.constexpr,
+           EXCL_SELF: tl.constexpr,
            HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
            HAS_PLAN: tl.constexpr,
            NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -202,9 +207,9 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
         n_ok = offs_n < N
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
-                         sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
-                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, WIN_ANY,
-                         DOT_FP32,
+                         sbb1, sbb2, sbn, sbm, D, B2, clamp, floor, WP,
+                         HAS_ROW, HAS_COL, HAS_CLAMP, HAS_FLOOR, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS,
+                         WIN_ANY, DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         base = tl.load(L + b * N + offs_n, mask=n_ok, other=0.0)
         if NORM_SUM:  # P = exp(s - lse); C = 1: P = exp(s)
@@ -241,8 +246,9 @@ def bwd_kv(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DK, DV, DC,
 def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
           sqb, sqn, sqd, skb, skm, skd, svb, svm, sve, srb, srn, scb, scm, sdb, sdn, sde,
           smb1, smb2, smn, smm, sbb1, sbb2, sbn, sbm,
-          N, M, D, E, B2, clamp, WP, n_kblocks, n_qchunks, n_rchunks,
-          HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, EXCL_SELF: tl.constexpr,
+          N, M, D, E, B2, clamp, floor, WP, n_kblocks, n_qchunks, n_rchunks,
+          HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_FLOOR: tl.constexpr,
+          EXCL_SELF: tl.constexpr,
           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, WIN_DIMS: tl.constexpr, WIN_ANY: tl.constexpr,
           HAS_PLAN: tl.constexpr,
           NORM_SUM: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -272,9 +278,9 @@ def bwd_q(Q, K, V, R, C, MK, BI, CO, PL, DO, L, DL, DQ, DR,
         m_ok = offs_m < M
         s, live = scores(Q, K, R, C, MK, BI, CO, b, offs_n, offs_m, n_ok, m_ok,
                          sqb, sqn, sqd, skb, skm, skd, srb, srn, scb, scm, smb1, smb2, smn, smm,
-                         sbb1, sbb2, sbn, sbm, D, B2, clamp, WP,
-                         HAS_ROW, HAS_COL, HAS_CLAMP, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS, WIN_ANY,
-                         DOT_FP32,
+                         sbb1, sbb2, sbn, sbm, D, B2, clamp, floor, WP,
+                         HAS_ROW, HAS_COL, HAS_CLAMP, HAS_FLOOR, EXCL_SELF, HAS_MASK, HAS_BIAS, WIN_DIMS,
+                         WIN_ANY, DOT_FP32,
                          PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         if NORM_SUM:
             p = tl.exp(s - base[:, None])

@@ -143,8 +143,10 @@ def _shared_args(launch: Launch, fq: Tensor, fk: Tensor, value: Tensor, row: Opt
                col.stride(0) if col is not None else 0, col.stride(1) if col is not None else 0]
     bn, bm = launch.blocks
     sizes = [*_strides4(mask4), *_strides4(bias4), p.n, p.m, fq.shape[-1], p.e, launch.b2,
-             float(p.form.clamp or 0.0), wparams if wparams is not None else dummy, -(-p.m // bm)]
+             float(p.form.clamp or 0.0), float(p.form.floor or 0.0),
+             wparams if wparams is not None else dummy, -(-p.m // bm)]
     flags = dict(HAS_ROW=row is not None, HAS_COL=col is not None, HAS_CLAMP=p.form.clamp is not None,
+                 HAS_FLOOR=p.form.floor is not None,
                  EXCL_SELF=launch.exclude_self, HAS_MASK=mask4 is not None, HAS_BIAS=bias4 is not None,
                  WIN_DIMS=0 if coords is None else coords.shape[1],
                  WIN_ANY=launch.window is not None and launch.window.grid_pattern == "criss_cross",
