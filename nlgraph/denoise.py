@@ -173,47 +173,55 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
     for n in spatial[1:]:
         inner *= n + 2 * o
     rows = max(1, _STRIP_ELEMS // inner - 2 * o) if x.device.type == "cpu" else spatial[0]
-    plan = []  # per offset: its rows of i along the strip axis, and its slices along the other axes
+    # Every view of the loop is made with as_strided from element offsets worked out here once per
+    # offset (measured: a third of the time of tensor[slices], which the loop makes ~15 of per offset
+    # and strip). xs: (C, *padded), xa and the sums acc: (C + 1, *spatial), all contiguous.
+    sx, sa = xs.stride(), xa.stride()
+    x0, a0 = xs.storage_offset(), xa.storage_offset()
+    plan = []  # per offset: its rows of i along the strip axis, the other axes' sizes and offsets
     for t in _half_window(radius):
         lo = [max(0, -v) for v in t]
         hi = [min(n, n - v) for n, v in zip(spatial, t, strict=True)]
-        plan.append((t, lo[0], hi[0], [b - a for a, b in zip(lo, hi, strict=True)],
-                     tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:], strict=True)),
-                     tuple(slice(a + v, b + v) for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True)),
-                     tuple(slice(a, b + 2 * o) for a, b in zip(lo[1:], hi[1:], strict=True)),
-                     tuple(slice(a + v, b + v + 2 * o)
-                           for a, b, v in zip(lo[1:], hi[1:], t[1:], strict=True))))
-    every = slice(None)
+        lens = tuple(b - a for a, b in zip(lo[1:], hi[1:], strict=True))
+        plan.append((t[0], lo[0], hi[0], lens, tuple(n + 2 * o for n in lens),
+                     x0 + sum(a * st for a, st in zip(lo[1:], sx[2:], strict=True)),
+                     x0 + sum((a + v) * st for a, v, st in zip(lo[1:], t[1:], sx[2:], strict=True)),
+                     sum(a * st for a, st in zip(lo[1:], sa[2:], strict=True)),
+                     sum((a + v) * st for a, v, st in zip(lo[1:], t[1:], sa[2:], strict=True))))
+    px, pa, plane = sx[1:], sa, sx[0]
 
     def run_strips(starts: list[int], offsets: list, acc: torch.Tensor) -> None:
         """Add the edges with these offsets whose first end lies in these strips to acc (the
         weighted sums of the values, then of ones)."""
+        a1 = acc.storage_offset()
         # strip-major, then offset by offset: a strip's pixels and those within the window of it stay
         # in cache
         for s0 in starts:
-            for t, lo0, hi0, lens, rest_i, rest_j, rest_pi, rest_pj in offsets:
+            for t0, lo0, hi0, lens, plens, xi0, xj0, ai0, aj0 in offsets:
                 r0, r1 = max(s0, lo0), min(s0 + rows, hi0)
                 if r0 >= r1:
                     continue
                 n0 = r1 - r0
-                pi = (slice(r0, r1 + 2 * o),) + rest_pi
-                pj = (slice(r0 + t[0], r1 + t[0] + 2 * o),) + rest_pj
+                psize = (n0 + 2 * o,) + plens
+                xi, xj = xi0 + r0 * px[0], xj0 + (r0 + t0) * px[0]
                 # the sum over channels, one plane at a time (faster than one op over all planes and
                 # a reduction)
-                dsq = xs[0][pi] - xs[0][pj]
+                dsq = xs.as_strided(psize, px, xi) - xs.as_strided(psize, px, xj)
                 dsq = dsq.square_() if inplace else dsq * dsq
                 for c in range(1, channels):
-                    diff = xs[c][pi] - xs[c][pj]
+                    diff = xs.as_strided(psize, px, xi + c * plane) - xs.as_strided(psize, px, xj + c * plane)
                     dsq = dsq.addcmul_(diff, diff) if inplace else dsq + diff * diff
                 # filter the last axes first (contiguous), the strip axis last, which yields -distance
                 for ax in range(nd - 1, -1, -1):
-                    n = n0 if ax == 0 else lens[ax]
+                    n = n0 if ax == 0 else lens[ax - 1]
                     if fast:
                         if o == 0:  # an empty box: distance 0
                             dsq = dsq.narrow(ax, 0, n) * 0.0
                             continue
                         q = dsq.cumsum(ax)
-                        a_, b_ = (q.narrow(ax, 2 * o, n), q.narrow(ax, 0, n))
+                        qs, size = q.stride(), q.shape[:ax] + (n,) + q.shape[ax + 1:]
+                        a_ = q.as_strided(size, qs, q.storage_offset() + 2 * o * qs[ax])
+                        b_ = q.as_strided(size, qs, q.storage_offset())
                         dsq = a_ - b_ if ax else b_ - a_
                     else:
                         acc_ = dsq.narrow(ax, 0, n) * (taps[0] if ax else -taps[0])
@@ -230,12 +238,11 @@ def _shift_major(x: torch.Tensor, s: int, d: int, h: float, sigma: float, fast: 
                 else:
                     w = negdist.exp_() if inplace else negdist.exp()
                 if thresh is not None:  # the cut-off: weights below exp(-cutoff) are 0
-                    w = F.threshold(w, thresh, 0.0, inplace=inplace)
-                ri = (every, slice(r0, r1)) + rest_i
-                rj = (every, slice(r0 + t[0], r1 + t[0])) + rest_j
-                # (addcmul_ on the view, not acc[ri] += ...: that also copies the view back onto itself)
-                acc[ri].addcmul_(w, xa[rj])
-                acc[rj].addcmul_(w, xa[ri])
+                    w = torch.threshold_(w, thresh, 0.0) if inplace else torch.threshold(w, thresh, 0.0)
+                asize = (channels + 1, n0) + lens
+                ai, aj = ai0 + r0 * pa[1], aj0 + (r0 + t0) * pa[1]
+                acc.as_strided(asize, pa, a1 + ai).addcmul_(w, xa.as_strided(asize, pa, a0 + aj))
+                acc.as_strided(asize, pa, a1 + aj).addcmul_(w, xa.as_strided(asize, pa, a0 + ai))
 
     starts = list(range(0, spatial[0], rows))
     # the offset 0: distance 0, weight exp(-max(-corr, 0)) = 1
