@@ -138,16 +138,17 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> Scor
     q, k = (form.query, form.key) if form.query is not None and form.key is not None else (None, None)
     width = 0 if q is None else q.shape[-1]
     with torch.no_grad():
-        # a screen first: S <= d max|q'| max|k'| needs four whole-tensor reductions (no copies); only
-        # when that coarser bound does not pass does the per-feature bound below decide
-        reductions = [t.detach().amax() for t in terms] + [t.detach().amin() for t in terms]
-        if k is not None and k is not q:
-            reductions += [k.detach().amax(), k.detach().amin()]
-        ext = torch.stack([x.double() for x in reductions]).abs().tolist()
-        big = [max(ext[i], ext[i + len(terms)]) for i in range(len(terms))]
-        coarse = sum(big)
+        # a screen first: S <= d max|q'| max|k'| needs one min-and-max pass per tensor (no copies), read
+        # in one sync; only when that coarser bound does not pass does the per-feature bound below decide
+        scanned = terms + ([k] if k is not None and k is not q else [])
+        ends = [e for t in scanned for e in torch.aminmax(t.detach())]
+        if len({e.dtype for e in ends}) > 1:
+            ends = [e.double() for e in ends]
+        ext = [abs(v) for v in torch.stack(ends).tolist()]  # exact: every float is a Python float
+        big = [max(ext[2 * i], ext[2 * i + 1]) for i in range(len(scanned))]
+        coarse = sum(big[:len(terms)])
         if q is not None:
-            kmax = big[0] if k is q else max(ext[-2], ext[-1])
+            kmax = big[0] if k is q else big[-1]
             coarse += width * big[0] * kmax * factor - big[0]
         if coarse * (1 + (width + 2) * info.eps) < info.max:  # False for inf / NaN: the fine bound decides
             return form

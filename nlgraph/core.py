@@ -125,7 +125,7 @@ def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinit
 def _sums_finite(tensors: list[Tensor]) -> bool:
     """True when the sum of each tensor is finite (then every entry is; see ``all_finite``), one host sync."""
     sums = [t.detach().sum() for t in tensors if t.numel()]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    return not sums or all(math.isfinite(v) for v in torch.stack(sums).tolist())
 
 
 def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int,

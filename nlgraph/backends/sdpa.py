@@ -198,6 +198,8 @@ def _as4(t: Tensor, lead: tuple[int, ...], full: bool) -> Tensor:
     broadcast leading dims cannot merge. ``full``: expanded to the whole batch (q, k, v: the fused
     kernels want equal batch dims); else size-1 dims stay 1 where they can (masks broadcast)."""
     k = len(lead)
+    if k == 2 and t.dim() == 4 and (not full or tuple(t.shape[:2]) == lead):
+        return t  # already (B, H, r, c) against a (B, H) batch: as is (the common case, no view)
     t = t.reshape((1,) * (k + 2 - t.dim()) + tuple(t.shape))
     rc = tuple(t.shape[-2:])
     if k <= 2:
