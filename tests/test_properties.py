@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import nlgraph
@@ -584,6 +584,10 @@ def _float32_bound(case: Case) -> float:
              weightings=("none", "dense")))
 def test_float32_backends_incl_triton_match_the_formula(case: Case):
     """float32 on every exact backend, the triton kernels (interpreted on the CPU) included, vs float64."""
+    # a cut-off is a jump: a pair whose float32 distance rounds across it is kept on one side and dropped
+    # on the other, beyond any rounding bound. Cut-offs are checked in float64 here and, in float32, with
+    # the cut-off placed in a gap between pair distances (tests/test_triton.py)
+    assume(case.params.get("cutoff") is None)
     backends = _backends(case)
     assert "reference" in backends and "chunked" in backends, case.describe()
     # owned elsewhere (the triton backend): a mask whose batch dims reach beyond the inputs' crashes in
