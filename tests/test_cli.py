@@ -46,9 +46,18 @@ def test_other_benchmarks_quick(name, extra, tmp_path):
     path = tmp_path / f"{name}.json"
     assert cli.main(["bench", name, "--quick", "--repeats", "1", *extra, "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
+    # a peer that cannot run here (not installed, no compiled extension) is a row that says why
+    skipped = [r for r in rows if "skipped" in r]
+    assert all(r["skipped"] and {"name", "peer"} <= set(r) for r in skipped)
+    rows = [r for r in rows if "skipped" not in r]
     assert rows and all({"name", "ours_s", "peer", "peer_s", "ratio"} <= set(r) for r in rows)
     if name == "crf":
-        agreeing = [r for r in rows if "agreement" in r]  # the per-stage rows carry times only
+        assert {r["peer"] for r in skipped} <= {"SimpleCRF denseCRF3D", "MONAI CRF"}
+        # SimpleCRF's 3-D CRF is another implementation of the model (its labels differ from
+        # pydensecrf's too): there ours is checked against pydensecrf on the same uint8 input
+        simple = [r for r in rows if r["peer"].startswith("SimpleCRF")]
+        assert all(r["agreement_ours_pydensecrf"] >= 0.98 for r in simple)
+        agreeing = [r for r in rows if "agreement" in r and r not in simple]  # stage rows: times only
         assert len(agreeing) >= 10 and all(r["agreement"] >= 0.98 for r in agreeing)
         cold = [r for r in rows if r["name"].endswith("cold") and "agreement" in r]
         assert cold and all(r["ours_page_faults"] >= 0 and r["peer_page_faults"] >= 0 for r in cold)

@@ -18,7 +18,11 @@ Rows:
 * volumes (``--only volumes``): the generic ``DenseCRF`` on a synthetic CT-like volume (blobs + noise,
   one intensity channel; 64x128x128, 16x32x32 with --quick), 2 labels, 5 iterations, a (z, y, x)
   smoothness kernel and a (z, y, x, intensity) appearance kernel built by ``crf.utils``, cold
-  pipeline, ours vs pydensecrf's generic DenseCRF (the same feature arrays).
+  pipeline, ours vs pydensecrf's generic DenseCRF (the same feature arrays). Where they run,
+  also SimpleCRF's 3-D dense CRF (``denseCRF3D``: uint8 intensities, so ours runs on the same
+  rounded intensities in that row; label agreement with ours and with pydensecrf on that input, and
+  each side's accuracy against the ground truth) and a probe of MONAI's ``CRF`` block; a peer that
+  cannot run here is a row with ``skipped``: the reason.
 * learned bandwidths (``--only learn``): ``crf.DenseCRF(trainable=True)`` whose bandwidths start
   3-5x off a teacher CRF's (too narrow to denoise at all), trained (Adam on the log-bandwidths, KL
   to the teacher's marginals; 200 steps, 40 with --quick) on noisy two-label disc scenes, through
@@ -34,7 +38,10 @@ Needs the test extras (pydensecrf2, scikit-image).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import os
 import resource
 import sys
 import time
@@ -164,14 +171,66 @@ def _volume_pipeline(dcrf, feats, unary, n):
     return np.array(d.inference(5))
 
 
+# The volume's kernels: a (z, y, x) smoothness kernel and a (z, y, x, intensity) appearance kernel.
+_VOLUME_SMOOTH, _VOLUME_SMOOTH_W = 1.5, 3.0
+_VOLUME_SPATIAL, _VOLUME_INTENSITY, _VOLUME_APPEAR_W = 5.0, 20.0, 5.0
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    """Silence the process's stdout (fd 1) for the block: SimpleCRF's C++ prints its parameters there."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def _simplecrf_3d():
+    """SimpleCRF's 3-D dense CRF (``denseCRF3D``, pip ``SimpleCRF``) or the reason it cannot run."""
+    try:
+        mod = importlib.import_module("denseCRF3D")  # an optional peer, untyped
+    except ImportError as e:  # 0.2.1.1, its latest sdist, does not compile against NumPy 2
+        return None, f"SimpleCRF not importable ({e}); its 0.2.1.1 sdist does not build against NumPy 2"
+    return mod, ""
+
+
+def _monai_crf_probe() -> str:
+    """'' when MONAI's ``CRF`` block runs here (a tiny volume), else why not."""
+    try:
+        import torch
+        crf_block = importlib.import_module("monai.networks.blocks").CRF  # an optional peer
+
+        crf_block(iterations=1)(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
+    except Exception as e:  # ImportError, or MONAI's OptionalImportError without its compiled monai._C
+        return f"MONAI's CRF does not run here: {type(e).__name__}: {str(e).splitlines()[0]}"
+    return ""
+
+
+def _simplecrf_volume(mod, image_u8, probs):
+    """SimpleCRF's 3-D pipeline on (D, H, W, 1) uint8 intensities and (D, H, W, L) probabilities:
+    the same two kernels (its unaries are -log probs), 5 iterations; its MAP labels (D, H, W)."""
+    s, b = _VOLUME_SMOOTH, _VOLUME_SPATIAL
+    param = {"MaxIterations": 5.0, "PosW": _VOLUME_SMOOTH_W, "PosRStd": s, "PosCStd": s, "PosZStd": s,
+             "BilateralW": _VOLUME_APPEAR_W, "BilateralRStd": b, "BilateralCStd": b, "BilateralZStd": b,
+             "ModalityNum": 1.0, "BilateralModsStds": (_VOLUME_INTENSITY,)}
+    with _stdout_silenced():
+        return np.asarray(mod.densecrf3d(image_u8, probs, param))
+
+
 def _volume_rows(ours, peer, quick: bool, repeats: int) -> list[dict]:
     from crf.utils import create_pairwise_bilateral, create_pairwise_gaussian
     from nlgraph.backends import permutohedral
 
     shape = (16, 32, 32) if quick else (64, 128, 128)
     vol, gt, unary = _ct_volume(shape)
-    feats = (create_pairwise_gaussian((1.5, 1.5, 1.5), shape),
-             create_pairwise_bilateral((5.0, 5.0, 5.0), (20.0,), vol, chdim=-1))
+    s, b = _VOLUME_SMOOTH, _VOLUME_SPATIAL
+    feats = (create_pairwise_gaussian((s, s, s), shape),
+             create_pairwise_bilateral((b, b, b), (_VOLUME_INTENSITY,), vol, chdim=-1))
 
     def run_ours():
         permutohedral.clear_cache()
@@ -182,7 +241,8 @@ def _volume_rows(ours, peer, quick: bool, repeats: int) -> list[dict]:
                                        repeats=repeats)
     label = "x".join(map(str, shape))
     print(f"  volume {label}: ours {t_ours:.3f}s pydensecrf {t_peer:.3f}s", file=sys.stderr, flush=True)
-    return [dict(name=f"CT-like volume {label} C=1 L=2 5 iters, cold", ours="crf.densecrf.DenseCRF",
+    name = f"CT-like volume {label} C=1 L=2 5 iters, cold"
+    rows = [dict(name=name, ours="crf.densecrf.DenseCRF",
                  peer="pydensecrf DenseCRF[C++ lattice]", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer,
                  agreement=float((q_ours.argmax(0) == q_peer.argmax(0)).mean()),
                  max_abs_q_diff=float(np.abs(q_ours - q_peer).max()),
@@ -190,6 +250,46 @@ def _volume_rows(ours, peer, quick: bool, repeats: int) -> list[dict]:
                  accuracy_crf=float((q_ours.argmax(0) == gt.reshape(-1)).mean()),
                  ours_page_faults=_page_faults(run_ours),
                  peer_page_faults=_page_faults(lambda: _volume_pipeline(peer, feats, unary, 2)))]
+    # SimpleCRF's 3-D CRF takes uint8 intensities: ours runs on the same rounded intensities here
+    simple, why = _simplecrf_3d()
+    if simple is None:
+        print(f"  volume {label}: {why}", file=sys.stderr, flush=True)
+        rows.append(dict(name=name, ours="crf.densecrf.DenseCRF", peer="SimpleCRF denseCRF3D", skipped=why))
+    else:
+        vol_u8 = np.clip(np.rint(vol), 0, 255).astype(np.uint8)
+        feats_u8 = (feats[0], create_pairwise_bilateral((b, b, b), (_VOLUME_INTENSITY,),
+                                                         vol_u8.astype(np.float32), chdim=-1))
+        probs = np.exp(-unary - np.log(np.exp(-unary).sum(0, keepdims=True)))  # softmax(-U), per voxel
+        probs = np.ascontiguousarray(probs.reshape(2, *shape).transpose(1, 2, 3, 0), dtype=np.float32)
+
+        def run_ours_u8():
+            permutohedral.clear_cache()
+            return _volume_pipeline(ours, feats_u8, unary, 2)
+
+        def run_simple():
+            return _simplecrf_volume(simple, vol_u8[..., None], probs)
+
+        labels_ours, labels_simple = run_ours_u8().argmax(0), run_simple().reshape(-1)
+        labels_pyd = _volume_pipeline(peer, feats_u8, unary, 2).argmax(0)  # pydensecrf on the same input
+        t_o, t_s = harness.time_pair(run_ours_u8, run_simple, repeats=repeats)
+        print(f"  volume {label} (uint8): ours {t_o:.3f}s SimpleCRF {t_s:.3f}s", file=sys.stderr, flush=True)
+        rows.append(dict(name=name + " (uint8 intensities)", ours="crf.densecrf.DenseCRF",
+                         peer="SimpleCRF denseCRF3D[C++ lattice]", ours_s=t_o, peer_s=t_s, ratio=t_o / t_s,
+                         agreement=float((labels_ours == labels_simple).mean()),
+                         agreement_pydensecrf_simplecrf=float((labels_pyd == labels_simple).mean()),
+                         agreement_ours_pydensecrf=float((labels_ours == labels_pyd).mean()),
+                         accuracy_crf=float((labels_ours == gt.reshape(-1)).mean()),
+                         accuracy_peer=float((labels_simple == gt.reshape(-1)).mean())))
+    why = _monai_crf_probe()
+    if why:
+        print(f"  volume {label}: {why}", file=sys.stderr, flush=True)
+        rows.append(dict(name=name, ours="crf.densecrf.DenseCRF", peer="MONAI CRF", skipped=why))
+    else:  # not compared: its update rule is MONAI's own (and untested here, where it cannot run)
+        rows.append(dict(name=name, ours="crf.densecrf.DenseCRF", peer="MONAI CRF",
+                         skipped="MONAI's CRF runs here but is not timed: its update adds unnormalised "
+                                 "filter outputs to the logits (no kernel normalisation), another model "
+                                 "than pydensecrf's and ours"))
+    return rows
 
 
 def _blob_task(b: int, h: int, w: int, seed: int = 0):
