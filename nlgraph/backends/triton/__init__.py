@@ -32,8 +32,9 @@ torch.func (vmap, grad, vjp, jacrev) runs the same kernels: the vmapped dimensio
 the kernels' batch. Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` Triton's interpreter runs it on
 the CPU (how the test suite checks it on machines without a GPU; there bf16 dot operands are upcast to
 fp32, since the interpreter's bf16 ``tl.dot`` is wrong). Automatic dispatch takes it for CUDA tensors only.
-Not in this backend (they run on other backends): criss-cross, k-NN and edge-list graphs, edge
-weights, dropout, and single batches of 2^31 elements or more.
+Not in this backend (they run on other backends): k-NN and edge-list graphs, edge weights, dropout,
+and single batches of 2^31 elements or more. Criss-cross runs in it when forced; automatic dispatch
+sends it to ``grid`` (see :func:`prefer`).
 
 The package keeps three rooms: this module is the glue the dispatch registers (``can_run``,
 ``prefer``, ``run``: which cases the kernels take and how a case is laid out for them),
