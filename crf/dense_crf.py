@@ -33,7 +33,6 @@ kernel; on an exact backend, of the exact Gaussian.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import nlgraph
+from nlgraph._values import finite_number
 from nlgraph.core import all_finite
 
 __all__ = ["DenseCRF", "crf_features"]
@@ -99,8 +99,7 @@ def crf_features(image: Tensor, theta_pos: Bandwidth, theta_col: Optional[Union[
 
 
 def _positive(name: str, value) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value <= 0):
+    if not finite_number(value, positive=True):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -193,7 +192,7 @@ class DenseCRF(nn.Module):
             spacing = tuple(_positive(f"spacing[{i}]", s) for i, s in enumerate(spacing))
         self.spacing = spacing
         for name, w in (("w_appearance", w_appearance), ("w_smoothness", w_smoothness)):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            if not finite_number(w):
                 raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
         if isinstance(compatibility, str):
             if compatibility != "potts":

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-__all__ = ["checking_values", "all_finite", "finite_nonnegative", "no_nan_or_posinf", "positive"]
+__all__ = ["checking_values", "all_finite", "finite_nonnegative", "no_nan_or_posinf", "positive",
+           "finite_number"]
 
 
 def checking_values() -> bool:
@@ -70,3 +71,11 @@ def no_nan_or_posinf(t: Tensor) -> bool:
     if bool(t.sum() < math.inf):
         return True
     return not bool((torch.isnan(t) | (t == math.inf)).any())
+
+
+def finite_number(value: object, *, positive: bool = False) -> bool:
+    """True for a plain number (int or float, not a bool) that is finite and >= 0 (> 0 with ``positive``).
+
+    The argument check of scalar options (offsets, cut-offs, weights, h, sigma); no tensor involved."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > 0 if positive else value >= 0))

@@ -54,7 +54,7 @@ from typing import Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ._values import all_finite, checking_values, finite_nonnegative
+from ._values import all_finite, checking_values, finite_nonnegative, finite_number
 from ._values import positive as _positive
 
 __all__ = [
@@ -329,11 +329,9 @@ class Gaussian(Affinity):
             )
         if not isinstance(normalize, bool):
             raise TypeError(f"Gaussian(normalize) must be a bool, got {type(normalize).__name__}")
-        if (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)
-                or offset < 0):
+        if not finite_number(offset):
             raise ValueError(f"Gaussian(offset) must be a finite number >= 0, got {offset!r}")
-        if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float))
-                                   or not math.isfinite(cutoff) or cutoff < 0):
+        if cutoff is not None and not finite_number(cutoff):
             raise ValueError(f"Gaussian(cutoff) must be None or a finite number >= 0, got {cutoff!r}")
         self.bandwidth = bandwidth
         self.normalize = normalize

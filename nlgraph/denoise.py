@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from . import affinity as A
+from ._values import finite_number
 from .core import aggregate, all_finite
 from .graph import LocalWindow, blocked_order
 
@@ -335,15 +336,12 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     if isinstance(patch_distance, bool) or not isinstance(patch_distance, int) or patch_distance < 0:
         raise ValueError(f"patch_distance must be an int >= 0, got {patch_distance!r}")
     for name, val, positive in (("h", h, True), ("sigma", sigma, False)):
-        if (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0
-                or (positive and val == 0)):
+        if not finite_number(val, positive=positive):
             raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {val!r}")
     if not isinstance(fast_mode, bool):
         raise TypeError(f"fast_mode must be a bool, got {type(fast_mode).__name__}")
-    if cutoff is not None:
-        if (isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff)
-                or cutoff < 0):
-            raise ValueError(f"cutoff must be None or a finite number >= 0, got {cutoff!r}")
+    if cutoff is not None and not finite_number(cutoff):
+        raise ValueError(f"cutoff must be None or a finite number >= 0, got {cutoff!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if not all_finite(x):
@@ -374,7 +372,7 @@ def denoise_nl_means(image: ArrayLike, patch_size: int = 7, patch_distance: int 
     order = blocked_order(spatial, block).to(x.device)
     graph = LocalWindow(spatial, patch_distance, order=order)
     f = feats[order].contiguous()
-    aff = A.Gaussian(1.0, normalize=True, offset=offset, cutoff=None if cutoff is None else float(cutoff))
+    aff = A.Gaussian(1.0, normalize=True, offset=offset, cutoff=cutoff)
     y_ordered = aggregate(f, f, values[order].contiguous(), aff, graph, backend=backend)
     y = torch.empty_like(y_ordered)
     y[order] = y_ordered

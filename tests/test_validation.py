@@ -197,7 +197,7 @@ def test_affinity_parameters():
     for bad in (-1.0, math.inf, math.nan, True, "5"):
         with pytest.raises(ValueError, match=r"Gaussian\(cutoff\) must be None or a finite number >= 0"):
             A.Gaussian(1.0, cutoff=bad)
-    # backends without a cut-off say so (permutohedral; triton's check comes after its device test)
+    # backends without a cut-off say so (permutohedral, sdpa)
     with pytest.raises(BackendError, match=r"Gaussian\(cutoff=\.\.\.\) needs an exact backend"):
         nlgraph.aggregate(q, k, v, A.Gaussian(1.0, cutoff=2.0), backend="permutohedral")
     with pytest.raises(BackendError, match=r"cut-off drops pairs by their distance"):

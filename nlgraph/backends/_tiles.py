@@ -27,6 +27,7 @@ from .common import (
     dropout_keep,
     edge_weights,
     exp_scores,
+    finite_or_zero,
     tile_linear,
     tile_log_weights,
 )
@@ -153,7 +154,7 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
             ds_ = dstat[..., i0:i1].to(dtype)
             dsum = dsum - (ds_ if norm == "sum" else ds_ * st)
         if kernel == "exp":
-            base = torch.where(torch.isfinite(st), st, torch.zeros_like(st))
+            base = finite_or_zero(st)
         else:
             pos = st > 0
             inv = torch.where(pos, 1.0 / torch.where(pos, st, torch.ones_like(st)), torch.zeros_like(st))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._tiles import TileRun, bind, tile_backward, tile_dropout, tile_plan, tile_scores
-from .common import clamp_scores, edge_weights, exp_scores, lower, safe_log
+from .common import clamp_scores, edge_weights, exp_scores, finite_or_zero, lower, safe_log
 
 __all__ = ["can_run", "run", "default_blocks", "RETURNS_LSE"]
 
@@ -110,7 +110,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                     new = torch.maximum(mx, s.amax(-1))
                     # rows can only be all -inf when the graph removes edges (or the cut-off does)
                     restricted = mask is not None or logw is not None or p.form.floor is not None
-                    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new)) if restricted else new
+                    safe = finite_or_zero(new) if restricted else new
                     w = s.sub_(safe[..., None]).exp_()
                     alpha = torch.exp(mx - safe)
                     # accumulators combine out of place (vmap: a batched tile never writes into them)
@@ -128,7 +128,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                     else:
                         den = den + (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)).expand_as(den)
             if mx is not None:  # the exp kernels
-                safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+                safe = finite_or_zero(mx)
                 if norm == "sum":
                     outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])
                     stats.append(torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF)))

@@ -18,7 +18,7 @@ from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, safe_log
 
 __all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
-           "clamp_scores", "floor_scores", "exp_scores", "edge_weights"]
+           "clamp_scores", "floor_scores", "finite_or_zero", "exp_scores", "edge_weights"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,6 +127,12 @@ def floor_scores(s: Tensor, floor: float, inplace: bool = False) -> Tensor:
     """The cut-off of a truncated exp kernel: scores below ``-floor`` become -inf (f = 0)."""
     cut = s.detach() < -floor
     return s.masked_fill_(cut, -math.inf) if inplace else s.masked_fill(cut, -math.inf)
+
+
+def finite_or_zero(t: Tensor) -> Tensor:
+    """``t`` with its non-finite entries (a row max or log-sum-exp of -inf: no neighbour) set to 0, the
+    safe shift of an online softmax."""
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
 
 
 def exp_scores(lin: Tensor, mask: Optional[Tensor], logw: Optional[Tensor]) -> Tensor:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import LocalWindow
-from .common import floor_scores, lower
+from .common import finite_or_zero, floor_scores, lower
 
 __all__ = ["can_run", "prefer", "run", "window_slots", "MAX_WINDOW_WORK", "MAX_WINDOW_WORK_INFERENCE"]
 
@@ -285,10 +285,6 @@ def _slot_scores(fq: Tensor, kt: Optional[Tensor], row: Optional[Tensor], colt: 
     return s, capped
 
 
-def _finite_or_zero(t: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
-
-
 class _WindowAggregate(torch.autograd.Function):
     """Shift-major forward (online softmax over the window's slots) and slot-recomputing backward.
 
@@ -312,7 +308,7 @@ class _WindowAggregate(torch.autograd.Function):
             new = mx
             for s, _ in group:
                 new = torch.maximum(new, s)
-            safe = _finite_or_zero(new)
+            safe = finite_or_zero(new)
             alpha = torch.exp(mx - safe)
             den, acc = den.mul_(alpha), acc.mul_(alpha[..., None])
             for s, vt in group:
@@ -329,7 +325,7 @@ class _WindowAggregate(torch.autograd.Function):
                 mx, den, acc = merge(mx, den, acc)
         if group:
             mx, den, acc = merge(mx, den, acc)
-        safe = _finite_or_zero(mx)
+        safe = finite_or_zero(mx)
         if norm == "sum":
             out = acc / torch.where(den > 0, den, torch.ones_like(den))[..., None]
             stat = torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF))
@@ -357,7 +353,7 @@ class _WindowAggregate(torch.autograd.Function):
         kp, vp = plan.pad(fk, True), plan.pad(value, True)
         cp = plan.key_bias(col, fk)
         dsum = (dout * out).sum(-1) if norm == "sum" else None
-        base = _finite_or_zero(stat)
+        base = finite_or_zero(stat)
         dq = torch.zeros_like(fq) if need_q else None
         dr = torch.zeros_like(row) if need_r else None
         db = rpb.new_zeros(b, *plan.table) if need_b else None
@@ -445,7 +441,7 @@ class _CrissCrossAggregate(torch.autograd.Function):
         if norm == "sum":
             m = torch.maximum(sr.amax(-1), sc.amax(-1).transpose(1, 2))  # (B, H, W); finite (self in the row)
             if run.floor is not None:  # ... unless the cut-off drops the query's every key
-                m = _finite_or_zero(m)
+                m = finite_or_zero(m)
             pr = sr.sub_(m[..., None]).exp_()
             pc = sc.sub_(m.transpose(1, 2)[..., None]).exp_()
             den = pr.sum(-1) + pc.sum(-1).transpose(1, 2)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._optional import missing, optional
 from ..graph import Complete
-from .common import floor_scores, lower, safe_log
+from .common import finite_or_zero, floor_scores, lower, safe_log
 
 __all__ = ["can_run", "prefer", "run", "MAX_DENSITY", "MAX_EDGE_ELEMENTS", "RETURNS_LSE"]
 
@@ -101,7 +101,7 @@ def _scatter_lse(s: Tensor, dst: Tensor, n: int) -> Tensor:
     idx = dst.expand_as(s)
     mx = torch.full((s.shape[0], n), -math.inf, dtype=s.dtype, device=s.device)
     mx = mx.scatter_reduce(1, idx, s.detach(), "amax")
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    mx = finite_or_zero(mx)
     tot = torch.zeros_like(mx).index_add(1, dst, torch.exp(s - mx.index_select(1, dst)))
     return mx + safe_log(tot)
 
@@ -139,16 +139,16 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, return_ls
             s = floor_scores(s, f.floor)
         if logw is not None:  # edge weights and float-mask logits, from the edge list
             s = s + logw
+        lse_s: Optional[Tensor] = None  # log sum_e exp(s_e) per node, where computed already
         if f.norm != "sum":
             alpha = torch.exp(s)
         elif f.floor is None:
             alpha = pyg_softmax(s, dst, num_nodes=n, dim=-1)
         else:  # a node may have lost every edge to the cut-off: PyG's softmax would give NaN there
-            lse_e = _scatter_lse(s, dst, n)
-            lse_e = torch.where(torch.isfinite(lse_e), lse_e, torch.zeros_like(lse_e))
-            alpha = torch.exp(s - lse_e.index_select(1, dst))
+            lse_s = _scatter_lse(s, dst, n)
+            alpha = torch.exp(s - finite_or_zero(lse_s).index_select(1, dst))
         if return_lse and f.norm == "sum":
-            lse = _scatter_lse(s, dst, n)
+            lse = _scatter_lse(s, dst, n) if lse_s is None else lse_s
             lse = lse.reshape(*lead, n) if f.lse_row is None else lse.reshape(*lead, n) + f.lse_row
         elif return_lse and f.floor is None:  # C = 1: 0 where a node has an incoming edge
             has = torch.zeros(n, dtype=s.dtype, device=device).index_add(

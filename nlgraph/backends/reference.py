@@ -18,6 +18,7 @@ from .common import (
     dropout_keep,
     edge_weights,
     exp_scores,
+    finite_or_zero,
     lower,
     safe_log,
     tile_linear,
@@ -43,7 +44,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
         s = exp_scores(clamp_scores(f, lin), mask, logw)
         if f.norm == "sum":
             mx = s.detach().amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            mx = finite_or_zero(mx)
             w = torch.exp(s - mx)
             den = w.sum(-1, keepdim=True)
             lse = (mx + safe_log(den))[..., 0]

@@ -162,18 +162,18 @@ def _ct_volume(shape: tuple[int, int, int], seed: int = 0):
     return vol, gt, unary_from_labels(noisy, 2, gt_prob=0.7, zero_unsure=False)
 
 
+# The volume's kernels: a (z, y, x) smoothness kernel and a (z, y, x, intensity) appearance kernel.
+_VOLUME_SMOOTH, _VOLUME_SMOOTH_W = 1.5, 3.0
+_VOLUME_SPATIAL, _VOLUME_INTENSITY, _VOLUME_APPEAR_W = 5.0, 20.0, 5.0
+
+
 def _volume_pipeline(dcrf, feats, unary, n):
     """The generic DenseCRF on precomputed (D_k, N) feature arrays: build, add both kernels, infer 5."""
     d = dcrf.DenseCRF(unary.shape[1], n)
     d.setUnaryEnergy(unary)
-    d.addPairwiseEnergy(feats[0], compat=3)
-    d.addPairwiseEnergy(feats[1], compat=5)
+    d.addPairwiseEnergy(feats[0], compat=_VOLUME_SMOOTH_W)
+    d.addPairwiseEnergy(feats[1], compat=_VOLUME_APPEAR_W)
     return np.array(d.inference(5))
-
-
-# The volume's kernels: a (z, y, x) smoothness kernel and a (z, y, x, intensity) appearance kernel.
-_VOLUME_SMOOTH, _VOLUME_SMOOTH_W = 1.5, 3.0
-_VOLUME_SPATIAL, _VOLUME_INTENSITY, _VOLUME_APPEAR_W = 5.0, 20.0, 5.0
 
 
 @contextlib.contextmanager
