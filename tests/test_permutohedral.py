@@ -9,6 +9,7 @@ import nlgraph
 from nlgraph import affinity as A
 from nlgraph import graph as G
 from nlgraph.backends import permutohedral as P
+from nlgraph.backends.permutohedral import lattice as lattice_module
 
 
 def crf_like_features(b, h, w, theta_xy, theta_rgb=None, seed=0, dtype=torch.float32):
@@ -194,10 +195,14 @@ def test_matches_pydensecrf_lattice(kw):
     assert rel_error(centred(ours), centred(theirs)) < bound
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "tensor"])
 @pytest.mark.parametrize("same", [True, False])
-def test_lattice_matrices_satisfy_csr_invariants(same):
+def test_lattice_matrices_satisfy_csr_invariants(monkeypatch, same, jit):
     """Every splat / slice / blur matrix is a valid CSR tensor (rows column-sorted, no duplicates),
-    as torch's sparse kernels assume; checked by torch's own validator."""
+    as torch's sparse kernels assume; checked by torch's own validator, for both builders."""
+    if jit:
+        pytest.importorskip("numba")
+    monkeypatch.setattr(lattice_module, "USE_JIT", jit)
     gen = torch.Generator().manual_seed(1)
     q = torch.rand(2, 300, 5, generator=gen) * 4
     k = q if same else torch.rand(2, 200, 5, generator=gen) * 4
@@ -210,12 +215,14 @@ def test_lattice_matrices_satisfy_csr_invariants(same):
     dense_splat = lat.splat_t.to_dense().T
     # sums of at most s non-negative products on either side (the dense zeros add nothing): 2 s u
     s = int(lat.splat.crow_indices().diff().max())
-    torch.testing.assert_close(P._csr_mm(lat.splat, v.index_select(0, lat.splat_order)), dense_splat @ v,
+    splat = P._csr_mm(lat.splat, lattice_module.gather(v, lat.splat_order))
+    torch.testing.assert_close(splat, dense_splat @ v,
                                rtol=2 * s * torch.finfo(torch.float32).eps / 2, atol=0)
 
 
 def test_lexicographic_simplex_sort_gives_the_same_lattice(monkeypatch):
     """Wide feature ranges sort simplices by several int64 keys; that path builds the same lattice."""
+    monkeypatch.setattr(P.lattice, "USE_JIT", False)  # (the tensor path's sorts)
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(2, 400, 6, generator=gen) * 3
     one_key = P.build_lattice(q, q, True)
@@ -246,6 +253,7 @@ def test_narrow_sort_equals_torch_stable_sort(lo, span):
 
 def test_narrow_sort_builds_the_same_lattice(monkeypatch):
     """The lattice built through the int32 sorts is the one built through torch's int64 sort."""
+    monkeypatch.setattr(P.lattice, "USE_JIT", False)  # (the tensor path's sorts)
     gen = torch.Generator().manual_seed(6)
     q = torch.rand(1, 6000, 3, generator=gen) * 20
     narrow = P.build_lattice(q, q, True)
@@ -279,6 +287,7 @@ def test_segmented_arange_with_empty_runs():
 def test_dense_table_and_binary_search_find_the_same_neighbours(monkeypatch, d, scale):
     """Blur neighbours come from a dense code table in small code spaces and a binary search
     otherwise; forcing each path builds the identical lattice."""
+    monkeypatch.setattr(P.lattice, "USE_JIT", False)  # (the tensor path's code look-ups)
     gen = torch.Generator().manual_seed(4)
     q = torch.rand(2, 500, d, generator=gen) * scale
     lattices = []

@@ -12,11 +12,14 @@ and, for ``Gaussian(normalize=True)``, that filter divided by the filter of ones
 ``return_lse`` the log-normaliser is the log of that filtered ones (the lattice's approximate C_i),
 or 0 for C = 1.
 
-Written with tensor ops only (no Python loop over points), so the same code runs on CPU and CUDA:
-lattice keys are packed into int64 codes, points grouped into simplices and simplex corners into
-vertices by sorting codes, blur neighbours found in a dense code table (small code spaces) or by
-``searchsorted``; splat, each blur direction and slice are CSR matrices built once per lattice
-(the vertex-major ones by counting, without sorting the P (d+1) entries).
+Two builders make the same lattice (matrix for matrix, tested): on the CPU, kernels compiled by
+numba (:mod:`._jit`: a hash table of vertex codes per part of the points, the parts run on torch's
+thread count, numba's LLVM comes in its wheel: no compiler on the user's machine); on CUDA, or
+where numba does not install, tensor ops only (no Python loop over points: lattice keys packed into
+int64 codes, points grouped into simplices and simplex corners into vertices by sorting codes, blur
+neighbours found in a dense code table or by ``searchsorted``). Splat, each blur direction and slice
+are CSR matrices built once per lattice (the vertex-major ones by counting, without sorting the
+P (d+1) entries).
 A batch index is part of each key, so one lattice (block diagonal) serves the whole batch. The
 lattices of the last few feature sets are cached, keyed on the features' and the bandwidth's values
 (see :mod:`.cache`): a dense CRF filters the same image at every mean-field iteration, and

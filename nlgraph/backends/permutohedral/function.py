@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from .cache import _no_functorch
 from .csr import _csr_mm
-from .lattice import _BLOCK, Lattice, _elevation_matrix
+from .lattice import _BLOCK, Lattice, _elevation_matrix, gather
 
 
 class _LatticeFilter(torch.autograd.Function):
@@ -123,14 +123,14 @@ class _LatticePointFilter(torch.autograd.Function):
         nq = grad.shape[0]
         grad_q = grad_k = None
         if need_q or ctx.same:
-            w = _csr_mm(lat.splat, values.index_select(0, lat.splat_order))  # B S_k v, in vertex space
+            w = _csr_mm(lat.splat, gather(values, lat.splat_order))  # B S_k v, in vertex space
             for b in lat.blurs:
                 w = _csr_mm(b, w)
             grad_q = _point_grads(_corner_grads(lat.corners[:nq], w, grad, lat.alpha), lat.positions[:nq],
                                   elevation)
             del w
         if need_k or ctx.same:
-            z = _csr_mm(lat.slice_t, grad.index_select(0, lat.slice_t_order), alpha=lat.alpha)
+            z = _csr_mm(lat.slice_t, gather(grad, lat.slice_t_order), alpha=lat.alpha)
             for b in lat.blurs[::-1]:
                 z = _csr_mm(b, z)  # B^T alpha S_q^T grad
             rows = slice(0, nq) if ctx.same else slice(nq, None)

@@ -1,10 +1,12 @@
 """Lattice construction: elevation onto the permutohedral lattice, simplices, vertices, blur neighbours.
 
 :func:`build_lattice` turns point sets into a :class:`Lattice` (its splat, blur and slice CSR
-matrices, see :mod:`.csr`) with tensor ops only (no Python loop over points): lattice keys are
-packed into int64 codes, points grouped into simplices and simplex corners into vertices by sorting
-codes, blur neighbours found in a dense code table (small code spaces) or by ``searchsorted``. A batch
-index is part of each key, so one lattice (block diagonal) serves the whole batch.
+matrices, see :mod:`.csr`). On the CPU it runs the compiled kernels of :mod:`._jit` where numba
+imports (:data:`USE_JIT`); otherwise (CUDA, no numba) tensor ops only (no Python loop over points):
+lattice keys are packed into int64 codes, points grouped into simplices and simplex corners into
+vertices by sorting codes, blur neighbours found in a dense code table (small code spaces) or by
+``searchsorted``. Both number vertices in code order and build the same matrices. A batch index is
+part of each key, so one lattice (block diagonal) serves the whole batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..._optional import optional
 from .csr import _csr, _csr_mm, _index_dtype, _point_matrix, _vertex_matrix
 
 #: Simplex sort keys combine (point code, rank digits) into one int64 while they fit in this many bits.
@@ -47,11 +50,12 @@ class Lattice:
     """
 
     splat: Tensor        # (V+2, B*M) CSR: key points (in splat_order) -> vertices
-    splat_order: Tensor  # (B*M,) the key points grouped by simplex: splat's column j is point splat_order[j]
+    splat_order: Optional[Tensor]  # (B*M,) the key points grouped by simplex: splat's column j is point
+    #                                splat_order[j] (None: column j is point j)
     splat_t: Tensor      # (B*M, V+2) CSR
     slice: Tensor        # (B*N, V+2) CSR: vertices -> query points (without alpha)
     slice_t: Tensor      # (V+2, B*N) CSR, columns in slice_t_order
-    slice_t_order: Tensor
+    slice_t_order: Optional[Tensor]
     blurs: list[Tensor]  # d + 1 CSR (V+2, V+2) matrices, symmetric
     alpha: float
     num_vertices: int    # V
@@ -65,10 +69,15 @@ class Lattice:
         """values (B*M, e) -> (B*N, e); with ``transpose`` the adjoint map (B*N, e) -> (B*M, e)."""
         first, order, last, blurs = ((self.splat, self.splat_order, self.slice, self.blurs) if not transpose
                                      else (self.slice_t, self.slice_t_order, self.splat_t, self.blurs[::-1]))
-        x = _csr_mm(first, values.index_select(0, order))
+        x = _csr_mm(first, gather(values, order))
         for b in blurs:
             x = _csr_mm(b, x)
         return _csr_mm(last, x, alpha=self.alpha)
+
+
+def gather(values: Tensor, order: Optional[Tensor]) -> Tensor:
+    """The rows of ``values`` in a lattice's column order (``order`` None: as they are)."""
+    return values if order is None else values.index_select(0, order)
 
 
 def _find_codes(uniq: Tensor, codes: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
@@ -226,6 +235,86 @@ def _elevation_matrix(d: int, dtype: torch.dtype, device) -> Tensor:
     return e.to(dtype=dtype, device=device)
 
 
+def _code_layout(lo: list[int], hi: list[int], b: int) -> tuple[list[int], int]:
+    """Packing of lattice keys into int64 codes sum_i (key_i - lo'_i) stride_i + batch stride_d for
+    remainder-0 coordinates in [lo_i, hi_i] (lo'_i = lo_i - 2(d+1): room for the canonical simplex's
+    -(d+1) and the blur neighbours' +-(d+1)): (the d + 1 strides, the offset sum_i lo'_i stride_i).
+
+    Raises:
+        ValueError: more lattice cells than 62 bits of code index.
+    """
+    d1 = len(lo) + 1
+    los = [v - 2 * d1 for v in lo]
+    sizes = [h + 2 * d1 - v + 1 for v, h in zip(los, hi, strict=True)] + [b]
+    code_bits = sum(math.log2(s) for s in sizes)
+    if code_bits >= 62:
+        raise ValueError(f"permutohedral: the query/key features divided by the bandwidth span too wide a "
+                         f"range to index the lattice (lattice coordinate spans {sizes[:-1]}, "
+                         f"batch {b}: {code_bits:.1f} bits of 62); rescale the features or use an exact "
+                         f"backend")
+    strides = [1]
+    for size in sizes[:-1]:
+        strides.append(strides[-1] * size)
+    return strides, sum(v * st for v, st in zip(los, strides, strict=False))
+
+
+def _blur_csr(cols: list[Tensor], num_v: int, dt: torch.dtype, dev) -> list[Tensor]:
+    """The d + 1 blur matrices (V+2, V+2) from each direction's rows [below, self, above] (3V columns),
+    weights 1/2, 1, 1/2: rows 0 and V + 1 (the border vertices) are empty."""
+    idx = _index_dtype(3 * num_v + 1, num_v + 2)
+    crow = torch.cat([torch.zeros(1, dtype=idx, device=dev),
+                      torch.arange(0, 3 * num_v + 1, 3, dtype=idx, device=dev),
+                      torch.full((1,), 3 * num_v, dtype=idx, device=dev)])
+    weights = torch.tensor([0.5, 1.0, 0.5], dtype=dt, device=dev).repeat(num_v)
+    return [_csr(crow, c, weights, (num_v + 2, num_v + 2)) for c in cols]
+
+
+#: Build CPU lattices with the compiled kernels of :mod:`._jit` where numba imports (False: the tensor
+#: path everywhere, e.g. to compare the two).
+USE_JIT = True
+
+
+def _jit_module() -> Any:
+    """:mod:`._jit` where it can run (numba importable, :data:`USE_JIT`), else None."""
+    if not USE_JIT or optional("numba") is None:
+        return None
+    from . import _jit
+    return _jit
+
+
+def _np_index_dtype(*sizes: int) -> Any:
+    """:func:`.csr._index_dtype` as a numpy dtype."""
+    return np.int32 if _index_dtype(*sizes) == torch.int32 else np.int64
+
+
+def _build_jit(jit: Any, pts: Tensor, b: int, n: int, m: int, same: bool, dt: torch.dtype,
+               corners: bool) -> Lattice:
+    """:func:`build_lattice` by the compiled CPU kernels (see :mod:`._jit`)."""
+    d = pts.shape[1]
+    d1 = d + 1
+    nq = b * n
+    out = jit.build(pts.detach().numpy(), _scales(d), nq, n, m, same, torch.get_num_threads(),
+                    lambda lo, hi: _code_layout(lo, hi, b), _np_index_dtype)
+    num_v = int(out["num_v"])
+
+    def vals(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(a).to(dt)
+
+    pt_cols, pt_vals = torch.from_numpy(out["point_cols"]), vals(out["point_vals"])
+    slice_ = _point_matrix(pt_cols[:nq], pt_vals[:nq], num_v + 2)
+    splat_t = slice_ if same else _point_matrix(pt_cols[nq:], pt_vals[nq:], num_v + 2)
+    vm = [_csr(torch.from_numpy(crow), torch.from_numpy(c), vals(v), (num_v + 2, c.shape[0] // d1))
+          for crow, c, v in out["vertex"]]
+    slice_t, splat = vm[0], vm[-1]
+    blurs = _blur_csr(list(torch.from_numpy(out["cols"]).unbind(0)), num_v, dt, pts.device)
+    point_corners = positions = None
+    if corners:
+        point_corners = torch.from_numpy(out["corner_vid"]).long().add_(1)
+        positions = torch.from_numpy(out["rank"]).neg().add_(d).to(torch.uint8)
+    return Lattice(splat, None, splat_t, slice_, slice_t, None, blurs, 1.0 / (1.0 + 2.0 ** (-d)), num_v,
+                   point_corners, positions)
+
+
 def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.dtype] = None,
                   corners: bool = False) -> Lattice:
     """Build the lattice of query points (B, N, d) and key points (B, M, d) (same=True: one point set).
@@ -264,24 +353,19 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
             f"{limit:.3g} for d = {d}: centre or rescale the features, or use an exact backend")
     if pts.dtype != torch.float64 and bound > _FLOAT32_ELEVATED:
         pts = pts.double()
+    jit = _jit_module() if dev.type == "cpu" and pts.dtype in (torch.float32, torch.float64) else None
+    if jit is not None:
+        return _build_jit(jit, pts, b, n, m, same, dt, corners)
     rem0, rank, bary = _elevate(pts)  # (d + 1, P) each
     bary = bary.to(dt)
     # Lattice points are packed into int64 codes  sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
     rem_d = rem0[:d]
-    lo = rem_d.amin(1).long() - 2 * d1  # room for the -d1 of canonical and the +-d1 of blur neighbours
-    span = rem_d.amax(1).long() + 2 * d1 - lo + 1
-    sizes = torch.cat([span, torch.tensor([b], device=dev)])
-    code_bits = float(torch.log2(sizes.double()).sum())
-    if code_bits >= 62:
-        raise ValueError(f"permutohedral: the query/key features divided by the bandwidth span too wide a "
-                         f"range to index the lattice (lattice coordinate spans {sizes.tolist()[:-1]}, "
-                         f"batch {b}: {code_bits:.1f} bits of 62); rescale the features or use an exact "
-                         f"backend")
-    strides = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), sizes[:-1]]), 0)
+    stride_list, offset = _code_layout(rem_d.amin(1).long().tolist(), rem_d.amax(1).long().tolist(), b)
+    code_bits = math.log2(stride_list[d] * b)  # the code space
+    strides = torch.tensor(stride_list, dtype=torch.long, device=dev)
     s_d = strides[:d]
-    stride_list = strides.tolist()
     # the point codes, one coordinate row at a time
-    pcode = rem_d[0].long().mul_(stride_list[0]).sub_(int((lo * s_d).sum()))
+    pcode = rem_d[0].long().mul_(stride_list[0]).sub_(offset)
     for i in range(1, d):
         pcode.add_(rem_d[i].long(), alpha=stride_list[i])
     if batch is not None:
@@ -340,16 +424,11 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     minus = torch.where(delta > 0, 0, num_v + 1).expand(num_v + 2, d1).contiguous()
     minus.scatter_(0, plus, vid[:, None].expand(num_v, d1))  # absent + neighbours write a border row
     minus = minus[1:-1]
-    idx = _index_dtype(3 * num_v + 1, num_v + 2)
-    crow = torch.cat([torch.zeros(1, dtype=idx, device=dev),
-                      torch.arange(0, 3 * num_v + 1, 3, dtype=idx, device=dev),
-                      torch.full((1,), 3 * num_v, dtype=idx, device=dev)])
-    weights = torch.tensor([0.5, 1.0, 0.5], dtype=dt, device=dev).repeat(num_v)
-    blurs = []
+    cols = []
     for j in range(d1):
         below, above = (minus[:, j], plus[:, j]) if ascending[j] else (plus[:, j], minus[:, j])
-        cols = torch.stack([below, vid, above], 1).view(-1)
-        blurs.append(_csr(crow, cols, weights, (num_v + 2, num_v + 2)))
+        cols.append(torch.stack([below, vid, above], 1).view(-1))
+    blurs = _blur_csr(cols, num_v, dt, dev)
 
     # 3. Splat and slice. Vertex-major matrices first, then the point-major ones (so the temporaries
     # of each never coexist with the other's results: a smaller peak, fewer page faults).

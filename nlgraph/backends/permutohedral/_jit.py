@@ -1,0 +1,406 @@
+"""The lattice construction's CPU kernels, compiled by numba (LLVM from a wheel: no compiler on the
+user's machine): elevation, hash tables of vertex codes, blur neighbours and the CSR matrices.
+
+The same lattice as :func:`.lattice.build_lattice`'s tensor path, matrix for matrix: the same
+arithmetic step for step, and vertices numbered in code order as there (so the same simplices,
+weights, blur rows and border conventions). What differs is how vertices are found: the tensor path
+sorts the P (d+1) corner codes; here each part of the points fills its own hash table (consecutive
+points in one simplex, most neighbouring pixels, reuse its vertices), and only the parts' distinct
+codes (V << P (d+1)) are sorted and merged.
+
+Every kernel is ``nogil``: :func:`build` runs the per-point and per-vertex passes in parts over
+torch's thread count with a thread pool (no numba threading layer, so concurrent builds from several
+Python threads are safe). Compiled once per machine (``cache=True`` keeps the machine code next to
+this file, or under ``NUMBA_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import numpy as np
+from numba import njit
+
+_EMPTY = -1  # hash slot sentinel (codes are >= 0)
+_HASH = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 as int64: Fibonacci hashing
+
+
+@njit(cache=True, nogil=True)
+def _elevate(f, scale, ints, inv, start, end, rem0, rank, bary, lo, hi):
+    """Points f[start:end] (P, d) -> remainder-0 points rem0 (P, d) int64 (first d coordinates),
+    ranks (P, d+1) uint8 and barycentric weights bary (P, d+1), in f's dtype step for step as the
+    reference code (and the tensor path's ``_elevate_block``): ``scale`` the d scale factors, ``ints``
+    the whole numbers 0..d+1 and ``inv`` 1/(d+1), all in f's dtype, so no operation widens. lo/hi (d,)
+    get the range of rem0 over these points."""
+    d = f.shape[1]
+    d1 = d + 1
+    fd1 = ints[d1]
+    one = ints[1]
+    el = np.empty(d1, f.dtype)
+    r0 = np.empty(d1, f.dtype)
+    rk = np.empty(d1, np.int64)
+    v = np.empty(d1, f.dtype)
+    tmp = np.empty(1, f.dtype)
+    for p in range(start, end):
+        acc = f[p, d - 1] * scale[d - 1]
+        el[d] = acc * (-ints[d])
+        for c in range(d - 1, 0, -1):
+            cf = f[p, c - 1] * scale[c - 1]
+            el[c] = acc - cf * ints[c]
+            acc = acc + cf
+        el[0] = acc
+        total = ints[0]
+        for i in range(d1):
+            down = np.floor(el[i] * inv) * fd1
+            up = down + fd1
+            if up - el[i] < el[i] - down:
+                down = up
+            r0[i] = down
+            total = total + down
+        tot = int(np.round(total * inv))
+        for i in range(d1):
+            el[i] = el[i] - r0[i]  # the residual
+        for i in range(d1):
+            k = tot
+            di = el[i]
+            for j in range(i):
+                k += el[j] >= di  # (branch-free: the comparisons are data dependent)
+            for j in range(i + 1, d1):
+                k += el[j] > di
+            rk[i] = k
+        for i in range(d1):
+            shift = (rk[i] // d1) * d1
+            ri = rk[i] - shift
+            tmp[0] = shift  # (stored: converted to f's dtype)
+            fs = tmp[0]
+            if i < d:
+                x = np.int64(r0[i] - fs)
+                rem0[p, i] = x
+                if p == start or x < lo[i]:
+                    lo[i] = x
+                if p == start or x > hi[i]:
+                    hi[i] = x
+            rank[p, i] = ri
+            v[d - ri] = (el[i] + fs) * inv
+        for k in range(1, d1):
+            bary[p, k] = v[k] - v[k - 1]
+        bary[p, 0] = (v[0] + one) - v[d]
+
+
+@njit(cache=True, nogil=True)
+def _log2(cap):
+    k = 0
+    while (np.int64(1) << k) < cap:
+        k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _slot(code, keys, mask, shift):
+    """The slot of ``code`` in an open-addressing table (Fibonacci hashing, linear probing): where it
+    is, or the empty slot where it would go."""
+    h = ((code * _HASH) >> shift) & mask
+    while keys[h] != _EMPTY and keys[h] != code:
+        h = (h + 1) & mask
+    return h
+
+
+@njit(cache=True, nogil=True)
+def _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, keys, vals, codes, nv):
+    """:func:`_vertices`' pass over the points [p0, end) into a table (keys, vals; codes holds the
+    vertices in id order, nv of them so far) until it is half full: returns (the point to resume at,
+    or ``end`` when done; the vertex count). Tables never change size here (growing them inside the
+    loop makes every probe reload them: 5x slower)."""
+    d = rem0.shape[1]
+    d1 = d + 1
+    cap = keys.shape[0]
+    mask = cap - 1
+    shift = 64 - _log2(cap)
+    limit = cap // 2
+    ssum = np.int64(0)
+    for i in range(d):
+        ssum += strides[i]
+    who = np.empty(d1, np.int64)
+    prev_code = np.int64(-1)
+    for p in range(p0, end):
+        b = p // n if same or p < nq else (p - nq) // m
+        pc = b * strides[d] - offset
+        for i in range(d):
+            pc += rem0[p, i] * strides[i]
+        if pc == prev_code:  # consecutive points in one simplex (neighbouring pixels) share its vertices
+            reuse = True
+            for i in range(d):
+                if rank[p, i] != rank[p - 1, i]:
+                    reuse = False
+                    break
+            if reuse:
+                for r in range(d1):
+                    corner_vid[p, r] = corner_vid[p - 1, r]
+                continue
+        prev_code = -1
+        # corner r's code: pc + r ssum - d1 * (sum of strides of coordinates with rank > d - r); from
+        # corner r - 1 to r exactly the coordinate of rank d + 1 - r joins the sum
+        for i in range(d1):
+            who[rank[p, i]] = i
+        c = pc
+        for r in range(d1):
+            if r:
+                i = who[d1 - r]
+                c += ssum - (d1 * strides[i] if i < d else 0)
+            h = ((c * _HASH) >> shift) & mask  # (_slot, inline)
+            while keys[h] != _EMPTY and keys[h] != c:
+                h = (h + 1) & mask
+            if keys[h] == _EMPTY:
+                if nv == limit:
+                    return p, nv
+                keys[h] = c
+                vals[h] = nv
+                codes[nv] = c
+                nv += 1
+            corner_vid[p, r] = vals[h]
+        prev_code = pc
+    return end, nv
+
+
+@njit(cache=True, nogil=True)
+def _table(codes, nv, cap):
+    """An open-addressing table (keys, values = ids) of codes[:nv], ``cap`` slots (a power of two)."""
+    keys = np.full(cap, _EMPTY, np.int64)
+    vals = np.empty(cap, np.int32)
+    shift = 64 - _log2(cap)
+    for u in range(nv):
+        g = _slot(codes[u], keys, cap - 1, shift)
+        keys[g] = codes[u]
+        vals[g] = u
+    return keys, vals
+
+
+@njit(cache=True, nogil=True)
+def _vertices(rem0, rank, strides, offset, nq, n, m, same, start, end, corner_vid):
+    """The distinct corner codes of points [start, end), in order of first appearance; corner_vid
+    (P, d+1) int32 gets each corner's index among them. A point's code is sum_i rem0_i stride_i -
+    offset + batch stride_d; corner r adds r sum_i stride_i - (d+1) sum_{i: rank_i > d - r} stride_i
+    (the canonical simplex). The table starts small and doubles when half full: one sized to the
+    vertices stays cache-resident (one sized to the points, mostly empty, costs a cache miss per
+    lookup: 3x the time on a 512x512 photo)."""
+    cap = np.int64(1) << 12
+    keys = np.full(cap, _EMPTY, np.int64)
+    vals = np.empty(cap, np.int32)
+    codes = np.empty(cap // 2, np.int64)
+    p, nv = _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, start, end, keys, vals, codes,
+                    0)
+    while p < end:
+        cap *= 2
+        grown = np.empty(cap // 2, np.int64)
+        grown[:nv] = codes[:nv]
+        codes = grown
+        keys, vals = _table(codes, nv, cap)
+        p, nv = _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p, end, keys, vals, codes,
+                        nv)
+    return codes[:nv].copy()
+
+
+@njit(cache=True, nogil=True)
+def _remap(corner_vid, start, end, mapping):
+    """corner_vid[p, r] = mapping[corner_vid[p, r]] for points [start, end) (part ids -> global ids)."""
+    d1 = corner_vid.shape[1]
+    for p in range(start, end):
+        for r in range(d1):
+            corner_vid[p, r] = mapping[corner_vid[p, r]]
+
+
+@njit(cache=True, nogil=True)
+def _neighbours(codes, keys, vals, deltas, start, end, plus):
+    """plus[u, j] = id of the vertex at code(u) + deltas[j] (-1 where absent), u in [start, end)."""
+    mask = keys.shape[0] - 1
+    shift = 64 - _log2(keys.shape[0])
+    d1 = deltas.shape[0]
+    for u in range(start, end):
+        for j in range(d1):
+            c = codes[u] + deltas[j]
+            h = ((c * _HASH) >> shift) & mask
+            while keys[h] != _EMPTY and keys[h] != c:
+                h = (h + 1) & mask
+            plus[u, j] = vals[h] if keys[h] == c else -1
+
+
+@njit(cache=True, nogil=True)
+def _invert(plus, minus):
+    """minus[w, j] = u where plus[u, j] = w (the - neighbours: the + map's inverse), else -1."""
+    nv, d1 = plus.shape
+    minus[:] = -1
+    for u in range(nv):
+        for j in range(d1):
+            w = plus[u, j]
+            if w >= 0:
+                minus[w, j] = u
+
+
+@njit(cache=True, nogil=True)
+def _blur_cols(plus, minus, ascending, start, end, cols):
+    """Rows u in [start, end) of the d+1 blurs, cols (d+1, 3V): [below, u, above] as matrix indices
+    (vertex id + 1); ids follow the codes, so the + neighbour is above where its code step is positive
+    (``ascending``). An absent neighbour below is the empty border vertex 0, above it is V + 1."""
+    nv, d1 = plus.shape
+    for u in range(start, end):
+        for j in range(d1):
+            a, c = minus[u, j], plus[u, j]
+            if not ascending[j]:
+                a, c = c, a
+            cols[j, 3 * u] = a + 1 if a >= 0 else 0
+            cols[j, 3 * u + 1] = u + 1
+            cols[j, 3 * u + 2] = c + 1 if c >= 0 else nv + 1
+
+
+@njit(cache=True, nogil=True)
+def _point_rows(corner_vid, bary, start, end, cols, vals):
+    """Point-major CSR rows for points [start, end): each row's d+1 corners (matrix index = vertex id
+    + 1) in increasing order with their weights (row p at p (d+1) of the flat cols / vals)."""
+    d1 = corner_vid.shape[1]
+    for p in range(start, end):
+        o = p * d1
+        for r in range(d1):
+            c = corner_vid[p, r] + 1
+            w = bary[p, r]
+            k = o + r
+            while k > o and cols[k - 1] > c:  # insertion sort of d + 1 entries
+                cols[k] = cols[k - 1]
+                vals[k] = vals[k - 1]
+                k -= 1
+            cols[k] = c
+            vals[k] = w
+
+
+@njit(cache=True, nogil=True)
+def _count(corner_vid, start, end, count):
+    """count[u + 1] += the entries points [start, end) put in vertex u's row."""
+    d1 = corner_vid.shape[1]
+    for p in range(start, end):
+        for r in range(d1):
+            count[corner_vid[p, r] + 1] += 1
+
+
+@njit(cache=True, nogil=True)
+def _fill(corner_vid, bary, start, end, first, nxt, cols, vals):
+    """The entries of points [start, end) in the vertex-major rows: column p - first, each row's next
+    free entry in ``nxt`` (this part's own; points in increasing order, so columns increase)."""
+    d1 = corner_vid.shape[1]
+    for p in range(start, end):
+        for r in range(d1):
+            u = corner_vid[p, r] + 1
+            k = nxt[u]
+            cols[k] = p - first
+            vals[k] = bary[p, r]
+            nxt[u] = k + 1
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A shared thread pool with at least ``workers`` threads (replaced by a larger one on demand)."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nlgraph-lattice")
+            _POOL_SIZE = workers
+        return _POOL
+
+
+#: Points (or vertices) per part at least: smaller inputs run in fewer parts (a part costs ~0.1 ms).
+_MIN_PART = 1 << 14
+
+
+def _bounds(start: int, end: int, threads: int) -> list[int]:
+    """Part boundaries splitting [start, end) into up to ``threads`` parts of >= _MIN_PART items."""
+    parts = max(1, min(threads, (end - start) // _MIN_PART))
+    return [start + (end - start) * i // parts for i in range(parts + 1)]
+
+
+def _run(fn: Callable[[int, int, int], Any], bounds: list[int]) -> list[Any]:
+    """[fn(t, bounds[t], bounds[t + 1]) for each part t], the parts on the pool (nogil kernels)."""
+    if len(bounds) == 2:
+        return [fn(0, bounds[0], bounds[1])]
+    pool = _pool(len(bounds) - 1)
+    futures = [pool.submit(fn, t, bounds[t], bounds[t + 1]) for t in range(len(bounds) - 1)]
+    return [f.result() for f in futures]
+
+
+def _vertex_major(corner_vid: np.ndarray, bary: np.ndarray, start: int, end: int, num_v: int, threads: int,
+                  index_dtype: Callable[..., Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(crow, cols, vals) of the (V + 2, end - start) CSR splatting points [start, end) onto their
+    corners: a counting sort by vertex in parts (each part counts its points, then fills its share of
+    every row after the earlier parts': columns increase within each row, as in one pass)."""
+    d1 = corner_vid.shape[1]
+    nnz = (end - start) * d1
+    bounds = _bounds(start, end, threads)
+    counts = np.zeros((len(bounds) - 1, num_v + 3), np.int64)
+    _run(lambda t, s, e: _count(corner_vid, s, e, counts[t, 1:]), bounds)
+    crow = np.cumsum(counts.sum(0))  # counts[:, 0] = 0: crow[0] = 0, crow[u + 1] = entries up to row u
+    # part t's first entry in row u: crow[u] + the entries of parts before t
+    nxt = crow[None, :-1] + np.cumsum(counts[:, 1:], 0) - counts[:, 1:]
+    cols = np.empty(nnz, index_dtype(nnz, num_v + 2, end - start))
+    vals = np.empty(nnz, bary.dtype)
+    _run(lambda t, s, e: _fill(corner_vid, bary, s, e, start, nxt[t], cols, vals), bounds)
+    return crow, cols, vals
+
+
+def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bool, threads: int,
+          strides_for: Callable[[list[int], list[int]], tuple[list[int], int]],
+          index_dtype: Callable[..., Any]) -> dict[str, Any]:
+    """The lattice of points ``pts`` (P, d) (float32 or float64, any strides): the B*N query points
+    first (batch p // n), then unless ``same`` the B*M key points (batch (p - nq) // m).
+
+    ``strides_for(lo, hi)``: the code strides (d coordinates and the batch) and offset for remainder-0
+    coordinates in [lo, hi] (it raises where they do not fit int64); ``index_dtype(*sizes)``: the CSR
+    index dtype. Returns numpy arrays: ``rank`` (P, d+1) uint8, ``corner_vid`` (P, d+1) int32 (vertex
+    ids, in code order), ``num_v``, the blur ``cols`` (d+1, 3V), the point-major rows
+    (``point_cols``, ``point_vals``, (P, d+1) each) and the vertex-major matrices (``vertex``: one
+    (crow, cols, vals) for all points when ``same``, else for the query points and the key points).
+    """
+    p_total, d = pts.shape
+    d1 = d + 1
+    dt = pts.dtype
+    ints = np.arange(d1 + 1, dtype=dt)
+    inv = dt.type(1.0 / d1)
+    sc = np.asarray(scale, dtype=dt)
+    rem0 = np.empty((p_total, d), np.int64)
+    rank = np.empty((p_total, d1), np.uint8)
+    bary = np.empty((p_total, d1), dt)
+    parts = _bounds(0, p_total, threads)
+    lo = np.empty((len(parts) - 1, d), np.int64)
+    hi = np.empty_like(lo)
+    _run(lambda t, s, e: _elevate(pts, sc, ints, inv, s, e, rem0, rank, bary, lo[t], hi[t]), parts)
+    strides, offset = strides_for(lo.min(0).tolist(), hi.max(0).tolist())
+    st = np.asarray(strides, dtype=np.int64)
+    corner_vid = np.empty((p_total, d1), np.int32)
+    found = _run(lambda t, s, e: _vertices(rem0, rank, st, np.int64(offset), nq, n, max(m, 1), same, s, e,
+                                           corner_vid), parts)
+    # number the vertices in code order (the tensor path's numbering) and map each part's ids to it
+    codes, where = np.unique(np.concatenate(found), return_inverse=True)
+    where = where.astype(np.int32)
+    starts = np.cumsum([0] + [f.shape[0] for f in found])
+    _run(lambda t, s, e: _remap(corner_vid, s, e, where[starts[t]:starts[t + 1]]), parts)
+    num_v = codes.shape[0]
+    keys, vals = _table(codes, num_v, np.int64(1) << _log2(max(2 * num_v, 16)))
+    ssum = int(st[:d].sum())
+    deltas = np.asarray([ssum - d1 * strides[j] for j in range(d)] + [ssum], dtype=np.int64)
+    plus = np.empty((num_v, d1), np.int32)
+    vparts = _bounds(0, num_v, threads)
+    _run(lambda t, s, e: _neighbours(codes, keys, vals, deltas, s, e, plus), vparts)
+    minus = np.empty_like(plus)
+    _invert(plus, minus)
+    cols = np.empty((d1, 3 * num_v), index_dtype(3 * num_v + 1, num_v + 2))
+    _run(lambda t, s, e: _blur_cols(plus, minus, deltas > 0, s, e, cols), vparts)
+    point_cols = np.empty((p_total, d1), index_dtype(num_v + 2, p_total * d1))
+    point_vals = np.empty((p_total, d1), dt)
+    _run(lambda t, s, e: _point_rows(corner_vid, bary, s, e, point_cols.reshape(-1), point_vals.reshape(-1)),
+         parts)
+    ranges = [(0, p_total)] if same else [(0, nq), (nq, p_total)]
+    vertex = [_vertex_major(corner_vid, bary, s, e, num_v, threads, index_dtype) for s, e in ranges]
+    return dict(rank=rank, corner_vid=corner_vid, num_v=num_v, cols=cols, point_cols=point_cols,
+                point_vals=point_vals, vertex=vertex)

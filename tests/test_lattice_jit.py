@@ -1,0 +1,140 @@
+"""The compiled (numba) lattice builder against the tensor path it replaces on the CPU.
+
+Both number vertices in code order, so every matrix must be the same matrix: the point-major ones
+(slice, splat_t) and the blurs entry for entry, the vertex-major ones (splat, slice_t; the tensor
+path orders their columns by simplex, the compiled one by point) as the same dense matrix after that
+column permutation, and the corners / residual orders the feature gradient uses identically. The same
+arithmetic runs in both, so nothing here has a tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nlgraph.backends.permutohedral import lattice as L
+
+pytest.importorskip("numba")
+
+
+def _build(q, k, same, jit, **kw):
+    old = L.USE_JIT
+    L.USE_JIT = jit
+    try:
+        return L.build_lattice(q, k, same, **kw)
+    finally:
+        L.USE_JIT = old
+
+
+def _same_csr(a, b):
+    assert a.shape == b.shape
+    assert torch.equal(a.crow_indices().long(), b.crow_indices().long())
+    assert torch.equal(a.col_indices().long(), b.col_indices().long())
+    assert torch.equal(a.values(), b.values())
+
+
+def _entries(m, order):
+    """A vertex-major matrix's entries (row, point, value), its columns put back in point order,
+    sorted by (row, point)."""
+    rows = torch.repeat_interleave(torch.arange(m.shape[0]), m.crow_indices().long().diff())
+    cols = m.col_indices().long()
+    if order is not None:
+        cols = order[cols]
+    key = rows * m.shape[1] + cols
+    key, perm = torch.sort(key)
+    return key, m.values()[perm]
+
+
+def _assert_same_lattice(q, k, same, **kw):
+    a = _build(q, k, same, True, **kw)
+    t = _build(q, k, same, False, **kw)
+    assert a.num_vertices == t.num_vertices and a.alpha == t.alpha
+    _same_csr(a.slice, t.slice)
+    _same_csr(a.splat_t, t.splat_t)
+    for x, y in zip(a.blurs, t.blurs, strict=True):
+        _same_csr(x, y)
+    for x, y in ((_entries(a.splat, a.splat_order), _entries(t.splat, t.splat_order)),
+                 (_entries(a.slice_t, a.slice_t_order), _entries(t.slice_t, t.slice_t_order))):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    if kw.get("corners"):
+        assert torch.equal(a.corners, t.corners) and torch.equal(a.positions, t.positions)
+    return a, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("same,b", [(True, 1), (True, 3), (False, 1), (False, 2)])
+def test_compiled_builder_builds_the_tensor_paths_lattice(same, b, dtype):
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(b, 700, 4, generator=gen, dtype=dtype) * 3
+    k = q if same else torch.randn(b, 500, 4, generator=gen, dtype=dtype) * 3 + 1
+    a, _ = _assert_same_lattice(q, k, same, corners=True)
+    v = torch.randn(b * k.shape[1], 2, generator=gen, dtype=dtype)
+    assert a.filter(v).shape == (b * q.shape[1], 2)
+
+
+def test_grid_features_with_rank_ties():
+    """Positions on a pixel grid (exact ties between coordinates), the dense CRF's smoothness
+    features, and a volume's (z, y, x) grid: the tie rules must agree."""
+    yy, xx = torch.meshgrid(torch.arange(60.0), torch.arange(70.0), indexing="ij")
+    _assert_same_lattice(*(2 * [torch.stack([xx / 3, yy / 3], -1).reshape(1, -1, 2)]), True)
+    z, y, x = torch.meshgrid(torch.arange(8.0), torch.arange(20.0), torch.arange(20.0), indexing="ij")
+    grid = torch.stack([z / 2, y / 2, x / 2], -1).reshape(1, -1, 3)
+    _assert_same_lattice(grid, grid, True)
+
+
+def test_far_points_are_elevated_in_float64_by_both():
+    q = torch.rand(1, 300, 3) * 10 + 5000.0  # lattice coordinates beyond 2^12: float64 elevation
+    _assert_same_lattice(q, q, True)
+
+
+def test_large_input_grows_the_hash_table_and_splits_into_parts():
+    """Enough points for several parts (two threads) and for the tables to grow many times."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(12)
+        q = torch.rand(1, 70_000, 3, generator=gen) * 40
+        _assert_same_lattice(q, q, True)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_vertex_numbering_does_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(13)
+    q = torch.rand(1, 40_000, 3, generator=gen) * 25
+    old = torch.get_num_threads()
+    lattices = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            lattices.append(_build(q, q, True, True))
+    finally:
+        torch.set_num_threads(old)
+    a, b = lattices
+    for x, y in zip([a.splat, a.slice, *a.blurs], [b.splat, b.slice, *b.blurs], strict=True):
+        _same_csr(x, y)
+
+
+def test_code_space_errors_match():
+    q = torch.zeros(1, 20, 5, dtype=torch.float64)
+    q[0, 10:] = 1e10
+    msgs = []
+    for jit in (True, False):
+        with pytest.raises(ValueError, match="too wide a range") as e:
+            _build(q, q, True, jit)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(1, 7), n=st.integers(1, 60), m=st.integers(1, 60), b=st.integers(1, 3),
+       same=st.booleans(), spread=st.sampled_from([0.3, 2.0, 9.0]), seed=st.integers(0, 2**16),
+       double=st.booleans())
+def test_property_compiled_equals_tensor_path(d, n, m, b, same, spread, seed, double):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    q = torch.randn(b, n, d, generator=gen, dtype=dtype) * spread
+    k = q if same else torch.randn(b, m, d, generator=gen, dtype=dtype) * spread
+    _assert_same_lattice(q, k, same, corners=True)
