@@ -24,7 +24,23 @@ import numpy as np
 from numba import njit
 
 _EMPTY = -1  # hash slot sentinel (codes are >= 0)
-_HASH = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 as int64: Fibonacci hashing
+_M1 = np.uint64(0xFF51AFD7ED558CCD)  # MurmurHash3's 64-bit finaliser
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hash(code, shift):
+    """The table slot of a code: MurmurHash3's finaliser, its top bits (``shift`` = 64 - log2 of the
+    table size). A full mix, not Fibonacci hashing alone: codes of grid points (a volume's positions)
+    are arithmetic progressions that a single multiply clusters (probes 40x longer measured)."""
+    h = np.uint64(code)
+    h ^= h >> _S33
+    h *= _M1
+    h ^= h >> _S33
+    h *= _M2
+    h ^= h >> _S33
+    return np.int64(h >> np.uint64(shift))
 
 
 @njit(cache=True, nogil=True)
@@ -101,7 +117,7 @@ def _log2(cap):
 def _slot(code, keys, mask, shift):
     """The slot of ``code`` in an open-addressing table (Fibonacci hashing, linear probing): where it
     is, or the empty slot where it would go."""
-    h = ((code * _HASH) >> shift) & mask
+    h = _hash(code, shift)
     while keys[h] != _EMPTY and keys[h] != code:
         h = (h + 1) & mask
     return h
@@ -149,7 +165,7 @@ def _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, ke
             if r:
                 i = who[d1 - r]
                 c += ssum - (d1 * strides[i] if i < d else 0)
-            h = ((c * _HASH) >> shift) & mask  # (_slot, inline)
+            h = _hash(c, shift)  # (the probe of _slot, inline)
             while keys[h] != _EMPTY and keys[h] != c:
                 h = (h + 1) & mask
             if keys[h] == _EMPTY:
@@ -220,7 +236,7 @@ def _neighbours(codes, keys, vals, deltas, start, end, plus):
     for u in range(start, end):
         for j in range(d1):
             c = codes[u] + deltas[j]
-            h = ((c * _HASH) >> shift) & mask
+            h = _hash(c, shift)
             while keys[h] != _EMPTY and keys[h] != c:
                 h = (h + 1) & mask
             plus[u, j] = vals[h] if keys[h] == c else -1
