@@ -113,10 +113,11 @@ def _log2(cap):
     return k
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _slot(code, keys, mask, shift):
-    """The slot of ``code`` in an open-addressing table (Fibonacci hashing, linear probing): where it
-    is, or the empty slot where it would go."""
+    """The slot of ``code`` in an open-addressing table (:func:`_hash`, linear probing): where it is,
+    or the empty slot where it would go. Inlined where called (as fast as the loop written in place,
+    measured on the 512x512 photo's insertion pass)."""
     h = _hash(code, shift)
     while keys[h] != _EMPTY and keys[h] != code:
         h = (h + 1) & mask
@@ -155,7 +156,6 @@ def _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, ke
                 for r in range(d1):
                     corner_vid[p, r] = corner_vid[p - 1, r]
                 continue
-        prev_code = -1
         # corner r's code: pc + r ssum - d1 * (sum of strides of coordinates with rank > d - r); from
         # corner r - 1 to r exactly the coordinate of rank d + 1 - r joins the sum
         for i in range(d1):
@@ -165,9 +165,7 @@ def _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, ke
             if r:
                 i = who[d1 - r]
                 c += ssum - (d1 * strides[i] if i < d else 0)
-            h = _hash(c, shift)  # (the probe of _slot, inline)
-            while keys[h] != _EMPTY and keys[h] != c:
-                h = (h + 1) & mask
+            h = _slot(c, keys, mask, shift)
             if keys[h] == _EMPTY:
                 if nv == limit:
                     return p, nv
@@ -236,9 +234,7 @@ def _neighbours(codes, keys, vals, deltas, start, end, plus):
     for u in range(start, end):
         for j in range(d1):
             c = codes[u] + deltas[j]
-            h = _hash(c, shift)
-            while keys[h] != _EMPTY and keys[h] != c:
-                h = (h + 1) & mask
+            h = _slot(c, keys, mask, shift)
             plus[u, j] = vals[h] if keys[h] == c else -1
 
 
@@ -411,7 +407,8 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     minus = np.empty_like(plus)
     _invert(plus, minus)
     cols = np.empty((d1, 3 * num_v), index_dtype(3 * num_v + 1, num_v + 2))
-    _run(lambda t, s, e: _blur_cols(plus, minus, deltas > 0, s, e, cols), vparts)
+    ascending = deltas > 0
+    _run(lambda t, s, e: _blur_cols(plus, minus, ascending, s, e, cols), vparts)
     point_cols = np.empty((p_total, d1), index_dtype(num_v + 2, p_total * d1))
     point_vals = np.empty((p_total, d1), dt)
     _run(lambda t, s, e: _point_rows(corner_vid, bary, s, e, point_cols.reshape(-1), point_vals.reshape(-1)),
