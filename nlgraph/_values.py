@@ -7,14 +7,17 @@ every caller runs them only where :func:`checking_values` says so (eager mode; u
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, get_interpreter_stack
 
 __all__ = ["checking_values", "all_finite", "finite_nonnegative", "no_nan_or_posinf", "positive",
-           "finite_number"]
+           "finite_number", "norm_bounds", "known_norms", "known_norm"]
 
 
 def checking_values() -> bool:
@@ -79,3 +82,86 @@ def finite_number(value: object, *, positive: bool = False) -> bool:
     The argument check of scalar options (offsets, cut-offs, weights, h, sigma); no tensor involved."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and (value > 0 if positive else value >= 0))
+
+
+def norm_bounds(tensors: Sequence[Tensor]) -> list[float]:
+    """An upper bound of the Frobenius norm ``|t|`` of each tensor, read in one host sync; inf where the
+    tensor holds NaN/Inf (or its squares overflow the accumulator: then :func:`all_finite` decides).
+
+    A finite bound therefore also proves every entry finite: one pass gives the NaN/Inf scan of the
+    core op and the norms its overflow screen needs (:func:`known_norm`). The squares are summed in
+    the input's dtype (float32 for float16/bfloat16). Whatever the summation order, the computed sum
+    of n rounded squares is s^ = sum_i x_i^2 (1 + e_i) with |e_i| <= g_n = n u / (1 - n u) (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 4.4), so the true sum
+    s <= s^ / (1 - g_n) <= s^ / (1 - 2 n u), plus n times half the smallest subnormal for squares that
+    underflow; the bound is the square root of that, one ulp up, and inf where 2 n u >= 1 (float32
+    tensors above 2^23 entries: the callers fall back to their exact checks).
+    """
+    parts, squared = [], []
+    for t in tensors:
+        t = t.detach()
+        dot = t.is_contiguous() and t.dtype not in _HALF and t.numel() > 0
+        if dot:  # BLAS dot: a sum of rounded products, the analysis above as it stands
+            flat = t.view(-1)
+            parts.append(torch.dot(flat, flat))
+        elif t.numel() == 0:
+            parts.append(t.new_zeros((), dtype=torch.float64))
+        else:
+            parts.append(torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _HALF else None))
+        squared.append(dot)
+    if not parts:
+        return []
+    if len({p.dtype for p in parts}) > 1:
+        parts = [p.double() for p in parts]
+    out = []
+    for t, v, sq in zip(tensors, torch.stack(parts).tolist(), squared, strict=True):
+        u, eta = _ROUNDING[t.dtype]
+        n = t.numel()
+        grow = 2 * n * u
+        if not math.isfinite(v):
+            out.append(v)  # NaN or inf: some entry is (or the squares overflowed)
+        elif not grow < 1:
+            out.append(math.inf)
+        else:
+            # s^ from a norm r = sqrt(s^) (1 + d), |d| <= u: s^ <= r^2 (1 + 2u)^2; each square may also
+            # underflow, by at most eta (half the smallest subnormal) each: s <= (s^ + n eta) / (1 - 2 n u)
+            sq_sum = v if sq else v * v * (1 + 2 * u) ** 2
+            out.append(math.sqrt((sq_sum + n * eta) / (1 - grow)) * (1 + 2 * u))
+    return out
+
+
+_HALF = (torch.float16, torch.bfloat16)
+#: (u, eta) of the dtype the squares are summed in (float32 for the half types): unit roundoff and half
+#: the smallest subnormal, the absolute error of a square that underflows
+_ROUNDING = {torch.float16: (2.0**-24, 2.0**-150), torch.bfloat16: (2.0**-24, 2.0**-150),
+             torch.float32: (2.0**-24, 2.0**-150), torch.float64: (2.0**-53, 2.0**-1075)}
+
+
+_NORMS: contextvars.ContextVar[Optional[dict[int, tuple[Tensor, float]]]] = contextvars.ContextVar(
+    "nlgraph_known_norms", default=None)
+
+
+@contextlib.contextmanager
+def known_norms(tensors: Sequence[Tensor], bounds: Sequence[float]) -> Iterator[None]:
+    """Within the block, :func:`known_norm` answers for these tensors (the norm bounds one call measured).
+
+    Scoped to one call of the core op in the current thread / context (a ``ContextVar``), keyed on the
+    tensor objects themselves (held, so an id cannot be reused while the block runs): the tensors cannot
+    change between the scan and the kernels that read them inside one call.
+    """
+    token = _NORMS.set({id(t): (t, b) for t, b in zip(tensors, bounds, strict=True) if math.isfinite(b)})
+    try:
+        yield
+    finally:
+        _NORMS.reset(token)
+
+
+def known_norm(t: Tensor) -> Optional[float]:
+    """The Frobenius-norm bound of ``t`` measured by the running core op's value scan, or None."""
+    if torch.compiler.is_compiling():
+        return None  # traced code reads no values (and no scan ran)
+    table = _NORMS.get()
+    if not table:
+        return None
+    hit = table.get(id(t))
+    return hit[1] if hit is not None and hit[0] is t else None

@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union, overload
+from typing import Callable, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
-from ._values import all_finite, checking_values, finite_nonnegative, finite_number
+from ._values import all_finite, checking_values, finite_nonnegative, finite_number, known_norm
 from ._values import positive as _positive
 
 __all__ = [
@@ -98,10 +98,16 @@ class ScoreForm:
     #: exp kernels only: after the flat top, scores below ``-floor`` are dropped (f = 0, as a non-edge):
     #: a truncated kernel (a Gaussian with a cut-off). None keeps every score.
     floor: Optional[float] = None
-    #: (..., N) a per-query term left out of the scores because C = sum f cancels it (the normalised
-    #: Gaussian's ``-|q'|^2/2``), or None: the true log C_i is logsumexp_j s_ij + lse_row_i. Only the
-    #: log-normaliser (``aggregate(..., return_lse=True)``) reads it; y does not depend on it.
-    lse_row: Optional[Tensor] = None
+    #: Computes the (..., N) per-query term left out of the scores because C = sum f cancels it (the
+    #: normalised Gaussian's ``-|q'|^2/2``), or None: see :attr:`lse_row`.
+    lse_row_of: Optional[Callable[[], Tensor]] = None
+
+    @property
+    def lse_row(self) -> Optional[Tensor]:
+        """(..., N) the per-query term the scores leave out (or None): the true log C_i is
+        logsumexp_j s_ij + lse_row_i. Only the log-normaliser (``aggregate(..., return_lse=True)``)
+        reads it and y does not depend on it, so it is computed when read (each read computes it)."""
+        return None if self.lse_row_of is None else self.lse_row_of()
 
 
 def _centre(query: Tensor, key: Tensor) -> Tensor:
@@ -120,14 +126,17 @@ def _centre(query: Tensor, key: Tensor) -> Tensor:
     return c
 
 
-def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> ScoreForm:
+def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0,
+             bound: Optional[float] = None) -> ScoreForm:
     """Raise ValueError when the scores of ``form`` may overflow the accumulation dtype (eager only).
 
     Every partial sum of q'_i . k'_j is at most S = sum_d max_i |q'_id| max_j |k'_jd| in magnitude
     (exactly; rounded, S (1 + d u) to first order), so |s_ij| <= S + max |r| + max |c|. Computed in
     float64 from the form's own tensors (one host sync); a non-finite term (an overflow while forming
     q * scale, |k'|^2, ...) fails the check as well. ``factor`` >= 0 multiplies the bilinear term (a
-    scale applied by the kernel instead of to the form's queries).
+    scale applied by the kernel instead of to the form's queries). ``bound``: an upper bound of every
+    |s_ij| (and partial sum) the caller derived from the call's value scan, or None; it passes the
+    check without a pass over the form when it is small enough.
     """
     if not checking_values():
         return form
@@ -137,6 +146,14 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0) -> Scor
     # the bilinear term: a form has both query and key or neither
     q, k = (form.query, form.key) if form.query is not None and form.key is not None else (None, None)
     width = 0 if q is None else q.shape[-1]
+    if q is not None and k is not None and form.row is None and form.col is None:
+        # the core op's value scan measured |Q|_F and |K|_F (upper bounds): every partial sum of
+        # q'_i . k'_j is at most |q'_i| |k'_j| <= |Q|_F |K|_F (Cauchy-Schwarz), with no further pass
+        nq, nk = known_norm(q), known_norm(k)
+        if nq is not None and nk is not None and nq * nk * factor * (1 + (width + 2) * info.eps) < info.max:
+            return form
+    if bound is not None and bound * factor * (1 + (width + 2) * info.eps) < info.max:
+        return form
     with torch.no_grad():
         # a screen first: S <= d max|q'| max|k'| needs one min-and-max pass per tensor (no copies), read
         # in one sync; only when that coarser bound does not pass does the per-feature bound below decide
@@ -353,9 +370,15 @@ class Gaussian(Affinity):
         b = self.bandwidth
         return (("Gaussian(bandwidth)", b, True),) if isinstance(b, Tensor) else ()
 
-    def scaled(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """The features in bandwidth units (q / b, k / b): fresh tensors (one when key is query)."""
+    def scaled(self, query: Tensor, key: Tensor, fresh: bool = False) -> tuple[Tensor, Tensor]:
+        """The features in bandwidth units (q / b, k / b): fresh tensors (one when key is query).
+
+        ``fresh``: query and key are the caller's own temporaries (no one else holds them), so a float
+        bandwidth divides them in place (no second N x d allocation; autograd needs neither value)."""
         b = _as(self.bandwidth, query)
+        if fresh and not isinstance(b, Tensor):
+            q = query.div_(b)
+            return q, (q if key is query else key.div_(b))
         q = query / b
         return q, (q if key is query else key / b)
 
@@ -364,16 +387,47 @@ class Gaussian(Affinity):
         # rounding relative to the data's spread, not to its distance from the origin.
         centre = _centre(query, key)
         shifted = query - centre
-        q, k = self.scaled(shifted, shifted if key is query else key - centre)
+        q, k = self.scaled(shifted, shifted if key is query else key - centre, fresh=True)
         col = -0.5 * (k * k).sum(-1)
         # With C = sum f the row term -|q'|^2/2 cancels (softmax is shift invariant per row):
         # dropping it keeps the logits small and loses nothing, values and gradients alike. The
         # flat top (offset > 0) and the cut-off need the true distance, so they keep the row term.
         dropped = self.normalize and not self.offset and self.cutoff is None
-        row = -0.5 * (q * q).sum(-1)
-        return _checked(self, ScoreForm(q, k, None if dropped else row, col, "exp", self.norm,
-                                        self.offset or None, lse_row=row if dropped else None,
-                                        floor=self.cutoff))
+        row_of = lambda: -0.5 * (q * q).sum(-1)  # noqa: E731
+        if dropped:
+            form = ScoreForm(q, k, None, col, "exp", self.norm, None, lse_row_of=row_of, floor=self.cutoff)
+        else:
+            form = ScoreForm(q, k, row_of(), col, "exp", self.norm, self.offset or None, floor=self.cutoff)
+        return _checked(self, form, bound=self._score_bound(query, key))
+
+    def _score_bound(self, query: Tensor, key: Tensor) -> Optional[float]:
+        """An upper bound of |s_ij| for :meth:`form`'s dropped-row scores from the call's value scan
+        (:func:`nlgraph._values.known_norm`), or None (then the overflow check scans the form).
+
+        With c the keys' mean (a mean of rows, so |c| <= |K|_F / sqrt(M)) and R_q, R_k the numbers of
+        query and key rows, |Q - c|_F <= |Q|_F + sqrt(R_q / M) |K|_F, likewise for K; dividing by the
+        bandwidth b gives Q', K'. Then |q'_i . k'_j| (and every partial sum) <= |Q'|_F |K'|_F and
+        |col_j| = |k'_j|^2 / 2 <= |K'|_F^2 / 2. Forming q', k' rounds twice (the shift, the scale) and
+        |k'|^2 sums d rounded squares: a factor (1 + (d + 4) u) covers each (the caller's own factor
+        covers the score's dot product). Only for a float bandwidth and the normalised Gaussian without
+        flat top or cut-off (the forms without a row term).
+        """
+        plain = self.normalize and not self.offset and self.cutoff is None
+        if not plain or isinstance(self.bandwidth, Tensor):
+            return None
+        nq, nk = known_norm(query), known_norm(key)
+        if nq is None or nk is None:
+            return None
+        d, m = query.shape[-1], key.shape[-2]
+        if not d or not m:
+            return None
+        rows_q, rows_k = query.numel() // d, key.numel() // d
+        u = 2.0**-53 if query.dtype == torch.float64 else 2.0**-24
+        grow = 1 + (d + 4) * u
+        b = float(self.bandwidth)
+        q_b = (nq + math.sqrt(rows_q / m) * nk) / b * grow
+        k_b = (nk + math.sqrt(rows_k / m) * nk) / b * grow
+        return q_b * k_b + 0.5 * k_b * k_b * grow
 
     def __repr__(self) -> str:
         extra = f", offset={self.offset}" if self.offset else ""

@@ -9,20 +9,21 @@ torch.func.vmap (:func:`nlgraph._values.checking_values`), so the op traces with
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Optional, Union, overload
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from ._shapes import broadcast_shapes
-from ._values import all_finite, checking_values
+from ._values import all_finite, checking_values, known_norms, norm_bounds
 from .affinity import Affinity, DotProduct, EdgeWeighted, Softmax
 from .backends.common import compute_dtype
-from .dispatch import select_backend
+from .dispatch import fast_softmax, select_backend
 from .graph import Causal, Complete, EdgeIndex, Graph, Intersection, Mask, safe_log
 
-__all__ = ["aggregate", "validate_inputs", "validate_values", "lower_edge_weights", "all_finite"]
+__all__ = ["aggregate", "validate_inputs", "validate_values", "ValueScan", "lower_edge_weights",
+           "all_finite"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,12 +32,13 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any) -> None:
+def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any) -> Optional["ValueScan"]:
     """Check shapes, dtypes, devices and values; raise TypeError/ValueError naming the argument.
 
     Static checks (types, shapes, devices) always run; the checks that read tensor values (NaN/Inf
     in the inputs, the current values of the affinity's parameters and the graph's tensors) are
-    :func:`validate_values`, which steps aside under ``torch.compile``.
+    :func:`validate_values`, which steps aside under ``torch.compile`` (then None is returned, else
+    its :class:`ValueScan`).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -101,31 +103,41 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
                 f"{tuple(lead)}"
             ) from None
     if checking_values():
-        validate_values(query, key, value, affinity, graph)
+        return validate_values(query, key, value, affinity, graph)
+    return None
 
 
 def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity,
-                    graph: Optional[Graph]) -> None:
+                    graph: Optional[Graph]) -> ValueScan:
     """The data-dependent checks, on the values the tensors hold now (one host sync each).
 
     NaN/Inf in query, key or value; the affinity's tensor parameters (finite, bandwidths > 0, edge
     weights >= 0); the graph's float masks (no NaN, no +inf), edge weights and index bounds. Graphs and
     affinities keep the caller's value tensors, so these run at every call, not only at construction.
+
+    Returns the scan of query, key and value: the distinct tensors and an upper bound of each one's
+    Frobenius norm (:func:`nlgraph._values.norm_bounds`, one pass and one sync for all three, which is
+    also the NaN/Inf scan). :func:`aggregate` publishes them for the call
+    (:func:`nlgraph._values.known_norms`), so the affinities' overflow screen reads them instead of
+    scanning the same tensors again.
     """
-    named = {id(t): (name, t) for name, t in (("value", value), ("key", key), ("query", query))}.values()
-    if not _sums_finite([t for _, t in named]):  # one sync for all three; only a failure looks closer
+    distinct = list({id(t): t for t in (query, key, value)}.values())
+    bounds = norm_bounds(distinct)
+    if not all(math.isfinite(b) for b in bounds):  # only a failure (or a huge tensor) looks closer
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf (shape {_shape(t)})")
     affinity.check_values()
     if graph is not None:
         graph.check_values(query.shape[-2], key.shape[-2])
+    return ValueScan(tuple(distinct), tuple(bounds))
 
 
-def _sums_finite(tensors: list[Tensor]) -> bool:
-    """True when the sum of each tensor is finite (then every entry is; see ``all_finite``), one host sync."""
-    sums = [t.detach().sum() for t in tensors if t.numel()]
-    return not sums or all(math.isfinite(v) for v in torch.stack(sums).tolist())
+class ValueScan(NamedTuple):
+    """What :func:`validate_values` measured: ``tensors`` and an upper bound of each one's norm."""
+
+    tensors: tuple[Tensor, ...]
+    bounds: tuple[float, ...]
 
 
 def lower_edge_weights(affinity: Affinity, graph: Optional[Graph], n: int,
@@ -234,6 +246,15 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         TypeError: wrong argument types or dtypes (named in the message).
         ValueError: inconsistent shapes, devices, empty or non-finite inputs (shapes in the message).
     """
+    if (graph is None and backend == "auto" and options is None and type(dropout_p) in (int, float)
+            and dropout_p == 0 and type(is_causal) is bool and enable_gqa is False and return_lse is False
+            and (affinity is None or (type(affinity) is Softmax and not isinstance(affinity.scale, Tensor)))
+            and (scale is None or (type(scale) in (int, float) and math.isfinite(scale)))):
+        # plain softmax attention: the dispatch's shortcut to SDPA, or None (then everything below runs)
+        eff = scale if scale is not None else None if affinity is None else affinity.scale
+        y = fast_softmax(query, key, value, None if eff is None else float(eff), is_causal)
+        if y is not None:
+            return y
     affinity = Softmax() if affinity is None else affinity
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
@@ -252,7 +273,7 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         if isinstance(affinity, EdgeWeighted) and affinity.weight.dim() >= 3:
             weight = _gqa_heads("EdgeWeighted(weight)", affinity.weight, groups, hq)
             affinity = EdgeWeighted(affinity.base, weight)
-    validate_inputs(query, key, value, affinity, graph)
+    scan = validate_inputs(query, key, value, affinity, graph)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if options is not None and not isinstance(options, Mapping):
@@ -286,8 +307,11 @@ def aggregate(query: Tensor, key: Tensor, value: Tensor, affinity: Optional[Affi
         return _ungroup((y[..., :0], lse), groups, True)
     if _nothing_to_aggregate(query, key, value, graph):
         out = _zeros_result(query, key, value, affinity, graph, return_lse)
-    else:
+    elif scan is None:  # traced, or vmapped: no values were read
         out = chosen.run(query, key, value, affinity, graph, **opts_internal, **opts)
+    else:
+        with known_norms(scan.tensors, scan.bounds):  # the overflow screen reads the scan's norms
+            out = chosen.run(query, key, value, affinity, graph, **opts_internal, **opts)
     return _ungroup(out, groups, return_lse)
 
 

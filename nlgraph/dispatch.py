@@ -32,7 +32,7 @@ from .affinity import Affinity
 from .graph import Graph
 
 __all__ = ["register", "backend_names", "get_backend", "backend", "compatible_backends", "exact_backends",
-           "select_backend", "Backend", "BackendError"]
+           "select_backend", "fast_softmax", "Backend", "BackendError"]
 
 _REGISTRY: dict[str, str] = {}  # name -> module path; insertion order is the automatic priority
 _MODULES: dict[str, ModuleType] = {}  # name -> the loaded module
@@ -211,3 +211,28 @@ def select_backend(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity
         reasons.append(f"{name}: {reason or 'not preferred for this size'}")
     raise BackendError(f"no backend can run {_describe(query, key, value, affinity, graph)}; "
                        + "; ".join(reasons))
+
+
+#: Built-in backends registered ahead of ``sdpa`` that never run ``Softmax`` (so automatic selection
+#: of a Softmax case on the complete graph reaches ``sdpa`` first).
+_NO_SOFTMAX = ("algebra",)
+
+
+def fast_softmax(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float],
+                 is_causal: bool) -> Optional[Tensor]:
+    """Automatic selection's shortcut for plain softmax attention: the ``sdpa`` backend's ``fast_run``,
+    or None (then :func:`select_backend` walks the registry as always).
+
+    Taken only while ``sdpa`` is the first registered backend that can run ``Softmax`` (a backend
+    registered ahead of it, or a replaced module without the hook, turns the shortcut off), and only
+    where ``fast_run`` itself says the general path would pick it for exactly this call.
+    """
+    for name in _REGISTRY:
+        if name == "sdpa":
+            break
+        if name not in _NO_SOFTMAX:
+            return None
+    else:
+        return None
+    hook = getattr(_backend("sdpa").module, "fast_run", None)
+    return None if hook is None else hook(query, key, value, scale, is_causal)

@@ -421,4 +421,29 @@ def test_bench_attention_peers_compute_the_same_op():
         bench.make_step(case)()
     names = [bench.describe(p) for p in bench.plan(False, sizes=[1024, 4096])]
     assert "MultiheadAttention B=2 N=1024 E=256 H=8 fwd+bwd" in names
-    assert "Gaussian auto H=8 N=4096 d=64 fwd+bwd" in names
+    assert "Gaussian auto H=8 N=4096 d=64 fwd+bwd (peer: constant mask)" in names
+    assert "Gaussian auto H=8 N=4096 d=64 fwd+bwd (peer: same gradients)" in names
+    # the "same gradients" peer: both of its paths == ours, forward and every gradient
+    for path in ("math", "flash-cpu+augmented"):
+        bench.make_step(dict(kind="gaussian", n=16, d=8, heads=2, mode="fwd+bwd", impl="sdpa", path=path,
+                             grads="same"))()
+        q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        y = bench.gaussian_same_grads(q, k, v, 4.0, path)
+        ours = nlgraph.aggregate(q, k, v, A.Gaussian(4.0))
+        torch.testing.assert_close(y, ours, rtol=1e-9, atol=1e-10)
+        dy = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(ours, (q, k, v), dy),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, 1e-300, 2.0**-149])
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_causal_with_a_scale_that_is_not_positive_in_float32(scale, backend):
+    """torch's CPU flash kernel masks is_causal's scores with -inf before scaling: scale <= 0 (or one that
+    rounds to 0 in float32) gave NaN there; the backend then passes the triangle as a bool mask."""
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=_gen(s)) for s in range(3))
+    y = nlgraph.aggregate(q, k, v, is_causal=True, scale=scale, backend=backend)
+    adj = torch.ones(5, 5, dtype=F64).tril()
+    want = aggregate_formula("softmax", q.double(), k.double(), v.double(), {"scale": scale}, adj=adj)
+    torch.testing.assert_close(y.double(), want, rtol=2e-4, atol=2e-5)

@@ -52,15 +52,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._shapes import broadcast_shapes
-from .._values import checking_values
+from .._values import checking_values, norm_bounds
 from ..affinity import Gaussian, Softmax
 from ..graph import Causal, Mask
 
-__all__ = ["can_run", "prefer", "run", "kernel_for", "kernel_summary", "MATH_MAX_SCORES"]
+__all__ = ["can_run", "prefer", "run", "fast_run", "kernel_for", "kernel_summary", "MATH_MAX_SCORES"]
 
 #: The math path materialises the (B, H, N, M) scores: automatic dispatch takes it up to this many
 #: entries (64 MiB in float32), or when the output is at least as large (need_weights-style values).
 MATH_MAX_SCORES = 1 << 24
+
+#: The smallest scale passed with ``is_causal`` (the smallest positive float32); below it a bool mask.
+MIN_CAUSAL_SCALE = 2.0**-149
 
 #: The widest ratio of value to feature width (or back) that is zero-padded to equal widths.
 PAD_RATIO = 2
@@ -145,7 +148,12 @@ def _layout(query, key, value, affinity, graph) -> _Layout:
     gaussian = type(affinity) is Gaussian
     augment = gaussian and _needs_bias_grad(affinity, key)
     col_mask = gaussian and not augment
-    causal = len(members) == 1 and members[0].causal and not col_mask
+    # torch's CPU flash kernel masks is_causal's scores with -inf before scaling them: a scale <= 0 (also
+    # one that rounds to 0 in float32) turns them into NaN (-inf * 0) or +inf (measured, torch 2.13). Then
+    # the triangle travels as a bool mask.
+    s = affinity.scale if type(affinity) is Softmax else None
+    positive = s is None or isinstance(s, Tensor) or s >= MIN_CAUSAL_SCALE
+    causal = len(members) == 1 and members[0].causal and not col_mask and positive
     float_masks = [g.attn_mask for g in members
                    if g.attn_mask is not None and g.attn_mask.is_floating_point()]
     mask = (bool(members) and not causal) or col_mask
@@ -297,6 +305,70 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
     if y.shape[-1] != call.e:
         y = y[..., :call.e]
     return y.reshape(*call.lead, query.shape[-2], call.e)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fast_run(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float],
+             is_causal: bool) -> Optional[Tensor]:
+    """Plain softmax attention with as little Python as it takes, or None: then the general path runs.
+
+    :func:`nlgraph.aggregate` tries this first for ``Softmax`` (no tensor scale) on the complete graph
+    (or ``is_causal``) with everything else at its default. It answers only where the general path
+    would validate the inputs, choose this backend and make exactly this SDPA call: plain tensors of
+    one float dtype and device, 3-D or 4-D with identical leading dims, q/k/v of one width that a
+    fused kernel takes, nothing empty, eager mode (not traced, not vmapped), and values that pass the
+    core op's NaN/Inf scan and overflow screen (one pass and one sync: :func:`nlgraph._values.norm_bounds`,
+    the screen's Cauchy-Schwarz bound as in :func:`nlgraph.affinity._checked`). Anything else,
+    including every bad input, returns None, so errors and their messages are always the general
+    path's. Measured on a 2-core CPU at (1, 1, 1024, 64): the general path's Python (validation, the
+    registry walk, the plan) cost ~0.5 ms a call with the caches cold after the previous SDPA call,
+    this one ~0.05 ms plus the scan.
+    """
+    if torch.compiler.is_compiling() or not checking_values():
+        return None  # traced or vmapped: the general path (which traces to the same SDPA call)
+    if type(query) not in _PLAIN or type(key) not in _PLAIN or type(value) not in _PLAIN:
+        return None
+    dtype, device = query.dtype, query.device
+    if dtype not in _FLOATS or key.dtype != dtype or value.dtype != dtype:
+        return None
+    if key.device != device or value.device != device:
+        return None
+    nd = query.dim()
+    if nd not in (3, 4) or key.dim() != nd or value.dim() != nd:
+        return None
+    qs, ks, vs = query.shape, key.shape, value.shape
+    d = qs[-1]
+    if ks[-1] != d or vs[-1] != d or ks[-2] != vs[-2] or qs[:-2] != ks[:-2] or vs[:-2] != qs[:-2]:
+        return None
+    if not d or not qs[-2] or not ks[-2] or 0 in qs[:-2]:
+        return None
+    if is_causal and scale is not None and not scale >= MIN_CAUSAL_SCALE:
+        return None  # the CPU flash kernel's is_causal needs a positive scale (see _layout)
+    if device.type == "cpu":
+        if not torch.backends.cuda.flash_sdp_enabled():  # the CPU flash switch (sdpa_kernel sets it)
+            return None
+    elif device.type != "cuda" or d > 256:
+        return None
+    distinct = [query]
+    for t in (key, value):
+        if all(t is not u for u in distinct):
+            distinct.append(t)
+    bounds = norm_bounds(distinct)
+    if not all(math.isfinite(b) for b in bounds):
+        return None  # NaN/Inf (or a tensor too large for the bound): the general path decides and says why
+    nq, nk = bounds[0], next(b for u, b in zip(distinct, bounds, strict=True) if u is key)
+    factor = 1.0 / math.sqrt(d) if scale is None else abs(float(scale))
+    info = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
+    if not nq * nk * factor * (1 + (d + 2) * info.eps) < info.max:
+        return None
+    if nd == 3:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    y = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale)
+    return y.squeeze(1) if nd == 3 else y
 
 
 def kernel_for(query: Tensor, key: Tensor, value: Tensor, affinity=None, graph=None,

@@ -16,8 +16,11 @@ Rows (float32, CPU; every peer in its fastest form, named in the row):
 * ``masked``: a bool key-padding mask (B, 1, 1, M) and a float (N, M) mask, vs SDPA with the same
   mask; ``gaussian``: the normalised Gaussian vs SDPA on q/b, k/b with the equivalent float mask
   -|k/b|^2 / 2 (for forward+backward the peer's mask is a constant, so the peer skips the bias's
-  gradient that ours computes: a lower bound on the peer's cost). N = the second --sizes (4096 by
-  default; the only one when one is given), d = 64, 8 heads.
+  gradient that ours computes: a lower bound on the peer's cost, row "peer: constant mask"); and a
+  forward+backward row whose peer computes the same gradients ("peer: same gradients"): the bias as a
+  mask that requires grad (SDPA's math path) or as one more feature, [q/b, 1] . [k/b, c] zero-padded
+  to a multiple of 8 (its fused kernel: ``flash-cpu+augmented``), the faster named. N = the second
+  --sizes (4096 by default; the only one when one is given), d = 64, 8 heads.
 * ``flex`` (with the N = 1024 rows): compiled FlexAttention (``torch.compile(flex_attention)``, CPU,
   inference only), where it compiles, vs ours, forward, N = 1024, d = 64, 8 heads.
 
@@ -30,6 +33,7 @@ peak-RSS rise in a fresh subprocess per case (``--no-memory`` skips it). Modest 
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,25 @@ def _mask(case: dict, b: int, h: int, n: int):
     return torch.randn(n, n, generator=gen)
 
 
+def gaussian_same_grads(q, k, v, bw: float, path: Optional[str]):
+    """The normalised Gaussian on SDPA with the key bias c = -|k/b|^2/2 differentiated too (the peer of
+    the "same gradients" row): as a float mask that requires grad (``path="math"``: SDPA's math path,
+    the only kernel that takes one) or as one more feature, [q/b, 1] . [k/b, c] = q/b . k/b + c,
+    zero-padded to a multiple of 8 with the values alike (the fused kernel; any other ``path``)."""
+    qb, kb = q / bw, k / bw
+    col = -0.5 * (kb * kb).sum(-1)
+    if path == "math":
+        with harness.sdpa_forced(path):
+            return F.scaled_dot_product_attention(qb, kb, v, attn_mask=col[..., None, :], scale=1.0)
+    d = q.shape[-1]
+    pad = -(d + 1) % 8
+    qa = F.pad(torch.cat([qb, qb.new_ones(*qb.shape[:-1], 1)], -1), (0, pad))
+    ka = F.pad(torch.cat([kb, col[..., None]], -1), (0, pad))
+    va = F.pad(v, (0, d + 1 + pad - v.shape[-1]))
+    with harness.sdpa_forced("flash-cpu"):
+        return F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :v.shape[-1]]
+
+
 def _core_step(case: dict):
     import nlgraph
     from nlgraph import affinity as A
@@ -75,7 +98,10 @@ def _core_step(case: dict):
     kind = case["kind"]
     mask = _mask(case, b, h, n) if kind == "masked" else None
     if case["impl"] == "sdpa":
-        if kind == "gaussian":
+        if kind == "gaussian" and case.get("grads") == "same":
+            def peer():
+                return gaussian_same_grads(q, k, v, 4.0, path)
+        elif kind == "gaussian":
             bw = 4.0
 
             def peer():
@@ -165,6 +191,9 @@ def peer_paths(pair: dict):
         return None
     if pair["kind"] == "nonlocal":
         return ["flash-cpu", "math"]
+    if pair.get("grads") == "same":  # the Gaussian with the bias's gradient: features, or a mask with grad
+        n = pair["n"]
+        return ["flash-cpu+augmented"] + (["math"] if pair["heads"] * n * n <= MATH_MAX else [])
     n = pair.get("n", 1024)
     heads = pair.get("heads", 8) * pair.get("batch", 1)
     return ["flash-cpu"] + (["math"] if heads * n * n <= MATH_MAX else [])
@@ -191,6 +220,8 @@ def plan(quick: bool, sizes=None, dims=None) -> list[dict]:
             pairs.append(dict(kind="masked", mask=mask, n=n, d=64, heads=8, mode=mode, ours="auto",
                               peer="sdpa"))
         pairs.append(dict(kind="gaussian", n=n, d=64, heads=8, mode=mode, ours="auto", peer="sdpa"))
+    pairs.append(dict(kind="gaussian", n=n, d=64, heads=8, mode="fwd+bwd", ours="auto", peer="sdpa",
+                      grads="same"))
     if _flex_available() and 1024 in sizes:
         pairs.append(dict(kind="flex", n=sizes[0], d=64, heads=8, mode="fwd", ours="auto",
                           peer="flex-compiled"))
@@ -213,7 +244,10 @@ def describe(p: dict) -> str:
         return f"NonLocal2d embedded_gaussian {p['size']}x{p['size']}x512 fwd+bwd"
     what = {"core": "softmax", "masked": f"{p.get('mask')} mask", "gaussian": "Gaussian",
             "flex": "softmax"}[kind]
-    return f"{what} {p['ours']} H={p['heads']} N={p['n']} d={p['d']} {p['mode']}"
+    peer = ""
+    if kind == "gaussian" and p["mode"] == "fwd+bwd":
+        peer = " (peer: same gradients)" if p.get("grads") == "same" else " (peer: constant mask)"
+    return f"{what} {p['ours']} H={p['heads']} N={p['n']} d={p['d']} {p['mode']}{peer}"
 
 
 COLUMNS = [("name", "case"), ("peer", "peer"), ("ours_s", "ours s"), ("peer_s", "peer s"),
