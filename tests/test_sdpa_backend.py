@@ -447,3 +447,26 @@ def test_causal_with_a_scale_that_is_not_positive_in_float32(scale, backend):
     adj = torch.ones(5, 5, dtype=F64).tril()
     want = aggregate_formula("softmax", q.double(), k.double(), v.double(), {"scale": scale}, adj=adj)
     torch.testing.assert_close(y.double(), want, rtol=2e-4, atol=2e-5)
+
+
+def test_wide_heads_in_training_run_sdpas_math_kernel_on_cpu(monkeypatch):
+    """d >= 512 with gradients, small N M: the math kernel (measured faster there); else flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 24, 512, generator=_gen(s)) for s in range(3))
+    assert sdpa.kernel_for(q, k, v) == "flash-cpu"  # no gradient wanted
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    assert sdpa.kernel_for(qg, kg, vg) == "math"
+    with torch.no_grad():
+        assert sdpa.kernel_for(qg, kg, vg) == "flash-cpu"
+    assert sdpa.kernel_for(qg[..., :256], kg[..., :256], vg[..., :256]) == "flash-cpu"  # narrower heads
+    y = nlgraph.aggregate(qg, kg, vg)
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = F.scaled_dot_product_attention(qg, kg, vg)
+    assert torch.equal(y, want)  # the math kernel ran (same op, same order)
+    dy = torch.randn(y.shape, generator=_gen(9))
+    for a, b in zip(torch.autograd.grad(y, (qg, kg, vg), dy), torch.autograd.grad(want, (qg, kg, vg), dy),
+                    strict=True):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(sdpa, "MATH_GRAD_MAX_PAIRS", 24 * 24 - 1)  # just above the limit: flash again
+    assert sdpa.kernel_for(qg, kg, vg) == "flash-cpu"

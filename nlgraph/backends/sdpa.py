@@ -166,6 +166,26 @@ def _layout(query, key, value, affinity, graph) -> _Layout:
     return _Layout(lead, n, m, dq, dv, e, augment, mask, mask_grad, causal)
 
 
+#: Wide heads in training on the CPU: SDPA's math path (it materialises the scores) beat its flash kernel
+#: forward+backward at d = 512 and N = M = 1024 (math/flash 0.85-0.95, one thread, five runs on a 2-core
+#: VM); at N = 2048 the runs disagreed (0.88-1.14) and at N = 4096 flash won. So math runs there only:
+#: head width >= MATH_GRAD_MIN_WIDTH, N M <= MATH_GRAD_MAX_PAIRS per head, all heads' scores within
+#: MATH_GRAD_MAX_SCORES (32 MiB in float32).
+MATH_GRAD_MIN_WIDTH = 512
+MATH_GRAD_MAX_PAIRS = 1 << 20
+MATH_GRAD_MAX_SCORES = 1 << 23
+
+
+def _math_trains_faster(device: torch.device, d: int, lead: tuple[int, ...], n: int, m: int,
+                        tensors: tuple[Tensor, ...]) -> bool:
+    """True where SDPA's math path is the faster kernel for a CPU call that will be differentiated."""
+    if device.type != "cpu" or d < MATH_GRAD_MIN_WIDTH or n * m > MATH_GRAD_MAX_PAIRS:
+        return False
+    if math.prod(lead) * n * m > MATH_GRAD_MAX_SCORES or torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _fused_expected(lay: _Layout, device: torch.device, dropout_p: float) -> bool:
     """Whether SDPA takes a fused kernel for this layout (static rules; :func:`kernel_for` asks torch).
 
@@ -199,6 +219,7 @@ class _Call:
     scale: Optional[float]
     lead: tuple[int, ...]
     e: int
+    math_path: bool = False  # run SDPA's math kernel (:func:`_math_trains_faster`)
 
 
 def _as4(t: Tensor, lead: tuple[int, ...], full: bool) -> Tensor:
@@ -276,7 +297,17 @@ def _plan(query, key, value, affinity, graph) -> _Call:
             for t in floats[1:]:
                 total = total + t.to(q4.dtype)
             mask = total if mask is None else total.masked_fill(~mask, -math.inf)
-    return _Call(q4, k4, v4, mask, lay.causal, scale, lay.lead, lay.e_out)
+    math_path = mask is None and _math_trains_faster(device, lay.d, lay.lead, n, m, (q4, k4, v4))
+    return _Call(q4, k4, v4, mask, lay.causal, scale, lay.lead, lay.e_out, math_path)
+
+
+def _math_only(on: bool):
+    """A context that lets SDPA run only its math kernel (``on``), or nothing."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @contextlib.contextmanager
@@ -299,7 +330,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
         seed: int = 0) -> Tensor:
     call = _plan(query, key, value, affinity, graph)
     reseed = dropout_p > 0 and not torch.compiler.is_compiling()
-    with _seeded(query.device, seed) if reseed else contextlib.nullcontext():
+    with _seeded(query.device, seed) if reseed else contextlib.nullcontext(), _math_only(call.math_path):
         y = F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.mask,
                                            dropout_p=dropout_p, is_causal=call.causal, scale=call.scale)
     if y.shape[-1] != call.e:
@@ -352,6 +383,9 @@ def fast_run(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float],
             return None
     elif device.type != "cuda" or d > 256:
         return None
+    lead = tuple(qs[:-2]) if nd == 4 else (1, qs[0])
+    if _math_trains_faster(device, d, lead, qs[-2], ks[-2], (query, key, value)):
+        return None  # the general path runs SDPA's math kernel here
     distinct = [query]
     for t in (key, value):
         if all(t is not u for u in distinct):
@@ -389,7 +423,7 @@ def kernel_for(query: Tensor, key: Tensor, value: Tensor, affinity=None, graph=N
     call = _plan(query, key, value, affinity, graph)
     choice = int(torch._fused_sdp_choice(call.query, call.key, call.value, call.mask, dropout_p, call.causal,
                                          scale=call.scale))
-    name = _KERNELS.get(choice, f"backend {choice}")
+    name = "math" if call.math_path else _KERNELS.get(choice, f"backend {choice}")
     return "flash-cpu" if name == "flash" and query.device.type == "cpu" else name
 
 
