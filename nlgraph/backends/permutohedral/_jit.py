@@ -87,8 +87,17 @@ def _elevate(f, scale, ints, inv, start, end, rem0, rank, bary, lo, hi):
                 k += el[j] > di
             rk[i] = k
         for i in range(d1):
-            shift = (rk[i] // d1) * d1
-            ri = rk[i] - shift
+            # floor(k / (d+1)) (d+1) by comparisons: k lies in [-(d+1)/2, d + (d+1)/2] (|tot| <= (d+1)/2)
+            # and an int64 division per rank cost more than the rest of a d = 2 point (15.7 -> 9.2 ms
+            # on 512x512 positions, one thread); the division stays for any k outside [-(d+1), 2d+1]
+            k = rk[i]
+            if k < 0:
+                shift = -d1 if k >= -d1 else (k // d1) * d1
+            elif k <= d:
+                shift = 0
+            else:
+                shift = d1 if k <= 2 * d + 1 else (k // d1) * d1
+            ri = k - shift
             tmp[0] = shift  # (stored: converted to f's dtype)
             fs = tmp[0]
             if i < d:
