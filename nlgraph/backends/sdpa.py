@@ -34,7 +34,11 @@ equal widths) runs; wider gaps run SDPA as is (its math path).
 Automatic dispatch (``prefer``) takes this backend where a fused kernel runs, and for the math path
 only while the (B, H, N, M) scores it materialises stay small (``MATH_MAX_SCORES``) or no larger
 than the output; otherwise chunked (CPU) or triton (CUDA, wide heads) run the case in O(N + M)
-memory. :func:`kernel_for` names the kernel SDPA picks for a case (``nlgraph info`` prints it).
+memory. On the CPU, calls that will be differentiated with heads at least 512 wide and small N M take
+SDPA's math kernel, measured faster there (``MATH_GRAD_MIN_WIDTH``). :func:`kernel_for` names the
+kernel that runs for a case (``nlgraph info`` prints it). Plain softmax attention reaches this backend
+without the registry walk: :func:`fast_run` (through :func:`nlgraph.dispatch.fast_softmax`) answers
+where the general path would make the same SDPA call.
 Not here: C = 1 and count normalisations, windows, criss-cross, k-NN and edge-list graphs, edge
 weights on edge lists, the Gaussian's flat top, and ``return_lse`` (SDPA's public API does not
 return the log-sum-exp).
