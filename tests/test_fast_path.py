@@ -327,3 +327,39 @@ def test_property_gaussian_score_bound_bounds_the_scores(lead_q, lead_k, n, m, d
     qf, kf, col = form.query.double(), form.key.double(), form.col.double()
     worst = (qf @ kf.transpose(-1, -2)).abs().amax() + col.abs().amax()
     assert bound >= float(worst)
+
+
+def test_shortcut_and_scan_under_inference_mode_and_threads(taken):
+    """inference_mode tensors (no version counter) and concurrent calls from several threads: each call
+    reads its own scan (the bounds are per call and per thread) and gets its own correct answer."""
+    q, k, v = _qkv((2, 2, 12, 8), 10, dtype=F64)
+    with torch.inference_mode():
+        y = nlgraph.aggregate(q, k, v)
+        yg = nlgraph.aggregate(q, k, v, A.Gaussian(2.0))  # the general path, its screen from the scan
+    assert taken == [True]  # the Gaussian never asks the shortcut
+    torch.testing.assert_close(y, aggregate_formula("softmax", q, k, v, {}), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(yg, aggregate_formula("gaussian", q, k, v, {"bandwidth": 2.0}),
+                               rtol=1e-9, atol=1e-10)
+    errors: list[BaseException] = []
+
+    def work(seed):
+        try:
+            for i in range(20):
+                a, b, c = _qkv((1, 2, 9, 4), 7, dtype=F64, seed=seed * 100 + i)
+                scale = 10.0**seed  # seed 3: huge scores, which must raise in this thread only
+                if seed == 3:
+                    with pytest.raises(ValueError, match="scores of these query/key values"):
+                        nlgraph.aggregate(a * 1e153, b * 1e153, c, A.Gaussian(1e-3))
+                    continue
+                got = nlgraph.aggregate(a, b, c, A.Gaussian(scale))
+                want = aggregate_formula("gaussian", a, b, c, {"bandwidth": scale})
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
