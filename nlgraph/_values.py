@@ -17,7 +17,11 @@ from torch import Tensor
 from torch._C._functorch import TransformType, get_interpreter_stack
 
 __all__ = ["checking_values", "all_finite", "finite_nonnegative", "no_nan_or_posinf", "positive",
-           "finite_number", "norm_bounds", "known_norms", "known_norm"]
+           "finite_number", "norm_bounds", "known_norms", "known_norm", "distinct", "scores_fit",
+           "FLOAT_DTYPES"]
+
+#: The dtypes the core op takes.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def checking_values() -> bool:
@@ -82,6 +86,19 @@ def finite_number(value: object, *, positive: bool = False) -> bool:
     The argument check of scalar options (offsets, cut-offs, weights, h, sigma); no tensor involved."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and (value > 0 if positive else value >= 0))
+
+
+def distinct(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors without repeats of one object (self-attention passes one tensor three times), in order."""
+    return list({id(t): t for t in tensors}.values())
+
+
+def scores_fit(bound: float, width: int, dtype: torch.dtype) -> bool:
+    """True when scores that are dot products of ``width`` terms, each partial sum at most ``bound`` in
+    magnitude, stay finite in the accumulation dtype of ``dtype`` (float64 for float64, else float32):
+    ``bound (1 + (width + 2) u) < max`` covers their rounding. False for an inf or NaN bound."""
+    info = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
+    return bound * (1 + (width + 2) * info.eps) < info.max
 
 
 def norm_bounds(tensors: Sequence[Tensor]) -> list[float]:

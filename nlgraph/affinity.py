@@ -54,7 +54,7 @@ from typing import Callable, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ._values import all_finite, checking_values, finite_nonnegative, finite_number, known_norm
+from ._values import all_finite, checking_values, finite_nonnegative, finite_number, known_norm, scores_fit
 from ._values import positive as _positive
 
 __all__ = [
@@ -142,17 +142,15 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0,
         return form
     terms = [t for t in (form.query, form.row, form.col) if t is not None]
     dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
-    info = torch.finfo(dtype)
     # the bilinear term: a form has both query and key or neither
     q, k = (form.query, form.key) if form.query is not None and form.key is not None else (None, None)
     width = 0 if q is None else q.shape[-1]
-    if q is not None and k is not None and form.row is None and form.col is None:
+    if bound is None and q is not None and k is not None and form.row is None and form.col is None:
         # the core op's value scan measured |Q|_F and |K|_F (upper bounds): every partial sum of
         # q'_i . k'_j is at most |q'_i| |k'_j| <= |Q|_F |K|_F (Cauchy-Schwarz), with no further pass
         nq, nk = known_norm(q), known_norm(k)
-        if nq is not None and nk is not None and nq * nk * factor * (1 + (width + 2) * info.eps) < info.max:
-            return form
-    if bound is not None and bound * factor * (1 + (width + 2) * info.eps) < info.max:
+        bound = None if nq is None or nk is None else nq * nk
+    if bound is not None and scores_fit(bound * factor, width, dtype):
         return form
     with torch.no_grad():
         # a screen first: S <= d max|q'| max|k'| needs one min-and-max pass per tensor (no copies), read
@@ -167,7 +165,7 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0,
         if q is not None:
             kmax = big[0] if k is q else big[-1]
             coarse += width * big[0] * kmax * factor - big[0]
-        if coarse * (1 + (width + 2) * info.eps) < info.max:  # False for inf / NaN: the fine bound decides
+        if scores_fit(coarse, width, dtype):  # False for inf / NaN: the fine bound decides
             return form
         acc = torch.zeros((), dtype=torch.float64, device=terms[0].device)
         if q is not None and k is not None:
@@ -179,8 +177,9 @@ def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0,
             if t is not None:
                 acc = acc + t.detach().abs().amax().double()
         bound = float(acc)
-    if not bound * (1 + (width + 2) * info.eps) < info.max:  # also False for inf / NaN
+    if not scores_fit(bound, width, dtype):  # also False for inf / NaN
         reach = f"can reach {bound:.3g}" if math.isfinite(bound) else "overflow already in their terms"
+        info = torch.finfo(dtype)
         raise ValueError(
             f"{affinity!r}: the scores of these query/key values {reach} (bilinear term q'.k' plus row and "
             f"column biases; {dtype} holds at most {info.max:.3g}), so the result would be NaN or wrong. "
@@ -398,7 +397,7 @@ class Gaussian(Affinity):
             form = ScoreForm(q, k, None, col, "exp", self.norm, None, lse_row_of=row_of, floor=self.cutoff)
         else:
             form = ScoreForm(q, k, row_of(), col, "exp", self.norm, self.offset or None, floor=self.cutoff)
-        return _checked(self, form, bound=self._score_bound(query, key))
+        return _checked(self, form, bound=self._score_bound(query, key) if dropped else None)
 
     def _score_bound(self, query: Tensor, key: Tensor) -> Optional[float]:
         """An upper bound of |s_ij| for :meth:`form`'s dropped-row scores from the call's value scan
@@ -409,11 +408,10 @@ class Gaussian(Affinity):
         bandwidth b gives Q', K'. Then |q'_i . k'_j| (and every partial sum) <= |Q'|_F |K'|_F and
         |col_j| = |k'_j|^2 / 2 <= |K'|_F^2 / 2. Forming q', k' rounds twice (the shift, the scale) and
         |k'|^2 sums d rounded squares: a factor (1 + (d + 4) u) covers each (the caller's own factor
-        covers the score's dot product). Only for a float bandwidth and the normalised Gaussian without
-        flat top or cut-off (the forms without a row term).
+        covers the score's dot product). For a float bandwidth and the forms without a row term (the
+        normalised Gaussian without flat top or cut-off: :meth:`form` asks only for those).
         """
-        plain = self.normalize and not self.offset and self.cutoff is None
-        if not plain or isinstance(self.bandwidth, Tensor):
+        if isinstance(self.bandwidth, Tensor):
             return None
         nq, nk = known_norm(query), known_norm(key)
         if nq is None or nk is None:

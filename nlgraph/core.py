@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from ._shapes import broadcast_shapes
-from ._values import all_finite, checking_values, known_norms, norm_bounds
+from ._values import FLOAT_DTYPES, all_finite, checking_values, distinct, known_norms, norm_bounds
 from .affinity import Affinity, DotProduct, EdgeWeighted, Softmax
 from .backends.common import compute_dtype
 from .dispatch import fast_softmax, select_backend
@@ -25,7 +25,6 @@ from .graph import Causal, Complete, EdgeIndex, Graph, Intersection, Mask, safe_
 __all__ = ["aggregate", "validate_inputs", "validate_values", "ValueScan", "lower_edge_weights",
            "all_finite"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -43,7 +42,7 @@ def validate_inputs(query: Any, key: Any, value: Any, affinity: Any, graph: Any)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
@@ -121,8 +120,8 @@ def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinit
     (:func:`nlgraph._values.known_norms`), so the affinities' overflow screen reads them instead of
     scanning the same tensors again.
     """
-    distinct = list({id(t): t for t in (query, key, value)}.values())
-    bounds = norm_bounds(distinct)
+    scanned = distinct((query, key, value))
+    bounds = norm_bounds(scanned)
     if not all(math.isfinite(b) for b in bounds):  # only a failure (or a huge tensor) looks closer
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not all_finite(t):
@@ -130,7 +129,7 @@ def validate_values(query: Tensor, key: Tensor, value: Tensor, affinity: Affinit
     affinity.check_values()
     if graph is not None:
         graph.check_values(query.shape[-2], key.shape[-2])
-    return ValueScan(tuple(distinct), tuple(bounds))
+    return ValueScan(tuple(scanned), tuple(bounds))
 
 
 class ValueScan(NamedTuple):

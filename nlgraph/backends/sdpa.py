@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._shapes import broadcast_shapes
-from .._values import checking_values, norm_bounds
+from .._values import FLOAT_DTYPES, checking_values, distinct, norm_bounds, scores_fit
 from ..affinity import Gaussian, Softmax
 from ..graph import Causal, Mask
 
@@ -343,7 +343,6 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def fast_run(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float],
@@ -367,7 +366,7 @@ def fast_run(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float],
     if type(query) not in _PLAIN or type(key) not in _PLAIN or type(value) not in _PLAIN:
         return None
     dtype, device = query.dtype, query.device
-    if dtype not in _FLOATS or key.dtype != dtype or value.dtype != dtype:
+    if dtype not in FLOAT_DTYPES or key.dtype != dtype or value.dtype != dtype:
         return None
     if key.device != device or value.device != device:
         return None
@@ -390,17 +389,13 @@ def fast_run(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float],
     lead = tuple(qs[:-2]) if nd == 4 else (1, qs[0])
     if _math_trains_faster(device, d, lead, qs[-2], ks[-2], (query, key, value)):
         return None  # the general path runs SDPA's math kernel here
-    distinct = [query]
-    for t in (key, value):
-        if all(t is not u for u in distinct):
-            distinct.append(t)
-    bounds = norm_bounds(distinct)
+    scanned = distinct((query, key, value))
+    bounds = norm_bounds(scanned)
     if not all(math.isfinite(b) for b in bounds):
         return None  # NaN/Inf (or a tensor too large for the bound): the general path decides and says why
-    nq, nk = bounds[0], next(b for u, b in zip(distinct, bounds, strict=True) if u is key)
+    nq, nk = bounds[0], next(b for u, b in zip(scanned, bounds, strict=True) if u is key)
     factor = 1.0 / math.sqrt(d) if scale is None else abs(float(scale))
-    info = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
-    if not nq * nk * factor * (1 + (d + 2) * info.eps) < info.max:
+    if not scores_fit(nq * nk * factor, d, dtype):
         return None
     if nd == 3:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
