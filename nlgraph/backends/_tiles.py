@@ -12,13 +12,14 @@ graph's :meth:`~nlgraph.graph.Graph.block` and the dense bias sliced by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._shapes import slice_rows_cols
+from .._shapes import broadcast_shapes, slice_rows_cols
 from .._values import checking_values
 from ..affinity import ScoreForm
 from .common import (
@@ -32,7 +33,8 @@ from .common import (
     tile_log_weights,
 )
 
-__all__ = ["TileRun", "spans", "tile_plan", "tile_scores", "tile_dropout", "bind", "tile_backward"]
+__all__ = ["TileRun", "spans", "tile_plan", "tile_scores", "score_buffer", "tile_dropout", "bind",
+           "tile_backward"]
 
 
 @dataclass(frozen=True)
@@ -65,15 +67,32 @@ def tile_plan(p: Problem, bn: int, bm: int, device: torch.device) -> Optional[li
     return None if pairs is None else pairs.tolist()
 
 
-def tile_scores(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device):
-    """(linear scores, validity mask, log-weights) of one tile; (None, None, None) when it has no edge."""
+def tile_scores(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.device,
+                out: Optional[Tensor] = None):
+    """(linear scores, validity mask, log-weights) of one tile; (None, None, None) when it has no edge.
+
+    ``out``: a reusable score buffer (see :func:`score_buffer`); the scores are then valid until the
+    next tile written into it."""
     mask, logw = tile_log_weights(p.graph, p.bias, i0, i1, j0, j1, device, p.value.dtype)
     if mask is not None and checking_values() and not bool(mask.any()):
         return None, None, None
-    lin = tile_linear(p.form, i0, i1, j0, j1)
+    lin = tile_linear(p.form, i0, i1, j0, j1, out)
     if lin.shape[:-2] != p.lead:  # batch dims that only value or the graph has: scores per batch entry
         lin = lin.expand(*p.lead, *lin.shape[-2:]).contiguous()
     return lin, mask, logw
+
+
+def score_buffer(p: Problem, bn: int, bm: int) -> Optional[Tensor]:
+    """One (lead, bn, bm) buffer that a tile loop writes every tile's scores into, or None (allocate
+    per tile) where that cannot be done: under torch.func transforms (a batched tile cannot be
+    written into a plain buffer), torch.compile (it plans memory itself), forms without a feature
+    product or whose scores broadcast to fewer batch dims than the problem's."""
+    f = p.form
+    if (f.query is None or f.key is None or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or broadcast_shapes(f.query.shape[:-2], f.key.shape[:-2]) != p.lead):
+        return None
+    return torch.empty(*p.lead, min(bn, p.n), min(bm, p.m), dtype=p.value.dtype, device=p.value.device)
 
 
 def tile_dropout(run: TileRun, lead, i0, i1, j0, j1, device, dtype) -> Optional[Tensor]:
@@ -145,6 +164,9 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
     b_cols = need_b and bias.shape[-1] != 1
 
     plan = tile_plan(p, bn, bm, device)
+    # the scores' and dP's buffers, reused by every tile (None: fresh tiles, e.g. under torch.func)
+    buf = score_buffer(p, bn, bm) if kernel == "exp" else None
+    dbuf = None if buf is None else torch.empty_like(buf)
     for ti, (i0, i1) in enumerate(rows):
         do = dout[..., i0:i1, :]
         st = stat[..., i0:i1]
@@ -161,11 +183,16 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
         for tj, (j0, j1) in enumerate(cols):
             if plan is not None and not plan[ti][tj]:
                 continue
-            lin, mask, logw = tile_scores(p, i0, i1, j0, j1, device)
+            lin, mask, logw = tile_scores(p, i0, i1, j0, j1, device, buf)
             if lin is None:
                 continue
             v = value[..., j0:j1, :]
-            dp = do @ v.transpose(-1, -2)
+            vt = v.transpose(-1, -2)
+            if dbuf is None:
+                dp = do @ vt
+            else:
+                shape = (*broadcast_shapes(do.shape[:-2], vt.shape[:-2]), i1 - i0, j1 - j0)
+                dp = torch.matmul(do, vt, out=dbuf.view(-1)[:math.prod(shape)].view(shape))
             keep = tile_dropout(run, lead, i0, i1, j0, j1, device, dtype)
             if keep is not None:
                 dp = dp * keep  # the loss sees the kept messages only
@@ -177,7 +204,9 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
                     dlin = prob * dp
                 else:
                     prob = s.sub_(base[..., None]).exp_()  # exp(s) / C from the saved log-sum-exp
-                    dlin = (dp - dsum[..., None]).mul_(prob)
+                    # dp is this tile's own: in place when it is the buffer (never a torch.func batch)
+                    dlin = (dp.sub_(dsum[..., None]) if dbuf is not None and keep is None
+                            else dp - dsum[..., None]).mul_(prob)
                 dlogw = dlin
                 if flat is not None:
                     dlin = dlin.masked_fill(flat, 0.0)
@@ -209,7 +238,10 @@ def tile_backward(run: TileRun, needs, fq, fk, row, col, bias, value, out, stat,
             if need_b:
                 key = (ti if b_rows else 0, tj if b_cols else 0)
                 # the bias' own (broadcast) tile: its gradient sums over the dims it broadcasts along
-                _add(db, key, dlogw.sum_to_size(slice_rows_cols(bias, i0, i1, j0, j1).shape))
+                g = dlogw.sum_to_size(slice_rows_cols(bias, i0, i1, j0, j1).shape)
+                if dbuf is not None and g.untyped_storage().data_ptr() == dbuf.untyped_storage().data_ptr():
+                    g = g.clone()  # a full-size mask's tile is dP's buffer itself: keep a copy
+                _add(db, key, g)
 
     def reduce(parts: dict, spans, dim: int, like: Optional[Tensor], need: bool) -> Optional[Tensor]:
         if not need or like is None:

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._tiles import TileRun, bind, tile_backward, tile_dropout, tile_plan, tile_scores
-from .common import clamp_scores, edge_weights, exp_scores, finite_or_zero, lower, safe_log
+from ._tiles import TileRun, bind, score_buffer, tile_backward, tile_dropout, tile_plan, tile_scores
+from .common import call, clamp_scores, edge_weights, exp_scores, finite_or_zero, lower, safe_log
 
 __all__ = ["can_run", "run", "default_blocks", "RETURNS_LSE"]
 
@@ -87,53 +87,68 @@ class _ChunkedAggregate(torch.autograd.Function):
         lead, n, m, e = p.lead, p.n, p.m, p.e
         outs, stats = [], []  # per query tile; out = cat(outs), stat = cat(stats)
         plan = tile_plan(p, bn, bm, device)
+        # rows can only be all -inf when the graph removes edges (or the cut-off does)
+        restricted = p.graph is not None or p.bias is not None or p.form.floor is not None
+        buf = score_buffer(p, bn, bm) if kernel == "exp" else None  # every tile's scores, in turn
         for ti, i0 in enumerate(range(0, n, bn)):
             i1 = min(n, i0 + bn)
             tn = i1 - i0
-            acc = torch.zeros(*lead, tn, e, dtype=dtype, device=device)
-            den = torch.zeros(*lead, tn, dtype=dtype, device=device)
+            # The accumulators start at the first key tile with an edge (None until then): no zero
+            # fill, and no rescaling of the first tile by the running max's exp(-inf - max) = 0.
+            acc: Optional[Tensor] = None
+            den: Optional[Tensor] = None
             # the running max of the exp kernels (the linear kernels keep none)
-            mx: Optional[Tensor] = (torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device)
-                                    if kernel == "exp" else None)
+            mx: Optional[Tensor] = None
             for tj, j0 in enumerate(range(0, m, bm)):
                 if plan is not None and not plan[ti][tj]:
                     continue  # block-sparse graph: no edge can be in this tile
                 j1 = min(m, j0 + bm)
-                lin, mask, logw = tile_scores(p, i0, i1, j0, j1, device)
+                lin, mask, logw = tile_scores(p, i0, i1, j0, j1, device, buf)
                 if lin is None:
                     continue  # block-sparse graph: no edge in this tile
                 v = value[..., j0:j1, :]
                 keep = tile_dropout(run, lead, i0, i1, j0, j1, device, dtype)
-                if mx is not None:  # the exp kernels
+                if kernel == "exp":
                     # fresh: updated in place
                     s = exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)
-                    new = torch.maximum(mx, s.amax(-1))
-                    # rows can only be all -inf when the graph removes edges (or the cut-off does)
-                    restricted = mask is not None or logw is not None or p.form.floor is not None
+                    top = s.amax(-1)
+                    new = top if mx is None else torch.maximum(mx, top)
                     safe = finite_or_zero(new) if restricted else new
                     w = s.sub_(safe[..., None]).exp_()
-                    alpha = torch.exp(mx - safe)
-                    # accumulators combine out of place (vmap: a batched tile never writes into them)
-                    den = den * alpha + w.sum(-1)
-                    acc = acc * alpha[..., None] + (w if keep is None else w * keep) @ v
+                    msg = (w if keep is None else w * keep) @ v
+                    if acc is None or den is None or mx is None:  # the first tile: nothing to rescale
+                        den, acc = w.sum(-1), msg
+                    else:
+                        alpha = torch.exp(mx - safe)
+                        # accumulators combine out of place (vmap: a batched tile never writes into them)
+                        den = den * alpha + w.sum(-1)
+                        acc = acc * alpha[..., None] + msg
                     mx = new
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
                     ew = edge_weights(mask, logw, dtype)
                     gw = g if ew is None else g * ew
-                    acc = acc + (gw if keep is None else gw * keep) @ v
+                    msg = (gw if keep is None else gw * keep) @ v
                     # C_i sums the weights of all tm keys, also when they broadcast over keys (width 1)
-                    if ew is None:
-                        den = den + (j1 - j0)
-                    else:
-                        den = den + (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)).expand_as(den)
+                    cnt = (torch.full((*lead, tn), float(j1 - j0), dtype=dtype, device=device) if ew is None
+                           else (ew.sum(-1) * (j1 - j0 if ew.shape[-1] == 1 else 1)).expand(*lead, tn))
+                    acc = msg if acc is None else acc + msg
+                    den = cnt if den is None else den + cnt
+            if acc is None or den is None:  # no key tile had an edge: no neighbour, y = 0
+                acc = torch.zeros(*lead, tn, e, dtype=dtype, device=device)
+                den = torch.zeros(*lead, tn, dtype=dtype, device=device)
+                if kernel == "exp":
+                    mx = torch.full((*lead, tn), _NEG_INF, dtype=dtype, device=device)
             if mx is not None:  # the exp kernels
-                safe = finite_or_zero(mx)
-                if norm == "sum":
+                if norm == "sum" and not restricted:  # the row max contributes exp(0) = 1: den >= 1
+                    outs.append(acc / den[..., None])
+                    stats.append(mx + torch.log(den))
+                elif norm == "sum":
+                    safe = finite_or_zero(mx)
                     outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])
                     stats.append(torch.where(den > 0, safe + torch.log(den), torch.full_like(den, _NEG_INF)))
                 else:
-                    outs.append(acc * torch.exp(safe)[..., None])
+                    outs.append(acc * torch.exp(finite_or_zero(mx))[..., None])
                     # log C = 0, or -inf where the query has no neighbour
                     stats.append(torch.where(torch.isfinite(mx), torch.zeros_like(mx), mx))
             else:
@@ -170,7 +185,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph, *, dropout_p
     bn, bm = block_n or bn, block_m or bm
     f = p.form
     tiles = TileRun(p, (bn, bm), dropout_p, seed)
-    out, stat = _ChunkedAggregate.apply(f.query, f.key, f.row, f.col, p.bias, p.value, tiles)
+    out, stat = call(_ChunkedAggregate, f.query, f.key, f.row, f.col, p.bias, p.value, tiles)
     if not return_lse:
         return out.to(query.dtype)
     if f.norm == "count":

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import LocalWindow
-from .common import finite_or_zero, floor_scores, lower
+from .common import call, finite_or_zero, floor_scores, lower
 
 __all__ = ["can_run", "prefer", "run", "window_slots", "MAX_WINDOW_WORK", "MAX_WINDOW_WORK_INFERENCE"]
 
@@ -519,7 +519,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
     row, col = grid(f.row, False), grid(f.col, False)
     v = grid(p.value, True)
     if graph.grid_pattern == "criss_cross":
-        out = _CrissCrossAggregate.apply(fq, fk, row, col, v, _GridRun(f.clamp, f.norm, floor=f.floor))[0]
+        out = call(_CrissCrossAggregate, fq, fk, row, col, v, _GridRun(f.clamp, f.norm, floor=f.floor))[0]
     else:
         rpb = graph.rpb
         if rpb is not None:
@@ -527,5 +527,5 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity, graph) -> Tensor:
             table = tuple(rpb.shape[rpb.dim() - dims:])
             rpb = rpb.to(p.value.dtype).expand(*lead, *table).reshape(bsz, *table)
         run = _GridRun(f.clamp, f.norm, _Plan(graph, query.device), f.floor)
-        out = _WindowAggregate.apply(fq, fk, row, col, rpb, v, run)[0]
+        out = call(_WindowAggregate, fq, fk, row, col, rpb, v, run)[0]
     return out.reshape(*lead, n, e).to(query.dtype)

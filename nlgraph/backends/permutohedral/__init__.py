@@ -54,7 +54,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ...affinity import Gaussian
-from ..common import compute_dtype
+from ..common import call, compute_dtype
 from . import cache as _cache_module
 from . import lattice as _lattice_module
 from .cache import _bits_equal as _bits_equal  # (re-exported: tests reach these private names here)
@@ -146,9 +146,9 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph, *,
         qg, kg = affinity.scaled(query.to(cd), key.to(cd))
         qg = qg.expand(*lead, n, d).reshape(-1, d)
         kg = qg if same else kg.expand(*lead, m, d).reshape(-1, d)
-        y = _LatticePointFilter.apply(v.contiguous(), qg, kg, lattice)
+        y = call(_LatticePointFilter, v.contiguous(), qg, kg, lattice)
     else:
-        y = _LatticeFilter.apply(v.contiguous(), lattice, False)
+        y = call(_LatticeFilter, v.contiguous(), lattice, False)
     lse = None
     if affinity.normalize:
         c = y[:, e:].clamp_min(torch.finfo(cd).tiny)
