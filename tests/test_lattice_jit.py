@@ -138,3 +138,38 @@ def test_property_compiled_equals_tensor_path(d, n, m, b, same, spread, seed, do
     q = torch.randn(b, n, d, generator=gen, dtype=dtype) * spread
     k = q if same else torch.randn(b, m, d, generator=gen, dtype=dtype) * spread
     _assert_same_lattice(q, k, same, corners=True)
+
+
+def test_unrolled_elevation_file_is_the_generators_output():
+    from nlgraph.backends.permutohedral import _jit_gen
+
+    assert _jit_gen.TARGET.read_text() == _jit_gen.source(), \
+        "run python -m nlgraph.backends.permutohedral._jit_gen"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("d", range(1, 9))
+def test_unrolled_elevation_equals_the_generic_kernel(d, dtype):
+    """Each d's unrolled kernel gives the generic kernel's remainder-0 points, ranks, weights and range
+    bit for bit: on random points, on grid points (rank ties everywhere), far from the origin, and on
+    a part that starts inside the array."""
+    import numpy as np
+
+    from nlgraph.backends.permutohedral import _jit
+    from nlgraph.backends.permutohedral._jit_elevate import ELEVATE
+
+    rng = np.random.default_rng(d)
+    pts = np.concatenate([rng.normal(size=(300, d)) * 4, np.round(rng.normal(size=(100, d)) * 3),
+                          rng.normal(size=(50, d)) + 1e4]).astype(dtype)
+    d1 = d + 1
+    ints = np.arange(d1 + 1, dtype=dtype)
+    inv = pts.dtype.type(1.0 / d1)
+    sc = np.asarray(L._scales(d), dtype=dtype)
+    results = []
+    for kernel in (_jit._elevate, ELEVATE[d]):
+        out = (np.zeros((450, d), np.int64), np.zeros((450, d1), np.uint8), np.zeros((450, d1), pts.dtype),
+               np.full(d, 7, np.int64), np.full(d, 7, np.int64))
+        kernel(pts, sc, ints, inv, 20, 450, *out)
+        results.append(out)
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

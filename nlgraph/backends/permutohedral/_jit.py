@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 from numba import njit
 
+from ._jit_elevate import ELEVATE
+
 _EMPTY = -1  # hash slot sentinel (codes are >= 0)
 _M1 = np.uint64(0xFF51AFD7ED558CCD)  # MurmurHash3's 64-bit finaliser
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -283,15 +285,12 @@ def _point_rows(corner_vid, bary, start, end, cols, vals):
     for p in range(start, end):
         o = p * d1
         for r in range(d1):
-            c = corner_vid[p, r] + 1
-            w = bary[p, r]
-            k = o + r
-            while k > o and cols[k - 1] > c:  # insertion sort of d + 1 entries
-                cols[k] = cols[k - 1]
-                vals[k] = vals[k - 1]
-                k -= 1
-            cols[k] = c
-            vals[k] = w
+            c = corner_vid[p, r]
+            k = o
+            for s in range(d1):  # the corners' ids are distinct: r's place is how many are smaller
+                k += corner_vid[p, s] < c  # (branch-free: an insertion sort mispredicts ~d times a point)
+            cols[k] = c + 1
+            vals[k] = bary[p, r]
 
 
 @njit(cache=True, nogil=True)
@@ -395,7 +394,8 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     parts = _bounds(0, p_total, threads)
     lo = np.empty((len(parts) - 1, d), np.int64)
     hi = np.empty_like(lo)
-    _run(lambda t, s, e: _elevate(pts, sc, ints, inv, s, e, rem0, rank, bary, lo[t], hi[t]), parts)
+    elevate = ELEVATE.get(d, _elevate)  # unrolled for this d where generated (the same results)
+    _run(lambda t, s, e: elevate(pts, sc, ints, inv, s, e, rem0, rank, bary, lo[t], hi[t]), parts)
     strides, offset = strides_for(lo.min(0).tolist(), hi.max(0).tolist())
     st = np.asarray(strides, dtype=np.int64)
     corner_vid = np.empty((p_total, d1), np.int32)
