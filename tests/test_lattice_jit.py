@@ -140,36 +140,79 @@ def test_property_compiled_equals_tensor_path(d, n, m, b, same, spread, seed, do
     _assert_same_lattice(q, k, same, corners=True)
 
 
-def test_unrolled_elevation_file_is_the_generators_output():
+def test_unrolled_kernels_file_is_the_generators_output():
     from nlgraph.backends.permutohedral import _jit_gen
 
     assert _jit_gen.TARGET.read_text() == _jit_gen.source(), \
         "run python -m nlgraph.backends.permutohedral._jit_gen"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("d", range(1, 9))
-def test_unrolled_elevation_equals_the_generic_kernel(d, dtype):
-    """Each d's unrolled kernel gives the generic kernel's remainder-0 points, ranks, weights and range
-    bit for bit: on random points, on grid points (rank ties everywhere), far from the origin, and on
-    a part that starts inside the array."""
+def _elevated(d, dtype, count, seed, spread=4.0, far=1e4):
+    """Points (random with standard deviation ``spread``, on a grid: rank ties everywhere, far from
+    the origin) and the elevation's constants (scales, whole numbers, 1 / (d + 1))."""
     import numpy as np
 
-    from nlgraph.backends.permutohedral import _jit
-    from nlgraph.backends.permutohedral._jit_elevate import ELEVATE
 
-    rng = np.random.default_rng(d)
-    pts = np.concatenate([rng.normal(size=(300, d)) * 4, np.round(rng.normal(size=(100, d)) * 3),
-                          rng.normal(size=(50, d)) + 1e4]).astype(dtype)
+    rng = np.random.default_rng(seed)
+    k = count // 9
+    pts = np.concatenate([rng.normal(size=(count - 2 * k, d)) * spread, np.round(rng.normal(size=(k, d)) * 3),
+                          rng.normal(size=(k, d)) + far]).astype(dtype)
     d1 = d + 1
     ints = np.arange(d1 + 1, dtype=dtype)
     inv = pts.dtype.type(1.0 / d1)
     sc = np.asarray(L._scales(d), dtype=dtype)
+    return pts, (sc, ints, inv)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("d", range(1, 9))
+def test_unrolled_elevation_equals_the_generic_kernel(d, dtype):
+    """Each d's unrolled elevation gives the generic kernel's remainder-0 points, ranks, weights and
+    range bit for bit, on a part that starts inside the array."""
+    import numpy as np
+
+    from nlgraph.backends.permutohedral import _jit
+    from nlgraph.backends.permutohedral._jit_unrolled import ELEVATE
+
+    pts, consts = _elevated(d, dtype, 450, d)
+    d1 = d + 1
     results = []
     for kernel in (_jit._elevate, ELEVATE[d]):
         out = (np.zeros((450, d), np.int64), np.zeros((450, d1), np.uint8), np.zeros((450, d1), pts.dtype),
                np.full(d, 7, np.int64), np.full(d, 7, np.int64))
-        kernel(pts, sc, ints, inv, 20, 450, *out)
+        kernel(pts, *consts, 20, 450, *out)
         results.append(out)
     for a, b in zip(*results, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("same", [True, False])
+@pytest.mark.parametrize("d", range(1, 9))
+def test_unrolled_vertex_pass_equals_the_generic_kernel(d, same):
+    """Each d's unrolled vertex pass (the hash-table insertion) gives the generic one's distinct codes
+    in the same order and the same corner ids: over two batches of queries and (unless ``same``) keys,
+    with enough vertices that the table grows (restarting the pass mid-point) and runs of points in
+    one simplex (the grid rows)."""
+    import numpy as np
+
+    from nlgraph.backends.permutohedral import _jit
+    from nlgraph.backends.permutohedral._jit_unrolled import VERTICES
+
+    count = 5400
+    pts, consts = _elevated(d, "float32", count, 10 + d, spread=3000.0 / d ** 3 if d <= 5 else 1.0, far=5.0)
+    pts[count // 2: count // 2 + 200] = pts[count // 2]  # a run of points in one simplex
+    d1 = d + 1
+    rem0, rank = np.empty((count, d), np.int64), np.empty((count, d1), np.uint8)
+    bary, lo, hi = np.empty((count, d1), np.float32), np.empty(d, np.int64), np.empty(d, np.int64)
+    _jit._elevate(pts, *consts, 0, count, rem0, rank, bary, lo, hi)
+    n, m = (count // 2, count // 2) if same else (count // 4, count // 4)
+    nq = count if same else count // 2
+    strides, offset = L._code_layout(lo.tolist(), hi.tolist(), 2)
+    st = np.asarray(strides, dtype=np.int64)
+    got = []
+    for kernel in (_jit._vertices, VERTICES[d]):
+        cv = np.full((count, d1), -5, np.int32)
+        codes = kernel(rem0, rank, st, np.int64(offset), nq, n, m, same, 30, count, cv)
+        got.append((codes, cv))
+    assert got[0][0].shape[0] > 2048  # the table doubled at least once
+    assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])

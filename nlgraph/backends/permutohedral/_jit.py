@@ -23,8 +23,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 from numba import njit
 
-from ._jit_elevate import ELEVATE
-
 _EMPTY = -1  # hash slot sentinel (codes are >= 0)
 _M1 = np.uint64(0xFF51AFD7ED558CCD)  # MurmurHash3's 64-bit finaliser
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -399,8 +397,9 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     strides, offset = strides_for(lo.min(0).tolist(), hi.max(0).tolist())
     st = np.asarray(strides, dtype=np.int64)
     corner_vid = np.empty((p_total, d1), np.int32)
-    found = _run(lambda t, s, e: _vertices(rem0, rank, st, np.int64(offset), nq, n, max(m, 1), same, s, e,
-                                           corner_vid), parts)
+    vertices = VERTICES.get(d, _vertices)
+    found = _run(lambda t, s, e: vertices(rem0, rank, st, np.int64(offset), nq, n, max(m, 1), same, s, e,
+                                          corner_vid), parts)
     # number the vertices in code order (the tensor path's numbering) and map each part's ids to it
     codes, where = np.unique(np.concatenate(found), return_inverse=True)
     where = where.astype(np.int32)
@@ -426,3 +425,8 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     vertex = [_vertex_major(corner_vid, bary, s, e, num_v, threads, index_dtype) for s, e in ranges]
     return dict(rank=rank, corner_vid=corner_vid, num_v=num_v, cols=cols, point_cols=point_cols,
                 point_vals=point_vals, vertex=vertex)
+
+
+# the kernels unrolled for each d up to _jit_gen.MAX_D (generated from the ones above: they import
+# _EMPTY, _log2, _slot and _table from here, so they load after them)
+from ._jit_unrolled import ELEVATE, VERTICES  # noqa: E402
