@@ -102,3 +102,15 @@ def test_time_pair_alternates_and_returns_each_median():
     calls = []
     t_a, t_b = harness.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4 and t_a >= 0 and t_b >= 0
+
+
+def test_print_table_escapes_pipes_so_each_row_keeps_its_columns(capsys):
+    from nlgraph.bench import harness
+
+    harness.print_table("t", [{"name": "a|b", "d": 7.15e-7, "ratio": 0.5}],
+                        [("name", "case"), ("d", "max |dQ|"), ("ratio", "ours/peer")])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
+    assert lines[0] == "| case | max \\|dQ\\| | ours/peer |"
+    assert lines[2] == "| a\\|b | 7.15e-07 | 0.50 |"
+    # every line splits into the same number of cells once escaped pipes are ignored
+    assert len({ln.replace("\\|", "").count("|") for ln in lines}) == 1

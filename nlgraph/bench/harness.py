@@ -158,9 +158,9 @@ def machine() -> str:
 
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """Print rows as a Markdown table; ``columns`` are (key, header) pairs."""
+    """Print rows as a Markdown table; ``columns`` are (key, header) pairs (``|`` in a cell is escaped)."""
     print(f"\n{title}  ({date.today().isoformat()}, {machine()})\n")
-    print("| " + " | ".join(h for _, h in columns) + " |")
+    print("| " + " | ".join(h.replace("|", "\\|") for _, h in columns) + " |")
     print("|" + "|".join("---" for _ in columns) + "|")
     for r in rows:
         cells = []
@@ -170,7 +170,7 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) ->
                 cells.append(f"{val:.3g}" if not key.startswith("ratio") else f"{val:.2f}")
             else:
                 cells.append("-" if val is None else str(val))
-        print("| " + " | ".join(cells) + " |")
+        print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     sys.stdout.flush()
 
 
