@@ -30,7 +30,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._tiles import TileRun, bind, score_buffer, tile_backward, tile_dropout, tile_plan, tile_scores
+from .._shapes import broadcast_shapes
+from ._exp_jit import exp_shifted_
+from ._tiles import (
+    TileRun,
+    bind,
+    release_buffer,
+    score_buffer,
+    scratch,
+    tile_backward,
+    tile_dropout,
+    tile_plan,
+    tile_scores,
+)
 from .common import call, clamp_scores, edge_weights, exp_scores, finite_or_zero, lower, safe_log
 
 __all__ = ["can_run", "run", "default_blocks", "RETURNS_LSE"]
@@ -90,6 +102,7 @@ class _ChunkedAggregate(torch.autograd.Function):
         # rows can only be all -inf when the graph removes edges (or the cut-off does)
         restricted = p.graph is not None or p.bias is not None or p.form.floor is not None
         buf = score_buffer(p, bn, bm) if kernel == "exp" else None  # every tile's scores, in turn
+        msg_buf: Optional[Tensor] = None
         for ti, i0 in enumerate(range(0, n, bn)):
             i1 = min(n, i0 + bn)
             tn = i1 - i0
@@ -114,15 +127,25 @@ class _ChunkedAggregate(torch.autograd.Function):
                     top = s.amax(-1)
                     new = top if mx is None else torch.maximum(mx, top)
                     safe = finite_or_zero(new) if restricted else new
-                    w = s.sub_(safe[..., None]).exp_()
-                    msg = (w if keep is None else w * keep) @ v
+                    w = s if exp_shifted_(s, safe) else s.sub_(safe[..., None]).exp_()
+                    kw = w if keep is None else w * keep
                     if acc is None or den is None or mx is None:  # the first tile: nothing to rescale
-                        den, acc = w.sum(-1), msg
+                        den, acc = w.sum(-1), kw @ v
+                    elif buf is not None:
+                        # eager: the accumulators (this call's own) rescale in place, and the message
+                        # goes through a scratch buffer (no fresh (tn, e) tensors per key tile)
+                        alpha = torch.exp(mx - safe)
+                        shape = (*broadcast_shapes(kw.shape[:-2], v.shape[:-2]), tn, e)
+                        if msg_buf is None or tuple(msg_buf.shape) != shape:
+                            release_buffer(msg_buf, "msg")
+                            msg_buf = scratch(shape, dtype, device, "msg")
+                        acc.mul_(alpha[..., None]).add_(torch.matmul(kw, v, out=msg_buf))
+                        den.mul_(alpha).add_(w.sum(-1))
                     else:
                         alpha = torch.exp(mx - safe)
                         # accumulators combine out of place (vmap: a batched tile never writes into them)
                         den = den * alpha + w.sum(-1)
-                        acc = acc * alpha[..., None] + msg
+                        acc = acc * alpha[..., None] + kw @ v
                     mx = new
                 else:
                     g = torch.relu(lin) if kernel == "relu" else lin
@@ -154,6 +177,8 @@ class _ChunkedAggregate(torch.autograd.Function):
             else:
                 outs.append(acc / torch.where(den > 0, den, torch.ones_like(den))[..., None])
                 stats.append(den)
+        release_buffer(buf)
+        release_buffer(msg_buf, "msg")
         return torch.cat(outs, -2), torch.cat(stats, -1)
 
     @staticmethod

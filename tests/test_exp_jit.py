@@ -1,0 +1,113 @@
+"""The score tiles' compiled shifted exponential (``nlgraph.backends._exp_jit``) against float64.
+
+Its contract: exp(s - c) per row, in place, within 1 ulp of the correctly rounded float32 result
+for differences in [-87.3, 88] (torch's own exp is within 0.56 ulp; the kernel adds at most half an
+ulp from one more rounding in its polynomial), 0 below 2^-126 and for -inf; and False (nothing
+done) wherever it does not apply, so callers fall back to torch's ops.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import nlgraph
+from nlgraph import graph as G
+from nlgraph.backends import _exp_jit
+
+pytest.importorskip("numba")
+
+
+def _ulps(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|got - exact| in units of the float32 spacing at the exact value."""
+    e32 = exact.float()
+    spacing = (e32.nextafter(torch.tensor(float("inf"))) - e32).double()
+    return (got.double() - exact).abs() / spacing
+
+
+def test_within_one_ulp_of_float64_and_flushes_below_float32_normals():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(64, 1000, generator=g) * 120 - 100  # differences in [-100, 20]
+    c = torch.rand(64, generator=g) * 4 - 2
+    want = (s - c[:, None]).double()  # the float32 difference, then exp in float64
+    got = s.clone()
+    assert _exp_jit.exp_shifted_(got, c)
+    exact = torch.exp(want)
+    normal = exact >= 2.0 ** -126
+    assert _ulps(got[normal], exact[normal]).max() <= 1.0
+    # below the normals: flushed to 0 or the smallest normal's neighbourhood, never above 2^-126
+    assert (got[~normal] <= 2.0 ** -126).all() and (got[~normal] >= 0).all()
+    assert got[want < -88].eq(0).all()
+
+
+def test_special_values():
+    s = torch.tensor([[float("-inf"), 0.0, -1e30, 88.0, -87.0, 1.0]])
+    got = s.clone()
+    assert _exp_jit.exp_shifted_(got, torch.zeros(1))
+    assert got[0, 0] == 0 and got[0, 1] == 1 and got[0, 2] == 0
+    assert _ulps(got[0, 3:], torch.exp(s[0, 3:].double())).max() <= 1.0
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+def test_rows_of_any_batch_shape_and_non_contiguous_shift(lead):
+    s = torch.randn(*lead, 17, 33)
+    shift = torch.randn(*lead, 34)[..., :17] if not lead else torch.randn(*lead, 17, 2)[..., 0]
+    got = s.clone()
+    assert _exp_jit.exp_shifted_(got, shift)
+    torch.testing.assert_close(got, torch.exp(s - shift[..., None]), rtol=2.4e-7, atol=0)
+
+
+def test_concurrent_calls_from_python_threads():
+    s = torch.randn(8, 256, 256)
+    c = s.amax(-1)
+    want = s.clone()
+    assert _exp_jit.exp_shifted_(want, c)
+    outs = [s.clone() for _ in range(8)]
+    threads = [threading.Thread(target=_exp_jit.exp_shifted_, args=(o, c)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(o, want) for o in outs)
+
+
+def test_declines_what_it_does_not_cover(monkeypatch):
+    s = torch.randn(4, 8)
+    c = torch.zeros(4)
+    cases = [
+        (s.double(), c.double()),  # float64 keeps torch's exp
+        (s.t().contiguous().t(), c),  # not row-contiguous
+        (s.clone().requires_grad_(), c),  # autograd would not see the write
+        (s, torch.zeros(4, 1)),  # shift not one per row
+        (s.half(), c.half()),
+    ]
+    for a, b in cases:
+        before = a.clone().detach()
+        assert not _exp_jit.exp_shifted_(a, b)
+        assert torch.equal(a.detach(), before)
+    assert not torch.func.vmap(lambda x: torch.tensor(_exp_jit.applies(x, c)))(s[None].expand(2, 4, 8)).any()
+    monkeypatch.setattr(_exp_jit, "USE_JIT", False)
+    assert not _exp_jit.exp_shifted_(s.clone(), c)
+
+
+@pytest.mark.parametrize("graph", [None, "mask"])
+def test_chunked_with_and_without_the_kernel(monkeypatch, graph):
+    """Forward and gradients of forced chunked agree with the kernel on and off to float32 rounding
+    (the kernel's exp differs from torch's by <= 1.5 ulp per weight; sums of N weights then differ
+    by <= 1.5 N ulp relative)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = None if graph is None else G.Mask(torch.rand(300, 300, generator=g) > 0.3)
+
+    def run():
+        out = nlgraph.aggregate(q, k, v, nlgraph.Softmax(), mask, backend="chunked",
+                                options={"block_n": 128, "block_m": 96})
+        return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+    with_kernel = run()
+    monkeypatch.setattr(_exp_jit, "USE_JIT", False)
+    without = run()
+    for a, b in zip(with_kernel, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
