@@ -126,6 +126,22 @@ def _centre(query: Tensor, key: Tensor) -> Tensor:
     return c
 
 
+def _scaled_bound(query: Tensor, key: Tensor, scale: Scalar) -> Optional[float]:
+    """An upper bound of every partial sum of ``(scale q_i) . k_j`` from the call's value scan
+    (:func:`nlgraph._values.known_norm`: |Q|_F, |K|_F), or None (then :func:`_checked` scans the form).
+
+    |(s q_i) . k_j| <= |s| |Q|_F |K|_F (Cauchy-Schwarz, also for each partial sum); forming s q rounds
+    each entry once, a factor (1 + u) (the dot product's own rounding is :func:`scores_fit`'s margin).
+    For a float scale only (a tensor scale is checked on the form)."""
+    if isinstance(scale, Tensor):
+        return None
+    nq, nk = known_norm(query), known_norm(key)
+    if nq is None or nk is None:
+        return None
+    u = 2.0**-53 if query.dtype == torch.float64 else 2.0**-24
+    return abs(float(scale)) * nq * nk * (1 + u)
+
+
 def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0,
              bound: Optional[float] = None) -> ScoreForm:
     """Raise ValueError when the scores of ``form`` may overflow the accumulation dtype (eager only).
@@ -300,7 +316,8 @@ class Softmax(Affinity):
         scale = 1.0 / math.sqrt(query.shape[-1]) if self.scale is None else _as(self.scale, query)
         if isinstance(scale, Tensor):
             scale = scale.reshape(())
-        return _checked(self, ScoreForm(query * scale, key, None, None, "exp", "sum"))
+        return _checked(self, ScoreForm(query * scale, key, None, None, "exp", "sum"),
+                        bound=_scaled_bound(query, key, scale))
 
     def check_scores(self, query: Tensor, key: Tensor) -> None:
         """:meth:`form`'s overflow check without forming the scaled queries (for kernels that take a float
@@ -457,7 +474,8 @@ class DotProduct(Affinity):
         scale = _as(self.scale, query)
         if isinstance(scale, Tensor):
             scale = scale.reshape(())
-        return _checked(self, ScoreForm(query * scale, key, None, None, "linear", "count"))
+        return _checked(self, ScoreForm(query * scale, key, None, None, "linear", "count"),
+                        bound=_scaled_bound(query, key, scale))
 
     def __repr__(self) -> str:
         return f"DotProduct(scale={_fmt(self.scale)})"

@@ -303,6 +303,40 @@ def test_general_path_overflow_screen_reads_the_scan(monkeypatch):
     assert calls == []  # sdpa's check_scores: the scan's norms suffice
 
 
+@pytest.mark.parametrize("aff", [A.Softmax(), A.Softmax(scale=-3.0), A.DotProduct(scale=0.5)], ids=repr)
+def test_lowered_form_overflow_screen_reads_the_scan(monkeypatch, aff):
+    """chunked forced (the lowering to a form): the scaled queries' check is answered by the scan's
+    |Q|_F |K|_F too (no min/max pass over the form); large values still reach the full check."""
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv((1, 2, 8, 4), 8)
+    nlgraph.aggregate(q, k, v, aff, backend="chunked")
+    assert calls == []
+    with pytest.raises(ValueError, match="float32 holds at most"):
+        nlgraph.aggregate(q * 1e19, k * 1e19, v, aff, backend="chunked")
+    assert calls  # the bound could not prove the scores finite: the form was scanned
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 9), m=st.integers(1, 9), d=st.integers(1, 6), scale=st.floats(-50.0, 50.0),
+       log_mag=st.floats(-3, 3), self_attn=st.booleans(), dtype=st.sampled_from([torch.float32, F64]),
+       seed=st.integers(0, 2**16))
+def test_property_scaled_bound_bounds_the_scores(n, m, d, scale, log_mag, self_attn, dtype, seed):
+    """The scaled product's bound from the scan >= every |partial sum of (s q_i) . k_j| of the form."""
+    g = torch.Generator().manual_seed(seed)
+    q = (10.0**log_mag * torch.randn(2, n, d, generator=g, dtype=F64)).to(dtype)
+    k = q if self_attn else (10.0**log_mag * torch.randn(2, m, d, generator=g, dtype=F64)).to(dtype)
+    distinct = [q] if k is q else [q, k]
+    with _values.known_norms(distinct, _values.norm_bounds(distinct)):
+        bound = A._scaled_bound(q, k, scale)
+        form = A.Softmax(scale=scale).form(q, k)
+    assert bound is not None and math.isfinite(bound)
+    terms = form.query.double()[..., :, None, :] * form.key.double()[..., None, :, :]  # (2, n, m, d)
+    worst = terms.cumsum(-1).abs().amax()  # every partial sum, in float64
+    assert worst <= bound
+
+
 @settings(max_examples=60, deadline=None)
 @given(lead_q=st.sampled_from([(), (1,), (2,), (2, 3), (1, 3)]),
        lead_k=st.sampled_from([(), (2,), (2, 3), (2, 1)]),

@@ -16,8 +16,13 @@ def _inputs(seed, requires_grad=False, shape=(2, 2, 200, 8)):
     return [torch.randn(*shape, generator=g, requires_grad=requires_grad) for _ in range(3)]
 
 
+BLOCKS = {"block_n": 64, "block_m": 64}
+
+
 def _chunked(q, k, v):
-    return nlgraph.aggregate(q, k, v, backend="chunked", options={"block_n": 64, "block_m": 48})
+    # the score tiles are kept in the scratch (not too small for it), so these tests exercise the reuse
+    assert q.shape[:-2].numel() * BLOCKS["block_n"] * BLOCKS["block_m"] >= _tiles.SCRATCH_MIN
+    return nlgraph.aggregate(q, k, v, backend="chunked", options=BLOCKS)
 
 
 def _exact(q, k, v):
@@ -57,7 +62,7 @@ def test_inference_mode_and_normal_mode_alternate():
 
 
 def test_a_buffer_is_never_handed_out_twice():
-    p_shape = (1, 4, 4)
+    p_shape = (1, 128, _tiles.SCRATCH_MIN // 128)
     first = _tiles.scratch(p_shape, torch.float32, torch.device("cpu"), "t")
     second = _tiles.scratch(p_shape, torch.float32, torch.device("cpu"), "t")  # first still in use
     assert first.data_ptr() != second.data_ptr()
@@ -69,8 +74,19 @@ def test_a_buffer_is_never_handed_out_twice():
     assert _tiles.scratch(p_shape, torch.float32, torch.device("cpu"), "t").data_ptr() != big.data_ptr()
 
 
+def test_small_buffers_are_fresh_and_not_kept():
+    small = (_tiles.SCRATCH_MIN - 1,)
+    kept = _tiles.scratch((_tiles.SCRATCH_MIN,), torch.float32, torch.device("cpu"), "s")
+    _tiles.release_buffer(kept, "s")
+    a = _tiles.scratch(small, torch.float32, torch.device("cpu"), "s")  # fresh: the kept one stays
+    assert a.shape == small and a.data_ptr() != kept.data_ptr()
+    _tiles.release_buffer(a, "s")  # not kept: the slot still holds the large one
+    assert _tiles.scratch((_tiles.SCRATCH_MIN,), torch.float32, torch.device("cpu"), "s").data_ptr() \
+        == kept.data_ptr()
+
+
 def test_threads_get_their_own_buffers():
-    inputs = [_inputs(10 + i, shape=(1, 2, 300, 8)) for i in range(6)]
+    inputs = [_inputs(10 + i, shape=(2, 2, 300, 8)) for i in range(6)]
     want = [_chunked(*x) for x in inputs]
     got: list = [None] * len(inputs)
 

@@ -87,15 +87,19 @@ def tile_scores(p: Problem, i0: int, i1: int, j0: int, j1: int, device: torch.de
 #: Scratch tensors of at most this many elements (a default tile: 2 MiB in fp32) are kept per thread
 #: between calls (larger ones are fresh each time).
 SCRATCH_MAX = 1 << 19
+#: ... and at least this many (64 KiB in fp32): the allocator reuses smaller blocks without faulting
+#: them in, and a fresh one costs less than the scratch's bookkeeping (~1 vs ~10 us a call).
+SCRATCH_MIN = 1 << 14
 
 _SCRATCH = threading.local()
 
 
 def score_buffer(p: Problem, bn: int, bm: int, slot: str = "scores") -> Optional[Tensor]:
     """One (lead, bn, bm) buffer that a tile loop writes every tile's scores into, or None (allocate
-    per tile) where that cannot be done: under torch.func transforms (a batched tile cannot be
-    written into a plain buffer), torch.compile (it plans memory itself), forms without a feature
-    product or whose scores broadcast to fewer batch dims than the problem's.
+    per tile) where that does not pay (CPU tiles under :data:`SCRATCH_MIN` elements) or cannot be
+    done: under torch.func transforms (a batched tile cannot be written into a plain buffer),
+    torch.compile (it plans memory itself), forms without a feature product or whose scores
+    broadcast to fewer batch dims than the problem's.
 
     On the CPU the buffer comes from this thread's scratch (``slot``: "scores", or "dp" for the
     backward's second buffer) and goes back there with :func:`release_buffer`: a fresh 1-2 MiB tile
@@ -104,18 +108,22 @@ def score_buffer(p: Problem, bn: int, bm: int, slot: str = "scores") -> Optional
     while in use, so a nested or concurrent user gets another; inference-mode buffers are kept apart
     (an inference tensor cannot be written outside inference mode)."""
     f = p.form
+    shape = (*p.lead, min(bn, p.n), min(bm, p.m))
+    if p.value.device.type == "cpu" and math.prod(shape) < SCRATCH_MIN:
+        return None  # small tiles: a fresh one per tile is cheaper than the bookkeeping
     if (f.query is None or f.key is None or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active()
             or broadcast_shapes(f.query.shape[:-2], f.key.shape[:-2]) != p.lead):
         return None
-    return scratch((*p.lead, min(bn, p.n), min(bm, p.m)), p.value.dtype, p.value.device, slot)
+    return scratch(shape, p.value.dtype, p.value.device, slot)
 
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str) -> Tensor:
-    """An uninitialised tensor of ``shape`` from this thread's scratch ``slot`` (CPU, at most
-    :data:`SCRATCH_MAX` elements; otherwise fresh); give it back with :func:`release_buffer`."""
+    """An uninitialised tensor of ``shape`` from this thread's scratch ``slot`` (CPU, from
+    :data:`SCRATCH_MIN` to :data:`SCRATCH_MAX` elements; otherwise fresh); give it back with
+    :func:`release_buffer`."""
     numel = math.prod(shape)
-    if device.type != "cpu" or numel > SCRATCH_MAX:
+    if device.type != "cpu" or not SCRATCH_MIN <= numel <= SCRATCH_MAX:
         return torch.empty(shape, dtype=dtype, device=device)
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     kept = bufs.pop((slot, dtype, torch.is_inference_mode_enabled()), None)
@@ -126,8 +134,8 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, sl
 
 def release_buffer(buf: Optional[Tensor], slot: str = "scores") -> None:
     """Return a :func:`score_buffer` or :func:`scratch` tensor to this thread's ``slot`` (nothing for
-    None, CUDA or large ones)."""
-    if buf is None or buf.device.type != "cpu" or buf.numel() > SCRATCH_MAX:
+    None, CUDA, small or large ones)."""
+    if buf is None or buf.device.type != "cpu" or not SCRATCH_MIN <= buf.numel() <= SCRATCH_MAX:
         return
     flat = buf.view(-1)  # contiguous by construction; inference-mode views keep no ``_base``
     _SCRATCH.__dict__.setdefault("bufs", {})[(slot, buf.dtype, torch.is_inference_mode_enabled())] = flat

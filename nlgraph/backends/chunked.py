@@ -43,7 +43,7 @@ from ._tiles import (
     tile_plan,
     tile_scores,
 )
-from .common import call, clamp_scores, edge_weights, exp_scores, finite_or_zero, lower, safe_log
+from .common import call, clamp_scores, edge_weights, exp_scores, finite_or_zero, lower, rows, safe_log
 
 __all__ = ["can_run", "run", "default_blocks", "RETURNS_LSE"]
 
@@ -119,7 +119,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                 lin, mask, logw = tile_scores(p, i0, i1, j0, j1, device, buf)
                 if lin is None:
                     continue  # block-sparse graph: no edge in this tile
-                v = value[..., j0:j1, :]
+                v = rows(value, j0, j1)
                 keep = tile_dropout(run, lead, i0, i1, j0, j1, device, dtype)
                 if kernel == "exp":
                     # fresh: updated in place

@@ -18,8 +18,9 @@ from .._shapes import broadcast_shapes, slice_rows_cols
 from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, safe_log
 
-__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "tile_linear", "tile_log_weights", "dropout_keep",
-           "clamp_scores", "floor_scores", "finite_or_zero", "exp_scores", "edge_weights", "call"]
+__all__ = ["Problem", "lower", "compute_dtype", "safe_log", "rows", "tile_linear", "tile_log_weights",
+           "dropout_keep", "clamp_scores", "floor_scores", "finite_or_zero", "exp_scores", "edge_weights",
+           "call"]
 
 
 def call(function: type[torch.autograd.Function], *args):
@@ -82,6 +83,12 @@ def lower(query: Tensor, key: Tensor, value: Tensor, affinity: Affinity, graph: 
     return Problem(form, value.to(cd), bias, graph, lead, n, m, e)
 
 
+def rows(t: Tensor, start: int, stop: int) -> Tensor:
+    """``t[..., start:stop, :]``, or ``t`` itself when that is all of its rows (a one-tile problem: no
+    view per tile)."""
+    return t if start == 0 and stop == t.shape[-2] else t[..., start:stop, :]
+
+
 def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int, out: Optional[Tensor] = None) -> Tensor:
     """``q'_i . k'_j + r_i + c_j`` for queries [i0, i1) and keys [j0, j1): (..., tn, tm).
 
@@ -92,12 +99,14 @@ def tile_linear(form: ScoreForm, i0: int, i1: int, j0: int, j1: int, out: Option
     on the CPU). The caller owns the result only until its next tile."""
     s: Optional[Tensor] = None
     if form.query is not None and form.key is not None:
-        a, b = form.query[..., i0:i1, :], form.key[..., j0:j1, :].transpose(-1, -2)
+        a, b = rows(form.query, i0, i1), rows(form.key, j0, j1).transpose(-1, -2)
         if out is None:
             s = a @ b
         else:
             shape = (*broadcast_shapes(a.shape[:-2], b.shape[:-2]), i1 - i0, j1 - j0)
-            s = torch.matmul(a, b, out=out.view(-1)[:math.prod(shape)].view(shape))
+            if out.shape != shape:
+                out = out.view(-1)[:math.prod(shape)].view(shape)
+            s = torch.matmul(a, b, out=out)
     for t in (None if form.row is None else form.row[..., i0:i1, None],
               None if form.col is None else form.col[..., None, j0:j1]):
         if t is not None:
