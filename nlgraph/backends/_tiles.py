@@ -108,12 +108,13 @@ def score_buffer(p: Problem, bn: int, bm: int, slot: str = "scores") -> Optional
     while in use, so a nested or concurrent user gets another; inference-mode buffers are kept apart
     (an inference tensor cannot be written outside inference mode)."""
     f = p.form
+    if f.query is None or f.key is None or torch.compiler.is_compiling() \
+            or torch._C._are_functorch_transforms_active():
+        return None
     shape = (*p.lead, min(bn, p.n), min(bm, p.m))
     if p.value.device.type == "cpu" and math.prod(shape) < SCRATCH_MIN:
         return None  # small tiles: a fresh one per tile is cheaper than the bookkeeping
-    if (f.query is None or f.key is None or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()
-            or broadcast_shapes(f.query.shape[:-2], f.key.shape[:-2]) != p.lead):
+    if broadcast_shapes(f.query.shape[:-2], f.key.shape[:-2]) != p.lead:
         return None
     return scratch(shape, p.value.dtype, p.value.device, slot)
 
