@@ -275,7 +275,8 @@ class _TritonBackward(torch.autograd.Function):
         if need_b:  # a float mask's gradient is itself N x M: the PyTorch tile loop computes it
             cast = lambda t: None if t is None else t.to(torch.float32)  # noqa: E731
             q32, k32, r32, c32, v32 = cast(fq), cast(fk), cast(row), cast(col), cast(value)
-            tiles = TileRun(p, default_blocks(b, n, m))  # the tile loop binds the fp32 tensors itself
+            # the tile loop binds the fp32 tensors itself
+            tiles = TileRun(p, default_blocks(b, n, m, complete=p.graph is None))
             only_bias = (False, False, False, False, True, False)
             db = tile_backward(tiles, only_bias, q32, k32, r32, c32, bias, v32, cast(out), stat,
                                dout.to(torch.float32), dstat.to(torch.float32))[4]
