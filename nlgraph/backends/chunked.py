@@ -1,7 +1,9 @@
 """The ``chunked`` backend: pure PyTorch, tiled over queries and keys, never N x M.
 
 Forward walks key tiles for each query tile with an online (running-max) softmax, as
-FlashAttention does; backward recomputes each tile's scores from the saved log-sum-exp (or the
+FlashAttention does, or, where a bound on the scores allows it (the complete graph, eager, CPU;
+:func:`fixed_shift_bound`), with the first key tile's row maxima kept as the shift (no per-tile
+rescaling); backward recomputes each tile's scores from the saved log-sum-exp (or the
 saved normaliser for count-normalised affinities) and accumulates gradients tile by tile, so the
 extra memory is O((N + M) (d + e) + B tn tm) for B = batch x heads. Tiles whose graph block has
 no edge are skipped (local windows, criss-cross and k-NN graphs are block sparse).
