@@ -189,3 +189,52 @@ def test_property_bound_bounds_every_score(n, m, d, kind, qscale, seed, dtype):
         s = (s + f.clamp).clamp_max(0.0)
     assert (s.amax(-1) <= bound).all()
     assert gap <= chunked.FIXED_SHIFT_GAP
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), m=st.integers(2, 60), d=st.integers(1, 6), e=st.integers(1, 4),
+       bn=st.integers(1, 16), bm=st.integers(1, 16), kind=st.sampled_from(range(4)),
+       qscale=st.floats(0.1, 8.0), bcast=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_fixed_shift_matches_formula(n, m, d, e, bn, bm, kind, qscale, bcast, seed):
+    """Shapes, ragged tiles, broadcast batch dims (queries shared by three key/value heads) and the
+    affinities with a fixed-shift form, float64, forward and log-sum-exp against the formula."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1 if bcast else 3, n, d, generator=g, dtype=F64) * qscale
+    k = torch.randn(3, m, d, generator=g, dtype=F64)
+    v = torch.randn(3, m, e, generator=g, dtype=F64)
+    name, aff, params = CASES[kind]
+    y, lse = nlgraph.aggregate(q, k, v, aff, backend="chunked", options={"block_n": bn, "block_m": bm},
+                               return_lse=True)
+    ref = aggregate_formula(name, q, k, v, params)
+    from .formulas import affinity_matrix
+
+    f, _ = affinity_matrix(name, q, k, params)
+    rtol, atol = TOLERANCES[F64]
+    torch.testing.assert_close(y, ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lse, f.sum(-1).log(), rtol=rtol, atol=1e-9)
+
+
+def test_fixed_shift_under_inference_mode_and_threads(kept):
+    """Inference tensors (the tiles update in place) and four Python threads at once: each result equals
+    the same call's on the main thread."""
+    import threading
+
+    q, k, v = _inputs((2,), 70, 130, 5, 3, torch.float32, seed=7)
+    want = nlgraph.aggregate(q, k, v, backend="chunked", options=BLOCKS)
+    with torch.inference_mode():
+        got = nlgraph.aggregate(q, k, v, backend="chunked", options=BLOCKS)
+    assert got.is_inference()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    results: list = [None] * 4
+
+    def work(i):
+        results[i] = nlgraph.aggregate(q, k, v, backend="chunked", options=BLOCKS)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        torch.testing.assert_close(r, want, rtol=0, atol=0)
+    assert kept and all(kept)
