@@ -290,6 +290,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                 stats.append(den)
         release_buffer(buf)
         release_buffer(msg_buf, "msg")
+        if len(outs) == 1:  # one query tile: its own (fresh) tensors, no copy
+            return outs[0], stats[0].contiguous()  # (a count may be an expanded view)
         return torch.cat(outs, -2), torch.cat(stats, -1)
 
     @staticmethod
