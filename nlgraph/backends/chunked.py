@@ -138,7 +138,7 @@ def fixed_shift_bound(p: Problem, bm: int) -> Optional[tuple[Tensor, float]]:
     qn = torch.linalg.vector_norm(f.query.detach(), dim=-1).double()
     kn = torch.linalg.vector_norm(f.key.detach(), dim=-1).amax(-1, keepdim=True).double()
     top = qn * kn * (1 + 2 * (d + 2) * u)
-    mag = top.clone()
+    mag = top  # the terms' magnitudes (every update below is out of place)
     if f.row is not None:
         r = f.row.detach().double()
         top, mag = top + r, mag + r.abs()
@@ -233,19 +233,20 @@ class _ChunkedAggregate(torch.autograd.Function):
                 if kernel == "exp":
                     # fresh: updated in place
                     s = exp_scores(clamp_scores(p.form, lin, inplace=True), mask, logw)
-                    if fixed and acc is not None and den is not None and mx is not None:
-                        w = s if exp_shifted_(s, mx) else s.sub_(mx[..., None]).exp_()
-                        msg_buf = _add_message(acc, w if keep is None else w * keep, v, msg_buf)
-                        den.add_(w.sum(-1))
-                        continue
-                    top = s.amax(-1)
-                    new = top if mx is None else torch.maximum(mx, top)
-                    safe = finite_or_zero(new) if restricted else new
+                    if fixed and mx is not None:  # the shift stays the first tile's maxima
+                        new = safe = mx
+                    else:
+                        top = s.amax(-1)
+                        new = top if mx is None else torch.maximum(mx, top)
+                        safe = finite_or_zero(new) if restricted else new
                     w = s if exp_shifted_(s, safe) else s.sub_(safe[..., None]).exp_()
                     kw = w if keep is None else w * keep
                     if acc is None or den is None or mx is None:  # the first tile: nothing to rescale
                         den, acc = w.sum(-1), kw @ v
                         fixed = fixed_bound is not None and j1 < m and keeps_shift(fixed_bound, i0, i1, top)
+                    elif fixed:  # no rescale: accumulate in place (eager, see fixed_shift_bound)
+                        msg_buf = _add_message(acc, kw, v, msg_buf)
+                        den.add_(w.sum(-1))
                     elif buf is not None:
                         # eager: the accumulators (this call's own) rescale in place, and the message
                         # accumulates in one GEMM (or through a scratch buffer: no fresh (tn, e) tensors)
