@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, get_interpreter_stack
 
-__all__ = ["checking_values", "all_finite", "finite_nonnegative", "no_nan_or_posinf", "positive",
-           "finite_number", "norm_bounds", "known_norms", "known_norm", "distinct", "scores_fit",
+__all__ = ["checking_values", "untransformed", "all_finite", "finite_nonnegative", "no_nan_or_posinf",
+           "positive", "finite_number", "norm_bounds", "known_norms", "known_norm", "distinct", "scores_fit",
            "FLOAT_DTYPES"]
 
 #: The dtypes the core op takes.
@@ -36,6 +36,13 @@ def checking_values() -> bool:
         return False
     stack = get_interpreter_stack()
     return not stack or all(level.key() != TransformType.Vmap for level in stack)
+
+
+def untransformed() -> bool:
+    """True outside torch.compile / torch.export tracing and outside every torch.func transform (vmap,
+    grad, jvp, ...): the tensors seen are plain ones, which may be read on the host, handed to numba
+    and updated in place. Stricter than :func:`checking_values` (which allows grad transforms)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
 def all_finite(t: Tensor) -> bool:

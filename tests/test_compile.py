@@ -216,3 +216,25 @@ def test_return_lse_under_torch_func(name):
         torch.testing.assert_close(jac, want, atol=ATOL, rtol=RTOL, msg=f"jacrev of lse, argnum {argnum}")
     batched = torch.func.vmap(lse_of("chunked"), in_dims=(0, None, None))(q, k[0], weight)
     torch.testing.assert_close(batched, lse_of("reference")(q, k[0], weight), atol=ATOL, rtol=RTOL)
+
+
+def test_untransformed_is_false_under_every_transform_and_compile():
+    """``_values.untransformed`` (what the in-place / numba / host-reading paths ask): True in eager code,
+    False under vmap, grad, jvp and while torch.compile traces."""
+    from nlgraph._values import untransformed
+
+    seen: list[bool] = []
+
+    def probe(x):
+        seen.append(untransformed())
+        return x.sin().sum()
+
+    x = torch.randn(3)
+    probe(x)
+    torch.func.vmap(probe)(x[:, None])
+    torch.func.grad(probe)(x)
+    torch.func.jvp(probe, (x,), (torch.ones(3),))
+    assert seen == [True, False, False, False]
+    compiled = torch.compile(lambda t: t + 1 if untransformed() else t - 1, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), x - 1)
+    assert untransformed()

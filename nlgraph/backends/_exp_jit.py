@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .._optional import optional
+from .._values import untransformed
 
 __all__ = ["USE_JIT", "exp_shifted_"]
 
@@ -86,7 +87,7 @@ def applies(s: Tensor, shift: Tensor) -> bool:
     return (USE_JIT and s.device.type == "cpu" and s.dtype == torch.float32 and shift.dtype == torch.float32
             and s.dim() >= 1 and s.numel() > 0 and tuple(shift.shape) == tuple(s.shape[:-1])
             and s.is_contiguous() and not s.requires_grad
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and untransformed()
             and _kernel() is not None)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._shapes import broadcast_shapes, slice_rows_cols
-from .._values import checking_values
+from .._values import checking_values, untransformed
 from ..affinity import ScoreForm
 from ._exp_jit import exp_shifted_
 from .common import (
@@ -108,8 +108,7 @@ def score_buffer(p: Problem, bn: int, bm: int, slot: str = "scores") -> Optional
     while in use, so a nested or concurrent user gets another; inference-mode buffers are kept apart
     (an inference tensor cannot be written outside inference mode)."""
     f = p.form
-    if f.query is None or f.key is None or torch.compiler.is_compiling() \
-            or torch._C._are_functorch_transforms_active():
+    if f.query is None or f.key is None or not untransformed():
         return None
     shape = (*p.lead, min(bn, p.n), min(bm, p.m))
     if p.value.device.type == "cpu" and math.prod(shape) < SCRATCH_MIN:

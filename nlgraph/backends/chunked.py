@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .._shapes import broadcast_shapes
-from .._values import known_norm
+from .._values import known_norm, untransformed
 from ._exp_jit import exp_shifted_
 from ._tiles import (
     TileRun,
@@ -129,8 +129,7 @@ def fixed_shift_bound(p: Problem, bm: int) -> Optional[tuple[Tensor, float]]:
     """
     f = p.form
     if (f.query is None or f.key is None or f.kernel != "exp" or f.norm != "sum" or p.m <= bm
-            or p.value.device.type != "cpu" or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
+            or p.value.device.type != "cpu" or not untransformed()):
         return None  # traced code branches on no value; a batched tile is not updated in place
     u = torch.finfo(p.value.dtype).eps / 2
     d = f.query.shape[-1]

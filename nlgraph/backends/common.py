@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .._shapes import broadcast_shapes, slice_rows_cols
+from .._values import untransformed
 from ..affinity import Affinity, ScoreForm
 from ..graph import Graph, safe_log
 
@@ -34,8 +35,7 @@ def call(function: type[torch.autograd.Function], *args):
     need the Function's jvp) ``apply`` runs as before.
     """
     if (not torch.is_grad_enabled() or not any(isinstance(a, Tensor) and a.requires_grad for a in args)) \
-            and fwAD._current_level < 0 and not torch.compiler.is_compiling() \
-            and not torch._C._are_functorch_transforms_active():
+            and fwAD._current_level < 0 and untransformed():
         with torch.no_grad():
             return function.forward(*args)
     return function.apply(*args)
