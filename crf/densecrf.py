@@ -39,6 +39,8 @@ import torch
 import nlgraph
 from nlgraph.core import all_finite
 
+from ._layout import transposed
+
 __all__ = ["DenseCRF", "DenseCRF2D", "Unary", "ConstUnary", "LogisticUnary", "CONST_KERNEL", "DIAG_KERNEL",
            "FULL_KERNEL", "NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"]
 
@@ -93,14 +95,17 @@ def _count(name: str, val, minimum: int) -> int:
     return count
 
 
-def _unary_energy(name: str, u, shape: Optional[tuple] = None) -> torch.Tensor:
-    """Unary energies as an owned float32 (n_labels, n_vars) tensor.
+def _unary_energy(name: str, u, shape: Optional[tuple] = None, copy: bool = True) -> torch.Tensor:
+    """Unary energies as an owned float32 (n_labels, n_vars) tensor (``copy=False``: possibly a view of
+    the caller's float32 array, for a caller that copies it anyway).
 
     +inf (probability 0: the label is impossible) is valid, as in pydensecrf's mean field; NaN, -inf
     and a variable whose every label is +inf (no possible label: pydensecrf returns NaN everywhere)
     raise ValueError naming the first offending entries."""
     arr = _real_2d(name, u, shape, " (n_labels, n_vars)")
-    t = torch.tensor(np.array(arr, dtype=np.float32, order="C"))  # a copy: never a view of the caller's array
+    # a copy (unless the caller makes its own): never a view of the caller's array
+    t = torch.from_numpy(np.array(arr, dtype=np.float32, order="C") if copy
+                         else np.asarray(arr, dtype=np.float32, order="C"))
     if not all_finite(t):
         bad = torch.isnan(t) | (t == -np.inf)
         if bool(bad.any()):
@@ -123,7 +128,7 @@ def _softmax_labels(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torc
     saves the page faults of fresh memory (measured: most of the inference time lost to them at L=21).
     """
     if x.shape[1] <= 4:
-        return torch.softmax(x.T, dim=0).T.contiguous()
+        return transposed(torch.softmax(x.T, dim=0))
     return torch.softmax(x, dim=1, out=out)
 
 
@@ -195,6 +200,20 @@ class _Pairwise:
             x.mul_(self.norm[:, None])
         return x.mul_(self.compat) if self.kind == "diagonal" else x @ self.compat.T
 
+    def subtract(self, base: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+                 scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out = base - apply(q)`` (``out`` may be ``base``). A Potts term folds its scaling into the
+        subtraction: one pass ``base + K(q) * (compat * norm)`` instead of scaling K(q) first."""
+        if self.kind != "potts":
+            return torch.sub(base, self.apply(q, scratch), out=out)
+        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
+            norm = self.norm[:, None]
+            q = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
+        x = self.filter(q)
+        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER):
+            return torch.addcmul(base, x, (self.compat * self.norm)[:, None], out=out)
+        return torch.add(base, x, alpha=self.compat, out=out)
+
 
 class Unary:
     """A unary term for :meth:`DenseCRF.setUnary` (pydensecrf's ``Unary``); holds (n_labels, n_vars) energies.
@@ -253,7 +272,8 @@ class DenseCRF:
         if f is not None:
             self.setUnary(LogisticUnary(u, f))
             return
-        self._unary = _unary_energy("unary energy", u, (self._nlabel, self._nvar)).T.contiguous()
+        # (N, L) rows for the filters: a transposing copy (so the (L, N) check needs no copy of its own)
+        self._unary = transposed(_unary_energy("unary energy", u, (self._nlabel, self._nvar), copy=False))
 
     def setUnary(self, u: Unary) -> None:
         """Set the unary term from a :class:`ConstUnary` or :class:`LogisticUnary` (pydensecrf's setUnary)."""
@@ -262,7 +282,7 @@ class DenseCRF:
         want = (self._nlabel, self._nvar)
         if tuple(u.energy.shape) != want:
             raise ValueError(f"Bad shape for unary energy (need {want}, got {tuple(u.energy.shape)})")
-        self._unary = u.energy.T.contiguous()
+        self._unary = transposed(u.energy)
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL,
                           normalization=NORMALIZE_SYMMETRIC) -> None:
@@ -280,34 +300,40 @@ class DenseCRF:
     def _energy(self) -> torch.Tensor:
         return self._unary if self._unary is not None else torch.zeros(self._nvar, self._nlabel)
 
-    def _step(self, q: torch.Tensor, bufs: Optional[list[torch.Tensor]] = None
-              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """One mean-field step from q: (new q, tmp1 = -U - pairwise, tmp2 = the last pairwise term).
-
-        ``bufs``: [tmp1, new q, scratch] (N, L) buffers to write into instead of fresh arrays (none of
-        them may be q)."""
-        tmp1 = torch.neg(self._energy(), out=bufs[0]) if bufs is not None else -self._energy()
+    def _step(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One mean-field step from q: (new q, tmp1 = -U - pairwise, tmp2 = the last pairwise term)."""
+        tmp1 = -self._energy()
         tmp2 = None
         for p in self._pairwise:
             tmp2 = None  # free the previous term before the next filter allocates (a smaller heap peak)
-            tmp2 = p.apply(q, None if bufs is None else bufs[2])
+            tmp2 = p.apply(q)
             tmp1.sub_(tmp2)
-        return _softmax_labels(tmp1, None if bufs is None else bufs[1]), tmp1, tmp2
+        return _softmax_labels(tmp1), tmp1, tmp2
+
+    def _next(self, q: torch.Tensor, neg_energy: torch.Tensor, bufs: list[torch.Tensor]) -> torch.Tensor:
+        """The next q of :meth:`inference`, written into ``bufs`` = [tmp1, new q, scratch] (none of them
+        q): tmp1 = -U - sum of the pairwise terms (each one fused pass where it can be), its softmax."""
+        tmp1 = neg_energy
+        for p in self._pairwise:
+            tmp1 = p.subtract(tmp1, q, bufs[0], bufs[2])
+        if tmp1 is neg_energy:  # no pairwise term
+            tmp1 = bufs[0].copy_(neg_energy)
+        return _softmax_labels(tmp1, bufs[1])
 
     def inference(self, niter: int) -> np.ndarray:
         """``niter`` mean-field steps from softmax(-U); returns Q as a float32 (nlabels, nvar) array."""
         niter = _count("niter", niter, 0)
         # four (N, L) buffers for the whole run: tmp1, the next q, a scratch and q's own (the new q is
         # written into the buffer q is not in)
-        energy = self._energy()
-        bufs = [torch.empty_like(energy) for _ in range(3)]
-        q = _softmax_labels(torch.neg(energy, out=bufs[0]), torch.empty_like(energy))
+        neg_energy = -self._energy()  # (fresh: its own buffer for the run)
+        bufs = [torch.empty_like(neg_energy) for _ in range(3)]
+        q = _softmax_labels(neg_energy, torch.empty_like(neg_energy))
         for _ in range(int(niter)):
-            new_q = self._step(q, bufs)[0]
+            new_q = self._next(q, neg_energy, bufs)
             if new_q is bufs[1]:
                 bufs[1] = q
             q = new_q
-        return q.T.numpy().copy()
+        return transposed(q).numpy()
 
     def startInference(self):
         """(Q, tmp1, tmp2) to drive :meth:`stepInference` by hand; all float32 (nlabels, nvar) arrays."""
@@ -316,13 +342,13 @@ class DenseCRF:
         else:
             q = torch.zeros(self._nvar, self._nlabel)
         shape = (self._nlabel, self._nvar)
-        return q.T.numpy().copy(), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        return transposed(q).numpy(), np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def _marginals(self, name: str, q) -> torch.Tensor:
         if not isinstance(q, np.ndarray):
             raise TypeError(f"{name} must be the numpy array returned by startInference/inference, "
                             f"got {type(q).__name__}")
-        return _float_matrix(name, q, (self._nlabel, self._nvar)).T.contiguous()
+        return transposed(_float_matrix(name, q, (self._nlabel, self._nvar)))
 
     def stepInference(self, Q, tmp1, tmp2) -> None:
         """One mean-field step, in place on the arrays from :meth:`startInference`."""

@@ -289,6 +289,35 @@ def test_inference_with_reused_buffers_equals_fresh_steps(n_labels):
     np.testing.assert_allclose(d.inference(4), q, rtol=0, atol=mean_field_tolerance(logit_scale(d, 4), 4))
 
 
+@pytest.mark.parametrize("normalization", ["NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER",
+                                           "NORMALIZE_SYMMETRIC"])
+def test_fused_potts_terms_equal_the_plain_step(normalization):
+    """inference() folds a Potts term's scaling into its subtraction (one pass); a matrix term beside it
+    subtracts its applied term. Both equal stepInference's plain path (apply, then subtract) to
+    float32 rounding, for every normalisation; with no pairwise term each step is softmax(-U)."""
+    img = np.ascontiguousarray(IMAGES["astronaut"]()[::4, ::4])
+    h, w = img.shape[:2]
+    n = 5
+    rng = np.random.default_rng(7)
+    unary = pydensecrf_utils.unary_from_labels(noisy_labels(img, n), n, gt_prob=0.7, zero_unsure=False)
+    norm = getattr(ours, normalization)
+    d = ours.DenseCRF2D(w, h, n)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=3, compat=3, normalization=norm)
+    d.addPairwiseBilateral(sxy=60, srgb=13, rgbim=img, compat=rng.random((n, n)).astype(np.float32) * 5,
+                           normalization=norm)
+    d.addPairwiseGaussian(sxy=9, compat=2.5, normalization=norm)
+    q, tmp1, tmp2 = d.startInference()
+    for _ in range(3):
+        d.stepInference(q, tmp1, tmp2)
+    np.testing.assert_allclose(d.inference(3), q, rtol=0, atol=mean_field_tolerance(logit_scale(d, 3), 3))
+    bare = ours.DenseCRF2D(w, h, n)
+    bare.setUnaryEnergy(unary)
+    e = -unary.astype(np.float64)
+    softmax = np.exp(e - e.max(0)) / np.exp(e - e.max(0)).sum(0)
+    np.testing.assert_allclose(bare.inference(2), softmax, rtol=0, atol=8 * U32)
+
+
 def test_a_reused_feature_buffer_does_not_change_earlier_crfs():
     """One feature buffer refilled for each of six CRFs (more than the lattice cache holds): every CRF
     keeps the features it was given, as pydensecrf (which copies them) does. Each equals a CRF built

@@ -1,0 +1,110 @@
+"""Transposing copies between pydensecrf's label-major (L, N) arrays and the (N, L) rows the filters read.
+
+pydensecrf's arrays are (n_labels, n_vars); the lattice filters and the row softmax want each variable's
+labels contiguous, so unaries go in, and marginals come out, through a transposing copy of N x L
+floats (22 MB at 512 x 512 and 21 labels). torch's ``x.T.contiguous()`` takes 17-25 ms there on the
+2-core VM of the README's tables, ``torch.empty(...).copy_(x.T)`` 7-12 ms; the tiled numba kernel here
+(the block's source rows read in order, or for short source rows each destination row written in
+order) 4-5 ms at two threads, 7 ms at one, in parts over torch's thread count on the lattice
+builder's thread pool (``python -m crf._layout`` prints all three). Where numba does not import, or
+for other dtypes and devices, the ``copy_`` path runs: the same values, bit for bit (a copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from nlgraph._optional import optional
+from nlgraph._values import untransformed
+
+__all__ = ["transposed"]
+
+#: Elements at least before the compiled kernel runs (below, torch's copy costs microseconds).
+_MIN_NUMEL = 1 << 15
+
+_KERNELS: Optional[tuple[Any, Any]] = None
+
+
+def _compile() -> tuple[Any, Any]:
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def wide(a, out, c0, c1):  # pragma: no cover - compiled
+        """out[j, i] = a[i, j] for every row i and the columns j in [c0, c1) of a source with long rows:
+        per block of 256 columns, each source row's segment read in order (the block's destination
+        rows stay in cache)."""
+        for s in range(c0, c1, 256):
+            e = min(c1, s + 256)
+            for i in range(a.shape[0]):
+                row = a[i]
+                for j in range(s, e):
+                    out[j, i] = row[j]
+
+    @njit(cache=True, nogil=True)
+    def tall(a, out, r0, r1):  # pragma: no cover - compiled
+        """The same for the rows i in [r0, r1) of a source with short rows: per block of 256 rows, each
+        destination row's segment written in order."""
+        for s in range(r0, r1, 256):
+            e = min(r1, s + 256)
+            for j in range(a.shape[1]):
+                o = out[j]
+                for i in range(s, e):
+                    o[i] = a[i, j]
+
+    return wide, tall
+
+
+def _kernels() -> Optional[tuple[Any, Any]]:
+    global _KERNELS
+    if _KERNELS is None and optional("numba") is not None:
+        _KERNELS = _compile()
+    return _KERNELS
+
+
+def transposed(x: Tensor) -> Tensor:
+    """``x.T`` of a 2-D tensor as a new contiguous tensor (never a view of ``x``)."""
+    if x.dim() != 2:
+        raise ValueError(f"transposed expects a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    out = torch.empty(cols, rows, dtype=x.dtype, device=x.device)
+    kernels = (_kernels() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+               and x.is_contiguous() and x.numel() >= _MIN_NUMEL and not x.requires_grad
+               and untransformed() else None)
+    if kernels is None:
+        return out.copy_(x.T)
+    from nlgraph.backends.permutohedral import _jit  # (numba imports: its pool and part bounds)
+
+    a, o = x.detach().numpy(), out.numpy()
+    wide, tall = kernels
+    threads = torch.get_num_threads()
+    if rows >= cols:  # parts along the longer side
+        _jit._run(lambda t, s, e: tall(a, o, s, e), _jit._bounds(0, rows, threads))
+    else:
+        _jit._run(lambda t, s, e: wide(a, o, s, e), _jit._bounds(0, cols, threads))
+    return out
+
+
+def _measure() -> None:  # pragma: no cover - a measurement, run by hand
+    import time
+
+    import numpy as np
+
+    for shape in ((21, 262144), (262144, 21), (2, 262144), (262144, 2)):
+        x = torch.rand(*shape)
+        for name, fn in (("x.T.contiguous()", lambda x=x: x.T.contiguous()),
+                         ("empty().copy_(x.T)", lambda x=x: torch.empty(x.shape[::-1]).copy_(x.T)),
+                         ("transposed(x)", lambda x=x: transposed(x))):
+            fn()
+            ts = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            print(f"{shape} {name:20s} {np.median(ts) * 1e3:6.2f} ms ({torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _measure()
