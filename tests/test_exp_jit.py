@@ -20,6 +20,25 @@ from nlgraph.backends import _exp_jit
 pytest.importorskip("numba")
 
 
+@pytest.fixture(autouse=True)
+def _any_size(monkeypatch):
+    """The kernel on every tile size here (its accuracy does not depend on the size threshold)."""
+    monkeypatch.setattr(_exp_jit, "MIN_NUMEL", 0)
+
+
+def test_small_tiles_keep_torchs_ops(monkeypatch):
+    """Below MIN_NUMEL elements the kernel declines (torch's ops are faster there) and leaves the tile
+    untouched; at the threshold it runs."""
+    monkeypatch.setattr(_exp_jit, "MIN_NUMEL", 1 << 13)
+    small, c = torch.randn(4, 2047), torch.zeros(4)
+    before = small.clone()
+    assert not _exp_jit.exp_shifted_(small, c) and torch.equal(small, before)
+    at = torch.randn(4, 2048)
+    want = torch.exp(at.double())
+    assert _exp_jit.exp_shifted_(at, c)
+    assert _ulps(at, want).max() <= 1.0
+
+
 def _ulps(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """|got - exact| in units of the float32 spacing at the exact value."""
     e32 = exact.float()
