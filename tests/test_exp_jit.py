@@ -130,3 +130,65 @@ def test_chunked_with_and_without_the_kernel(monkeypatch, graph):
     without = run()
     for a, b in zip(with_kernel, without, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _softmax_bound(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|computed - exact| bound of a float32 softmax row by row: the shift x - max rounds once
+    (relative error |x - max| u in the exp), the exp is within 1 ulp (2u), the row sum of m terms
+    within (m - 1) u, the reciprocal and the product u each; doubled for second-order terms, plus
+    2^-126 for weights flushed to 0 (each below 2^-126 of a sum >= 1)."""
+    u = 2.0 ** -24
+    m = x.shape[-1]
+    gap = (x.double() - x.double().amax(-1, keepdim=True)).abs().nan_to_num(posinf=0.0)
+    return 2 * u * (gap + m + 4) * ref + 2.0 ** -126
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("labels", [2, 3, 5, 8, 15, 16, 21, 32])
+def test_softmax_rows_within_the_derived_bound(labels, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(labels)
+        x = torch.randn(3001, labels, generator=g) * 30  # several blocks and a partial last one
+        x[::5, 0] = -float("inf")  # impossible labels (a CRF's +inf energies)
+        x[7] = 1e4  # a flat row far from 0
+        want = torch.softmax(x.double(), -1)
+        out = torch.full_like(x, float("nan"))
+        got = _exp_jit.softmax_rows(x, out)
+        longest = _exp_jit.SOFTMAX_MAX_ROW if threads == 1 else _exp_jit.SOFTMAX_MAX_ROW_THREADED
+        if labels > longest:  # torch's softmax is faster there: declined, out untouched
+            assert got is None and out.isnan().all()
+            return
+        assert got is out
+        assert ((got.double() - want).abs() <= _softmax_bound(x, want)).all()
+        assert got[::5, 0].eq(0).all()
+        fresh = _exp_jit.softmax_rows(x)
+        assert fresh is not None and torch.equal(fresh, got)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_softmax_rows_declines_what_it_does_not_cover(monkeypatch):
+    x = torch.randn(600, 5)
+    for bad in (x.double(), x.T.contiguous().T, x.clone().requires_grad_(), x[:, :1].contiguous(),
+                torch.randn(600, 33), torch.randn(600, 5, 2)):
+        assert _exp_jit.softmax_rows(bad) is None
+    for out in (torch.empty(600, 4), torch.empty(5, 600).T, x, torch.empty(600, 5, dtype=torch.float64)):
+        assert _exp_jit.softmax_rows(x, out) is None
+    monkeypatch.setattr(_exp_jit, "MIN_NUMEL", 1 << 13)
+    assert _exp_jit.softmax_rows(torch.randn(100, 5)) is None  # small: torch's softmax
+    monkeypatch.setattr(_exp_jit, "USE_JIT", False)
+    assert _exp_jit.softmax_rows(torch.randn(3000, 5)) is None
+
+
+def test_softmax_rows_of_all_minus_inf_are_nan_as_torchs():
+    x = torch.randn(3000, 5)
+    x[[3, 100, 2999]] = -float("inf")
+    got = _exp_jit.softmax_rows(x)
+    assert got is not None
+    assert got[[3, 100, 2999]].isnan().all()
+    keep = torch.ones(3000, dtype=torch.bool)
+    keep[[3, 100, 2999]] = False
+    want = torch.softmax(x[keep].double(), -1)
+    assert ((got[keep].double() - want).abs() <= _softmax_bound(x[keep], want)).all()
