@@ -133,6 +133,20 @@ def _slot(code, keys, mask, shift):
     return h
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _batch_span(p, nq, n, m, same):
+    """(batch of point p, the first point after that batch's run): the query points' batch is p // n
+    (all points when ``same``), the key points' (p - nq) // m. The insertion passes track it from one
+    run to the next instead of dividing at every point (an integer division per point measured
+    ~1 ms of the 512x512 positions lattice's insertion)."""
+    if same or p < nq:
+        b = p // n
+        stop = (b + 1) * n
+        return b, stop if same or stop < nq else nq
+    b = (p - nq) // m
+    return b, nq + (b + 1) * m
+
+
 @njit(cache=True, nogil=True)
 def _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, keys, vals, codes, nv):
     """:func:`_vertices`' pass over the points [p0, end) into a table (keys, vals; codes holds the
@@ -150,8 +164,10 @@ def _insert(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, ke
         ssum += strides[i]
     who = np.empty(d1, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * strides[d] - offset
         for i in range(d):
             pc += rem0[p, i] * strides[i]
@@ -428,5 +444,5 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
 
 
 # the kernels unrolled for each d up to _jit_gen.MAX_D (generated from the ones above: they import
-# _EMPTY, _log2, _slot and _table from here, so they load after them)
+# _EMPTY, _batch_span, _log2, _slot and _table from here, so they load after them)
 from ._jit_unrolled import ELEVATE, VERTICES  # noqa: E402

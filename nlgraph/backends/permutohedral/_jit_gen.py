@@ -32,7 +32,7 @@ signatures and results, bit for bit. Imported by :mod:`._jit` after its own kern
 import numpy as np
 from numba import njit
 
-from ._jit import _EMPTY, _log2, _slot, _table
+from ._jit import _EMPTY, _batch_span, _log2, _slot, _table
 '''
 
 
@@ -124,8 +124,10 @@ def insert(d: int) -> str:
     add(f"    g{d} = ssum")
     add(f"    gap = np.empty({d1}, np.int64)")
     add("    prev_code = np.int64(-1)")
+    add("    b, stop = _batch_span(p0, nq, n, m, same)")
     add("    for p in range(p0, end):")
-    add("        b = p // n if same or p < nq else (p - nq) // m")
+    add("        if p >= stop:")
+    add("            b, stop = _batch_span(p, nq, n, m, same)")
     add(f"        pc = b * t{d} - offset" + "".join(f" + rem0[p, {i}] * t{i}" for i in range(d)))
     add("        if pc == prev_code:")
     add("            if " + " and ".join(f"rank[p, {i}] == rank[p - 1, {i}]" for i in range(d)) + ":")

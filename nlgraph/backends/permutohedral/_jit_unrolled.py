@@ -10,7 +10,7 @@ signatures and results, bit for bit. Imported by :mod:`._jit` after its own kern
 import numpy as np
 from numba import njit
 
-from ._jit import _EMPTY, _log2, _slot, _table
+from ._jit import _EMPTY, _batch_span, _log2, _slot, _table
 
 
 @njit(cache=True, nogil=True)
@@ -98,8 +98,10 @@ def _insert_1(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g1 = ssum
     gap = np.empty(2, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t1 - offset + rem0[p, 0] * t0
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0]:
@@ -274,8 +276,10 @@ def _insert_2(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g2 = ssum
     gap = np.empty(3, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t2 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1]:
@@ -500,8 +504,10 @@ def _insert_3(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g3 = ssum
     gap = np.empty(4, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t3 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1 + rem0[p, 2] * t2
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1] and rank[p, 2] == rank[p - 1, 2]:
@@ -776,8 +782,10 @@ def _insert_4(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g4 = ssum
     gap = np.empty(5, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t4 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1 + rem0[p, 2] * t2 + rem0[p, 3] * t3
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1] and rank[p, 2] == rank[p - 1, 2] and rank[p, 3] == rank[p - 1, 3]:
@@ -1102,8 +1110,10 @@ def _insert_5(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g5 = ssum
     gap = np.empty(6, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t5 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1 + rem0[p, 2] * t2 + rem0[p, 3] * t3 + rem0[p, 4] * t4
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1] and rank[p, 2] == rank[p - 1, 2] and rank[p, 3] == rank[p - 1, 3] and rank[p, 4] == rank[p - 1, 4]:
@@ -1478,8 +1488,10 @@ def _insert_6(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g6 = ssum
     gap = np.empty(7, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t6 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1 + rem0[p, 2] * t2 + rem0[p, 3] * t3 + rem0[p, 4] * t4 + rem0[p, 5] * t5
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1] and rank[p, 2] == rank[p - 1, 2] and rank[p, 3] == rank[p - 1, 3] and rank[p, 4] == rank[p - 1, 4] and rank[p, 5] == rank[p - 1, 5]:
@@ -1904,8 +1916,10 @@ def _insert_7(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g7 = ssum
     gap = np.empty(8, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t7 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1 + rem0[p, 2] * t2 + rem0[p, 3] * t3 + rem0[p, 4] * t4 + rem0[p, 5] * t5 + rem0[p, 6] * t6
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1] and rank[p, 2] == rank[p - 1, 2] and rank[p, 3] == rank[p - 1, 3] and rank[p, 4] == rank[p - 1, 4] and rank[p, 5] == rank[p - 1, 5] and rank[p, 6] == rank[p - 1, 6]:
@@ -2380,8 +2394,10 @@ def _insert_8(rem0, rank, strides, offset, nq, n, m, same, corner_vid, p0, end, 
     g8 = ssum
     gap = np.empty(9, np.int64)
     prev_code = np.int64(-1)
+    b, stop = _batch_span(p0, nq, n, m, same)
     for p in range(p0, end):
-        b = p // n if same or p < nq else (p - nq) // m
+        if p >= stop:
+            b, stop = _batch_span(p, nq, n, m, same)
         pc = b * t8 - offset + rem0[p, 0] * t0 + rem0[p, 1] * t1 + rem0[p, 2] * t2 + rem0[p, 3] * t3 + rem0[p, 4] * t4 + rem0[p, 5] * t5 + rem0[p, 6] * t6 + rem0[p, 7] * t7
         if pc == prev_code:
             if rank[p, 0] == rank[p - 1, 0] and rank[p, 1] == rank[p - 1, 1] and rank[p, 2] == rank[p - 1, 2] and rank[p, 3] == rank[p - 1, 3] and rank[p, 4] == rank[p - 1, 4] and rank[p, 5] == rank[p - 1, 5] and rank[p, 6] == rank[p - 1, 6] and rank[p, 7] == rank[p - 1, 7]:
