@@ -189,20 +189,25 @@ class _Pairwise:
         return nlgraph.aggregate(self.features, self.features, values, nlgraph.Gaussian(1.0, normalize=False),
                                  backend=self.crf.backend)
 
+    def _filtered(self, q: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
+        """K(q), of the normalised q where the normalisation comes before the filter (into ``scratch``,
+        an (N, L) buffer reused across iterations, if given); a fresh tensor."""
+        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
+            norm = self.norm[:, None]
+            q = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
+        return self.filter(q)
+
+    def _after(self) -> bool:
+        return self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER)
+
     def apply(self, q: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """pydensecrf's PairwisePotential::apply on (N, L) marginals: compatibility(normalised K(q)).
 
         ``scratch``: an (N, L) buffer for the normalised input (reused across iterations)."""
-        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
-            norm = self.norm[:, None]
-            x = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
-        else:
-            x = q
-        x = self.filter(x)  # a fresh tensor: scaled in place below (one pass instead of two)
-        after = self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER)
+        x = self._filtered(q, scratch)  # fresh: scaled in place below (one pass instead of two)
         if self.kind == "potts":
-            return x.mul_((-self.compat * self.norm)[:, None] if after else -self.compat)
-        if after:
+            return x.mul_((-self.compat * self.norm)[:, None] if self._after() else -self.compat)
+        if self._after():
             x.mul_(self.norm[:, None])
         return x.mul_(self.compat) if self.kind == "diagonal" else x @ self.compat.T
 
@@ -212,11 +217,8 @@ class _Pairwise:
         subtraction: one pass ``base + K(q) * (compat * norm)`` instead of scaling K(q) first."""
         if self.kind != "potts":
             return torch.sub(base, self.apply(q, scratch), out=out)
-        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
-            norm = self.norm[:, None]
-            q = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
-        x = self.filter(q)
-        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER):
+        x = self._filtered(q, scratch)
+        if self._after():
             return torch.addcmul(base, x, (self.compat * self.norm)[:, None], out=out)
         return torch.add(base, x, alpha=self.compat, out=out)
 
@@ -319,11 +321,9 @@ class DenseCRF:
     def _next(self, q: torch.Tensor, neg_energy: torch.Tensor, bufs: list[torch.Tensor]) -> torch.Tensor:
         """The next q of :meth:`inference`, written into ``bufs`` = [tmp1, new q, scratch] (none of them
         q): tmp1 = -U - sum of the pairwise terms (each one fused pass where it can be), its softmax."""
-        tmp1 = neg_energy
+        tmp1 = neg_energy  # (read only: the first term writes into bufs[0]; no term: softmax(-U))
         for p in self._pairwise:
             tmp1 = p.subtract(tmp1, q, bufs[0], bufs[2])
-        if tmp1 is neg_energy:  # no pairwise term
-            tmp1 = bufs[0].copy_(neg_energy)
         return _softmax_labels(tmp1, bufs[1])
 
     def inference(self, niter: int) -> np.ndarray:

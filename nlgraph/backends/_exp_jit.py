@@ -15,12 +15,11 @@ differences are <= 0: scores minus their row's running maximum or log-sum-exp).
 
 float32 only (float64 tiles keep torch's exp), tiles of at least :data:`MIN_NUMEL` elements,
 contiguous rows, not under torch.compile or torch.func transforms (numba sees plain arrays), and only
-where numba imports; everywhere else
-:func:`exp_shifted_` answers False and the caller runs torch's ops. A ``nogil`` kernel: concurrent
-calls from several Python threads are safe. It runs on the calling thread only: split over a
-thread pool beside torch's OpenMP workers (which spin after each GEMM) it measured slower at two
-threads than torch's two-thread ``sub_`` + ``exp_``. On one part, a 512 x 512 tile takes 0.11 ms
-against torch's 0.29 ms on one thread and 0.15 ms on two.
+where numba imports; everywhere else :func:`exp_shifted_` answers False and the caller runs torch's
+ops. A ``nogil`` kernel: concurrent calls from several Python threads are safe. It runs on the
+calling thread only: split over a thread pool beside torch's OpenMP workers (which spin after each
+GEMM) it measured slower at two threads than torch's two-thread ``sub_`` + ``exp_``. On one part, a
+512 x 512 tile takes 0.11 ms against torch's 0.29 ms on one thread and 0.15 ms on two.
 """
 
 from __future__ import annotations
@@ -143,19 +142,17 @@ def _kernels() -> Optional[dict[str, Any]]:
     return _KERNELS
 
 
-def _kernel() -> Optional[Any]:
-    kernels = _kernels()
-    return None if kernels is None else kernels["exp_rows"]
+def _takes(s: Tensor) -> bool:
+    """Whether the compiled kernels take ``s``: float32 on the CPU, at least :data:`MIN_NUMEL`
+    elements, contiguous, needing no gradient, not traced or transformed, numba importable."""
+    return (USE_JIT and s.device.type == "cpu" and s.dtype == torch.float32 and s.dim() >= 1
+            and s.numel() >= max(1, MIN_NUMEL) and s.is_contiguous() and not s.requires_grad
+            and untransformed() and _kernels() is not None)
 
 
 def applies(s: Tensor, shift: Tensor) -> bool:
     """Whether :func:`exp_shifted_` runs the compiled kernel on these tensors."""
-    return (USE_JIT and s.device.type == "cpu" and s.dtype == torch.float32 and shift.dtype == torch.float32
-            and s.dim() >= 1 and s.numel() >= max(1, MIN_NUMEL)
-            and tuple(shift.shape) == tuple(s.shape[:-1])
-            and s.is_contiguous() and not s.requires_grad
-            and untransformed()
-            and _kernel() is not None)
+    return (shift.dtype == torch.float32 and tuple(shift.shape) == tuple(s.shape[:-1]) and _takes(s))
 
 
 def exp_shifted_(s: Tensor, shift: Tensor) -> bool:
@@ -163,8 +160,9 @@ def exp_shifted_(s: Tensor, shift: Tensor) -> bool:
     done) where it does not apply (see the module docstring); the caller then runs torch's ops."""
     if not applies(s, shift):
         return False
-    kernel = _kernel()
-    assert kernel is not None  # applies() compiled it
+    kernels = _kernels()
+    assert kernels is not None  # applies() compiled them
+    kernel = kernels["exp_rows"]
     m = s.shape[-1]
     rows = s.numel() // m
     a = s.detach().view(rows, m).numpy()
@@ -182,9 +180,9 @@ SOFTMAX_MAX_ROW_THREADED = 15
 def softmax_rows(x: Tensor, out: Optional[Tensor] = None) -> Optional[Tensor]:
     """``torch.softmax(x, dim=1)`` of a 2-D float32 CPU tensor with short rows (2 to
     :data:`SOFTMAX_MAX_ROW` entries on one thread, :data:`SOFTMAX_MAX_ROW_THREADED` on more: a dense
-    CRF's labels) by the compiled kernel, into ``out`` if
-    given (contiguous, x's shape, not x's memory) else a new tensor; None (nothing done) where the
-    kernel does not apply (see :func:`applies`: the same conditions).
+    CRF's labels) by the compiled kernel, into ``out`` if given (contiguous, x's shape, not x's
+    memory) else a new tensor; None (nothing done) where the kernel does not apply (the conditions
+    of :func:`applies` on x).
 
     Each block of :data:`SOFTMAX_BLOCK` rows is exponentiated in one flat pass (whole vectors,
     where torch's per-row vector loop ends in a scalar tail: 5 of every 21 entries). Measured on
@@ -202,7 +200,7 @@ def softmax_rows(x: Tensor, out: Optional[Tensor] = None) -> Optional[Tensor]:
     torch's softmax does; rows must hold no NaN or +inf (callers: a CRF's finite scores, -inf for an
     impossible label)."""
     longest = SOFTMAX_MAX_ROW if torch.get_num_threads() == 1 else SOFTMAX_MAX_ROW_THREADED
-    if x.dim() != 2 or not 2 <= x.shape[1] <= longest or not applies(x, x.new_empty(x.shape[0])):
+    if x.dim() != 2 or not 2 <= x.shape[1] <= longest or not _takes(x):
         return None
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -210,6 +208,6 @@ def softmax_rows(x: Tensor, out: Optional[Tensor] = None) -> Optional[Tensor]:
           or out.requires_grad or out.data_ptr() == x.data_ptr()):
         return None
     kernels = _kernels()
-    assert kernels is not None  # applies() compiled them
+    assert kernels is not None  # _takes() compiled them
     kernels["softmax_rows"](x.detach().numpy(), out.detach().numpy(), 0, x.shape[0])
     return out
