@@ -124,11 +124,11 @@ def _softmax_labels(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torc
     """Softmax over the labels of (N, L) scores, contiguous (N, L) for the filters; into ``out`` if given.
 
     For few labels (up to 15; up to 32 on one thread; float32, CPU, numba) the compiled row softmax of
-    :func:`nlgraph.backends._exp_jit.softmax_rows` (1.7-8x torch's speed there); otherwise, for few
-    labels, the softmax over the (L, N) view and a transposing copy (1.4-1.6x faster than torch's
-    row-wise softmax); with many labels torch's row-wise softmax. With many labels the arrays are
-    large (N x L floats); writing into a reused buffer instead of a fresh one saves the page faults
-    of fresh memory (measured: most of the inference time lost to them at L=21).
+    :func:`nlgraph.backends._exp_jit.softmax_rows` (1.4-10x torch's row softmax there; measurements in
+    its docstring); otherwise, for 4 labels or fewer, the softmax over the (L, N) view and a
+    transposing copy (faster than torch's row softmax there); with more labels torch's. With many
+    labels the arrays are large (N x L floats); writing into a reused buffer instead of a fresh one
+    saves the page faults of fresh memory (measured: most of the inference time lost to them at L=21).
     """
     fast = softmax_rows(x, out)
     if fast is not None:

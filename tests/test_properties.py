@@ -686,3 +686,49 @@ def test_softmax_matches_sdpa_incl_empty_dims(args):
                                  torch.autograd.grad(y_ref, leaves, dout, allow_unused=True), strict=True):
         _close(torch.zeros_like(t) if g is None else g, torch.zeros_like(t) if g_ref is None else g_ref,
                f"d/d{name}", rtol, atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense CRF's layout and label softmax kernels (crf._layout, backends._exp_jit)
+# ---------------------------------------------------------------------------------------------
+
+@profile(examples=60)
+@given(rows=st.integers(1, 3000), cols=st.integers(1, 3000), dtype=st.sampled_from([torch.float32, F64]),
+       view=st.sampled_from(["contiguous", "transposed", "strided"]), seed=st.integers(0, 2**16))
+def test_transposed_is_the_transpose_for_any_shape(rows, cols, dtype, view, seed):
+    """crf._layout.transposed(x) == x.T bit for bit, contiguous and never x's memory, for random shapes
+    on both sides of the compiled kernel's size threshold and for non-contiguous inputs."""
+    from crf._layout import transposed
+
+    assume(rows * cols <= 1 << 21)
+    g = torch.Generator().manual_seed(seed)
+    if view == "contiguous":
+        x = torch.randn(rows, cols, generator=g, dtype=dtype)
+    elif view == "transposed":
+        x = torch.randn(cols, rows, generator=g, dtype=dtype).T
+    else:
+        x = torch.randn(rows, 2 * cols, generator=g, dtype=dtype)[:, ::2]
+    y = transposed(x)
+    assert y.is_contiguous() and y.data_ptr() != x.data_ptr() and torch.equal(y, x.T)
+
+
+@profile(examples=60)
+@given(labels=st.integers(2, 40), extra=st.integers(0, 700), scale=st.sampled_from([1.0, 30.0, 300.0]),
+       impossible=st.booleans(), seed=st.integers(0, 2**16))
+def test_label_softmax_matches_float64_for_any_shape(labels, extra, scale, impossible, seed):
+    """crf.densecrf's label softmax (the compiled short-row kernel where it applies, torch's otherwise)
+    == the float64 softmax within the float32 bound 2u(|x - max| + L + 4) p + 2^-126, for random row
+    counts (whole and partial 64-row blocks) and label counts on both sides of the kernel's limits."""
+    from crf.densecrf import _softmax_labels
+
+    g = torch.Generator().manual_seed(seed)
+    n = -(-8192 // labels) + extra  # at least the kernel's smallest tile
+    x = torch.randn(n, labels, generator=g) * scale
+    if impossible:
+        x[torch.rand(n, generator=g) < 0.2, labels - 1] = -math.inf
+    want = torch.softmax(x.double(), -1)
+    got = _softmax_labels(x, torch.empty_like(x))
+    gap = (x.double() - x.double().amax(-1, keepdim=True)).abs().nan_to_num(posinf=0.0)
+    u = 2.0 ** -24
+    assert got.shape == x.shape and got.is_contiguous()
+    assert ((got.double() - want).abs() <= 2 * u * (gap + labels + 4) * want + 2.0 ** -126).all()

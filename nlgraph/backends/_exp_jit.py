@@ -39,8 +39,10 @@ __all__ = ["USE_JIT", "MIN_NUMEL", "SOFTMAX_MAX_ROW", "SOFTMAX_MAX_ROW_THREADED"
 #: Run the compiled kernel where it applies (False: torch's sub_ + exp_ everywhere, e.g. to compare).
 USE_JIT = True
 #: Tiles of fewer elements keep torch's ops: the kernel's fixed cost (array views, the call) is ~7 us;
-#: measured on one thread (in turns, minimum of 5 x 3000 calls): 16 x 16 7.5 vs torch's 3.5 us,
-#: 64 x 64 8.7 vs 7.0, 96 x 96 10.4 vs 11.4, 128 x 128 12.6 vs 18.1, 256 x 256 28 vs 61.
+#: ``OMP_NUM_THREADS=1 python benchmarks/turns.py exp`` (minimum of 5 x 3000 calls): 16 x 16 7.5 vs
+#: torch's 3.5 us, 64 x 64 8.7 vs 7.0, 96 x 96 10.4 vs 11.4, 128 x 128 12.6 vs 18.1, 256 x 256 28 vs
+#: 61. With two threads torch's exp splits larger tiles: 96 x 96 16.7 vs 16.4 us, 128 x 128 19.8 vs
+#: 18.6, 256 x 256 44 vs 60 (one noisy run): tiles of 8192 to ~32768 elements are then a tie.
 MIN_NUMEL = 1 << 13
 
 _KERNELS: Optional[dict[str, Any]] = None
@@ -185,20 +187,22 @@ def softmax_rows(x: Tensor, out: Optional[Tensor] = None) -> Optional[Tensor]:
     of :func:`applies` on x).
 
     Each block of :data:`SOFTMAX_BLOCK` rows is exponentiated in one flat pass (whole vectors,
-    where torch's per-row vector loop ends in a scalar tail: 5 of every 21 entries). Measured on
-    (262144, L), one part on the calling thread, median of 9: L = 2 1.5 ms against torch's 12.7 ms
-    on one thread and 6.6 ms on two (4.6 / 2.9 ms through the transposed (L, N) view), L = 5 2.8
-    against 25 / 14 ms, L = 21 6.0 against 10.1 / 7.5 ms; L = 64 21 ms against 12.7 (so torch's
-    softmax keeps longer rows). With two threads, each call right after a two-thread torch op (as in
-    mean field): L = 4, 8, 12 4.0, 4.3, 6.2 ms against torch's best 6.8, 19.5, 14.8 ms, but L = 16
-    and 21 7.2 and 7.8 against 2.9 and 5.5 ms (its vector loop then covers whole rows, on both
-    cores): beyond :data:`SOFTMAX_MAX_ROW_THREADED` entries only one thread takes this kernel. One
-    part only: split over a thread pool right after torch's two-thread ops, the parts ran no faster
-    (torch's OpenMP workers spin on the second core for a while after each parallel op). The exp is
-    :func:`exp_shifted_`'s (within 1 ulp; results below 2^-126 flush to 0; the row's maximum gives
-    exp(0) = 1, so each row's sum is >= 1). A row without a finite entry (all -inf) gives NaN, as
-    torch's softmax does; rows must hold no NaN or +inf (callers: a CRF's finite scores, -inf for an
-    impossible label)."""
+    where torch's per-row vector loop ends in a scalar tail unless the row is a multiple of 16).
+    ``python -m crf._layout`` ((262144, L), median of 9, each call right after a torch op on the same
+    tensor, the 2-core AMD EPYC VM; one part on the calling thread), L = 2 / 5 / 8 / 12 / 16 / 21 / 64:
+    one thread 3.4 / 5.5 / 4.9 / 6.1 / 4.5 / 9.1 / 28 ms against torch's row softmax 13.7 / 27.8 /
+    42.1 / 58.4 / 8.2 / 12.9 / 18.1 ms (and the (L, N) view's 3.7 / 7.5 / 12.1 / 13.9 / 16.3 / 45.7 /
+    197 ms); two threads 3.3 / 5.2 / 4.2 / 7.0 / 7.2 / 6.7 / 23 against 7.0 / 13.6 / 20.2 / 29.1 / 4.2 /
+    6.9 / 9.3 ms. Hence up to :data:`SOFTMAX_MAX_ROW` entries on one thread, and up to
+    :data:`SOFTMAX_MAX_ROW_THREADED` on more (at 16 labels torch's loop covers whole rows on both
+    cores; at 21 the two tie here, and in the README's cold 21-label mean field, the module with and
+    without this kernel timed in turns in one process, it made inference slower: 262 against 244
+    ms). One part only: split over a thread pool right after torch's two-thread ops, the parts ran
+    no faster (torch's OpenMP workers spin on the second core for a while after each parallel op).
+    The exp is :func:`exp_shifted_`'s (within 1 ulp; results below 2^-126 flush to 0; the row's
+    maximum gives exp(0) = 1, so each row's sum is >= 1). A row without a finite entry (all -inf)
+    gives NaN, as torch's softmax does; rows must hold no NaN or +inf (callers: a CRF's finite
+    scores, -inf for an impossible label)."""
     longest = SOFTMAX_MAX_ROW if torch.get_num_threads() == 1 else SOFTMAX_MAX_ROW_THREADED
     if x.dim() != 2 or not 2 <= x.shape[1] <= longest or not _takes(x):
         return None

@@ -1,0 +1,174 @@
+"""In-turns timings behind the CHANGELOG's and docstrings' smaller measurements (``nlgraph bench`` holds
+the tables). Run from the repository root, e.g. ``OMP_NUM_THREADS=1 python benchmarks/turns.py crf
+9d06982 21``:
+
+* ``crf REV [LABELS]``: the cold 512x512 astronaut pipeline (unary, both kernels, 5 iterations) with
+  this tree's ``crf.densecrf``, the one at git revision REV (loaded from ``git show``) and pydensecrf,
+  in turns, medians of 5 stages each; prints max |dQ| between the two of ours.
+* ``exp``: the compiled shifted exp against torch's ``sub_`` + ``exp_`` per tile size (the minimum
+  of 5 x 3000 calls).
+* ``smalln [N]``: forced ``chunked`` against automatic dispatch on (1, N, 8) softmax attention.
+* ``stages``: the CPU lattice builder's kernels on the 512x512 positions and bilateral lattices (run
+  it in a worktree of another revision to compare builders).
+
+torch runs the thread count it starts with (``OMP_NUM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def _photo() -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[:512, :512])
+
+
+def crf(rev: str, labels: int = 21) -> None:
+    import pydensecrf.densecrf as peer
+
+    import crf.densecrf as new
+    from nlgraph.backends import permutohedral
+    from nlgraph.bench.crf import _unary
+
+    src = subprocess.run(["git", "show", f"{rev}:crf/densecrf.py"], check=True, capture_output=True,
+                         text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "densecrf_at_rev.py"
+    path.write_text(src.replace("from ._layout import", "from crf._layout import"))
+    spec = importlib.util.spec_from_file_location("densecrf_at_rev", path)
+    assert spec is not None and spec.loader is not None
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    img = _photo()
+    un = _unary(img, labels)
+    stages: dict[str, list[np.ndarray]] = {"this tree": [], rev: [], "pydensecrf": []}
+    q = {}
+    for rep in range(6):
+        for name, mod in (("this tree", new), (rev, old), ("pydensecrf", peer)):
+            permutohedral.clear_cache()
+            t = [time.perf_counter()]
+            d = mod.DenseCRF2D(512, 512, labels)
+            d.setUnaryEnergy(un)
+            t.append(time.perf_counter())
+            d.addPairwiseGaussian(sxy=3, compat=3)
+            d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+            t.append(time.perf_counter())
+            q[name] = np.array(d.inference(5))
+            t.append(time.perf_counter())
+            if rep:  # the first round warms up
+                stages[name].append(np.diff(t) * 1e3)
+    print(f"{labels} labels, {torch.get_num_threads()} threads; max |dQ| this tree vs {rev}: "
+          f"{np.abs(q['this tree'] - q[rev]).max():.2e}")
+    total = {}
+    for name, st in stages.items():
+        med = np.median(np.array(st), 0)
+        total[name] = float(np.median(np.array(st).sum(1)))
+        print(f"  {name:12s} total {total[name]:6.1f} ms (unary {med[0]:5.1f}, adds {med[1]:5.1f}, "
+              f"inference {med[2]:6.1f})")
+    print(f"  ratio to pydensecrf: this tree {total['this tree'] / total['pydensecrf']:.3f}, "
+          f"{rev} {total[rev] / total['pydensecrf']:.3f}")
+
+
+def _min_us(fn: Callable[[], Any], reps: int = 3000) -> float:
+    for _ in range(reps // 10):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best * 1e6
+
+
+def exp() -> None:
+    from nlgraph.backends import _exp_jit
+
+    _exp_jit.MIN_NUMEL = 0  # the kernel on every size here
+    def refill(s: torch.Tensor) -> torch.Tensor:
+        return s.copy_(s)  # each call starts from a written tile, as in the tile loop
+
+    def compiled(s: torch.Tensor, c: torch.Tensor) -> None:
+        _exp_jit.exp_shifted_(refill(s), c)
+
+    def torchs(s: torch.Tensor, c: torch.Tensor) -> None:
+        refill(s).sub_(c[..., None]).exp_()
+
+    for n in (16, 32, 64, 96, 128, 256):
+        s = torch.randn(1, n, n)
+        c = s.amax(-1)
+        base = _min_us(partial(refill, s))
+        jit, ref = (_min_us(partial(fn, s, c)) - base for fn in (compiled, torchs))
+        print(f"{n} x {n}: compiled {jit:6.1f} us, torch sub_ + exp_ {ref:6.1f} us "
+              f"({torch.get_num_threads()} threads)")
+
+
+def smalln(n: int = 16) -> None:
+    import nlgraph
+
+    q, k, v = (torch.randn(1, n, 8) for _ in range(3))
+    for name, backend in (("forced chunked", "chunked"), ("auto", "auto")):
+        us = _min_us(partial(nlgraph.aggregate, q, k, v, nlgraph.Softmax(), backend=backend), 2000)
+        print(f"N={n} d=8 {name:15s} {us:6.1f} us ({torch.get_num_threads()} threads)")
+
+
+def stages() -> None:
+    from nlgraph.backends.permutohedral import _jit, build_lattice
+
+    img = _photo().astype(np.float32)
+    yy, xx = np.mgrid[:512, :512].astype(np.float32)
+    feats = {"positions": np.stack([xx / 3, yy / 3], -1),
+             "bilateral": np.concatenate([np.stack([xx / 80, yy / 80], -1), img / np.float32(13)], -1)}
+    spent: collections.Counter = collections.Counter()
+    run = _jit._run
+
+    def timed(fn, bounds):
+        """_jit._run, timed under the name of the kernel its part function calls: a module-level
+        ``_kernel``, or ``elevate`` / ``vertices`` (the per-d kernels, closure variables of build)."""
+        code = fn.__code__
+        label = next((n for n in code.co_names if n.startswith("_")),
+                     next((n for n in code.co_freevars if n in ("elevate", "vertices")), "?"))
+        t = time.perf_counter_ns()
+        out = run(fn, bounds)
+        spent[label] += time.perf_counter_ns() - t
+        return out
+
+    _jit._run = timed
+    try:
+        for name, f in feats.items():
+            p = torch.from_numpy(np.ascontiguousarray(f.reshape(1, -1, f.shape[-1])))
+            for _ in range(2):
+                build_lattice(p, p, True)
+            spent.clear()
+            t = time.perf_counter_ns()
+            for _ in range(7):
+                build_lattice(p, p, True)
+            total = (time.perf_counter_ns() - t) / 7e6
+            print(f"{name}: build_lattice {total:.1f} ms ({torch.get_num_threads()} threads)")
+            for part, ns in spent.most_common():
+                print(f"  {part:14s} {ns / 7e6:6.2f} ms")
+    finally:
+        _jit._run = run
+
+
+if __name__ == "__main__":
+    what, *args = sys.argv[1:] or ["--help"]
+    commands: dict[str, Callable[..., None]] = {"crf": lambda rev, labels="21": crf(rev, int(labels)),
+                                                "exp": exp, "smalln": lambda n="16": smalln(int(n)),
+                                                "stages": stages}
+    if what not in commands:
+        print(__doc__)
+        sys.exit(0 if what == "--help" else 2)
+    commands[what](*args)
