@@ -12,7 +12,11 @@ float32) and sign conventions as pydensecrf (Krähenbühl's dense-CRF code):
 
 K is ``nlgraph.aggregate(f, f, Q, Gaussian(1, normalize=False))`` on the ``permutohedral``
 backend, the same lattice pydensecrf runs (``backend = "chunked"`` on an instance gives the exact
-Gaussian sums instead). Kernel types (CONST/DIAG/FULL) only matter to pydensecrf's parameter
+Gaussian sums instead). On the lattice each term keeps, as pydensecrf keeps its lattice, the core
+op's lattice of its features with the normalisation folded into the splat's and the slice's weights
+(``permutohedral.lattice_of(...).scaled(...)``), and a Potts term's weight and subtraction into the
+slice's product: an iteration makes no pass over the (N, L) marginals besides the filters and the
+softmax. Kernel types (CONST/DIAG/FULL) only matter to pydensecrf's parameter
 learning; inference is the same for all three and all are accepted.
 
 Unaries: ``setUnaryEnergy(u)`` (energies -log p; +inf means "label impossible", as mean-field
@@ -37,7 +41,9 @@ import numpy as np
 import torch
 
 import nlgraph
+from nlgraph.backends import permutohedral
 from nlgraph.backends._exp_jit import softmax_rows
+from nlgraph.backends.permutohedral import Lattice
 from nlgraph.core import all_finite
 
 from ._layout import transposed
@@ -151,6 +157,7 @@ class _Pairwise:
         self.features = features  # (N, D): the same tensor at every call, so the lattice is reused
         self.normalization = normalization
         self.kind, self.compat = self._compat(compat, crf.n_labels)
+        self._scaled: Optional[tuple[str, Optional[Lattice]]] = None  # (backend, its lattice): _lattice()
         if normalization != NO_NORMALIZATION:
             ones = torch.ones(features.shape[0], 1)
             k1 = self.filter(ones)[:, 0]
@@ -189,38 +196,67 @@ class _Pairwise:
         return nlgraph.aggregate(self.features, self.features, values, nlgraph.Gaussian(1.0, normalize=False),
                                  backend=self.crf.backend)
 
-    def _filtered(self, q: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
-        """K(q), of the normalised q where the normalisation comes before the filter (into ``scratch``,
-        an (N, L) buffer reused across iterations, if given); a fresh tensor."""
-        if self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE):
-            norm = self.norm[:, None]
-            q = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
-        return self.filter(q)
+    def _before(self) -> bool:
+        return self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE)
 
     def _after(self) -> bool:
         return self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER)
+
+    def _lattice(self) -> Optional[Lattice]:
+        """On the ``permutohedral`` backend, the lattice of the normalised kernel ``diag(after) K
+        diag(before)`` (:meth:`Lattice.scaled`: the normalisation folded into the splat's and the
+        slice's weights), made from the core op's own lattice of these features on first use and kept,
+        as pydensecrf keeps its lattice; None on any other backend (those go through the core op)."""
+        backend = self.crf.backend
+        if self._scaled is None or self._scaled[0] != backend:
+            lattice = None
+            if backend == "permutohedral":
+                base = permutohedral.lattice_of(self.features, self.features,
+                                                nlgraph.Gaussian(1.0, normalize=False))
+                lattice = base.scaled(self.norm if self._after() else None,
+                                      self.norm if self._before() else None)
+            self._scaled = (backend, lattice)
+        return self._scaled[1]
+
+    def normalised(self, q: torch.Tensor, scale: float = 1.0, add: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None,
+                   scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale * N(q) + add`` for the normalised kernel N (pydensecrf's normalisations of K), into
+        ``out`` (may be ``add``) if given, else a fresh tensor.
+
+        On the lattice, one filter with every factor and the addition folded into its products; on
+        other backends the core op's K and a pass for each factor (``scratch``: an (N, L) buffer for
+        the normalised input)."""
+        lattice = self._lattice()
+        if lattice is not None:
+            return lattice.filter(q, scale=scale, add=add, out=out)
+        if self._before():
+            norm = self.norm[:, None]
+            q = torch.mul(q, norm, out=scratch) if scratch is not None else q * norm
+        x = self.filter(q)  # fresh: scaled in place (one pass instead of two)
+        factor = (self.norm * scale)[:, None] if self._after() else scale
+        if add is None:
+            return x.mul_(factor)
+        if isinstance(factor, float):
+            return torch.add(add, x, alpha=factor, out=out)
+        return torch.addcmul(add, x, factor, out=out)
 
     def apply(self, q: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """pydensecrf's PairwisePotential::apply on (N, L) marginals: compatibility(normalised K(q)).
 
         ``scratch``: an (N, L) buffer for the normalised input (reused across iterations)."""
-        x = self._filtered(q, scratch)  # fresh: scaled in place below (one pass instead of two)
         if self.kind == "potts":
-            return x.mul_((-self.compat * self.norm)[:, None] if self._after() else -self.compat)
-        if self._after():
-            x.mul_(self.norm[:, None])
+            return self.normalised(q, -self.compat, scratch=scratch)
+        x = self.normalised(q, scratch=scratch)
         return x.mul_(self.compat) if self.kind == "diagonal" else x @ self.compat.T
 
     def subtract(self, base: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
                  scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``out = base - apply(q)`` (``out`` may be ``base``). A Potts term folds its scaling into the
-        subtraction: one pass ``base + K(q) * (compat * norm)`` instead of scaling K(q) first."""
+        """``out = base - apply(q)`` (``out`` may be ``base``). A Potts term folds its scaling and the
+        subtraction into the filter: ``base + compat * N(q)`` in one pass."""
         if self.kind != "potts":
             return torch.sub(base, self.apply(q, scratch), out=out)
-        x = self._filtered(q, scratch)
-        if self._after():
-            return torch.addcmul(base, x, (self.compat * self.norm)[:, None], out=out)
-        return torch.add(base, x, alpha=self.compat, out=out)
+        return self.normalised(q, self.compat, add=base, out=out, scratch=scratch)
 
 
 class Unary:

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import crf.densecrf as ours
 import crf.utils as ours_utils
@@ -186,6 +187,7 @@ def test_utils_equal_pydensecrf_utils():
 
 SCRIPT = """
 import numpy as np
+import torch
 import {module} as dcrf
 from {utils} import unary_from_softmax
 rng = np.random.default_rng(0)
@@ -291,10 +293,13 @@ def test_inference_with_reused_buffers_equals_fresh_steps(n_labels):
 
 @pytest.mark.parametrize("normalization", ["NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER",
                                            "NORMALIZE_SYMMETRIC"])
-def test_fused_potts_terms_equal_the_plain_step(normalization):
-    """inference() folds a Potts term's scaling into its subtraction (one pass); a matrix term beside it
-    subtracts its applied term. Both equal stepInference's plain path (apply, then subtract) to
-    float32 rounding, for every normalisation; with no pairwise term each step is softmax(-U)."""
+def test_fused_potts_terms_equal_the_plain_step(normalization, monkeypatch):
+    """On the lattice the kernel normalisation is folded into a scaled lattice's weights and a Potts
+    term's scaling and subtraction into its slice (one product); through the core op (any other
+    backend) a Potts term's scaling is folded into its subtraction (one pass); a matrix term beside
+    it subtracts its applied term. Each equals stepInference's plain path through the core op (filter,
+    then each factor, then subtract) to float32 rounding, for every normalisation; with no pairwise
+    term each step is softmax(-U)."""
     img = np.ascontiguousarray(IMAGES["astronaut"]()[::4, ::4])
     h, w = img.shape[:2]
     n = 5
@@ -307,10 +312,17 @@ def test_fused_potts_terms_equal_the_plain_step(normalization):
     d.addPairwiseBilateral(sxy=60, srgb=13, rgbim=img, compat=rng.random((n, n)).astype(np.float32) * 5,
                            normalization=norm)
     d.addPairwiseGaussian(sxy=9, compat=2.5, normalization=norm)
-    q, tmp1, tmp2 = d.startInference()
-    for _ in range(3):
-        d.stepInference(q, tmp1, tmp2)
-    np.testing.assert_allclose(d.inference(3), q, rtol=0, atol=mean_field_tolerance(logit_scale(d, 3), 3))
+    fused = d.inference(3)  # on the scaled lattices
+    assert all(p._lattice() is not None for p in d._pairwise)
+    with monkeypatch.context() as m:
+        m.setattr(ours._Pairwise, "_lattice", lambda self: None)  # the core op's path
+        q, tmp1, tmp2 = d.startInference()
+        for _ in range(3):
+            d.stepInference(q, tmp1, tmp2)
+        core = d.inference(3)
+    tol = mean_field_tolerance(logit_scale(d, 3), 3)
+    np.testing.assert_allclose(fused, q, rtol=0, atol=tol)
+    np.testing.assert_allclose(core, q, rtol=0, atol=tol)
     bare = ours.DenseCRF2D(w, h, n)
     bare.setUnaryEnergy(unary)
     e = -unary.astype(np.float64)
@@ -341,3 +353,39 @@ def test_a_reused_feature_buffer_does_not_change_earlier_crfs():
         own.setUnaryEnergy(unary)
         own.addPairwiseEnergy(f.copy(), compat=5.0)
         np.testing.assert_array_equal(d.inference(3), own.inference(3))
+
+
+def test_scaled_lattices_follow_the_backend_and_inference_mode():
+    """Each term keeps its scaled lattice for the backend it was made on: switching ``backend`` after
+    an inference runs the new backend (the exact sums of ``chunked`` == a CRF switched before its first
+    inference, bit for bit), switching back the lattice again; made under ``torch.inference_mode`` they
+    serve later calls outside it (and the other way round), with the same Q."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((20, 30, 3)) * 255).astype(np.uint8)
+    unary = rng.random((4, 600)).astype(np.float32)
+
+    def build(backend="permutohedral"):
+        d = ours.DenseCRF2D(30, 20, 4)
+        d.backend = backend
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=10, srgb=13, rgbim=img, compat=10)
+        return d
+
+    d = build()
+    with torch.inference_mode():
+        lattice_q = d.inference(3)
+    np.testing.assert_array_equal(d.inference(3), lattice_q)
+    d.backend = "chunked"
+    exact_q = d.inference(3)
+    fresh = build()  # (the kernel normalisation is computed when a term is added, on that backend)
+    fresh.backend = "chunked"
+    np.testing.assert_array_equal(exact_q, fresh.inference(3))
+    assert np.abs(exact_q - lattice_q).max() > 1e-3  # (a different filter: the switch took effect)
+    d.backend = "permutohedral"
+    np.testing.assert_array_equal(d.inference(3), lattice_q)
+    d2 = build()
+    q2 = d2.inference(3)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(d2.inference(3), q2)
+    np.testing.assert_array_equal(q2, lattice_q)

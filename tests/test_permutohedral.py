@@ -613,3 +613,72 @@ def test_lattice_filter_is_torch_func_compatible():
     # second order: the backward is this Function again (a few inputs: gradgradcheck is O(inputs) filters)
     vg = v[:, :1].clone().requires_grad_(True)
     assert torch.autograd.gradgradcheck(fn, (vg,), eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- scaled lattices
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "tensor"])
+@pytest.mark.parametrize("same", [True, False])
+def test_scaled_lattice_is_the_diagonally_scaled_filter(monkeypatch, same, jit):
+    """``lattice_of`` is the core op's lattice (bitwise the same filter); ``scaled(r, c)`` filters as
+    ``diag(r) K diag(c)`` and its adjoint as ``diag(c) K^T diag(r)``; ``filter``'s ``scale`` / ``add`` /
+    ``out`` give ``scale K v + add`` in place, for both builders (the tensor one orders its columns)."""
+    if jit:
+        pytest.importorskip("numba")
+    monkeypatch.setattr(lattice_module, "USE_JIT", jit)
+    P.clear_cache()
+    gen = torch.Generator().manual_seed(5)
+    q = torch.rand(70, 3, generator=gen, dtype=torch.float64) * 5
+    k = q if same else torch.rand(50, 3, generator=gen, dtype=torch.float64) * 5
+    n, m = q.shape[0], k.shape[0]
+    aff = A.Gaussian(1.0, normalize=False)
+    lat = P.lattice_of(q, k, aff)
+    assert (lat.splat_order is None) == jit
+    v = torch.rand(m, 4, generator=gen, dtype=torch.float64)
+    assert torch.equal(lat.filter(v), nlgraph.aggregate(q, k, v, aff, backend="permutohedral"))
+    kmat = lat.filter(torch.eye(m, dtype=torch.float64))  # (n, m): column j filters unit vector j
+    r = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    c = r if same else torch.rand(m, generator=gen, dtype=torch.float64) + 0.5
+    # every quantity is a sum of non-negative terms: each side within the filter's relative bound b
+    # of the exact value, plus the dense product's m u and the scalings' few roundings
+    b = _operator_bound(lat, q.shape[1], torch.float64)
+    rtol = 2 * b + (m + 6) * torch.finfo(torch.float64).eps / 2
+    for rows, cols in ((r, c), (r, None), (None, c)):
+        sl = lat.scaled(rows, cols)
+        rr = torch.ones(n, dtype=torch.float64) if rows is None else rows
+        cc = torch.ones(m, dtype=torch.float64) if cols is None else cols
+        torch.testing.assert_close(sl.filter(v), rr[:, None] * (kmat @ (cc[:, None] * v)), rtol=rtol, atol=0)
+        w = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(sl.filter(w, transpose=True), cc[:, None] * (kmat.T @ (rr[:, None] * w)),
+                                   rtol=rtol, atol=0)
+    sl = lat.scaled(r, c)
+    add = torch.rand(n, 4, generator=gen, dtype=torch.float64)
+    want = 2.5 * sl.filter(v) + add
+    out = torch.empty(n, 4, dtype=torch.float64)
+    assert sl.filter(v, scale=2.5, add=add, out=out) is out
+    torch.testing.assert_close(out, want, rtol=2 * torch.finfo(torch.float64).eps, atol=0)
+    aliased = add.clone()
+    sl.filter(v, scale=2.5, add=aliased, out=aliased)  # out may be add (the CRF's in-place accumulation)
+    torch.testing.assert_close(aliased, want, rtol=2 * torch.finfo(torch.float64).eps, atol=0)
+    into = torch.full((n, 4), float("nan"), dtype=torch.float64)  # beta = 0: nothing of out is read
+    torch.testing.assert_close(sl.filter(v, scale=-1.0, out=into), -sl.filter(v), rtol=0, atol=0)
+
+
+def test_scaled_and_lattice_of_refuse_bad_arguments():
+    q = torch.rand(30, 2, dtype=torch.float64)
+    lat = P.lattice_of(q, q, A.Gaussian(1.0, normalize=False))
+    with pytest.raises(ValueError, match=r"rows must be \(30,\) torch.float64, got \(29,\)"):
+        lat.scaled(torch.ones(29, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"cols must be \(30,\) torch.float64, got \(30,\) torch.float32"):
+        lat.scaled(None, torch.ones(30))
+    with pytest.raises(ValueError, match="plain Gaussians"):
+        P.lattice_of(q, q, A.Gaussian(1.0, offset=1.0))
+    with pytest.raises(ValueError, match="plain Gaussians"):
+        P.lattice_of(q, q, A.DotProduct())
+    with pytest.raises(TypeError, match="query must be a floating"):
+        P.lattice_of(q.long(), q, A.Gaussian(1.0))
+    with pytest.raises(ValueError, match="one feature dim"):
+        P.lattice_of(q, torch.rand(30, 3, dtype=torch.float64), A.Gaussian(1.0))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        P.lattice_of(torch.rand(2, 30, 2), torch.rand(3, 30, 2), A.Gaussian(1.0))

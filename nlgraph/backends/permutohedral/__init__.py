@@ -70,8 +70,8 @@ from .lattice import _DENSE_MAX as _DENSE_MAX
 from .lattice import _ONE_KEY_BITS as _ONE_KEY_BITS
 from .lattice import Lattice, build_lattice
 
-__all__ = ["can_run", "prefer", "run", "Lattice", "build_lattice", "clear_cache", "MAX_FEATURE_DIM", "EXACT",
-           "RETURNS_LSE"]
+__all__ = ["can_run", "prefer", "run", "Lattice", "build_lattice", "lattice_of", "clear_cache",
+           "MAX_FEATURE_DIM", "EXACT", "RETURNS_LSE"]
 
 EXACT = False
 RETURNS_LSE = True
@@ -118,13 +118,10 @@ def prefer(query, key, value, affinity, graph) -> bool:
             and not _points_need_grad(query, key, affinity))
 
 
-def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph, *, return_lse: bool = False):
-    lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
-    n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
-    cd = compute_dtype(query.dtype)
-    if math.prod(lead) == 0:  # an empty batch: nothing to filter
-        y = value.new_zeros(*lead, n, e)
-        return (y, torch.full((*lead, n), -math.inf, dtype=cd, device=value.device)) if return_lse else y
+def _lattice(query: Tensor, key: Tensor, affinity: Gaussian, lead: tuple, cd: torch.dtype,
+             corners: bool) -> Lattice:
+    """The (cached) lattice of the scaled points over the broadcast batch ``lead``, matrices in ``cd``."""
+    n, m, d = query.shape[-2], key.shape[-2], query.shape[-1]
     same = query is key
 
     def points(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -136,9 +133,48 @@ def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph, *,
         k = q if same else k.expand(*lead, m, d).reshape(-1, m, d)
         return q, k
 
-    grad_points = _points_need_grad(query, key, affinity)
     with torch.no_grad():
-        lattice = _cached_lattice(query, key, same, lead, cd, affinity, points, corners=grad_points)
+        return _cached_lattice(query, key, same, lead, cd, affinity, points, corners=corners)
+
+
+def lattice_of(query: Tensor, key: Tensor, affinity: Gaussian) -> Lattice:
+    """The lattice this backend filters ``aggregate(query, key, v, affinity)`` on, for a caller that
+    applies one lattice many times with scalings folded in (:meth:`Lattice.scaled`,
+    :meth:`Lattice.filter`'s ``scale`` / ``add``): a dense CRF's mean-field iterations.
+
+    The same (cached) lattice as the core op's, so ``lattice_of(q, k, a).filter(v.reshape(-1, e))``
+    equals ``aggregate(q, k, v, a, backend="permutohedral")`` for ``Gaussian(normalize=False)``;
+    query (..., N, d) and key (..., M, d) float tensors whose batch dims broadcast, the values of the
+    filter (B*M, e) in ``compute_dtype`` of the query's dtype (float32 for float32). No gradient
+    flows through it (``run`` is the differentiable path).
+    """
+    if type(affinity) is not Gaussian or affinity.offset or affinity.cutoff is not None:
+        raise ValueError(f"lattice_of: the lattice filters plain Gaussians, got {affinity!r}")
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, Tensor) or t.dim() < 2 or not t.is_floating_point():
+            raise TypeError(f"lattice_of: {name} must be a floating (..., N, d) tensor, got "
+                            f"{getattr(t, 'shape', type(t).__name__)}")
+    if query.shape[-1] != key.shape[-1] or query.shape[-1] > MAX_FEATURE_DIM:
+        raise ValueError(f"lattice_of: query {tuple(query.shape)} and key {tuple(key.shape)} need one "
+                         f"feature dim d <= {MAX_FEATURE_DIM}")
+    try:
+        lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]))
+    except RuntimeError:
+        raise ValueError(f"lattice_of: query {tuple(query.shape)} and key {tuple(key.shape)} batch dims do "
+                         f"not broadcast") from None
+    return _lattice(query, key, affinity, lead, compute_dtype(query.dtype), False)
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph, *, return_lse: bool = False):
+    lead = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    n, m, d, e = query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
+    cd = compute_dtype(query.dtype)
+    if math.prod(lead) == 0:  # an empty batch: nothing to filter
+        y = value.new_zeros(*lead, n, e)
+        return (y, torch.full((*lead, n), -math.inf, dtype=cd, device=value.device)) if return_lse else y
+    same = query is key
+    grad_points = _points_need_grad(query, key, affinity)
+    lattice = _lattice(query, key, affinity, lead, cd, grad_points)
     v = value.to(cd).expand(*lead, m, e).reshape(-1, e)
     if affinity.normalize:
         v = torch.cat([v, torch.ones(v.shape[0], 1, dtype=cd, device=v.device)], dim=-1)

@@ -65,14 +65,66 @@ class Lattice:
     positions: Optional[Tensor] = None  # (P, d+1) uint8: d - rank of each lattice coordinate, i.e.
     #                                     where its residual sits among the sorted residuals
 
-    def filter(self, values: Tensor, transpose: bool = False) -> Tensor:
-        """values (B*M, e) -> (B*N, e); with ``transpose`` the adjoint map (B*N, e) -> (B*M, e)."""
+    def filter(self, values: Tensor, transpose: bool = False, *, scale: float = 1.0,
+               add: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+        """values (B*M, e) -> (B*N, e); with ``transpose`` the adjoint map (B*N, e) -> (B*M, e).
+
+        ``scale * K(values) + add``: the scale and the addition (``add``: the output's shape; may be
+        ``out``) are folded into the slice's product, no pass of their own; written into ``out`` (the
+        output's shape and dtype, contiguous) if given, else a fresh tensor."""
         first, order, last, blurs = ((self.splat, self.splat_order, self.slice, self.blurs) if not transpose
                                      else (self.slice_t, self.slice_t_order, self.splat_t, self.blurs[::-1]))
         x = _csr_mm(first, gather(values, order))
         for b in blurs:
             x = _csr_mm(b, x)
-        return _csr_mm(last, x, alpha=self.alpha)
+        alpha = self.alpha * scale
+        if add is not None:
+            return torch.addmm(add, last, x, alpha=alpha, out=out)
+        if out is not None:
+            return torch.addmm(out, last, x, beta=0.0, alpha=alpha, out=out)
+        return _csr_mm(last, x, alpha=alpha)
+
+    def scaled(self, rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> "Lattice":
+        """The lattice of ``diag(rows) K diag(cols)``: ``scaled(r, c).filter(v) == r[:, None] *
+        filter(c[:, None] * v)`` (and its adjoint ``diag(c) K^T diag(r)`` with ``transpose``), the
+        scalings folded into the splat's and the slice's weights (no pass over the values of their own:
+        what a dense CRF's kernel normalisation costs at every iteration otherwise).
+
+        ``rows``: (B*N,) one factor per query point; ``cols``: (B*M,) one per key point (None: 1), in
+        the matrices' dtype. The result shares the index arrays and blurs; it filters values only (no
+        ``corners``: the points' derivative is the unscaled lattice's).
+        """
+        nq, nk = self.slice.shape[0], self.splat_t.shape[0]
+        for name, t, n in (("rows", rows, nq), ("cols", cols, nk)):
+            if t is not None and (t.shape != (n,) or t.dtype != self.slice.dtype):
+                raise ValueError(f"Lattice.scaled: {name} must be ({n},) {self.slice.dtype}, got "
+                                 f"{tuple(t.shape)} {t.dtype}")
+        splat, splat_t, slice_, slice_t = self.splat, self.splat_t, self.slice, self.slice_t
+        # one point set scaled alike on both sides (a symmetric normalisation): the point-major and the
+        # vertex-major matrices stay one matrix each, as in the unscaled lattice
+        shared = rows is cols and self.slice is self.splat_t and self.splat is self.slice_t
+        if cols is not None:  # splat's column j is key point splat_order[j]; splat_t's row i is point i
+            splat = _scale_columns(splat, gather(cols, self.splat_order))
+            splat_t = _scale_point_rows(splat_t, cols)
+        if rows is not None:  # slice's row i is query point i; slice_t's column j is slice_t_order[j]
+            slice_ = splat_t if shared else _scale_point_rows(slice_, rows)
+            slice_t = splat if shared else _scale_columns(slice_t, gather(rows, self.slice_t_order))
+        return Lattice(splat, self.splat_order, splat_t, slice_, slice_t, self.slice_t_order, self.blurs,
+                       self.alpha, self.num_vertices)
+
+
+def _scale_point_rows(a: Tensor, s: Tensor) -> Tensor:
+    """diag(s) a for a point-major CSR matrix a (d + 1 entries in every row, as both builders make
+    them): the same index arrays, new values."""
+    vals = a.values()
+    return _csr(a.crow_indices(), a.col_indices(), (vals.view(a.shape[0], -1) * s[:, None]).view(-1),
+                (a.shape[0], a.shape[1]))
+
+
+def _scale_columns(a: Tensor, s: Tensor) -> Tensor:
+    """a diag(s) for a CSR matrix a (the same index arrays, new values)."""
+    cols = a.col_indices()
+    return _csr(a.crow_indices(), cols, a.values() * s.index_select(0, cols), (a.shape[0], a.shape[1]))
 
 
 def gather(values: Tensor, order: Optional[Tensor]) -> Tensor:
