@@ -1,6 +1,6 @@
 """The compiled (numba) lattice builder against the tensor path it replaces on the CPU.
 
-Both number vertices in code order, so every matrix must be the same matrix: the point-major ones
+Both number vertices in order of first touch, so every matrix must be the same matrix: the point-major ones
 (slice, splat_t) and the blurs entry for entry, the vertex-major ones (splat, slice_t; the tensor
 path orders their columns by simplex, the compiled one by point) as the same dense matrix after that
 column permutation, and the corners / residual orders the feature gradient uses identically. The same
@@ -99,6 +99,22 @@ def test_large_input_grows_the_hash_table_and_splits_into_parts():
         _assert_same_lattice(q, q, True)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "tensor"])
+@pytest.mark.parametrize("same", [True, False])
+def test_vertices_are_numbered_in_order_of_first_touch(same, jit):
+    """Scanning the points in build order (queries, then keys), each point's corners 0..d, the vertex
+    ids first seen are 1, 2, ..., V (matrix indices): no vertex is numbered before one touched earlier."""
+    gen = torch.Generator().manual_seed(14)
+    q = torch.rand(2, 900, 3, generator=gen) * 9
+    k = q if same else torch.rand(2, 600, 3, generator=gen) * 9
+    lat = _build(q, k, same, jit, corners=True)
+    seen = lat.corners.reshape(-1)
+    uniq, inverse = torch.unique(seen, return_inverse=True)
+    at = torch.arange(seen.shape[0])
+    first = torch.full((uniq.shape[0],), seen.shape[0]).scatter_reduce_(0, inverse, at, "amin")
+    assert torch.equal(seen[first.sort().values], torch.arange(1, lat.num_vertices + 1))
 
 
 def test_vertex_numbering_does_not_depend_on_the_thread_count():

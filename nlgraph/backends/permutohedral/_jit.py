@@ -2,7 +2,7 @@
 user's machine): elevation, hash tables of vertex codes, blur neighbours and the CSR matrices.
 
 The same lattice as :func:`.lattice.build_lattice`'s tensor path, matrix for matrix: the same
-arithmetic step for step, and vertices numbered in code order as there (so the same simplices,
+arithmetic step for step, and vertices numbered in order of first touch as there (so the same simplices,
 weights, blur rows and border conventions). What differs is how vertices are found: the tensor path
 sorts the P (d+1) corner codes; here each part of the points fills its own hash table (consecutive
 points in one simplex, most neighbouring pixels, reuse its vertices), and only the parts' distinct
@@ -276,19 +276,28 @@ def _invert(plus, minus):
 
 
 @njit(cache=True, nogil=True)
-def _blur_cols(plus, minus, ascending, start, end, cols):
-    """Rows u in [start, end) of the d+1 blurs, cols (d+1, 3V): [below, u, above] as matrix indices
-    (vertex id + 1); ids follow the codes, so the + neighbour is above where its code step is positive
-    (``ascending``). An absent neighbour below is the empty border vertex 0, above it is V + 1."""
+def _blur_cols(plus, minus, start, end, cols, vals):
+    """Rows u in [start, end) of the d+1 blurs: cols / vals (d+1, 3V), the matrix indices (vertex id +
+    1) of u and its two neighbours along direction j in increasing order, weights 1 at u and 1/2 at
+    the neighbours. An absent neighbour is an empty border vertex: 0 (below every vertex) for the
+    first absent one, V + 1 (above every vertex) for a second (:func:`.lattice._blur_rows`' rule)."""
     nv, d1 = plus.shape
     for u in range(start, end):
         for j in range(d1):
-            a, c = minus[u, j], plus[u, j]
-            if not ascending[j]:
-                a, c = c, a
-            cols[j, 3 * u] = a + 1 if a >= 0 else 0
-            cols[j, 3 * u + 1] = u + 1
-            cols[j, 3 * u + 2] = c + 1 if c >= 0 else nv + 1
+            a, c = minus[u, j] + 1, plus[u, j] + 1  # matrix indices; 0: absent
+            if c == 0:
+                a, c = 0, (a if a else nv + 1)
+            x, y, z = a, u + 1, c  # sorted by three compare-exchanges, weights alongside
+            wx, wy, wz = 0.5, 1.0, 0.5
+            if y < x:
+                x, y, wx, wy = y, x, wy, wx
+            if z < y:
+                y, z, wy, wz = z, y, wz, wy
+            if y < x:
+                x, y, wx, wy = y, x, wy, wx
+            o = 3 * u
+            cols[j, o], cols[j, o + 1], cols[j, o + 2] = x, y, z
+            vals[j, o], vals[j, o + 1], vals[j, o + 2] = wx, wy, wz
 
 
 @njit(cache=True, nogil=True)
@@ -392,9 +401,10 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     ``strides_for(lo, hi)``: the code strides (d coordinates and the batch) and offset for remainder-0
     coordinates in [lo, hi] (it raises where they do not fit int64); ``index_dtype(*sizes)``: the CSR
     index dtype. Returns numpy arrays: ``rank`` (P, d+1) uint8, ``corner_vid`` (P, d+1) int32 (vertex
-    ids, in code order), ``num_v``, the blur ``cols`` (d+1, 3V), the point-major rows
-    (``point_cols``, ``point_vals``, (P, d+1) each) and the vertex-major matrices (``vertex``: one
-    (crow, cols, vals) for all points when ``same``, else for the query points and the key points).
+    ids, in order of first touch), ``num_v``, the blur ``cols`` and ``blur_vals`` (d+1, 3V), the
+    point-major rows (``point_cols``, ``point_vals``, (P, d+1) each) and the vertex-major matrices
+    (``vertex``: one (crow, cols, vals) for all points when ``same``, else for the query points and the
+    key points).
     """
     p_total, d = pts.shape
     d1 = d + 1
@@ -416,9 +426,14 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     vertices = VERTICES.get(d, _vertices)
     found = _run(lambda t, s, e: vertices(rem0, rank, st, np.int64(offset), nq, n, max(m, 1), same, s, e,
                                           corner_vid), parts)
-    # number the vertices in code order (the tensor path's numbering) and map each part's ids to it
-    codes, where = np.unique(np.concatenate(found), return_inverse=True)
-    where = where.astype(np.int32)
+    # number the vertices in order of first touch (the first point's corners first; each part lists its
+    # codes in order of first appearance, the parts in point order) and map each part's ids to it
+    sorted_codes, first, inverse = np.unique(np.concatenate(found), return_index=True, return_inverse=True)
+    by_touch = np.argsort(first, kind="stable")
+    renumber = np.empty(by_touch.shape[0], np.int32)
+    renumber[by_touch] = np.arange(by_touch.shape[0], dtype=np.int32)
+    where = renumber[inverse]  # part-local id -> vertex id
+    codes = sorted_codes[by_touch]  # vertex u's code
     starts = np.cumsum([0] + [f.shape[0] for f in found])
     _run(lambda t, s, e: _remap(corner_vid, s, e, where[starts[t]:starts[t + 1]]), parts)
     num_v = codes.shape[0]
@@ -431,15 +446,16 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
     minus = np.empty_like(plus)
     _invert(plus, minus)
     cols = np.empty((d1, 3 * num_v), index_dtype(3 * num_v + 1, num_v + 2))
-    ascending = deltas > 0
-    _run(lambda t, s, e: _blur_cols(plus, minus, ascending, s, e, cols), vparts)
+    blur_vals = np.empty((d1, 3 * num_v), dt)
+    _run(lambda t, s, e: _blur_cols(plus, minus, s, e, cols, blur_vals), vparts)
     point_cols = np.empty((p_total, d1), index_dtype(num_v + 2, p_total * d1))
     point_vals = np.empty((p_total, d1), dt)
     _run(lambda t, s, e: _point_rows(corner_vid, bary, s, e, point_cols.reshape(-1), point_vals.reshape(-1)),
          parts)
     ranges = [(0, p_total)] if same else [(0, nq), (nq, p_total)]
     vertex = [_vertex_major(corner_vid, bary, s, e, num_v, threads, index_dtype) for s, e in ranges]
-    return dict(rank=rank, corner_vid=corner_vid, num_v=num_v, cols=cols, point_cols=point_cols,
+    return dict(rank=rank, corner_vid=corner_vid, num_v=num_v, cols=cols, blur_vals=blur_vals,
+                point_cols=point_cols,
                 point_vals=point_vals, vertex=vertex)
 
 

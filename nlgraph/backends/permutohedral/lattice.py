@@ -5,7 +5,9 @@ matrices, see :mod:`.csr`). On the CPU it runs the compiled kernels of :mod:`._j
 imports (:data:`USE_JIT`); otherwise (CUDA, no numba) tensor ops only (no Python loop over points):
 lattice keys are packed into int64 codes, points grouped into simplices and simplex corners into
 vertices by sorting codes, blur neighbours found in a dense code table (small code spaces) or by
-``searchsorted``. Both number vertices in code order and build the same matrices. A batch index is
+``searchsorted``. Both number vertices in order of first touch (scanning the points in order, each
+point's corners 0..d: the vertices of neighbouring points get neighbouring ids, so the products read
+and write nearby rows) and build the same matrices. A batch index is
 part of each key, so one lattice (block diagonal) serves the whole batch.
 """
 
@@ -310,15 +312,31 @@ def _code_layout(lo: list[int], hi: list[int], b: int) -> tuple[list[int], int]:
     return strides, sum(v * st for v, st in zip(los, strides, strict=False))
 
 
-def _blur_csr(cols: list[Tensor], num_v: int, dt: torch.dtype, dev) -> list[Tensor]:
-    """The d + 1 blur matrices (V+2, V+2) from each direction's rows [below, self, above] (3V columns),
-    weights 1/2, 1, 1/2: rows 0 and V + 1 (the border vertices) are empty."""
+def _blur_rows(plus: Tensor, minus: Tensor, num_v: int, dt: torch.dtype) -> tuple[list[Tensor], list[Tensor]]:
+    """Each direction's blur rows from the vertices' + and - neighbours (V, d+1) (ids, -1: absent):
+    (cols, weights), 3V each per direction, row u the matrix indices (id + 1) of u and its two
+    neighbours in increasing order, weight 1 at u and 1/2 at each neighbour. An absent neighbour is
+    an empty border vertex: 0 (below every vertex) for the first absent one, V + 1 (above every
+    vertex) for a second (the compiled ``_jit._blur_cols``' rule)."""
+    a, c = minus + 1, plus + 1  # 0: absent
+    gone = c == 0
+    a, c = torch.where(gone, 0, a), torch.where(gone, torch.where(a > 0, a, num_v + 1), c)
+    u = torch.arange(1, num_v + 1, device=plus.device)[:, None].expand_as(a)
+    cols, where = torch.stack([a, u, c], -1).sort(-1)  # three distinct indices per row
+    weights = torch.tensor([0.5, 1.0, 0.5], dtype=dt, device=plus.device).expand(*where.shape)
+    weights = weights.gather(-1, where)
+    return ([cols[:, j].reshape(-1) for j in range(cols.shape[1])],
+            [weights[:, j].reshape(-1) for j in range(cols.shape[1])])
+
+
+def _blur_csr(cols: list[Tensor], weights: list[Tensor], num_v: int, dt: torch.dtype, dev) -> list[Tensor]:
+    """The d + 1 blur matrices (V+2, V+2) from each direction's rows (3V columns and weights, three per
+    row: see :func:`_blur_rows`): rows 0 and V + 1 (the border vertices) are empty."""
     idx = _index_dtype(3 * num_v + 1, num_v + 2)
     crow = torch.cat([torch.zeros(1, dtype=idx, device=dev),
                       torch.arange(0, 3 * num_v + 1, 3, dtype=idx, device=dev),
                       torch.full((1,), 3 * num_v, dtype=idx, device=dev)])
-    weights = torch.tensor([0.5, 1.0, 0.5], dtype=dt, device=dev).repeat(num_v)
-    return [_csr(crow, c, weights, (num_v + 2, num_v + 2)) for c in cols]
+    return [_csr(crow, c, w.to(dt), (num_v + 2, num_v + 2)) for c, w in zip(cols, weights, strict=True)]
 
 
 #: Build CPU lattices with the compiled kernels of :mod:`._jit` where numba imports (False: the tensor
@@ -358,7 +376,8 @@ def _build_jit(jit: Any, pts: Tensor, b: int, n: int, m: int, same: bool, dt: to
     vm = [_csr(torch.from_numpy(crow), torch.from_numpy(c), vals(v), (num_v + 2, c.shape[0] // d1))
           for crow, c, v in out["vertex"]]
     slice_t, splat = vm[0], vm[-1]
-    blurs = _blur_csr(list(torch.from_numpy(out["cols"]).unbind(0)), num_v, dt, pts.device)
+    blurs = _blur_csr(list(torch.from_numpy(out["cols"]).unbind(0)),
+                      list(torch.from_numpy(out["blur_vals"]).unbind(0)), num_v, dt, pts.device)
     point_corners = positions = None
     if corners:
         point_corners = torch.from_numpy(out["corner_vid"]).long().add_(1)
@@ -454,10 +473,25 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     codes = corner0[:, None] + r * s_d.sum() - d1 * steps.cumsum(1)[:, :d1]  # (S, d1)
     perm, (sorted_codes,) = _lex_sort([codes.reshape(-1)])
     slot_vertex, first = _group_ids(perm, [sorted_codes])
-    slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex id of each simplex corner
+    slot_vertex = slot_vertex.reshape(num_s, d1)  # vertex of each simplex corner, numbered in code order
     uniq = sorted_codes.masked_select(first)
     num_v = uniq.shape[0]
-    del pcode, corner0, codes, sorted_codes, steps, srank
+    del pcode, corner0, codes, sorted_codes, steps
+    # Renumber the vertices in order of first touch (the compiled builder's numbering: scanning the
+    # points in order, corners 0..d each): vertex v's first touch is the least p (d+1) + r over the
+    # corners r = v of the simplices of points p, a simplex's least point being rep (a stable sort)
+    touch = (rep[:, None] * d1 + r).reshape(-1)
+    first_touch = torch.full((num_v,), pts.shape[0] * d1, dtype=torch.long, device=dev)
+    first_touch.scatter_reduce_(0, slot_vertex.reshape(-1), touch, "amin")
+    by_touch = torch.argsort(first_touch)  # distinct keys: new vertex u is code-order vertex by_touch[u]
+    renumber = torch.empty_like(by_touch)
+    renumber[by_touch] = torch.arange(num_v, device=dev)
+    slot_vertex = renumber.index_select(0, slot_vertex.reshape(-1)).reshape(num_s, d1)
+    # the corner slots grouped by (new) vertex, stably: the vertex-major matrices' rows
+    sorted_vertex, perm = torch.sort(slot_vertex.reshape(-1), stable=True)
+    first = torch.ones_like(sorted_vertex, dtype=torch.bool)
+    first[1:] = sorted_vertex[1:] != sorted_vertex[:-1]
+    del touch, first_touch, sorted_vertex, srank
 
     # 2. Blur neighbours along each of the d + 1 lattice directions. Codes are linear in the key (the
     # margins in lo/span keep neighbours inside the coordinate ranges), so the neighbours of vertex u
@@ -468,19 +502,15 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
     steps_j = torch.ones(d1, d, dtype=torch.long, device=dev)
     steps_j[torch.arange(d, device=dev), torch.arange(d, device=dev)] = -d  # direction d: all ones
     delta = (steps_j * s_d).sum(1)  # never 0: codes are injective
-    up, found = _find_codes(uniq, (uniq[:, None] + delta).view(-1), stride_list[d] * b)
-    up, found = up.view(num_v, d1), found.view(num_v, d1)
-    ascending = (delta > 0).tolist()  # + neighbour above (higher index) in direction j
-    vid = torch.arange(1, num_v + 1, device=dev)
-    plus = torch.where(found, up + 1, torch.where(delta > 0, num_v + 1, 0))
-    minus = torch.where(delta > 0, 0, num_v + 1).expand(num_v + 2, d1).contiguous()
-    minus.scatter_(0, plus, vid[:, None].expand(num_v, d1))  # absent + neighbours write a border row
-    minus = minus[1:-1]
-    cols = []
-    for j in range(d1):
-        below, above = (minus[:, j], plus[:, j]) if ascending[j] else (plus[:, j], minus[:, j])
-        cols.append(torch.stack([below, vid, above], 1).view(-1))
-    blurs = _blur_csr(cols, num_v, dt, dev)
+    nbr_codes = (uniq.index_select(0, by_touch)[:, None] + delta).view(-1)  # of new vertex u, row u
+    up, found = _find_codes(uniq, nbr_codes, stride_list[d] * b)
+    up = renumber.index_select(0, up.clamp_(0, num_v - 1))  # (any id where absent: masked below)
+    plus = torch.where(found, up, -1).view(num_v, d1)  # vertex ids, -1: absent
+    minus = torch.full((num_v + 1, d1), -1, dtype=torch.long, device=dev)  # (row num_v: absent + ones')
+    minus.scatter_(0, torch.where(plus < 0, num_v, plus),
+                   torch.arange(num_v, device=dev)[:, None].expand(num_v, d1))
+    blurs = _blur_csr(*_blur_rows(plus, minus[:-1], num_v, dt), num_v, dt, dev)
+    del by_touch, renumber, uniq
 
     # 3. Splat and slice. Vertex-major matrices first, then the point-major ones (so the temporaries
     # of each never coexist with the other's results: a smaller peak, fewer page faults).
