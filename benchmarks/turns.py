@@ -8,8 +8,9 @@ the tables). Run from the repository root, e.g. ``OMP_NUM_THREADS=1 python bench
 * ``exp``: the compiled shifted exp against torch's ``sub_`` + ``exp_`` per tile size (the minimum
   of 5 x 3000 calls).
 * ``smalln [N]``: forced ``chunked`` against automatic dispatch on (1, N, 8) softmax attention.
-* ``stages``: the CPU lattice builder's kernels on the 512x512 positions and bilateral lattices (run
-  it in a worktree of another revision to compare builders).
+* ``stages [photo|volume]``: the CPU lattice builder's kernels on the 512x512 photo's positions and
+  bilateral lattices, or the volume bench's 64x128x128 ones (run it in a worktree of another revision
+  to compare builders).
 
 torch runs the thread count it starts with (``OMP_NUM_THREADS``).
 """
@@ -124,13 +125,22 @@ def smalln(n: int = 16) -> None:
         print(f"N={n} d=8 {name:15s} {us:6.1f} us ({torch.get_num_threads()} threads)")
 
 
-def stages() -> None:
+def stages(what: str = "photo") -> None:
     from nlgraph.backends.permutohedral import _jit, build_lattice
 
-    img = _photo().astype(np.float32)
-    yy, xx = np.mgrid[:512, :512].astype(np.float32)
-    feats = {"positions": np.stack([xx / 3, yy / 3], -1),
-             "bilateral": np.concatenate([np.stack([xx / 80, yy / 80], -1), img / np.float32(13)], -1)}
+    if what == "volume":  # the bench's CT-like volume and its two kernels' features
+        from crf.utils import create_pairwise_bilateral, create_pairwise_gaussian
+        from nlgraph.bench.crf import _VOLUME_INTENSITY, _VOLUME_SMOOTH, _VOLUME_SPATIAL, _ct_volume
+
+        vol = _ct_volume((64, 128, 128))[0]
+        sm, sp = (_VOLUME_SMOOTH,) * 3, (_VOLUME_SPATIAL,) * 3
+        feats = {"positions": create_pairwise_gaussian(sm, vol.shape).T,
+                 "bilateral": create_pairwise_bilateral(sp, (_VOLUME_INTENSITY,), vol, chdim=-1).T}
+    else:
+        img = _photo().astype(np.float32)
+        yy, xx = np.mgrid[:512, :512].astype(np.float32)
+        feats = {"positions": np.stack([xx / 3, yy / 3], -1),
+                 "bilateral": np.concatenate([np.stack([xx / 80, yy / 80], -1), img / np.float32(13)], -1)}
     spent: collections.Counter = collections.Counter()
     run = _jit._run
 
@@ -167,7 +177,7 @@ if __name__ == "__main__":
     what, *args = sys.argv[1:] or ["--help"]
     commands: dict[str, Callable[..., None]] = {"crf": lambda rev, labels="21": crf(rev, int(labels)),
                                                 "exp": exp, "smalln": lambda n="16": smalln(int(n)),
-                                                "stages": stages}
+                                                "stages": stages}  # stages [photo|volume]
     if what not in commands:
         print(__doc__)
         sys.exit(0 if what == "--help" else 2)

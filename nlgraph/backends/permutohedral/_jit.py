@@ -242,6 +242,31 @@ def _vertices(rem0, rank, strides, offset, nq, n, m, same, start, end, corner_vi
 
 
 @njit(cache=True, nogil=True)
+def _merge(listed, cap):
+    """The parts' vertex codes, listed part after part (each in order of first appearance), numbered in
+    order of first appearance over the whole list: (keys, vals) a table of ``cap`` slots (a power of two,
+    at least twice the distinct codes) of code -> vertex id, ``codes`` the distinct codes by id, and
+    ``where`` each listed code's id. One pass of table lookups: no sort."""
+    keys = np.full(cap, _EMPTY, np.int64)
+    vals = np.empty(cap, np.int32)
+    codes = np.empty(listed.shape[0], np.int64)
+    where = np.empty(listed.shape[0], np.int32)
+    mask = cap - 1
+    shift = 64 - _log2(cap)
+    nv = 0
+    for i in range(listed.shape[0]):
+        c = listed[i]
+        g = _slot(c, keys, mask, shift)
+        if keys[g] == _EMPTY:
+            keys[g] = c
+            vals[g] = nv
+            codes[nv] = c
+            nv += 1
+        where[i] = vals[g]
+    return keys, vals, codes[:nv].copy(), where
+
+
+@njit(cache=True, nogil=True)
 def _remap(corner_vid, start, end, mapping):
     """corner_vid[p, r] = mapping[corner_vid[p, r]] for points [start, end) (part ids -> global ids)."""
     d1 = corner_vid.shape[1]
@@ -428,16 +453,12 @@ def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bo
                                           corner_vid), parts)
     # number the vertices in order of first touch (the first point's corners first; each part lists its
     # codes in order of first appearance, the parts in point order) and map each part's ids to it
-    sorted_codes, first, inverse = np.unique(np.concatenate(found), return_index=True, return_inverse=True)
-    by_touch = np.argsort(first, kind="stable")
-    renumber = np.empty(by_touch.shape[0], np.int32)
-    renumber[by_touch] = np.arange(by_touch.shape[0], dtype=np.int32)
-    where = renumber[inverse]  # part-local id -> vertex id
-    codes = sorted_codes[by_touch]  # vertex u's code
+    listed = np.concatenate(found) if len(found) > 1 else found[0]
+    keys, vals, codes, where = _merge(listed, np.int64(1) << _log2(max(2 * listed.shape[0], 16)))
     starts = np.cumsum([0] + [f.shape[0] for f in found])
-    _run(lambda t, s, e: _remap(corner_vid, s, e, where[starts[t]:starts[t + 1]]), parts)
+    if len(found) > 1:  # (part 0's ids are already the global ones)
+        _run(lambda t, s, e: _remap(corner_vid, s, e, where[starts[t]:starts[t + 1]]) if t else None, parts)
     num_v = codes.shape[0]
-    keys, vals = _table(codes, num_v, np.int64(1) << _log2(max(2 * num_v, 16)))
     ssum = int(st[:d].sum())
     deltas = np.asarray([ssum - d1 * strides[j] for j in range(d)] + [ssum], dtype=np.int64)
     plus = np.empty((num_v, d1), np.int32)
