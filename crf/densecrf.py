@@ -300,7 +300,7 @@ class DenseCRF:
 
     def __init__(self, nvar: int, nlabels: int, *_, **__):
         self._nvar, self._nlabel = _count("nvar", nvar, 1), _count("nlabels", nlabels, 1)
-        self._unary: Optional[torch.Tensor] = None  # (N, L) energies
+        self._neg_unary: Optional[torch.Tensor] = None  # (N, L): -U, what mean field adds to (read only)
         self._pairwise: list[_Pairwise] = []
         self.backend = "permutohedral"
 
@@ -317,7 +317,8 @@ class DenseCRF:
             self.setUnary(LogisticUnary(u, f))
             return
         # (N, L) rows for the filters: a transposing copy (so the (L, N) check needs no copy of its own)
-        self._unary = transposed(_unary_energy("unary energy", u, (self._nlabel, self._nvar), copy=False))
+        self._neg_unary = transposed(_unary_energy("unary energy", u, (self._nlabel, self._nvar),
+                                                    copy=False)).neg_()
 
     def setUnary(self, u: Unary) -> None:
         """Set the unary term from a :class:`ConstUnary` or :class:`LogisticUnary` (pydensecrf's setUnary)."""
@@ -326,7 +327,7 @@ class DenseCRF:
         want = (self._nlabel, self._nvar)
         if tuple(u.energy.shape) != want:
             raise ValueError(f"Bad shape for unary energy (need {want}, got {tuple(u.energy.shape)})")
-        self._unary = transposed(u.energy)
+        self._neg_unary = transposed(u.energy).neg_()
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL,
                           normalization=NORMALIZE_SYMMETRIC) -> None:
@@ -341,12 +342,13 @@ class DenseCRF:
 
     # ---------------------------------------------------------------- inference
 
-    def _energy(self) -> torch.Tensor:
-        return self._unary if self._unary is not None else torch.zeros(self._nvar, self._nlabel)
+    def _neg_energy(self) -> torch.Tensor:
+        """-U, (N, L) (zeros without a unary term); read only."""
+        return self._neg_unary if self._neg_unary is not None else torch.zeros(self._nvar, self._nlabel)
 
     def _step(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """One mean-field step from q: (new q, tmp1 = -U - pairwise, tmp2 = the last pairwise term)."""
-        tmp1 = -self._energy()
+        tmp1 = self._neg_energy().clone()
         tmp2 = None
         for p in self._pairwise:
             tmp2 = None  # free the previous term before the next filter allocates (a smaller heap peak)
@@ -367,7 +369,7 @@ class DenseCRF:
         niter = _count("niter", niter, 0)
         # four (N, L) buffers for the whole run: tmp1, the next q, a scratch and q's own (the new q is
         # written into the buffer q is not in)
-        neg_energy = -self._energy()  # (fresh: its own buffer for the run)
+        neg_energy = self._neg_energy()  # (read only: kept from setUnaryEnergy, no copy per run)
         bufs = [torch.empty_like(neg_energy) for _ in range(3)]
         q = _softmax_labels(neg_energy, torch.empty_like(neg_energy))
         for _ in range(int(niter)):
@@ -379,8 +381,8 @@ class DenseCRF:
 
     def startInference(self):
         """(Q, tmp1, tmp2) to drive :meth:`stepInference` by hand; all float32 (nlabels, nvar) arrays."""
-        if self._unary is not None:
-            q = _softmax_labels(-self._energy())
+        if self._neg_unary is not None:
+            q = _softmax_labels(self._neg_energy())
         else:
             q = torch.zeros(self._nvar, self._nlabel)
         shape = (self._nlabel, self._nvar)
@@ -409,9 +411,9 @@ class DenseCRF:
         """KL(Q || P) up to the log-partition constant, as pydensecrf computes it."""
         q = self._marginals("Q", Q).double()
         kl = float((q * torch.log(q.clamp_min(1e-20))).sum())
-        if self._unary is not None:
+        if self._neg_unary is not None:
             # an impossible label (+inf energy) at Q = 0 contributes 0 (its limit), not inf * 0 = NaN
-            kl += float(torch.where(q > 0, self._unary.double() * q, 0.0).sum())
+            kl -= float(torch.where(q > 0, self._neg_unary.double() * q, 0.0).sum())
         for p in self._pairwise:
             kl += float((q * p.apply(q.float()).double()).sum())
         return kl
