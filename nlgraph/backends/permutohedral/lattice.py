@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..._optional import optional
+from ..._values import untransformed
 from .csr import _csr, _csr_mm, _index_dtype, _point_matrix, _vertex_matrix
 
 #: Simplex sort keys combine (point code, rank digits) into one int64 while they fit in this many bits.
@@ -124,9 +125,18 @@ def _scale_point_rows(a: Tensor, s: Tensor) -> Tensor:
 
 
 def _scale_columns(a: Tensor, s: Tensor) -> Tensor:
-    """a diag(s) for a CSR matrix a (the same index arrays, new values)."""
-    cols = a.col_indices()
-    return _csr(a.crow_indices(), cols, a.values() * s.index_select(0, cols), (a.shape[0], a.shape[1]))
+    """a diag(s) for a CSR matrix a (the same index arrays, new values); on the CPU by the compiled
+    one-pass kernel where it runs (:func:`._jit.column_scaled`), else a gather and a product."""
+    cols, vals = a.col_indices(), a.values()
+    plain = (vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64) and untransformed()
+             and not vals.requires_grad and not s.requires_grad)
+    jit = _jit_module() if plain else None
+    if jit is not None:
+        scaled = torch.from_numpy(jit.column_scaled(vals.numpy(), cols.numpy(), s.contiguous().numpy(),
+                                                    torch.get_num_threads()))
+    else:
+        scaled = vals * s.index_select(0, cols)
+    return _csr(a.crow_indices(), cols, scaled, (a.shape[0], a.shape[1]))
 
 
 def gather(values: Tensor, order: Optional[Tensor]) -> Tensor:
