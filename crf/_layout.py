@@ -32,39 +32,12 @@ _MIN_NUMEL = 1 << 15
 _KERNELS: Optional[tuple[Any, Any]] = None
 
 
-def _compile() -> tuple[Any, Any]:
-    from numba import njit
-
-    @njit(cache=True, nogil=True)
-    def wide(a, out, c0, c1):  # pragma: no cover - compiled
-        """out[j, i] = a[i, j] for every row i and the columns j in [c0, c1) of a source with long rows:
-        per block of 256 columns, each source row's segment read in order (the block's destination
-        rows stay in cache)."""
-        for s in range(c0, c1, 256):
-            e = min(c1, s + 256)
-            for i in range(a.shape[0]):
-                row = a[i]
-                for j in range(s, e):
-                    out[j, i] = row[j]
-
-    @njit(cache=True, nogil=True)
-    def tall(a, out, r0, r1):  # pragma: no cover - compiled
-        """The same for the rows i in [r0, r1) of a source with short rows: per block of 256 rows, each
-        destination row's segment written in order."""
-        for s in range(r0, r1, 256):
-            e = min(r1, s + 256)
-            for j in range(a.shape[1]):
-                o = out[j]
-                for i in range(s, e):
-                    o[i] = a[i, j]
-
-    return wide, tall
-
-
 def _kernels() -> Optional[tuple[Any, Any]]:
     global _KERNELS
     if _KERNELS is None and optional("numba") is not None:
-        _KERNELS = _compile()
+        from . import _layout_kernels
+
+        _KERNELS = (_layout_kernels.wide, _layout_kernels.tall)
     return _KERNELS
 
 

@@ -232,3 +232,41 @@ def test_unrolled_vertex_pass_equals_the_generic_kernel(d, same):
         got.append((codes, cv))
     assert got[0][0].shape[0] > 2048  # the table doubled at least once
     assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
+
+
+def test_builds_leave_numpys_huge_page_setting_as_they_found_it():
+    """Builds allocate on ordinary pages (numpy's madvise switch off while any build runs); the
+    caller's setting comes back when the last of several concurrent builds ends, whichever it was."""
+    import threading
+
+    from nlgraph.backends.permutohedral import _jit
+
+    switch = _jit._madvise_switch()
+    if switch is None:
+        pytest.skip("this numpy has no huge-page switch")
+    gen = torch.Generator().manual_seed(15)
+    q = torch.rand(1, 20_000, 3, generator=gen) * 20
+    original = switch(True)
+    try:
+        for setting in (True, False):
+            switch(setting)
+            seen = []
+            real = _jit._build
+
+            def spy(*args):
+                seen.append(switch(False))  # (reads the setting; leaves it off, as it was)
+                return real(*args)
+
+            _jit._build = spy
+            try:
+                threads = [threading.Thread(target=_build, args=(q, q, True, True)) for _ in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:
+                _jit._build = real
+            assert seen == [False] * 3  # off inside every build
+            assert switch(setting) == setting  # restored after the last one
+    finally:
+        switch(original)

@@ -16,9 +16,10 @@ this file, or under ``NUMBA_CACHE_DIR``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from numba import njit
@@ -432,7 +433,61 @@ def _vertex_major(corner_vid: np.ndarray, bary: np.ndarray, start: int, end: int
     return crow, cols, vals
 
 
-def build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bool, threads: int,
+def _madvise_switch() -> Optional[Callable[[bool], bool]]:
+    """numpy's switch for ``madvise(MADV_HUGEPAGE)`` on its large allocations (returns the previous
+    setting), or None where this numpy has none."""
+    for home in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            module = __import__(home, fromlist=["_set_madvise_hugepage"])
+        except ImportError:
+            continue
+        switch = getattr(module, "_set_madvise_hugepage", None)
+        if switch is not None:
+            return switch
+    return None
+
+
+_SMALL_PAGES_LOCK = threading.Lock()
+_SMALL_PAGES_USERS = 0
+_SMALL_PAGES_SAVED = True
+
+
+@contextlib.contextmanager
+def _small_pages() -> Iterator[None]:
+    """numpy's large arrays on ordinary pages while any build runs (the caller's setting restored when
+    the last concurrent build ends).
+
+    numpy asks for transparent huge pages on arrays of 4 MB and more; where the kernel's THP defrag
+    policy is ``madvise`` (a common default), each first touch of such an array may compact memory
+    synchronously: on the 2-core VM the 64x128x128 volume's two builds took 0.23-0.27 s and 0.25-0.30 s
+    with it and 0.14-0.15 s each without (``python benchmarks/turns.py stages volume``; pydensecrf's
+    ~0.2 s each, whose arrays never ask for huge pages), the builder's temporaries being touched once.
+    """
+    global _SMALL_PAGES_USERS, _SMALL_PAGES_SAVED
+    switch = _madvise_switch()
+    if switch is None:
+        yield
+        return
+    with _SMALL_PAGES_LOCK:
+        if _SMALL_PAGES_USERS == 0:
+            _SMALL_PAGES_SAVED = switch(False)
+        _SMALL_PAGES_USERS += 1
+    try:
+        yield
+    finally:
+        with _SMALL_PAGES_LOCK:
+            _SMALL_PAGES_USERS -= 1
+            if _SMALL_PAGES_USERS == 0:
+                switch(_SMALL_PAGES_SAVED)
+
+
+def build(*args: Any) -> dict[str, Any]:
+    """:func:`_build` on numpy arrays allocated without huge pages (:func:`_small_pages`)."""
+    with _small_pages():
+        return _build(*args)
+
+
+def _build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bool, threads: int,
           strides_for: Callable[[list[int], list[int]], tuple[list[int], int]],
           index_dtype: Callable[..., Any]) -> dict[str, Any]:
     """The lattice of points ``pts`` (P, d) (float32 or float64, any strides): the B*N query points
