@@ -8,6 +8,8 @@ the tables). Run from the repository root, e.g. ``OMP_NUM_THREADS=1 python bench
 * ``exp``: the compiled shifted exp against torch's ``sub_`` + ``exp_`` per tile size (the minimum
   of 5 x 3000 calls).
 * ``smalln [N]``: forced ``chunked`` against automatic dispatch on (1, N, 8) softmax attention.
+* ``filters [VALUES]``: one lattice filter's products (splat, a blur, slice, the whole filter) of
+  VALUES columns on the photo's two lattices (run it in worktrees to compare lattices).
 * ``stages [photo|volume]``: the CPU lattice builder's kernels on the 512x512 photo's positions and
   bilateral lattices, or the volume bench's 64x128x128 ones (run it in a worktree of another revision
   to compare builders).
@@ -125,6 +127,42 @@ def smalln(n: int = 16) -> None:
         print(f"N={n} d=8 {name:15s} {us:6.1f} us ({torch.get_num_threads()} threads)")
 
 
+def _filter_parts(lat: Any, v: torch.Tensor, mm: Callable[..., torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    ordered = v if lat.splat_order is None else v[lat.splat_order]
+    x = mm(lat.splat, ordered)
+    return {"splat": lambda: mm(lat.splat, ordered), "one blur": lambda: mm(lat.blurs[0], x),
+            "slice": lambda: mm(lat.slice, x), "filter": lambda: lat.filter(v)}
+
+
+def filters(values: str = "21") -> None:
+    """One filter of ``values`` columns on the photo's two lattices: its splat, one blur, its slice and
+    the whole filter (medians of 9), for comparing lattices built by two revisions (run in worktrees)."""
+    from nlgraph.backends.permutohedral import build_lattice
+    from nlgraph.backends.permutohedral.csr import _csr_mm
+
+    img = _photo().astype(np.float32)
+    yy, xx = np.mgrid[:512, :512].astype(np.float32)
+    feats = {"positions": np.stack([xx / 3, yy / 3], -1),
+             "bilateral": np.concatenate([np.stack([xx / 80, yy / 80], -1), img / np.float32(13)], -1)}
+
+    def median_ms(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(9):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) * 1e3
+
+    for name, f in feats.items():
+        p = torch.from_numpy(np.ascontiguousarray(f.reshape(-1, f.shape[-1])))[None]
+        lat = build_lattice(p, p, True)
+        v = torch.randn(p.shape[1], int(values), generator=torch.Generator().manual_seed(0))
+        parts = _filter_parts(lat, v, _csr_mm)
+        print(f"{name} ({torch.get_num_threads()} threads, V={lat.num_vertices}): "
+              + ", ".join(f"{k} {median_ms(fn):.2f} ms" for k, fn in parts.items()))
+
+
 def stages(what: str = "photo") -> None:
     from nlgraph.backends.permutohedral import _jit, build_lattice
 
@@ -177,7 +215,8 @@ if __name__ == "__main__":
     what, *args = sys.argv[1:] or ["--help"]
     commands: dict[str, Callable[..., None]] = {"crf": lambda rev, labels="21": crf(rev, int(labels)),
                                                 "exp": exp, "smalln": lambda n="16": smalln(int(n)),
-                                                "stages": stages}  # stages [photo|volume]
+                                                "stages": stages,  # stages [photo|volume]
+                                                "filters": filters}  # filters [VALUES]
     if what not in commands:
         print(__doc__)
         sys.exit(0 if what == "--help" else 2)
