@@ -732,3 +732,45 @@ def test_label_softmax_matches_float64_for_any_shape(labels, extra, scale, impos
     u = 2.0 ** -24
     assert got.shape == x.shape and got.is_contiguous()
     assert ((got.double() - want).abs() <= 2 * u * (gap + labels + 4) * want + 2.0 ** -126).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The permutohedral lattice as an operator: lattice_of and Lattice.scaled
+# ---------------------------------------------------------------------------------------------
+
+@profile(examples=40)
+@given(n=st.integers(1, 90), m=st.integers(1, 70), d=st.integers(1, 4), e=st.integers(1, 4),
+       batch=st.sampled_from([(), (2,)]), same=st.booleans(), spread=st.sampled_from([0.5, 3.0, 20.0]),
+       rows=st.booleans(), cols=st.booleans(), seed=st.integers(0, 2**16))
+def test_scaled_lattice_filters_as_the_scaled_core_op(n, m, d, e, batch, same, spread, rows, cols, seed):
+    """For random point sets (batched or not, one set or two), ``lattice_of(q, k, Gaussian)`` filters
+    bit for bit as ``aggregate(..., backend="permutohedral")``, and ``scaled(r, c)`` as
+    diag(r) K diag(c) and its adjoint as diag(c) K^T diag(r), K the operator materialised by the core op
+    (float64; every term non-negative: each side within the filter's relative rounding, plus the dense
+    product's)."""
+    from nlgraph.backends import permutohedral as P
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(*batch, n, d, generator=g, dtype=F64) * spread
+    k = q if same else torch.rand(*batch, m, d, generator=g, dtype=F64) * spread
+    m = k.shape[-2]
+    aff = A.Gaussian(1.0, normalize=False)
+    lat = P.lattice_of(q, k, aff)
+    b = math.prod(batch)
+    v = torch.rand(*batch, m, e, generator=g, dtype=F64)
+    assert torch.equal(lat.filter(v.reshape(-1, e)).reshape(*batch, n, e),
+                       nlgraph.aggregate(q, k, v, aff, backend="permutohedral"))
+    kmat = lat.filter(torch.eye(b * m, dtype=F64))  # (B N, B M), block diagonal over the batch
+    r = torch.rand(b * n, generator=g, dtype=F64) + 0.25 if rows else None
+    c = (r if same and rows else torch.rand(b * m, generator=g, dtype=F64) + 0.25) if cols else None
+    sl = lat.scaled(r, c)
+    rr = torch.ones(b * n, dtype=F64) if r is None else r
+    cc = torch.ones(b * m, dtype=F64) if c is None else c
+    s = int(lat.splat.crow_indices().diff().max())
+    rtol = 2 * (s + 4 * (d + 1) + 4) * 2.0**-53 + (b * m + 6) * 2.0**-53
+    flat = v.reshape(-1, e)
+    torch.testing.assert_close(sl.filter(flat), rr[:, None] * (kmat @ (cc[:, None] * flat)), rtol=rtol,
+                               atol=1e-300)
+    w = torch.rand(b * n, e, generator=g, dtype=F64)
+    torch.testing.assert_close(sl.filter(w, transpose=True), cc[:, None] * (kmat.T @ (rr[:, None] * w)),
+                               rtol=rtol, atol=1e-300)

@@ -7,6 +7,7 @@ vertex-major ones (:func:`_vertex_matrix`) by counting, without sorting their P 
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -81,8 +82,9 @@ def _vertex_matrix(sel: Tensor, sid: Tensor, bary: Tensor, slot_s: Tensor, slot_
     return _csr(crow, cols, vals, (num_v + 2, q))
 
 
-def _csr_mm(a: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
-    """a @ x (a sparse CSR) written straight into a fresh output (``a @ x`` zero-fills and copies:
-    ~1.5x slower)."""
-    out = torch.empty(a.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+def _csr_mm(a: Tensor, x: Tensor, alpha: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
+    """alpha a @ x (a sparse CSR) written straight into ``out`` (nothing of it is read) or a fresh
+    output (``a @ x`` zero-fills and copies: ~1.5x slower)."""
+    if out is None:
+        out = torch.empty(a.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
     return torch.addmm(out, a, x, beta=0.0, alpha=alpha, out=out)

@@ -83,9 +83,7 @@ class Lattice:
         alpha = self.alpha * scale
         if add is not None:
             return torch.addmm(add, last, x, alpha=alpha, out=out)
-        if out is not None:
-            return torch.addmm(out, last, x, beta=0.0, alpha=alpha, out=out)
-        return _csr_mm(last, x, alpha=alpha)
+        return _csr_mm(last, x, alpha=alpha, out=out)
 
     def scaled(self, rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> "Lattice":
         """The lattice of ``diag(rows) K diag(cols)``: ``scaled(r, c).filter(v) == r[:, None] *
