@@ -10,6 +10,7 @@ the tables). Run from the repository root, e.g. ``OMP_NUM_THREADS=1 python bench
 * ``smalln [N]``: forced ``chunked`` against automatic dispatch on (1, N, 8) softmax attention.
 * ``filters [VALUES]``: one lattice filter's products (splat, a blur, slice, the whole filter) of
   VALUES columns on the photo's two lattices (run it in worktrees to compare lattices).
+* ``volume``: the volume bench's cold pipeline by stage, ours and pydensecrf alternating (3 rounds).
 * ``stages [photo|volume]``: the CPU lattice builder's kernels on the 512x512 photo's positions and
   bilateral lattices, or the volume bench's 64x128x128 ones (run it in a worktree of another revision
   to compare builders).
@@ -127,6 +128,47 @@ def smalln(n: int = 16) -> None:
         print(f"N={n} d=8 {name:15s} {us:6.1f} us ({torch.get_num_threads()} threads)")
 
 
+def volume() -> None:
+    """The volume bench's cold pipeline by stage, ours and pydensecrf's generic DenseCRF alternating
+    (three rounds): each kernel's addPairwiseEnergy (its lattice build and normalisation) and
+    inference(5), seconds per round and the minimum of each stage."""
+    import pydensecrf.densecrf as peer
+
+    import crf.densecrf as ours
+    from crf.utils import create_pairwise_bilateral, create_pairwise_gaussian
+    from nlgraph.backends import permutohedral
+    from nlgraph.bench.crf import (
+        _VOLUME_APPEAR_W,
+        _VOLUME_INTENSITY,
+        _VOLUME_SMOOTH,
+        _VOLUME_SMOOTH_W,
+        _VOLUME_SPATIAL,
+        _ct_volume,
+    )
+
+    vol, _, unary = _ct_volume((64, 128, 128))
+    feats = (create_pairwise_gaussian((_VOLUME_SMOOTH,) * 3, vol.shape),
+             create_pairwise_bilateral((_VOLUME_SPATIAL,) * 3, (_VOLUME_INTENSITY,), vol, chdim=-1))
+    rounds: dict[str, list[np.ndarray]] = {"ours": [], "pydensecrf": []}
+    for _ in range(3):
+        for name, lib in (("ours", ours), ("pydensecrf", peer)):
+            permutohedral.clear_cache()
+            d = lib.DenseCRF(unary.shape[1], 2)
+            d.setUnaryEnergy(unary)
+            t = [time.perf_counter()]
+            d.addPairwiseEnergy(feats[0], compat=_VOLUME_SMOOTH_W)
+            t.append(time.perf_counter())
+            d.addPairwiseEnergy(feats[1], compat=_VOLUME_APPEAR_W)
+            t.append(time.perf_counter())
+            d.inference(5)
+            t.append(time.perf_counter())
+            rounds[name].append(np.diff(t))
+    for name, r in rounds.items():
+        print(f"{name:10s} (smoothness add, appearance add, inference) per round: "
+              f"{np.round(np.array(r), 3).tolist()}; minimum {np.round(np.min(r, 0), 3).tolist()} s "
+              f"({torch.get_num_threads()} threads)")
+
+
 def _filter_parts(lat: Any, v: torch.Tensor, mm: Callable[..., torch.Tensor]) -> dict[str, Callable[[], Any]]:
     ordered = v if lat.splat_order is None else v[lat.splat_order]
     x = mm(lat.splat, ordered)
@@ -216,7 +258,8 @@ if __name__ == "__main__":
     commands: dict[str, Callable[..., None]] = {"crf": lambda rev, labels="21": crf(rev, int(labels)),
                                                 "exp": exp, "smalln": lambda n="16": smalln(int(n)),
                                                 "stages": stages,  # stages [photo|volume]
-                                                "filters": filters}  # filters [VALUES]
+                                                "filters": filters,  # filters [VALUES]
+                                                "volume": volume}
     if what not in commands:
         print(__doc__)
         sys.exit(0 if what == "--help" else 2)

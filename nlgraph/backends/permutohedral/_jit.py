@@ -459,9 +459,12 @@ def _small_pages() -> Iterator[None]:
 
     numpy asks for transparent huge pages on arrays of 4 MB and more; where the kernel's THP defrag
     policy is ``madvise`` (a common default), each first touch of such an array may compact memory
-    synchronously: on the 2-core VM the 64x128x128 volume's two builds took 0.23-0.27 s and 0.25-0.30 s
-    with it and 0.14-0.15 s each without (``python benchmarks/turns.py stages volume``; pydensecrf's
-    ~0.2 s each, whose arrays never ask for huge pages), the builder's temporaries being touched once.
+    synchronously: on the 2-core VM the 64x128x128 volume's two ``addPairwiseEnergy`` calls (build and
+    normalisation, cold, alternating with pydensecrf: ``python benchmarks/turns.py volume``, minima of
+    three rounds, two runs each) took 0.24-0.29 s and 0.26-0.33 s at 98d48e1 (with huge pages) and
+    0.15-0.18 s and 0.15-0.17 s with this (pydensecrf's 0.19-0.31 s and 0.20-0.27 s, whose arrays never
+    ask for huge pages); the builder's temporaries are touched once. (Repeated builds alone, as in
+    ``stages volume``, reuse freed huge pages and show no difference.)
     """
     global _SMALL_PAGES_USERS, _SMALL_PAGES_SAVED
     switch = _madvise_switch()
