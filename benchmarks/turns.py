@@ -224,14 +224,14 @@ def stages(what: str = "photo") -> None:
     spent: collections.Counter = collections.Counter()
     run = _jit._run
 
-    def timed(fn, bounds):
+    def timed(fn, bounds, threads):
         """_jit._run, timed under the name of the kernel its part function calls: a module-level
         ``_kernel``, or ``elevate`` / ``vertices`` (the per-d kernels, closure variables of build)."""
         code = fn.__code__
         label = next((n for n in code.co_names if n.startswith("_")),
                      next((n for n in code.co_freevars if n in ("elevate", "vertices")), "?"))
         t = time.perf_counter_ns()
-        out = run(fn, bounds)
+        out = run(fn, bounds, threads)
         spent[label] += time.perf_counter_ns() - t
         return out
 

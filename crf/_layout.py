@@ -58,9 +58,9 @@ def transposed(x: Tensor) -> Tensor:
     wide, tall = kernels
     threads = torch.get_num_threads()
     if rows >= cols:  # parts along the longer side
-        _jit._run(lambda t, s, e: tall(a, o, s, e), _jit._bounds(0, rows, threads))
+        _jit._run(lambda t, s, e: tall(a, o, s, e), _jit._bounds(0, rows, threads), threads)
     else:
-        _jit._run(lambda t, s, e: wide(a, o, s, e), _jit._bounds(0, cols, threads))
+        _jit._run(lambda t, s, e: wide(a, o, s, e), _jit._bounds(0, cols, threads), threads)
     return out
 
 

@@ -270,3 +270,56 @@ def test_builds_leave_numpys_huge_page_setting_as_they_found_it():
             assert switch(setting) == setting  # restored after the last one
     finally:
         switch(original)
+
+
+def test_points_beyond_int32_lattice_coordinates_build_the_same_lattice():
+    """Remainder-0 points are kept in int32 only while the coordinates' bound fits: these (lattice
+    coordinates ~1e9, resolved in float64) take the int64 arrays, and both builders still agree."""
+    gen = torch.Generator().manual_seed(15)
+    q = (torch.rand(1, 400, 2, generator=gen, dtype=torch.float64) * 6 + 4e8)
+    assert L._elevation_bound(q) > 2.0 ** 31
+    _assert_same_lattice(q, q, True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("count", [1, 2, 7, 9])
+def test_parts_run_once_each_in_order_of_their_index(threads, count):
+    import threading
+
+    from nlgraph.backends.permutohedral import _jit
+
+    bounds = [10 * i for i in range(count + 1)]
+    seen, lock = [], threading.Lock()
+
+    def part(t, s, e):
+        with lock:
+            seen.append((t, s, e))
+        return -t
+
+    assert _jit._run(part, bounds, threads) == [-t for t in range(count)]
+    assert sorted(seen) == [(t, 10 * t, 10 * t + 10) for t in range(count)]
+
+
+def test_a_failing_part_stops_the_rest_and_raises_after_the_running_ones():
+    import threading
+    import time
+
+    from nlgraph.backends.permutohedral import _jit
+
+    done, lock = [], threading.Lock()
+
+    def part(t, s, e):
+        if t == 1:
+            raise RuntimeError("part 1 failed")
+        time.sleep(0.01)
+        with lock:
+            done.append(t)
+
+    for threads in (1, 2, 4):
+        done.clear()
+        with pytest.raises(RuntimeError, match="part 1 failed"):
+            _jit._run(part, list(range(0, 2001, 100)), threads)
+        finished = list(done)
+        time.sleep(0.05)
+        assert done == finished  # nothing still running once the error is raised
+        assert len(done) < 19  # the parts not yet started when it failed never ran

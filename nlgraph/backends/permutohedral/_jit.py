@@ -17,6 +17,7 @@ this file, or under ``NUMBA_CACHE_DIR``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
@@ -328,40 +329,48 @@ def _blur_cols(plus, minus, start, end, cols, vals):
 
 @njit(cache=True, nogil=True)
 def _point_rows(corner_vid, bary, start, end, cols, vals):
-    """Point-major CSR rows for points [start, end): each row's d+1 corners (matrix index = vertex id
-    + 1) in increasing order with their weights (row p at p (d+1) of the flat cols / vals)."""
+    """Point-major CSR rows for points [start, end): row p of cols / vals (P, d+1) gets its d+1 corners
+    (matrix index = vertex id + 1) in increasing order with their weights. cols / vals may be
+    corner_vid / bary themselves (each row is read before it is written): the rows then take no memory
+    of their own."""
     d1 = corner_vid.shape[1]
+    ids = np.empty(d1, corner_vid.dtype)
+    w = np.empty(d1, bary.dtype)
     for p in range(start, end):
-        o = p * d1
         for r in range(d1):
-            c = corner_vid[p, r]
-            k = o
+            ids[r] = corner_vid[p, r]
+            w[r] = bary[p, r]
+        for r in range(d1):
+            c = ids[r]
+            k = 0
             for s in range(d1):  # the corners' ids are distinct: r's place is how many are smaller
-                k += corner_vid[p, s] < c  # (branch-free: an insertion sort mispredicts ~d times a point)
-            cols[k] = c + 1
-            vals[k] = bary[p, r]
+                k += ids[s] < c  # (branch-free: an insertion sort mispredicts ~d times a point)
+            cols[p, k] = c + 1
+            vals[p, k] = w[r]
 
 
 @njit(cache=True, nogil=True)
-def _count(corner_vid, start, end, count):
-    """count[u + 1] += the entries points [start, end) put in vertex u's row."""
-    d1 = corner_vid.shape[1]
+def _count(cols, start, end, count):
+    """count[c] += the entries points [start, end) put in row c of the vertex-major matrix (cols: the
+    point-major rows' matrix indices)."""
+    d1 = cols.shape[1]
     for p in range(start, end):
         for r in range(d1):
-            count[corner_vid[p, r] + 1] += 1
+            count[cols[p, r]] += 1
 
 
 @njit(cache=True, nogil=True)
-def _fill(corner_vid, bary, start, end, first, nxt, cols, vals):
-    """The entries of points [start, end) in the vertex-major rows: column p - first, each row's next
-    free entry in ``nxt`` (this part's own; points in increasing order, so columns increase)."""
-    d1 = corner_vid.shape[1]
+def _fill(cols, pvals, start, end, first, nxt, vcols, vals):
+    """The entries of points [start, end) in the vertex-major rows, from the point-major rows (cols,
+    pvals): column p - first, each row's next free entry in ``nxt`` (this part's own; points in
+    increasing order, so columns increase)."""
+    d1 = cols.shape[1]
     for p in range(start, end):
         for r in range(d1):
-            u = corner_vid[p, r] + 1
+            u = cols[p, r]
             k = nxt[u]
-            cols[k] = p - first
-            vals[k] = bary[p, r]
+            vcols[k] = p - first
+            vals[k] = pvals[p, r]
             nxt[u] = k + 1
 
 
@@ -376,7 +385,8 @@ def _column_scaled(vals, cols, scale, start, end, out):
 def column_scaled(vals: np.ndarray, cols: np.ndarray, scale: np.ndarray, threads: int) -> np.ndarray:
     """:func:`_column_scaled` over all entries, in parts over ``threads`` on the pool."""
     out = np.empty_like(vals)
-    _run(lambda t, s, e: _column_scaled(vals, cols, scale, s, e, out), _bounds(0, vals.shape[0], threads))
+    _run(lambda t, s, e: _column_scaled(vals, cols, scale, s, e, out), _bounds(0, vals.shape[0], threads),
+         threads)
     return out
 
 
@@ -397,40 +407,73 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 #: Points (or vertices) per part at least: smaller inputs run in fewer parts (a part costs ~0.1 ms).
 _MIN_PART = 1 << 14
+#: Parts per thread: the threads take parts as they come free (dynamic scheduling), so a thread that
+#: starts late or runs slow (the 2-core VM: torch's OpenMP workers spin on the other core for a few ms
+#: after each parallel op, and a woken thread waited up to ~5 ms) leaves its share to the others.
+_PARTS_PER_THREAD = 4
 
 
 def _bounds(start: int, end: int, threads: int) -> list[int]:
-    """Part boundaries splitting [start, end) into up to ``threads`` parts of >= _MIN_PART items."""
-    parts = max(1, min(threads, (end - start) // _MIN_PART))
+    """Part boundaries splitting [start, end) into up to ``threads`` * :data:`_PARTS_PER_THREAD` parts
+    of >= _MIN_PART items (one part on one thread)."""
+    most = 1 if threads <= 1 else threads * _PARTS_PER_THREAD
+    parts = max(1, min(most, (end - start) // _MIN_PART))
     return [start + (end - start) * i // parts for i in range(parts + 1)]
 
 
-def _run(fn: Callable[[int, int, int], Any], bounds: list[int]) -> list[Any]:
-    """[fn(t, bounds[t], bounds[t + 1]) for each part t], the parts on the pool (nogil kernels)."""
-    if len(bounds) == 2:
-        return [fn(0, bounds[0], bounds[1])]
-    pool = _pool(len(bounds) - 1)
-    futures = [pool.submit(fn, t, bounds[t], bounds[t + 1]) for t in range(len(bounds) - 1)]
-    return [f.result() for f in futures]
+def _run(fn: Callable[[int, int, int], Any], bounds: list[int], threads: int) -> list[Any]:
+    """[fn(t, bounds[t], bounds[t + 1]) for each part t] (nogil kernels) on up to ``threads`` threads:
+    the calling thread and pool threads take the parts in turn as each comes free (the caller works
+    instead of waiting: one thread fewer to wake). An error stops the parts not yet started and is
+    raised once every running part has finished (they write the caller's arrays)."""
+    count = len(bounds) - 1
+    if count == 1 or threads <= 1:
+        return [fn(t, bounds[t], bounds[t + 1]) for t in range(count)]
+    out: list[Any] = [None] * count
+    turn = itertools.count()  # (next() on it is atomic under the GIL)
+    failed = threading.Event()
+
+    def work() -> None:
+        while not failed.is_set():
+            t = next(turn)
+            if t >= count:
+                return
+            try:
+                out[t] = fn(t, bounds[t], bounds[t + 1])
+            except BaseException:
+                failed.set()
+                raise
+
+    helpers = min(threads, count) - 1
+    futures = [_pool(helpers).submit(work) for _ in range(helpers)]
+    try:
+        work()
+    finally:
+        for f in futures:
+            f.exception()  # (waits)
+    for f in futures:
+        f.result()  # a helper's error
+    return out
 
 
-def _vertex_major(corner_vid: np.ndarray, bary: np.ndarray, start: int, end: int, num_v: int, threads: int,
+def _vertex_major(cols: np.ndarray, pvals: np.ndarray, start: int, end: int, num_v: int, threads: int,
                   index_dtype: Callable[..., Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(crow, cols, vals) of the (V + 2, end - start) CSR splatting points [start, end) onto their
-    corners: a counting sort by vertex in parts (each part counts its points, then fills its share of
-    every row after the earlier parts': columns increase within each row, as in one pass)."""
-    d1 = corner_vid.shape[1]
+    corners, from the point-major rows (cols, pvals): a counting sort by vertex in parts (each part
+    counts its points, then fills its share of every row after the earlier parts': columns increase
+    within each row, as in one pass)."""
+    d1 = cols.shape[1]
     nnz = (end - start) * d1
     bounds = _bounds(start, end, threads)
     counts = np.zeros((len(bounds) - 1, num_v + 3), np.int64)
-    _run(lambda t, s, e: _count(corner_vid, s, e, counts[t, 1:]), bounds)
-    crow = np.cumsum(counts.sum(0))  # counts[:, 0] = 0: crow[0] = 0, crow[u + 1] = entries up to row u
-    # part t's first entry in row u: crow[u] + the entries of parts before t
+    _run(lambda t, s, e: _count(cols, s, e, counts[t, 1:]), bounds, threads)
+    crow = np.cumsum(counts.sum(0))  # counts[:, :2] = 0: crow[0] = 0, crow[c + 1] = entries up to row c
+    # part t's first entry in row c: crow[c] + the entries of parts before t
     nxt = crow[None, :-1] + np.cumsum(counts[:, 1:], 0) - counts[:, 1:]
-    cols = np.empty(nnz, index_dtype(nnz, num_v + 2, end - start))
-    vals = np.empty(nnz, bary.dtype)
-    _run(lambda t, s, e: _fill(corner_vid, bary, s, e, start, nxt[t], cols, vals), bounds)
-    return crow, cols, vals
+    vcols = np.empty(nnz, index_dtype(nnz, num_v + 2, end - start))
+    vals = np.empty(nnz, pvals.dtype)
+    _run(lambda t, s, e: _fill(cols, pvals, s, e, start, nxt[t], vcols, vals), bounds, threads)
+    return crow, vcols, vals
 
 
 def _madvise_switch() -> Optional[Callable[[bool], bool]]:
@@ -492,17 +535,20 @@ def build(*args: Any) -> dict[str, Any]:
 
 def _build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: bool, threads: int,
           strides_for: Callable[[list[int], list[int]], tuple[list[int], int]],
-          index_dtype: Callable[..., Any]) -> dict[str, Any]:
+          index_dtype: Callable[..., Any], bound: float = float("inf"),
+          corners: bool = False) -> dict[str, Any]:
     """The lattice of points ``pts`` (P, d) (float32 or float64, any strides): the B*N query points
     first (batch p // n), then unless ``same`` the B*M key points (batch (p - nq) // m).
 
     ``strides_for(lo, hi)``: the code strides (d coordinates and the batch) and offset for remainder-0
     coordinates in [lo, hi] (it raises where they do not fit int64); ``index_dtype(*sizes)``: the CSR
-    index dtype. Returns numpy arrays: ``rank`` (P, d+1) uint8, ``corner_vid`` (P, d+1) int32 (vertex
-    ids, in order of first touch), ``num_v``, the blur ``cols`` and ``blur_vals`` (d+1, 3V), the
-    point-major rows (``point_cols``, ``point_vals``, (P, d+1) each) and the vertex-major matrices
-    (``vertex``: one (crow, cols, vals) for all points when ``same``, else for the query points and the
-    key points).
+    index dtype; ``bound``: a bound on the magnitude of the points' lattice coordinates (remainder-0
+    points are kept in int32 below 2^31: half the memory of int64). Returns numpy arrays: with
+    ``corners``, ``rank`` (P, d+1) uint8 and ``corner_vid`` (P, d+1) int32 (vertex ids, in order of
+    first touch; else None: their memory is reused), ``num_v``, the blur ``cols`` and ``blur_vals``
+    (d+1, 3V), the point-major rows (``point_cols``, ``point_vals``, (P, d+1) each) and the
+    vertex-major matrices (``vertex``: one (crow, cols, vals) for all points when ``same``, else for
+    the query points and the key points).
     """
     p_total, d = pts.shape
     d1 = d + 1
@@ -510,47 +556,52 @@ def _build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: b
     ints = np.arange(d1 + 1, dtype=dt)
     inv = dt.type(1.0 / d1)
     sc = np.asarray(scale, dtype=dt)
-    rem0 = np.empty((p_total, d), np.int64)
+    # |rem0| <= |elevated coordinate| + the rounding and the rank shift (< 2 (d + 1))
+    rem0 = np.empty((p_total, d), np.int32 if bound + 4 * d1 < 2.0 ** 31 else np.int64)
     rank = np.empty((p_total, d1), np.uint8)
     bary = np.empty((p_total, d1), dt)
     parts = _bounds(0, p_total, threads)
     lo = np.empty((len(parts) - 1, d), np.int64)
     hi = np.empty_like(lo)
     elevate = ELEVATE.get(d, _elevate)  # unrolled for this d where generated (the same results)
-    _run(lambda t, s, e: elevate(pts, sc, ints, inv, s, e, rem0, rank, bary, lo[t], hi[t]), parts)
+    _run(lambda t, s, e: elevate(pts, sc, ints, inv, s, e, rem0, rank, bary, lo[t], hi[t]), parts, threads)
     strides, offset = strides_for(lo.min(0).tolist(), hi.max(0).tolist())
     st = np.asarray(strides, dtype=np.int64)
     corner_vid = np.empty((p_total, d1), np.int32)
     vertices = VERTICES.get(d, _vertices)
     found = _run(lambda t, s, e: vertices(rem0, rank, st, np.int64(offset), nq, n, max(m, 1), same, s, e,
-                                          corner_vid), parts)
+                                          corner_vid), parts, threads)
     # number the vertices in order of first touch (the first point's corners first; each part lists its
     # codes in order of first appearance, the parts in point order) and map each part's ids to it
     listed = np.concatenate(found) if len(found) > 1 else found[0]
     keys, vals, codes, where = _merge(listed, np.int64(1) << _log2(max(2 * listed.shape[0], 16)))
     starts = np.cumsum([0] + [f.shape[0] for f in found])
     if len(found) > 1:  # (part 0's ids are already the global ones)
-        _run(lambda t, s, e: _remap(corner_vid, s, e, where[starts[t]:starts[t + 1]]) if t else None, parts)
+        _run(lambda t, s, e: _remap(corner_vid, s, e, where[starts[t]:starts[t + 1]]) if t else None, parts,
+             threads)
     num_v = codes.shape[0]
     ssum = int(st[:d].sum())
     deltas = np.asarray([ssum - d1 * strides[j] for j in range(d)] + [ssum], dtype=np.int64)
     plus = np.empty((num_v, d1), np.int32)
     vparts = _bounds(0, num_v, threads)
-    _run(lambda t, s, e: _neighbours(codes, keys, vals, deltas, s, e, plus), vparts)
+    _run(lambda t, s, e: _neighbours(codes, keys, vals, deltas, s, e, plus), vparts, threads)
     minus = np.empty_like(plus)
     _invert(plus, minus)
     cols = np.empty((d1, 3 * num_v), index_dtype(3 * num_v + 1, num_v + 2))
     blur_vals = np.empty((d1, 3 * num_v), dt)
-    _run(lambda t, s, e: _blur_cols(plus, minus, s, e, cols, blur_vals), vparts)
-    point_cols = np.empty((p_total, d1), index_dtype(num_v + 2, p_total * d1))
-    point_vals = np.empty((p_total, d1), dt)
-    _run(lambda t, s, e: _point_rows(corner_vid, bary, s, e, point_cols.reshape(-1), point_vals.reshape(-1)),
-         parts)
+    _run(lambda t, s, e: _blur_cols(plus, minus, s, e, cols, blur_vals), vparts, threads)
+    point_index = index_dtype(num_v + 2, p_total * d1)
+    if corners or point_index != corner_vid.dtype:
+        point_cols = np.empty((p_total, d1), point_index)
+        point_vals = np.empty((p_total, d1), dt)
+    else:  # the rows sorted in place: corner_vid and bary are not needed after (fresh memory is dear:
+        # ~0.6 ms per MB on the 2-core VM, 6 MB each on the 512x512 photo's bilateral lattice)
+        point_cols, point_vals = corner_vid, bary
+    _run(lambda t, s, e: _point_rows(corner_vid, bary, s, e, point_cols, point_vals), parts, threads)
     ranges = [(0, p_total)] if same else [(0, nq), (nq, p_total)]
-    vertex = [_vertex_major(corner_vid, bary, s, e, num_v, threads, index_dtype) for s, e in ranges]
-    return dict(rank=rank, corner_vid=corner_vid, num_v=num_v, cols=cols, blur_vals=blur_vals,
-                point_cols=point_cols,
-                point_vals=point_vals, vertex=vertex)
+    vertex = [_vertex_major(point_cols, point_vals, s, e, num_v, threads, index_dtype) for s, e in ranges]
+    return dict(rank=rank if corners else None, corner_vid=corner_vid if corners else None, num_v=num_v,
+                cols=cols, blur_vals=blur_vals, point_cols=point_cols, point_vals=point_vals, vertex=vertex)
 
 
 # the kernels unrolled for each d up to _jit_gen.MAX_D (generated from the ones above: they import

@@ -284,7 +284,9 @@ def _elevation_gain(d: int) -> float:
 
 def _elevation_bound(*points: Tensor) -> float:
     """A bound on the magnitude of the lattice coordinates of point sets (..., d) (inf if not finite)."""
-    return max(float(p.detach().abs().amax()) for p in points) * _elevation_gain(points[0].shape[-1])
+    # aminmax, not abs().amax(): no temporary the size of the points (NaN propagates either way)
+    return max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(p.detach()) for p in points)) \
+        * _elevation_gain(points[0].shape[-1])
 
 
 def _elevation_matrix(d: int, dtype: torch.dtype, device) -> Tensor:
@@ -366,13 +368,13 @@ def _np_index_dtype(*sizes: int) -> Any:
 
 
 def _build_jit(jit: Any, pts: Tensor, b: int, n: int, m: int, same: bool, dt: torch.dtype,
-               corners: bool) -> Lattice:
+               corners: bool, bound: float) -> Lattice:
     """:func:`build_lattice` by the compiled CPU kernels (see :mod:`._jit`)."""
     d = pts.shape[1]
     d1 = d + 1
     nq = b * n
     out = jit.build(pts.detach().numpy(), _scales(d), nq, n, m, same, torch.get_num_threads(),
-                    lambda lo, hi: _code_layout(lo, hi, b), _np_index_dtype)
+                    lambda lo, hi: _code_layout(lo, hi, b), _np_index_dtype, bound, corners)
     num_v = int(out["num_v"])
 
     def vals(a: np.ndarray) -> Tensor:
@@ -434,7 +436,7 @@ def build_lattice(query: Tensor, key: Tensor, same: bool, dtype: Optional[torch.
         pts = pts.double()
     jit = _jit_module() if dev.type == "cpu" and pts.dtype in (torch.float32, torch.float64) else None
     if jit is not None:
-        return _build_jit(jit, pts, b, n, m, same, dt, corners)
+        return _build_jit(jit, pts, b, n, m, same, dt, corners, bound)
     rem0, rank, bary = _elevate(pts)  # (d + 1, P) each
     bary = bary.to(dt)
     # Lattice points are packed into int64 codes  sum_i (key[i] - lo[i]) * stride[i] + batch * stride[d]
