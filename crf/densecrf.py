@@ -144,10 +144,20 @@ def _softmax_labels(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torc
     return torch.softmax(x, dim=1, out=out)
 
 
+def _divided(rows: list[np.ndarray], by: list) -> torch.Tensor:
+    """(len(rows), N) float32 features rows[i] / float32(by[i]) (pydensecrf's float arithmetic),
+    written in place into one array (no temporary per row)."""
+    out = np.empty((len(rows), rows[0].shape[0]), np.float32)
+    for i, (r, b) in enumerate(zip(rows, by, strict=True)):
+        np.divide(r, np.float32(b), out=out[i], dtype=np.float32)
+    return torch.from_numpy(out)
+
+
 class _Pairwise:
     """One pairwise term: features, compatibility and kernel normalisation."""
 
-    def __init__(self, crf: "DenseCRF", features: torch.Tensor, compat, kernel, normalization):
+    def __init__(self, crf: "DenseCRF", features: torch.Tensor, compat, kernel, normalization,
+                 cached: bool = True):
         if kernel not in (CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL):
             raise ValueError(f"kernel must be CONST_KERNEL, DIAG_KERNEL or FULL_KERNEL, got {kernel!r}")
         if normalization not in (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC):
@@ -158,9 +168,17 @@ class _Pairwise:
         self.normalization = normalization
         self.kind, self.compat = self._compat(compat, crf.n_labels)
         self._scaled: Optional[tuple[str, Optional[Lattice]]] = None  # (backend, its lattice): _lattice()
+        # cached: the lattice comes from (and stays in) the core op's cache (features that come again,
+        # e.g. the positions of every same-size image); else it is this term's own, scaled in place
+        self._cached = cached
+        self._base: Optional[Lattice] = None  # the unscaled lattice made here, until _lattice() takes it
         if normalization != NO_NORMALIZATION:
             ones = torch.ones(features.shape[0], 1)
-            k1 = self.filter(ones)[:, 0]
+            if crf.backend == "permutohedral":  # the lattice's K 1 (as aggregate's, bit for bit)
+                self._base = self._unscaled()
+                k1 = self._base.filter(ones)[:, 0]
+            else:
+                k1 = self.filter(ones)[:, 0]
             symmetric = normalization == NORMALIZE_SYMMETRIC
             self.norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
 
@@ -211,12 +229,17 @@ class _Pairwise:
         if self._scaled is None or self._scaled[0] != backend:
             lattice = None
             if backend == "permutohedral":
-                base = permutohedral.lattice_of(self.features, self.features,
-                                                nlgraph.Gaussian(1.0, normalize=False))
+                base, self._base = self._base or self._unscaled(), None
                 lattice = base.scaled(self.norm if self._after() else None,
-                                      self.norm if self._before() else None)
+                                      self.norm if self._before() else None, inplace=not self._cached)
             self._scaled = (backend, lattice)
         return self._scaled[1]
+
+    def _unscaled(self) -> Lattice:
+        """The lattice of K on these features: the core op's (cached) one, or a new one of this
+        term's own (``cached=False``)."""
+        return permutohedral.lattice_of(self.features, self.features, nlgraph.Gaussian(1.0, normalize=False),
+                                        cache=self._cached)
 
     def normalised(self, q: torch.Tensor, scale: float = 1.0, add: Optional[torch.Tensor] = None,
                    out: Optional[torch.Tensor] = None,
@@ -337,8 +360,12 @@ class DenseCRF:
         if feats.shape[1] != self._nvar:
             raise ValueError(f"Bad shape for pairwise energy (Need (?, {self._nvar}), "
                              f"got {tuple(feats.shape)})")
+        self._add_pairwise(feats, compat, kernel, normalization)
+
+    def _add_pairwise(self, feats: torch.Tensor, compat, kernel, normalization, cached: bool = True) -> None:
+        """addPairwiseEnergy on features (D, nvar) of our own (no copy); ``cached``: see _Pairwise."""
         # (N, D) as a view of the (D, N) array: the lattice reads coordinate rows (no transposing copy)
-        self._pairwise.append(_Pairwise(self, feats.T, compat, kernel, normalization))
+        self._pairwise.append(_Pairwise(self, feats.T, compat, kernel, normalization, cached))
 
     # ---------------------------------------------------------------- inference
 
@@ -443,8 +470,7 @@ class DenseCRF2D(DenseCRF):
         """Smoothness kernel on positions: features (x / sx, y / sy)."""
         sx, sy = self._pair("sxy", sxy, 2)
         x, y = self._grid()
-        feats = np.stack([x / np.float32(sx), y / np.float32(sy)])
-        self.addPairwiseEnergy(feats, compat, kernel, normalization)
+        self._add_pairwise(_divided([x, y], [sx, sy]), compat, kernel, normalization)
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,
                              normalization=NORMALIZE_SYMMETRIC) -> None:
@@ -465,7 +491,8 @@ class DenseCRF2D(DenseCRF):
                              "`utils.create_pairwise_bilateral` to construct your own pairwise energy and "
                              "add it through `addPairwiseEnergy`.")
         x, y = self._grid()
-        col = im.reshape(-1, 3).astype(np.float32)
-        feats = np.stack([x / np.float32(sx), y / np.float32(sy), col[:, 0] / np.float32(sr),
-                          col[:, 1] / np.float32(sg), col[:, 2] / np.float32(sb)])
-        self.addPairwiseEnergy(feats, compat, kernel, normalization)
+        col = im.reshape(-1, 3)
+        # the image's own lattice: features no later image repeats, so no cache entry (and no copy of
+        # them) is kept, and the kernel normalisation scales its weights in place
+        feats = _divided([x, y, col[:, 0], col[:, 1], col[:, 2]], [sx, sy, sr, sg, sb])
+        self._add_pairwise(feats, compat, kernel, normalization, cached=False)

@@ -389,3 +389,38 @@ def test_scaled_lattices_follow_the_backend_and_inference_mode():
     with torch.inference_mode():
         np.testing.assert_array_equal(d2.inference(3), q2)
     np.testing.assert_array_equal(q2, lattice_q)
+
+
+def test_bilateral_terms_keep_a_lattice_of_their_own():
+    """addPairwiseBilateral's lattice is the term's own (no cache entry, no copy of the image's
+    features kept; its weights scaled in place by the kernel normalisation), addPairwiseGaussian's the
+    core op's cached one; the CRF's Q equals one whose terms both come through addPairwiseEnergy
+    (cached lattices, scaled copies) on the features written out in pydensecrf's float arithmetic,
+    bit for bit, and a second inference gives it again."""
+    from nlgraph.backends import permutohedral
+    from nlgraph.backends.permutohedral import cache as cache_module
+
+    img = np.ascontiguousarray(IMAGES["astronaut"]()[::8, ::8])
+    h, w = img.shape[:2]
+    unary = pydensecrf_utils.unary_from_labels(noisy_labels(img, 4), 4, gt_prob=0.7, zero_unsure=False)
+    permutohedral.clear_cache()
+    d = ours.DenseCRF2D(w, h, 4)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    assert len(cache_module._cache) == 1
+    d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=10)
+    assert len(cache_module._cache) == 1
+    q = d.inference(3)
+    np.testing.assert_array_equal(d.inference(3), q)
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    x, y = xx.reshape(-1), yy.reshape(-1)
+    col = img.reshape(-1, 3).astype(np.float32)
+    f13 = np.float32(13)
+    bilateral = np.stack([x / np.float32(20), y / np.float32(20), col[:, 0] / f13, col[:, 1] / f13,
+                          col[:, 2] / f13])
+    assert torch.equal(d._pairwise[1].features, torch.from_numpy(bilateral).T)
+    e = ours.DenseCRF(h * w, 4)
+    e.setUnaryEnergy(unary)
+    e.addPairwiseEnergy(np.stack([x / np.float32(3), y / np.float32(3)]), compat=3)
+    e.addPairwiseEnergy(bilateral, compat=10)
+    np.testing.assert_array_equal(e.inference(3), q)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -682,3 +684,71 @@ def test_scaled_and_lattice_of_refuse_bad_arguments():
         P.lattice_of(q, torch.rand(30, 3, dtype=torch.float64), A.Gaussian(1.0))
     with pytest.raises(ValueError, match="do not broadcast"):
         P.lattice_of(torch.rand(2, 30, 2), torch.rand(3, 30, 2), A.Gaussian(1.0))
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["compiled", "tensor"])
+@pytest.mark.parametrize("same", [True, False])
+def test_in_place_scaling_equals_the_scaled_copy(monkeypatch, same, jit):
+    """``lattice_of(..., cache=False)`` is the cached lattice's twin (the same filter, bit for bit) and
+    leaves the cache as it was; ``scaled(..., inplace=True)`` on it filters as ``scaled(...)`` on the
+    cached one, both ways, reusing the twin's own weights where every use of a matrix takes the same
+    factor (and leaving the cached lattice untouched)."""
+    if jit:
+        pytest.importorskip("numba")
+    monkeypatch.setattr(lattice_module, "USE_JIT", jit)
+    from nlgraph.backends.permutohedral import cache as cache_module
+
+    P.clear_cache()
+    gen = torch.Generator().manual_seed(6)
+    q = torch.rand(80, 3, generator=gen) * 5
+    k = q if same else torch.rand(60, 3, generator=gen) * 5
+    aff = A.Gaussian(1.0, normalize=False)
+    cached = P.lattice_of(q, k, aff)
+    v = torch.rand(k.shape[0], 3, generator=gen)
+    w = torch.rand(q.shape[0], 2, generator=gen)
+    before = cached.filter(v)
+    r = torch.rand(q.shape[0], generator=gen) + 0.5
+    c = r if same else torch.rand(k.shape[0], generator=gen) + 0.5
+    for rows, cols in ((r, c), (r, None), (None, c)):
+        entries = len(cache_module._cache)
+        own = P.lattice_of(q, k, aff, cache=False)
+        assert len(cache_module._cache) == entries
+        assert own is not cached and torch.equal(own.filter(v), before)
+        weights = {own.splat.values().data_ptr(), own.slice.values().data_ptr()}
+        copy, inplace = cached.scaled(rows, cols), own.scaled(rows, cols, inplace=True)
+        assert torch.equal(inplace.filter(v), copy.filter(v))
+        assert torch.equal(inplace.filter(w, transpose=True), copy.filter(w, transpose=True))
+        if rows is not None and (cols is rows or not same):  # every use alike: no new weights
+            assert inplace.slice.values().data_ptr() in weights
+        if not same or (rows is not None and cols is rows):
+            assert inplace.splat.values().data_ptr() in weights or cols is None
+    assert torch.equal(cached.filter(v), before)  # the cached lattice was never scaled
+
+
+def test_unit_bandwidth_builds_on_the_features_unchanged():
+    """A float bandwidth of 1 skips the division (the build reads the caller's features): the same
+    lattice as a tensor bandwidth of 1 (which divides), and the features are left as they were."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.rand(2, 90, 3, generator=gen) * 4
+    keep = q.clone()
+    v = torch.rand(2, 90, 2, generator=gen)
+    P.clear_cache()
+    a = nlgraph.aggregate(q, q, v, A.Gaussian(1.0), backend="permutohedral")
+    P.clear_cache()
+    b = nlgraph.aggregate(q, q, v, A.Gaussian(torch.tensor(1.0)), backend="permutohedral")
+    assert torch.equal(a, b) and torch.equal(q, keep)
+
+
+def test_the_elevation_bound_is_the_largest_magnitude():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 4, generator=gen, dtype=torch.float64) * 7
+    gain = lattice_module._elevation_gain(4)
+    want = float(x.abs().max()) * gain
+    for t in (x, x.float(), x.T.contiguous().T, x[::3], -x, x._neg_view()):
+        assert lattice_module._elevation_bound(t) == pytest.approx(float(t.abs().max()) * gain, rel=0, abs=0)
+    assert lattice_module._elevation_bound(x, x[:2] * 3) == max(want, float(x[:2].abs().max() * 3) * gain)
+    bad = x.clone()
+    bad[5, 1] = float("nan")
+    assert math.isnan(lattice_module._elevation_bound(bad))
+    bad[5, 1] = float("-inf")
+    assert lattice_module._elevation_bound(bad) == float("inf")

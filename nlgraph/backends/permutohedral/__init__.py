@@ -119,14 +119,19 @@ def prefer(query, key, value, affinity, graph) -> bool:
 
 
 def _lattice(query: Tensor, key: Tensor, affinity: Gaussian, lead: tuple, cd: torch.dtype,
-             corners: bool) -> Lattice:
+             corners: bool, cache: bool = True) -> Lattice:
     """The (cached) lattice of the scaled points over the broadcast batch ``lead``, matrices in ``cd``."""
     n, m, d = query.shape[-2], key.shape[-2], query.shape[-1]
     same = query is key
+    unit = not isinstance(affinity.bandwidth, Tensor) and float(affinity.bandwidth) == 1.0
 
     def points(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():  # (a bandwidth that needs gradients: the build is not differentiated)
-            q, k = affinity.scaled(query.detach().to(dtype), key.detach().to(dtype))  # fresh: ours alone
+        if unit:  # (the build only reads the points: no divided copy of them)
+            q, k = query.detach().to(dtype), key.detach().to(dtype)
+            k = q if same else k
+        else:
+            with torch.no_grad():  # (a bandwidth that needs gradients: the build is not differentiated)
+                q, k = affinity.scaled(query.detach().to(dtype), key.detach().to(dtype))
         # no .contiguous(): the lattice reads coordinate rows, so coordinate-major (d, N) storage is
         # as good as or better than (N, d), and a transposing copy costs ~1 ms per 262k points
         q = q.expand(*lead, n, d).reshape(-1, n, d)
@@ -134,10 +139,10 @@ def _lattice(query: Tensor, key: Tensor, affinity: Gaussian, lead: tuple, cd: to
         return q, k
 
     with torch.no_grad():
-        return _cached_lattice(query, key, same, lead, cd, affinity, points, corners=corners)
+        return _cached_lattice(query, key, same, lead, cd, affinity, points, corners=corners, cache=cache)
 
 
-def lattice_of(query: Tensor, key: Tensor, affinity: Gaussian) -> Lattice:
+def lattice_of(query: Tensor, key: Tensor, affinity: Gaussian, *, cache: bool = True) -> Lattice:
     """The lattice this backend filters ``aggregate(query, key, v, affinity)`` on, for a caller that
     applies one lattice many times with scalings folded in (:meth:`Lattice.scaled`,
     :meth:`Lattice.filter`'s ``scale`` / ``add``): a dense CRF's mean-field iterations.
@@ -147,6 +152,10 @@ def lattice_of(query: Tensor, key: Tensor, affinity: Gaussian) -> Lattice:
     query (..., N, d) and key (..., M, d) float tensors whose batch dims broadcast, the values of the
     filter (B*M, e) in ``compute_dtype`` of the query's dtype (float32 for float32). No gradient
     flows through it (``run`` is the differentiable path).
+
+    ``cache=False``: a lattice of the caller's own (the same matrices), neither looked up in nor added
+    to the cache (no copy of the features kept, no lattice held for features that will not come
+    again), which :meth:`Lattice.scaled` may then scale in place.
     """
     if type(affinity) is not Gaussian or affinity.offset or affinity.cutoff is not None:
         raise ValueError(f"lattice_of: the lattice filters plain Gaussians, got {affinity!r}")
@@ -162,7 +171,7 @@ def lattice_of(query: Tensor, key: Tensor, affinity: Gaussian) -> Lattice:
     except RuntimeError:
         raise ValueError(f"lattice_of: query {tuple(query.shape)} and key {tuple(key.shape)} batch dims do "
                          f"not broadcast") from None
-    return _lattice(query, key, affinity, lead, compute_dtype(query.dtype), False)
+    return _lattice(query, key, affinity, lead, compute_dtype(query.dtype), False, cache=bool(cache))
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, affinity: Gaussian, graph, *, return_lse: bool = False):

@@ -382,9 +382,11 @@ def _column_scaled(vals, cols, scale, start, end, out):
         out[k] = vals[k] * scale[cols[k]]
 
 
-def column_scaled(vals: np.ndarray, cols: np.ndarray, scale: np.ndarray, threads: int) -> np.ndarray:
-    """:func:`_column_scaled` over all entries, in parts over ``threads`` on the pool."""
-    out = np.empty_like(vals)
+def column_scaled(vals: np.ndarray, cols: np.ndarray, scale: np.ndarray, threads: int,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+    """:func:`_column_scaled` over all entries, in parts over ``threads`` on the pool, into ``out``
+    (may be ``vals``: each entry is read before it is written) or a new array."""
+    out = np.empty_like(vals) if out is None else out
     _run(lambda t, s, e: _column_scaled(vals, cols, scale, s, e, out), _bounds(0, vals.shape[0], threads),
          threads)
     return out

@@ -96,7 +96,7 @@ def _no_functorch():
 
 
 def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: torch.dtype, affinity: Gaussian,
-                    points, corners: bool = False) -> Lattice:
+                    points, corners: bool = False, cache: bool = True) -> Lattice:
     """The lattice of (query, key) under ``affinity``'s bandwidth; ``points(dtype)`` gives the scaled
     point sets (B, N, d), (B, M, d) to build it from; ``corners``: one built with ``corners=True``
     (a cached one without them is rebuilt with them).
@@ -105,10 +105,12 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: tor
     list updates hold it. Two threads that miss on the same features both build (the same lattice);
     both entries are kept until evicted. Built outside inference mode, so a lattice (and the cache's
     copies) made under ``torch.inference_mode()`` also serves later calls that need gradients.
+    ``cache=False``: a new lattice, neither looked up nor kept (the caller's own: it may scale it in
+    place, :meth:`Lattice.scaled`).
     """
     b = affinity.bandwidth
     with _cache_lock:
-        entries = list(_cache)
+        entries = list(_cache) if cache else []
     with _no_functorch():  # (a transform would wrap the compared views, which then have no storage)
         hit = next((e for e in entries if _matches(e, query, key, same, lead, cd, b, corners)), None)
     if hit is not None:
@@ -122,6 +124,8 @@ def _cached_lattice(query: Tensor, key: Tensor, same: bool, lead: tuple, cd: tor
         if cd != torch.float64 and _elevation_bound(q, k) > _FLOAT32_ELEVATED:
             q, k = points(torch.float64)  # far from the origin: scale and elevate in float64
         lattice = build_lattice(q, k, same, dtype=cd, corners=corners)
+        if not cache:
+            return lattice
         entry = _CacheEntry(lead, same, cd, _private(query), None if same else _private(key),
                             _private(b) if isinstance(b, Tensor) else float(b), lattice)
     with _cache_lock:

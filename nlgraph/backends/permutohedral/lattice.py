@@ -85,7 +85,8 @@ class Lattice:
             return torch.addmm(add, last, x, alpha=alpha, out=out)
         return _csr_mm(last, x, alpha=alpha, out=out)
 
-    def scaled(self, rows: Optional[Tensor] = None, cols: Optional[Tensor] = None) -> "Lattice":
+    def scaled(self, rows: Optional[Tensor] = None, cols: Optional[Tensor] = None, *,
+               inplace: bool = False) -> "Lattice":
         """The lattice of ``diag(rows) K diag(cols)``: ``scaled(r, c).filter(v) == r[:, None] *
         filter(c[:, None] * v)`` (and its adjoint ``diag(c) K^T diag(r)`` with ``transpose``), the
         scalings folded into the splat's and the slice's weights (no pass over the values of their own:
@@ -93,48 +94,65 @@ class Lattice:
 
         ``rows``: (B*N,) one factor per query point; ``cols``: (B*M,) one per key point (None: 1), in
         the matrices' dtype. The result shares the index arrays and blurs; it filters values only (no
-        ``corners``: the points' derivative is the unscaled lattice's).
+        ``corners``: the points' derivative is the unscaled lattice's). ``inplace``: scale this
+        lattice's own weights where every use of a matrix takes the same factor (one point set scaled
+        alike on both sides, or a cross lattice), new ones elsewhere; for a lattice nothing else holds
+        (``lattice_of(..., cache=False)``), which must not be filtered on afterwards.
         """
         nq, nk = self.slice.shape[0], self.splat_t.shape[0]
         for name, t, n in (("rows", rows, nq), ("cols", cols, nk)):
             if t is not None and (t.shape != (n,) or t.dtype != self.slice.dtype):
                 raise ValueError(f"Lattice.scaled: {name} must be ({n},) {self.slice.dtype}, got "
                                  f"{tuple(t.shape)} {t.dtype}")
-        splat, splat_t, slice_, slice_t = self.splat, self.splat_t, self.slice, self.slice_t
-        # one point set scaled alike on both sides (a symmetric normalisation): the point-major and the
-        # vertex-major matrices stay one matrix each, as in the unscaled lattice
-        shared = rows is cols and self.slice is self.splat_t and self.splat is self.slice_t
-        if cols is not None:  # splat's column j is key point splat_order[j]; splat_t's row i is point i
-            splat = _scale_columns(splat, gather(cols, self.splat_order))
-            splat_t = _scale_point_rows(splat_t, cols)
-        if rows is not None:  # slice's row i is query point i; slice_t's column j is slice_t_order[j]
-            slice_ = splat_t if shared else _scale_point_rows(slice_, rows)
-            slice_t = splat if shared else _scale_columns(slice_t, gather(rows, self.slice_t_order))
+        # each matrix's uses: (matrix, its factor, point-major?, the column order); a matrix may serve
+        # two (one point set: slice is splat_t and splat is slice_t)
+        uses = [(self.splat, cols, False, self.splat_order), (self.splat_t, cols, True, None),
+                (self.slice, rows, True, None), (self.slice_t, rows, False, self.slice_t_order)]
+        done: dict[tuple[int, int], Tensor] = {}
+        out = []
+        for m, factor, point_major, order in uses:
+            if factor is None:
+                out.append(m)
+                continue
+            if (id(m), id(factor)) not in done:  # one scaled matrix per (matrix, factor)
+                alike = all(f is factor for m2, f, _, _ in uses if m2 is m)
+                own = inplace and alike and not m.values().requires_grad
+                done[id(m), id(factor)] = (_scale_point_rows(m, factor, own) if point_major
+                                           else _scale_columns(m, gather(factor, order), own))
+            out.append(done[id(m), id(factor)])
+        splat, splat_t, slice_, slice_t = out
         return Lattice(splat, self.splat_order, splat_t, slice_, slice_t, self.slice_t_order, self.blurs,
                        self.alpha, self.num_vertices)
 
 
-def _scale_point_rows(a: Tensor, s: Tensor) -> Tensor:
+def _scale_point_rows(a: Tensor, s: Tensor, inplace: bool = False) -> Tensor:
     """diag(s) a for a point-major CSR matrix a (d + 1 entries in every row, as both builders make
-    them): the same index arrays, new values."""
-    vals = a.values()
-    return _csr(a.crow_indices(), a.col_indices(), (vals.view(a.shape[0], -1) * s[:, None]).view(-1),
-                (a.shape[0], a.shape[1]))
+    them): the same index arrays, new values (``inplace``: a's own, scaled)."""
+    vals = a.values().view(a.shape[0], -1)
+    if inplace:
+        vals.mul_(s[:, None])
+        return a
+    return _csr(a.crow_indices(), a.col_indices(), (vals * s[:, None]).view(-1), (a.shape[0], a.shape[1]))
 
 
-def _scale_columns(a: Tensor, s: Tensor) -> Tensor:
-    """a diag(s) for a CSR matrix a (the same index arrays, new values); on the CPU by the compiled
-    one-pass kernel where it runs (:func:`._jit.column_scaled`), else a gather and a product."""
+def _scale_columns(a: Tensor, s: Tensor, inplace: bool = False) -> Tensor:
+    """a diag(s) for a CSR matrix a (the same index arrays, new values; ``inplace``: a's own, scaled);
+    on the CPU by the compiled one-pass kernel where it runs (:func:`._jit.column_scaled`), else a
+    gather and a product."""
     cols, vals = a.col_indices(), a.values()
     plain = (vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64) and untransformed()
              and not vals.requires_grad and not s.requires_grad)
     jit = _jit_module() if plain else None
     if jit is not None:
-        scaled = torch.from_numpy(jit.column_scaled(vals.numpy(), cols.numpy(), s.contiguous().numpy(),
-                                                    torch.get_num_threads()))
+        v = vals.numpy()
+        scaled = torch.from_numpy(jit.column_scaled(v, cols.numpy(), s.contiguous().numpy(),
+                                                    torch.get_num_threads(), out=v if inplace else None))
+    elif inplace:
+        vals.mul_(s.index_select(0, cols))
+        return a
     else:
         scaled = vals * s.index_select(0, cols)
-    return _csr(a.crow_indices(), cols, scaled, (a.shape[0], a.shape[1]))
+    return a if inplace else _csr(a.crow_indices(), cols, scaled, (a.shape[0], a.shape[1]))
 
 
 def gather(values: Tensor, order: Optional[Tensor]) -> Tensor:
@@ -284,9 +302,23 @@ def _elevation_gain(d: int) -> float:
 
 def _elevation_bound(*points: Tensor) -> float:
     """A bound on the magnitude of the lattice coordinates of point sets (..., d) (inf if not finite)."""
-    # aminmax, not abs().amax(): no temporary the size of the points (NaN propagates either way)
-    return max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(p.detach()) for p in points)) \
-        * _elevation_gain(points[0].shape[-1])
+    return max(_magnitude(p) for p in points) * _elevation_gain(points[0].shape[-1])
+
+
+def _magnitude(p: Tensor) -> float:
+    """max |p| (NaN if p holds one): on the CPU by numpy's min and max (one thread: no wake-up of
+    torch's OpenMP workers, which then spin on the other core while a lattice build starts; no
+    temporary the size of the points, as abs() makes)."""
+    p = p.detach()
+    if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.numel() and untransformed():
+        try:
+            a = p.numpy()
+        except (RuntimeError, TypeError):  # (e.g. a tensor with a lazy negation bit)
+            pass
+        else:
+            return max(-float(a.min()), float(a.max()))
+    lo, hi = torch.aminmax(p)
+    return max(-float(lo), float(hi))
 
 
 def _elevation_matrix(d: int, dtype: torch.dtype, device) -> Tensor:
