@@ -192,3 +192,19 @@ def test_softmax_rows_of_all_minus_inf_are_nan_as_torchs():
     keep[[3, 100, 2999]] = False
     want = torch.softmax(x[keep].double(), -1)
     assert ((got[keep].double() - want).abs() <= _softmax_bound(x[keep], want)).all()
+
+
+def test_two_label_softmax_is_the_general_kernels_arithmetic():
+    """The two-label rows' own loop does the general loop's operations: the same bits as the general
+    kernel on the rows with a third, impossible (-inf) label (exp gives it 0; adding 0 is exact),
+    dead rows (all -inf) NaN in both."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5000, 2, generator=g) * 20
+    x[::7, 1] = -float("inf")
+    x[[4, 4999]] = -float("inf")
+    two = _exp_jit.softmax_rows(x)
+    three = _exp_jit.softmax_rows(torch.cat([x, torch.full((5000, 1), -float("inf"))], 1))
+    assert two is not None and three is not None
+    assert torch.equal(two.isnan(), three[:, :2].isnan()) and two[[4, 4999]].isnan().all()
+    keep = ~two.isnan().any(1)
+    assert torch.equal(two[keep], three[keep, :2]) and (three[keep, 2] == 0).all()

@@ -323,3 +323,19 @@ def test_a_failing_part_stops_the_rest_and_raises_after_the_running_ones():
         time.sleep(0.05)
         assert done == finished  # nothing still running once the error is raised
         assert len(done) < 19  # the parts not yet started when it failed never ran
+
+
+def test_vertex_major_offsets_are_the_running_sums():
+    """crow / nxt of the parts' counting sort against the cumulative sums written out in numpy."""
+    import numpy as np
+
+    from nlgraph.backends.permutohedral import _jit
+
+    rng = np.random.default_rng(3)
+    for parts, v in ((1, 1), (3, 50), (8, 333)):
+        counts = rng.integers(0, 5, (parts, v + 3)).astype(np.int32)
+        counts[:, :2] = 0
+        crow, nxt = _jit._offsets(counts)
+        want = np.cumsum(counts.sum(0, dtype=np.int64))
+        np.testing.assert_array_equal(crow, want)
+        np.testing.assert_array_equal(nxt, want[None, :-1] + np.cumsum(counts[:, 1:], 0) - counts[:, 1:])
