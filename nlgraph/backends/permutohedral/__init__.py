@@ -128,7 +128,6 @@ def _lattice(query: Tensor, key: Tensor, affinity: Gaussian, lead: tuple, cd: to
     def points(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if unit:  # (the build only reads the points: no divided copy of them)
             q, k = query.detach().to(dtype), key.detach().to(dtype)
-            k = q if same else k
         else:
             with torch.no_grad():  # (a bandwidth that needs gradients: the build is not differentiated)
                 q, k = affinity.scaled(query.detach().to(dtype), key.detach().to(dtype))

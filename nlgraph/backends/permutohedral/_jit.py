@@ -564,10 +564,10 @@ def _build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: b
     index dtype; ``bound``: a bound on the magnitude of the points' lattice coordinates (remainder-0
     points are kept in int32 below 2^31: half the memory of int64). Returns numpy arrays: with
     ``corners``, ``rank`` (P, d+1) uint8 and ``corner_vid`` (P, d+1) int32 (vertex ids, in order of
-    first touch; else None: their memory is reused), ``num_v``, the blur ``cols`` and ``blur_vals``
-    (d+1, 3V), the point-major rows (``point_cols``, ``point_vals``, (P, d+1) each) and the
-    vertex-major matrices (``vertex``: one (crow, cols, vals) for all points when ``same``, else for
-    the query points and the key points).
+    first touch; else None for both: corner_vid's memory becomes ``point_cols``), ``num_v``, the
+    blur ``cols`` and ``blur_vals`` (d+1, 3V), the point-major rows (``point_cols``, ``point_vals``,
+    (P, d+1) each) and the vertex-major matrices (``vertex``: one (crow, cols, vals) for all points
+    when ``same``, else for the query points and the key points).
     """
     p_total, d = pts.shape
     d1 = d + 1

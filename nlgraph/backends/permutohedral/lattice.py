@@ -147,11 +147,8 @@ def _scale_columns(a: Tensor, s: Tensor, inplace: bool = False) -> Tensor:
         v = vals.numpy()
         scaled = torch.from_numpy(jit.column_scaled(v, cols.numpy(), s.contiguous().numpy(),
                                                     torch.get_num_threads(), out=v if inplace else None))
-    elif inplace:
-        vals.mul_(s.index_select(0, cols))
-        return a
     else:
-        scaled = vals * s.index_select(0, cols)
+        scaled = vals.mul_(s.index_select(0, cols)) if inplace else vals * s.index_select(0, cols)
     return a if inplace else _csr(a.crow_indices(), cols, scaled, (a.shape[0], a.shape[1]))
 
 
