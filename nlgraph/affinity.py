@@ -131,15 +131,20 @@ def _scaled_bound(query: Tensor, key: Tensor, scale: Scalar) -> Optional[float]:
     (:func:`nlgraph._values.known_norm`: |Q|_F, |K|_F), or None (then :func:`_checked` scans the form).
 
     |(s q_i) . k_j| <= |s| |Q|_F |K|_F (Cauchy-Schwarz, also for each partial sum); forming s q rounds
-    each entry once, a factor (1 + u) (the dot product's own rounding is :func:`scores_fit`'s margin).
-    For a float scale only (a tensor scale is checked on the form)."""
+    each entry once, a factor (1 + u) where the product is normal and an absolute error of at most
+    half the smallest subnormal eta where it underflows, which adds (eta / 2) |k_j|_1 <= (eta / 2)
+    sqrt(d) |K|_F to a partial sum (hypothesis found scale = 2^-149 on float32: a bound without the
+    term lay below the formed products). The dot product's own rounding is :func:`scores_fit`'s
+    margin. For a float scale only (a tensor scale is checked on the form)."""
     if isinstance(scale, Tensor):
         return None
     nq, nk = known_norm(query), known_norm(key)
     if nq is None or nk is None:
         return None
-    u = 2.0**-53 if query.dtype == torch.float64 else 2.0**-24
-    return abs(float(scale)) * nq * nk * (1 + u)
+    f64 = query.dtype == torch.float64
+    u = 2.0**-53 if f64 else 2.0**-24
+    eta = 2.0**-1074 if f64 else 2.0**-149
+    return abs(float(scale)) * nq * nk * (1 + u) + 0.5 * eta * math.sqrt(query.shape[-1]) * nk
 
 
 def _checked(affinity: "Affinity", form: ScoreForm, factor: float = 1.0,
