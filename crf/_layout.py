@@ -41,8 +41,11 @@ def _kernels() -> Optional[tuple[Any, Any]]:
     return _KERNELS
 
 
-def transposed(x: Tensor) -> Tensor:
-    """``x.T`` of a 2-D tensor as a new contiguous tensor (never a view of ``x``)."""
+def transposed(x: Tensor, negate: bool = False) -> Tensor:
+    """``x.T`` (``-x.T`` where ``negate``) of a 2-D tensor as a new contiguous tensor (never a view of
+    ``x``). The negation rides on the copy: a separate ``neg_()`` is a pass of torch's parallel kernels,
+    after which torch's OpenMP worker spins on the other core while the lattice build that follows
+    in a CRF's set-up starts its second thread."""
     if x.dim() != 2:
         raise ValueError(f"transposed expects a 2-D tensor, got shape {tuple(x.shape)}")
     rows, cols = x.shape
@@ -51,16 +54,16 @@ def transposed(x: Tensor) -> Tensor:
                and x.is_contiguous() and x.numel() >= _MIN_NUMEL and not x.requires_grad
                and untransformed() else None)
     if kernels is None:
-        return out.copy_(x.T)
+        return torch.neg(x.T, out=out) if negate else out.copy_(x.T)
     from nlgraph.backends.permutohedral import _jit  # (numba imports: its pool and part bounds)
 
     a, o = x.detach().numpy(), out.numpy()
     wide, tall = kernels
     threads = torch.get_num_threads()
     if rows >= cols:  # parts along the longer side
-        _jit._run(lambda t, s, e: tall(a, o, s, e), _jit._bounds(0, rows, threads), threads)
+        _jit._run(lambda t, s, e: tall(a, o, s, e, negate), _jit._bounds(0, rows, threads), threads)
     else:
-        _jit._run(lambda t, s, e: wide(a, o, s, e), _jit._bounds(0, cols, threads), threads)
+        _jit._run(lambda t, s, e: wide(a, o, s, e, negate), _jit._bounds(0, cols, threads), threads)
     return out
 
 

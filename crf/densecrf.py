@@ -172,15 +172,32 @@ class _Pairwise:
         # e.g. the positions of every same-size image); else it is this term's own, scaled in place
         self._cached = cached
         self._base: Optional[Lattice] = None  # the unscaled lattice made here, until _lattice() takes it
-        if normalization != NO_NORMALIZATION:
-            ones = torch.ones(features.shape[0], 1)
-            if crf.backend == "permutohedral":  # the lattice's K 1 (as aggregate's, bit for bit)
-                self._base = self._unscaled()
+        self._norm: Optional[torch.Tensor] = None  # (N,): :attr:`norm`, made on first use
+        self._norm_backend = crf.backend  # ... by the backend the term was added on (as before the lazy norm)
+        if normalization != NO_NORMALIZATION and crf.backend == "permutohedral":
+            # the lattice is built here, as pydensecrf builds its own in addPairwise*; the kernel
+            # normalisation's filter waits for the first inference step (:attr:`norm`), so that the
+            # terms' lattice builds run back to back: a filter (torch's parallel sparse products)
+            # between them left torch's OpenMP worker spinning on the other core while the next build
+            # started, and the build's second thread started late (2-core VM: a 512x512 photo's
+            # bilateral build 37 -> 30 ms, median, with the core free)
+            self._base = self._unscaled()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """(N,) pydensecrf's kernel normalisation: 1 / sqrt(K 1) (symmetric) or 1 / K 1, computed once,
+        by the backend the term was added on (on the lattice, the lattice's own K 1, as aggregate's bit
+        for bit)."""
+        if self._norm is None:
+            ones = torch.ones(self.features.shape[0], 1)
+            if self._norm_backend == "permutohedral":
+                self._base = self._base or self._unscaled()
                 k1 = self._base.filter(ones)[:, 0]
             else:
-                k1 = self.filter(ones)[:, 0]
-            symmetric = normalization == NORMALIZE_SYMMETRIC
-            self.norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
+                k1 = self.filter(ones, self._norm_backend)[:, 0]
+            symmetric = self.normalization == NORMALIZE_SYMMETRIC
+            self._norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
+        return self._norm
 
     @staticmethod
     def _compat(compat, n_labels: int):
@@ -209,10 +226,11 @@ class _Pairwise:
             raise ValueError("compat contains NaN or Inf")
         return kind, t
 
-    def filter(self, values: torch.Tensor) -> torch.Tensor:
-        """K(values): the Gaussian filter over all pixels (self included), (N, e) -> (N, e)."""
+    def filter(self, values: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """K(values): the Gaussian filter over all pixels (self included), (N, e) -> (N, e), on
+        ``backend`` (default: the CRF's)."""
         return nlgraph.aggregate(self.features, self.features, values, nlgraph.Gaussian(1.0, normalize=False),
-                                 backend=self.crf.backend)
+                                 backend=self.crf.backend if backend is None else backend)
 
     def _before(self) -> bool:
         return self.normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE)
@@ -229,9 +247,10 @@ class _Pairwise:
         if self._scaled is None or self._scaled[0] != backend:
             lattice = None
             if backend == "permutohedral":
+                norm = self.norm if self.normalization != NO_NORMALIZATION else None
                 base, self._base = self._base or self._unscaled(), None
-                lattice = base.scaled(self.norm if self._after() else None,
-                                      self.norm if self._before() else None, inplace=not self._cached)
+                lattice = base.scaled(norm if self._after() else None, norm if self._before() else None,
+                                      inplace=not self._cached)
             self._scaled = (backend, lattice)
         return self._scaled[1]
 
@@ -340,8 +359,8 @@ class DenseCRF:
             self.setUnary(LogisticUnary(u, f))
             return
         # (N, L) rows for the filters: a transposing copy (so the (L, N) check needs no copy of its own)
-        self._neg_unary = transposed(_unary_energy("unary energy", u, (self._nlabel, self._nvar),
-                                                    copy=False)).neg_()
+        self._neg_unary = transposed(_unary_energy("unary energy", u, (self._nlabel, self._nvar), copy=False),
+                                     negate=True)
 
     def setUnary(self, u: Unary) -> None:
         """Set the unary term from a :class:`ConstUnary` or :class:`LogisticUnary` (pydensecrf's setUnary)."""
@@ -350,7 +369,7 @@ class DenseCRF:
         want = (self._nlabel, self._nvar)
         if tuple(u.energy.shape) != want:
             raise ValueError(f"Bad shape for unary energy (need {want}, got {tuple(u.energy.shape)})")
-        self._neg_unary = transposed(u.energy).neg_()
+        self._neg_unary = transposed(u.energy, negate=True)
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL,
                           normalization=NORMALIZE_SYMMETRIC) -> None:

@@ -21,11 +21,17 @@ SHAPES = [(21, 40_000), (40_000, 21), (2, 70_001), (70_001, 2), (300, 257), (1, 
 
 
 def _check(x: torch.Tensor) -> None:
-    y = _layout.transposed(x)
-    assert y.shape == (x.shape[1], x.shape[0]) and y.dtype == x.dtype
-    assert y.is_contiguous()
-    assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, never a view
-    assert torch.equal(y, x.T)
+    """transposed(x) == x.T and transposed(x, negate=True) == -x.T, bit for bit (signs of zeros and
+    infinities included), as new contiguous tensors."""
+    for negate in (False, True):
+        y = _layout.transposed(x, negate=negate)
+        assert y.shape == (x.shape[1], x.shape[0]) and y.dtype == x.dtype
+        assert y.is_contiguous()
+        assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy, never a view
+        want = -x.T if negate else x.T
+        assert torch.equal(y, want)
+        if y.is_floating_point():
+            assert torch.equal(torch.signbit(y), torch.signbit(want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -35,7 +41,9 @@ def test_transposed_equals_the_transpose(shape, dtype, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check(torch.randn(*shape, dtype=torch.float64).to(dtype))
+        x = torch.randn(*shape, dtype=torch.float64).to(dtype)
+        x.view(-1)[:4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")], dtype=dtype)
+        _check(x)
     finally:
         torch.set_num_threads(before)
 

@@ -378,7 +378,7 @@ def test_scaled_lattices_follow_the_backend_and_inference_mode():
     np.testing.assert_array_equal(d.inference(3), lattice_q)
     d.backend = "chunked"
     exact_q = d.inference(3)
-    fresh = build()  # (the kernel normalisation is computed when a term is added, on that backend)
+    fresh = build()  # (the kernel normalisation is the backend's the term was added on)
     fresh.backend = "chunked"
     np.testing.assert_array_equal(exact_q, fresh.inference(3))
     assert np.abs(exact_q - lattice_q).max() > 1e-3  # (a different filter: the switch took effect)
@@ -424,3 +424,43 @@ def test_bilateral_terms_keep_a_lattice_of_their_own():
     e.addPairwiseEnergy(np.stack([x / np.float32(3), y / np.float32(3)]), compat=3)
     e.addPairwiseEnergy(bilateral, compat=10)
     np.testing.assert_array_equal(e.inference(3), q)
+
+
+def test_the_kernel_normalisation_is_filtered_at_the_first_inference(monkeypatch):
+    """On the lattice, addPairwise* builds each term's lattice and filters nothing (the terms' builds
+    run back to back); the normalisation's K 1 is filtered at the first inference, once per term, and
+    Q is the one of a CRF whose normalisations were forced right after each term was added."""
+    from nlgraph.backends.permutohedral import Lattice
+
+    rng = np.random.default_rng(3)
+    img = (rng.random((24, 20, 3)) * 255).astype(np.uint8)
+    unary = rng.random((3, 480)).astype(np.float32)
+    calls = []
+    filt = Lattice.filter
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return filt(self, *args, **kwargs)
+
+    monkeypatch.setattr(Lattice, "filter", counted)
+
+    def build(force: bool):
+        d = ours.DenseCRF2D(20, 24, 3)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        if force:
+            assert d._pairwise[-1].norm.shape == (480,)
+        d.addPairwiseBilateral(sxy=10, srgb=13, rgbim=img, compat=10)
+        if force:
+            assert d._pairwise[-1].norm.shape == (480,)
+        return d
+
+    lazy = build(False)
+    assert calls == []  # nothing filtered while adding terms
+    q = lazy.inference(2)
+    assert len(calls) == 2 + 2 * 2  # K 1 of each term once, then a filter per term and step
+    assert all(p._norm is not None for p in lazy._pairwise)
+    calls.clear()
+    eager = build(True)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(eager.inference(2), q)

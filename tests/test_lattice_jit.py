@@ -300,6 +300,34 @@ def test_parts_run_once_each_in_order_of_their_index(threads, count):
     assert sorted(seen) == [(t, 10 * t, 10 * t + 10) for t in range(count)]
 
 
+def test_the_call_does_not_wait_for_a_pool_thread_that_has_not_started():
+    """With every pool thread busy elsewhere, the caller runs all the parts itself and returns (the
+    helper it asked for finds nothing left when it comes, and takes no part)."""
+    import threading
+
+    from nlgraph.backends.permutohedral import _jit
+
+    pool = _jit._pool(1)
+    release = threading.Event()
+    busy = [pool.submit(release.wait, 30) for _ in range(pool._max_workers)]
+    seen, result = [], []
+    try:
+        def call():
+            result.append(_jit._run(lambda t, s, e: seen.append(threading.get_ident()) or t,
+                                    list(range(0, 80, 10)), 2))
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        caller.join(20)
+        assert not caller.is_alive(), "_run waited for a pool thread that had not started"
+        assert result == [list(range(7))]
+        assert set(seen) == {caller.ident}
+    finally:
+        release.set()
+        for f in busy:
+            f.result()
+
+
 def test_a_failing_part_stops_the_rest_and_raises_after_the_running_ones():
     import threading
     import time

@@ -17,7 +17,6 @@ this file, or under ``NUMBA_CACHE_DIR``).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional
@@ -426,54 +425,69 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-#: Points (or vertices) per part at least: smaller inputs run in fewer parts (a part costs ~0.1 ms).
+#: Points per part at least: smaller inputs run in fewer parts (a part costs ~0.1 ms).
 _MIN_PART = 1 << 14
+#: Vertices per part at least (a vertex's pass does d + 1 hash look-ups or writes 3 (d + 1) blur
+#: entries: ~4x a point's work; the 512x512 photo's bilateral lattice has ~2^15 vertices).
+_MIN_VERTEX_PART = 1 << 12
 #: Parts per thread: the threads take parts as they come free (dynamic scheduling), so a thread that
 #: starts late or runs slow (the 2-core VM: torch's OpenMP workers spin on the other core for a few ms
 #: after each parallel op, and a woken thread waited up to ~5 ms) leaves its share to the others.
 _PARTS_PER_THREAD = 4
 
 
-def _bounds(start: int, end: int, threads: int) -> list[int]:
+def _bounds(start: int, end: int, threads: int, minimum: int = _MIN_PART) -> list[int]:
     """Part boundaries splitting [start, end) into up to ``threads`` * :data:`_PARTS_PER_THREAD` parts
-    of >= _MIN_PART items (one part on one thread)."""
+    of >= ``minimum`` items (one part on one thread)."""
     most = 1 if threads <= 1 else threads * _PARTS_PER_THREAD
-    parts = max(1, min(most, (end - start) // _MIN_PART))
+    parts = max(1, min(most, (end - start) // minimum))
     return [start + (end - start) * i // parts for i in range(parts + 1)]
 
 
 def _run(fn: Callable[[int, int, int], Any], bounds: list[int], threads: int) -> list[Any]:
     """[fn(t, bounds[t], bounds[t + 1]) for each part t] (nogil kernels) on up to ``threads`` threads:
     the calling thread and pool threads take the parts in turn as each comes free (the caller works
-    instead of waiting: one thread fewer to wake). An error stops the parts not yet started and is
-    raised once every running part has finished (they write the caller's arrays)."""
+    instead of waiting: one thread fewer to wake). The call returns once every part has finished: it
+    waits for the parts that are running, not for a pool thread that has not woken yet (one that wakes
+    after the last part was taken finds nothing to do; on the 2-core VM a woken thread started up to
+    ~5 ms late, longer than some of the build's passes). An error stops the parts not yet started and
+    is raised once every running part has finished (they write the caller's arrays)."""
     count = len(bounds) - 1
     if count == 1 or threads <= 1:
         return [fn(t, bounds[t], bounds[t + 1]) for t in range(count)]
     out: list[Any] = [None] * count
-    turn = itertools.count()  # (next() on it is atomic under the GIL)
-    failed = threading.Event()
+    errors: list[BaseException] = []
+    state = threading.Condition()
+    taken = [0, 0]  # parts taken, parts running (under ``state``)
 
     def work() -> None:
-        while not failed.is_set():
-            t = next(turn)
-            if t >= count:
-                return
+        while True:
+            with state:
+                t = taken[0]
+                if t >= count or errors:
+                    return
+                taken[0], taken[1] = t + 1, taken[1] + 1
             try:
                 out[t] = fn(t, bounds[t], bounds[t + 1])
-            except BaseException:
-                failed.set()
-                raise
+            except BaseException as e:  # (raised by the caller)
+                with state:
+                    errors.append(e)
+            finally:
+                with state:
+                    taken[1] -= 1
+                    if not taken[1]:
+                        state.notify_all()
 
     helpers = min(threads, count) - 1
-    futures = [_pool(helpers).submit(work) for _ in range(helpers)]
-    try:
-        work()
-    finally:
-        for f in futures:
-            f.exception()  # (waits)
-    for f in futures:
-        f.result()  # a helper's error
+    pool = _pool(helpers)
+    for _ in range(helpers):
+        pool.submit(work)
+    work()
+    with state:
+        while taken[1]:  # (every part is taken, or an error stopped the rest)
+            state.wait()
+    if errors:
+        raise errors[0]
     return out
 
 
@@ -602,7 +616,7 @@ def _build(pts: np.ndarray, scale: list[float], nq: int, n: int, m: int, same: b
     ssum = int(st[:d].sum())
     deltas = np.asarray([ssum - d1 * strides[j] for j in range(d)] + [ssum], dtype=np.int64)
     plus = np.empty((num_v, d1), np.int32)
-    vparts = _bounds(0, num_v, threads)
+    vparts = _bounds(0, num_v, threads, _MIN_VERTEX_PART)
     _run(lambda t, s, e: _neighbours(codes, keys, vals, deltas, s, e, plus), vparts, threads)
     minus = np.empty_like(plus)
     _invert(plus, minus)

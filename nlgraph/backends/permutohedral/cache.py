@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..._values import untransformed
 from ...affinity import Gaussian
 from .lattice import _FLOAT32_ELEVATED, Lattice, _elevation_bound, build_lattice
 
@@ -83,8 +84,20 @@ def _matches(e: _CacheEntry, query: Tensor, key: Tensor, same: bool, lead: tuple
 
 
 def _private(t: Tensor) -> Tensor:
-    """A copy that shares no memory with ``t`` (strides kept where dense: comparisons stay fast)."""
-    return t.detach().clone()
+    """A copy that shares no memory with ``t`` (strides kept where dense: comparisons stay fast).
+
+    CPU float tensors are copied by numpy (one thread): torch's parallel copy left its OpenMP worker
+    spinning on the other core for a few ms, while the next lattice build (a CRF's second term, right
+    after this copy of the first term's features) started its second thread."""
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and untransformed():
+        try:
+            a = t.numpy()
+        except (RuntimeError, TypeError):  # (e.g. a lazy negation or conjugation bit)
+            pass
+        else:
+            return torch.from_numpy(np.array(a, order="K", copy=True))
+    return t.clone()
 
 
 def _no_functorch():
