@@ -11,6 +11,8 @@ the tables). Run from the repository root, e.g. ``OMP_NUM_THREADS=1 python bench
 * ``filters [VALUES]``: one lattice filter's products (splat, a blur, slice, the whole filter) of
   VALUES columns on the photo's two lattices (run it in worktrees to compare lattices).
 * ``volume``: the volume bench's cold pipeline by stage, ours and pydensecrf alternating (3 rounds).
+* ``photo [LABELS] [ROUNDS]``: the same for the cold 512x512 astronaut pipeline (2 labels, 11 rounds),
+  with the median over rounds of ours / pydensecrf.
 * ``stages [photo|volume]``: the CPU lattice builder's kernels on the 512x512 photo's positions and
   bilateral lattices, or the volume bench's 64x128x128 ones (run it in a worktree of another revision
   to compare builders).
@@ -126,6 +128,46 @@ def smalln(n: int = 16) -> None:
     for name, backend in (("forced chunked", "chunked"), ("auto", "auto")):
         us = _min_us(partial(nlgraph.aggregate, q, k, v, nlgraph.Softmax(), backend=backend), 2000)
         print(f"N={n} d=8 {name:15s} {us:6.1f} us ({torch.get_num_threads()} threads)")
+
+
+def photo(labels: int = 2, rounds: int = 11) -> None:
+    """The cold 512x512 astronaut pipeline by stage, ours and pydensecrf alternating (``rounds``
+    rounds after one warm-up): the unary, each ``addPairwise*`` call, inference(5); the minimum and
+    median of each stage (ms) and the median over rounds of ours / pydensecrf's total (run it in
+    worktrees of two revisions, in turns, to compare them)."""
+    import pydensecrf.densecrf as peer
+
+    import crf.densecrf as ours
+    from nlgraph.backends import permutohedral
+    from nlgraph.bench.crf import _unary
+
+    img = _photo()
+    un = _unary(img, labels)
+    times: dict[str, list[np.ndarray]] = {"ours": [], "pydensecrf": []}
+    for rep in range(rounds + 1):
+        for name, lib in (("ours", ours), ("pydensecrf", peer)):
+            permutohedral.clear_cache()
+            t = [time.perf_counter()]
+            d = lib.DenseCRF2D(512, 512, labels)
+            d.setUnaryEnergy(un)
+            t.append(time.perf_counter())
+            d.addPairwiseGaussian(sxy=3, compat=3)
+            t.append(time.perf_counter())
+            d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+            t.append(time.perf_counter())
+            d.inference(5)
+            t.append(time.perf_counter())
+            if rep:  # the first round warms up
+                times[name].append(np.diff(t) * 1e3)
+    print(f"{labels} labels, {torch.get_num_threads()} threads, {rounds} rounds (ms: min / median)")
+    for name, st in times.items():
+        a = np.array(st)
+        cells = ", ".join(f"{stage} {a[:, i].min():.1f} / {np.median(a[:, i]):.1f}"
+                          for i, stage in enumerate(("unary", "gaussian add", "bilateral add", "inference")))
+        print(f"  {name:10s} total {a.sum(1).min():.1f} / {np.median(a.sum(1)):.1f}: {cells}")
+    ratio = np.array(times["ours"]).sum(1) / np.array(times["pydensecrf"]).sum(1)
+    print(f"  ours / pydensecrf per round: median {np.median(ratio):.3f} (min {ratio.min():.3f}, "
+          f"max {ratio.max():.3f})")
 
 
 def volume() -> None:
@@ -259,7 +301,9 @@ if __name__ == "__main__":
                                                 "exp": exp, "smalln": lambda n="16": smalln(int(n)),
                                                 "stages": stages,  # stages [photo|volume]
                                                 "filters": filters,  # filters [VALUES]
-                                                "volume": volume}
+                                                "volume": volume,
+                                                "photo": lambda labels="2", rounds="11": photo(int(labels),
+                                                                                             int(rounds))}
     if what not in commands:
         print(__doc__)
         sys.exit(0 if what == "--help" else 2)
