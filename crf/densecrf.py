@@ -34,6 +34,7 @@ deliberate difference.
 from __future__ import annotations
 
 import math
+import weakref
 from numbers import Real
 from typing import Optional
 
@@ -163,7 +164,10 @@ class _Pairwise:
         if normalization not in (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC):
             raise ValueError(f"normalization must be one of the NORMALIZE_* / NO_NORMALIZATION constants, "
                              f"got {normalization!r}")
-        self.crf = crf
+        # a weak reference: a strong one made a cycle (the CRF holds its terms), so a dropped CRF's
+        # lattices (tens of MB per photo) lived on until the cyclic garbage collector ran, and a
+        # stream of images built each lattice on fresh memory
+        self._crf = weakref.ref(crf)
         self.features = features  # (N, D): the same tensor at every call, so the lattice is reused
         self.normalization = normalization
         self.kind, self.compat = self._compat(compat, crf.n_labels)
@@ -198,6 +202,14 @@ class _Pairwise:
             symmetric = self.normalization == NORMALIZE_SYMMETRIC
             self._norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
         return self._norm
+
+    @property
+    def crf(self) -> "DenseCRF":
+        """The CRF this term belongs to."""
+        crf = self._crf()
+        if crf is None:  # (only a term kept beyond its CRF's life)
+            raise RuntimeError("this pairwise term's DenseCRF no longer exists")
+        return crf
 
     @staticmethod
     def _compat(compat, n_labels: int):

@@ -464,3 +464,29 @@ def test_the_kernel_normalisation_is_filtered_at_the_first_inference(monkeypatch
     eager = build(True)
     assert len(calls) == 2
     np.testing.assert_array_equal(eager.inference(2), q)
+
+
+def test_a_dropped_crf_and_its_lattices_go_without_the_cyclic_collector():
+    """No reference cycle between a CRF and its terms: dropping the last reference frees the CRF, its
+    terms and their lattices at once (with the cyclic collector off), so a stream of images reuses
+    the memory of the last one's lattices."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(4)
+    img = (rng.random((24, 20, 3)) * 255).astype(np.uint8)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        d = ours.DenseCRF2D(20, 24, 3)
+        d.setUnaryEnergy(rng.random((3, 480)).astype(np.float32))
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=10, srgb=13, rgbim=img, compat=10)
+        d.inference(2)
+        refs = [weakref.ref(d)] + [weakref.ref(p) for p in d._pairwise]
+        values = weakref.ref(d._pairwise[1]._lattice().splat.values())
+        del d
+        assert all(r() is None for r in refs) and values() is None
+    finally:
+        if was:
+            gc.enable()

@@ -367,3 +367,72 @@ def test_vertex_major_offsets_are_the_running_sums():
         want = np.cumsum(counts.sum(0, dtype=np.int64))
         np.testing.assert_array_equal(crow, want)
         np.testing.assert_array_equal(nxt, want[None, :-1] + np.cumsum(counts[:, 1:], 0) - counts[:, 1:])
+
+
+def _lattice_tensors(lat):
+    """Every tensor of a lattice's matrices (values and indices), for memory and value checks."""
+    out = []
+    for m in [lat.splat, lat.splat_t, lat.slice, lat.slice_t, *lat.blurs]:
+        if m is not None:
+            out += [m.crow_indices(), m.col_indices(), m.values()]
+    return out
+
+
+def _storages(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+
+def test_recycled_buffers_serve_the_next_build_and_never_a_live_lattice():
+    """A dropped lattice's memory serves the next build (no fresh buffer where an idle one fits), a
+    live lattice's never: building again while one is held leaves its every entry unchanged and
+    shares no memory with it; both builds equal a build on fresh memory."""
+    import gc
+
+    from nlgraph.backends.permutohedral import _jit, release_buffers
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 3000, 3, generator=g) * 2
+    release_buffers()
+    fresh = _build(q, q, True, jit=True)
+    want = [t.clone() for t in _lattice_tensors(fresh)]
+    held = _storages(_lattice_tensors(fresh))
+    again = _build(q, q, True, jit=True)  # `fresh` is alive: no buffer of it may be reused
+    assert not held & _storages(_lattice_tensors(again))
+    assert all(torch.equal(a, b) for a, b in zip(_lattice_tensors(fresh), want, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_lattice_tensors(again), want, strict=True))
+    del fresh
+    gc.collect()
+    owned = len(_jit.BUFFERS._owned)
+    assert _jit.BUFFERS.idle_bytes() > 0
+    third = _build(q, q, True, jit=True)  # on the dropped lattice's buffers
+    assert len(_jit.BUFFERS._owned) == owned  # nothing new allocated
+    assert held & _storages(_lattice_tensors(third))
+    assert all(torch.equal(a, b) for a, b in zip(_lattice_tensors(third), want, strict=True))
+    del again, third
+    release_buffers()
+    assert _jit.BUFFERS.idle_bytes() == 0
+
+
+def test_recycled_buffers_are_zeroed_on_request_and_trimmed_to_the_limit(monkeypatch):
+    from nlgraph.backends.permutohedral import _jit
+
+    pool = _jit._Buffers()
+    a = pool.empty((100, 7), "int32")
+    a.fill(9)
+    ptr = a.ctypes.data
+    del a
+    b = pool.empty((100, 7), "int32", zero=True)  # the same buffer, zeroed
+    assert b.ctypes.data == ptr and not b.any() and b.shape == (100, 7) and b.dtype == "int32"
+    v = b[3:]  # a view keeps the buffer in use after b goes
+    del b
+    c = pool.empty(700, "int32")
+    assert c.ctypes.data != ptr
+    del v, c
+    assert pool.idle_bytes() == 2 * 2800
+    assert pool.empty(0, "float32").shape == (0,)
+    monkeypatch.setattr(_jit, "POOL_BYTES", 0)
+    d = pool.empty(10_000, "uint8")  # a new buffer: the idle ones beyond the limit (0) are freed
+    assert pool.idle_bytes() == 0 and len(pool._owned) == 1
+    del d
+    pool.release()
+    assert pool._owned == []

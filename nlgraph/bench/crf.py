@@ -7,7 +7,8 @@ Rows:
   builds the lattices, run inference) for ``crf.densecrf`` and for ``pydensecrf`` in the same
   process, timed alternately (ours, peer, ours, ...), their time ratio, label agreement and max |Q
   difference|, and (JSON only) each side's minor page faults per pipeline. Our lattice cache is
-  cleared before every run, so both build every lattice.
+  cleared before every run, so both build every lattice (our builder's recycled memory is kept:
+  a process that has built and dropped lattices before builds on their freed buffers).
 * "stream": the same pipeline over a stream of distinct same-size images (the photo rolled by a
   different offset each time), time per image: our appearance lattice is rebuilt for every image,
   the smoothness lattice (positions only, the same for every 512x512 image) comes from the cache.

@@ -71,7 +71,7 @@ from .lattice import _ONE_KEY_BITS as _ONE_KEY_BITS
 from .lattice import Lattice, build_lattice
 
 __all__ = ["can_run", "prefer", "run", "Lattice", "build_lattice", "lattice_of", "clear_cache",
-           "MAX_FEATURE_DIM", "EXACT", "RETURNS_LSE"]
+           "release_buffers", "MAX_FEATURE_DIM", "EXACT", "RETURNS_LSE"]
 
 EXACT = False
 RETURNS_LSE = True
@@ -139,6 +139,19 @@ def _lattice(query: Tensor, key: Tensor, affinity: Gaussian, lead: tuple, cd: to
 
     with torch.no_grad():
         return _cached_lattice(query, key, same, lead, cd, affinity, points, corners=corners, cache=cache)
+
+
+def release_buffers() -> None:
+    """Free the CPU lattice builder's idle recycled memory.
+
+    The compiled builder (numba) puts its arrays on buffers it keeps: once nothing refers to a
+    lattice's arrays any more, their memory serves the next build (fresh memory costs a page fault per
+    4 kB page on first touch), up to ``_jit.POOL_BYTES`` (128 MB) of idle buffers. This hands the idle
+    ones back; buffers still in use are unaffected. :func:`clear_cache` does not do it (it forgets
+    lattices; a later build then reuses their memory)."""
+    jit = _lattice_module._jit_module()
+    if jit is not None:
+        jit.BUFFERS.release()
 
 
 def lattice_of(query: Tensor, key: Tensor, affinity: Gaussian, *, cache: bool = True) -> Lattice:
