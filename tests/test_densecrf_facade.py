@@ -490,3 +490,25 @@ def test_a_dropped_crf_and_its_lattices_go_without_the_cyclic_collector():
     finally:
         if was:
             gc.enable()
+
+
+def test_the_unary_finiteness_check_on_numpy():
+    """crf.densecrf._finite: NaN and +-inf anywhere are found; finite entries whose float32 sum
+    overflows are still finite (the elementwise test decides); no warning escapes."""
+    import warnings
+
+    from crf.densecrf import _finite
+
+    a = np.ones((3, 50_000), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _finite(a) and _finite(a.astype(np.float64))
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[2, 49_999] = bad
+            assert not _finite(b)
+        both = a.copy()
+        both[0, 0], both[1, 1] = np.inf, -np.inf  # the sum is NaN
+        assert not _finite(both)
+        huge = np.full((2, 1000), 3e38, np.float32)  # the sum overflows to inf; every entry is finite
+        assert _finite(huge)
