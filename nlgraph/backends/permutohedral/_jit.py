@@ -512,6 +512,9 @@ def _vertex_major(cols: np.ndarray, pvals: np.ndarray, start: int, end: int, num
 
 #: Bytes of idle recycled buffers kept for later builds (:class:`_Buffers`; 0: none kept).
 POOL_BYTES = 128 << 20
+#: Whether reference counts tell an idle buffer (not on a free-threaded CPython, whose counts are
+#: split between threads: there every array gets fresh memory).
+_EXACT_REFCOUNTS = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 
 class _Buffers:
@@ -536,7 +539,7 @@ class _Buffers:
         dtype = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes == 0:
+        if nbytes == 0 or not _EXACT_REFCOUNTS:
             return np.empty(shape, dtype)
         with self._lock:
             found = self._idle_fit(nbytes)
