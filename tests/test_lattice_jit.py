@@ -436,3 +436,48 @@ def test_recycled_buffers_are_zeroed_on_request_and_trimmed_to_the_limit(monkeyp
     del d
     pool.release()
     assert pool._owned == []
+
+
+def test_recycled_buffers_under_concurrent_builds_and_drops():
+    """Four threads build lattices of three sizes at once, keep some and drop others: every lattice
+    equals its reference (built before, cloned) entry for entry when it is made and again at the end,
+    and no two lattices alive at the end share memory."""
+    import random
+    import threading
+
+    from nlgraph.backends.permutohedral import release_buffers
+
+    g = torch.Generator().manual_seed(11)
+    points = [torch.randn(1, n, 3, generator=g) * 2 for n in (20_000, 40_000, 33_000)]
+    want = [[t.clone() for t in _lattice_tensors(_build(p, p, True, jit=True))] for p in points]
+    kept, errors, lock = [], [], threading.Lock()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(6):
+                i = rng.randrange(len(points))
+                lat = _build(points[i], points[i], True, jit=True)
+                if not all(torch.equal(a, b) for a, b in zip(_lattice_tensors(lat), want[i], strict=True)):
+                    errors.append(f"lattice {i} differs when built")
+                if rng.random() < 0.5:
+                    with lock:
+                        kept.append((i, lat))
+                del lat
+        except Exception as e:  # (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    seen = set()
+    for i, lat in kept:
+        assert all(torch.equal(a, b) for a, b in zip(_lattice_tensors(lat), want[i], strict=True))
+        mine = _storages(_lattice_tensors(lat))
+        assert not mine & seen
+        seen |= mine
+    kept.clear()
+    release_buffers()
