@@ -13,6 +13,7 @@ the tables). Run from the repository root, e.g. ``OMP_NUM_THREADS=1 python bench
 * ``volume``: the volume bench's cold pipeline by stage, ours and pydensecrf alternating (3 rounds).
 * ``photo [LABELS] [ROUNDS]``: the same for the cold 512x512 astronaut pipeline (2 labels, 11 rounds),
   with the median over rounds of ours / pydensecrf.
+* ``stream [LABELS]``: our pipeline per image over a stream of distinct same-size images.
 * ``stages [photo|volume]``: the CPU lattice builder's kernels on the 512x512 photo's positions and
   bilateral lattices, or the volume bench's 64x128x128 ones (run it in a worktree of another revision
   to compare builders).
@@ -170,6 +171,31 @@ def photo(labels: int = 2, rounds: int = 11) -> None:
           f"max {ratio.max():.3f})")
 
 
+def stream(labels: int = 2, images: int = 25) -> None:
+    """Our pipeline over a stream of distinct same-size images (the 512x512 astronaut rolled by a
+    different offset each time; the lattice cache kept, as a long-running process keeps it): the
+    time per image after three warm-up images, minimum and median (run it in worktrees of two
+    revisions, in turns, to compare them)."""
+    import crf.densecrf as ours
+    from nlgraph.bench.crf import _unary
+
+    img0 = _photo()
+    un = _unary(img0, labels)
+    times = []
+    for r in range(images):
+        img = np.ascontiguousarray(np.roll(img0, 7 * r + 1, axis=1))
+        t = time.perf_counter()
+        d = ours.DenseCRF2D(512, 512, labels)
+        d.setUnaryEnergy(un)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+        d.inference(5)
+        times.append(time.perf_counter() - t)
+    per = np.array(times[3:]) * 1e3
+    print(f"{labels} labels, {torch.get_num_threads()} threads: {per.min():.1f} ms min, "
+          f"{np.median(per):.1f} ms median per image ({len(per)} images)")
+
+
 def volume() -> None:
     """The volume bench's cold pipeline by stage, ours and pydensecrf's generic DenseCRF alternating
     (three rounds): each kernel's addPairwiseEnergy (its lattice build and normalisation) and
@@ -303,7 +329,8 @@ if __name__ == "__main__":
                                                 "filters": filters,  # filters [VALUES]
                                                 "volume": volume,
                                                 "photo": lambda labels="2", rounds="11": photo(int(labels),
-                                                                                             int(rounds))}
+                                                                                             int(rounds)),
+                                                "stream": lambda labels="2": stream(int(labels))}
     if what not in commands:
         print(__doc__)
         sys.exit(0 if what == "--help" else 2)

@@ -207,12 +207,23 @@ class _Pairwise:
             ones = torch.ones(self.features.shape[0], 1)
             if self._norm_backend == "permutohedral":
                 self._base = self._base or self._unscaled()
-                k1 = self._base.filter(ones)[:, 0]
+                memo = self._base.derived.get(self._memo_key()) if self._cached else None
+                if memo is not None:  # the same cached lattice and normalisation: the same norm
+                    self._norm = memo[0]
+                    return memo[0]
+                with torch.inference_mode(False):  # (it may serve later calls outside inference mode)
+                    k1 = self._base.filter(ones)[:, 0]
             else:
                 k1 = self.filter(ones, self._norm_backend)[:, 0]
             symmetric = self.normalization == NORMALIZE_SYMMETRIC
-            self._norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
+            with torch.inference_mode(False):
+                self._norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
         return self._norm
+
+    def _memo_key(self) -> tuple:
+        """This term's key in its cached lattice's ``derived`` products: its normalisation (the norm
+        and the scaled lattice depend on nothing else of the term)."""
+        return ("crf.densecrf", self.normalization)
 
     @property
     def crf(self) -> "DenseCRF":
@@ -272,8 +283,18 @@ class _Pairwise:
             if backend == "permutohedral":
                 norm = self.norm if self.normalization != NO_NORMALIZATION else None
                 base, self._base = self._base or self._unscaled(), None
-                lattice = base.scaled(norm if self._after() else None, norm if self._before() else None,
-                                      inplace=not self._cached)
+                # a cached lattice (the positions of every same-size image) keeps its scaled copy for
+                # the next CRF with the same normalisation (same norm: the memo's own tensor)
+                shared = self._cached and self._norm_backend == "permutohedral"
+                memo = base.derived.get(self._memo_key()) if shared else None
+                if memo is not None and memo[0] is norm:
+                    lattice = memo[1]
+                else:
+                    with torch.inference_mode(False):
+                        lattice = base.scaled(norm if self._after() else None,
+                                              norm if self._before() else None, inplace=not self._cached)
+                    if shared:
+                        base.derived[self._memo_key()] = (norm, lattice)
             self._scaled = (backend, lattice)
         return self._scaled[1]
 

@@ -430,8 +430,10 @@ def test_the_kernel_normalisation_is_filtered_at_the_first_inference(monkeypatch
     """On the lattice, addPairwise* builds each term's lattice and filters nothing (the terms' builds
     run back to back); the normalisation's K 1 is filtered at the first inference, once per term, and
     Q is the one of a CRF whose normalisations were forced right after each term was added."""
+    from nlgraph.backends import permutohedral
     from nlgraph.backends.permutohedral import Lattice
 
+    permutohedral.clear_cache()
     rng = np.random.default_rng(3)
     img = (rng.random((24, 20, 3)) * 255).astype(np.uint8)
     unary = rng.random((3, 480)).astype(np.float32)
@@ -461,6 +463,7 @@ def test_the_kernel_normalisation_is_filtered_at_the_first_inference(monkeypatch
     assert len(calls) == 2 + 2 * 2  # K 1 of each term once, then a filter per term and step
     assert all(p._norm is not None for p in lazy._pairwise)
     calls.clear()
+    permutohedral.clear_cache()  # (else the positions term's norm comes from its cached lattice)
     eager = build(True)
     assert len(calls) == 2
     np.testing.assert_array_equal(eager.inference(2), q)
@@ -512,3 +515,41 @@ def test_the_unary_finiteness_check_on_numpy():
         assert not _finite(both)
         huge = np.full((2, 1000), 3e38, np.float32)  # the sum overflows to inf; every entry is finite
         assert _finite(huge)
+
+
+def test_same_size_crfs_share_the_positions_terms_normalised_lattice():
+    """The positions (smoothness) term's lattice comes from the core op's cache for every same-size
+    image; its kernel normalisation and scaled lattice are kept with it (``Lattice.derived``) and
+    serve the next CRF with the same normalisation: the same tensors, no K 1 filter, and the same Q as
+    a CRF built on an empty cache, bit for bit. The bilateral term (its own lattice) and another
+    normalisation share nothing; a term made under inference mode leaves tensors usable outside it."""
+    from nlgraph.backends import permutohedral
+
+    rng = np.random.default_rng(6)
+    unary = rng.random((3, 480)).astype(np.float32)
+    imgs = [(rng.random((24, 20, 3)) * 255).astype(np.uint8) for _ in range(2)]
+
+    def build(img, normalization=ours.NORMALIZE_SYMMETRIC):
+        d = ours.DenseCRF2D(20, 24, 3)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=3, compat=3, normalization=normalization)
+        d.addPairwiseBilateral(sxy=10, srgb=13, rgbim=img, compat=10)
+        return d
+
+    permutohedral.clear_cache()
+    with torch.inference_mode():
+        first = build(imgs[0])
+        q_first = first.inference(2)
+    second = build(imgs[1])
+    q_second = second.inference(2)
+    g1, g2 = first._pairwise[0], second._pairwise[0]
+    assert g1.norm is g2.norm and g1._lattice() is g2._lattice()
+    assert first._pairwise[1]._lattice() is not second._pairwise[1]._lattice()
+    assert not g2.norm.is_inference()
+    other = build(imgs[1], ours.NORMALIZE_BEFORE)
+    other.inference(1)
+    assert other._pairwise[0]._lattice() is not g2._lattice()
+    permutohedral.clear_cache()
+    np.testing.assert_array_equal(build(imgs[1]).inference(2), q_second)
+    permutohedral.clear_cache()
+    np.testing.assert_array_equal(build(imgs[0]).inference(2), q_first)

@@ -14,7 +14,7 @@ part of each key, so one lattice (block diagonal) serves the whole batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -67,6 +67,10 @@ class Lattice:
     corners: Optional[Tensor] = None    # (P, d+1) matrix index (vertex id + 1) of each point's corner r
     positions: Optional[Tensor] = None  # (P, d+1) uint8: d - rank of each lattice coordinate, i.e.
     #                                     where its residual sits among the sorted residuals
+    # Products derived from this lattice alone, kept with it by their makers under a key of their own
+    # (e.g. a dense CRF's kernel normalisation and its scaled lattice on a cached lattice: every
+    # same-size image's positions term): never copied into another lattice (``scaled`` makes a new one)
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def filter(self, values: Tensor, transpose: bool = False, *, scale: float = 1.0,
                add: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
