@@ -43,11 +43,26 @@ def _photo() -> np.ndarray:
     return np.ascontiguousarray(data.astronaut()[:512, :512])
 
 
+def _staged(lib: Any, img: np.ndarray, un: np.ndarray, labels: int, cold: bool = True
+            ) -> tuple[float, tuple[float, float], float, np.ndarray]:
+    """One run of the bench's 512x512 pipeline (``nlgraph.bench.crf._pipeline``) with ``lib``'s
+    DenseCRF2D, the lattice cache cleared first where ``cold``: seconds of (construction + unary,
+    (smoothness add, appearance add), inference(5)) and Q."""
+    from nlgraph.backends import permutohedral
+    from nlgraph.bench.crf import _pipeline
+
+    if cold:
+        permutohedral.clear_cache()
+    setup: list[float] = []
+    stages: list[float] = []
+    q = _pipeline(lib, img, un, labels, stage_times=stages, setup_times=setup)
+    return setup[0], (stages[0], stages[1]), stages[2], q
+
+
 def crf(rev: str, labels: int = 21) -> None:
     import pydensecrf.densecrf as peer
 
     import crf.densecrf as new
-    from nlgraph.backends import permutohedral
     from nlgraph.bench.crf import _unary
 
     src = subprocess.run(["git", "show", f"{rev}:crf/densecrf.py"], check=True, capture_output=True,
@@ -64,18 +79,9 @@ def crf(rev: str, labels: int = 21) -> None:
     q = {}
     for rep in range(6):
         for name, mod in (("this tree", new), (rev, old), ("pydensecrf", peer)):
-            permutohedral.clear_cache()
-            t = [time.perf_counter()]
-            d = mod.DenseCRF2D(512, 512, labels)
-            d.setUnaryEnergy(un)
-            t.append(time.perf_counter())
-            d.addPairwiseGaussian(sxy=3, compat=3)
-            d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
-            t.append(time.perf_counter())
-            q[name] = np.array(d.inference(5))
-            t.append(time.perf_counter())
+            unary, kernels, inference, q[name] = _staged(mod, img, un, labels)
             if rep:  # the first round warms up
-                stages[name].append(np.diff(t) * 1e3)
+                stages[name].append(np.array([unary, kernels[0] + kernels[1], inference]) * 1e3)
     print(f"{labels} labels, {torch.get_num_threads()} threads; max |dQ| this tree vs {rev}: "
           f"{np.abs(q['this tree'] - q[rev]).max():.2e}")
     total = {}
@@ -139,7 +145,6 @@ def photo(labels: int = 2, rounds: int = 11) -> None:
     import pydensecrf.densecrf as peer
 
     import crf.densecrf as ours
-    from nlgraph.backends import permutohedral
     from nlgraph.bench.crf import _unary
 
     img = _photo()
@@ -147,19 +152,9 @@ def photo(labels: int = 2, rounds: int = 11) -> None:
     times: dict[str, list[np.ndarray]] = {"ours": [], "pydensecrf": []}
     for rep in range(rounds + 1):
         for name, lib in (("ours", ours), ("pydensecrf", peer)):
-            permutohedral.clear_cache()
-            t = [time.perf_counter()]
-            d = lib.DenseCRF2D(512, 512, labels)
-            d.setUnaryEnergy(un)
-            t.append(time.perf_counter())
-            d.addPairwiseGaussian(sxy=3, compat=3)
-            t.append(time.perf_counter())
-            d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
-            t.append(time.perf_counter())
-            d.inference(5)
-            t.append(time.perf_counter())
+            unary, kernels, inference, _ = _staged(lib, img, un, labels)
             if rep:  # the first round warms up
-                times[name].append(np.diff(t) * 1e3)
+                times[name].append(np.array([unary, *kernels, inference]) * 1e3)
     print(f"{labels} labels, {torch.get_num_threads()} threads, {rounds} rounds (ms: min / median)")
     for name, st in times.items():
         a = np.array(st)
@@ -184,13 +179,8 @@ def stream(labels: int = 2, images: int = 25) -> None:
     times = []
     for r in range(images):
         img = np.ascontiguousarray(np.roll(img0, 7 * r + 1, axis=1))
-        t = time.perf_counter()
-        d = ours.DenseCRF2D(512, 512, labels)
-        d.setUnaryEnergy(un)
-        d.addPairwiseGaussian(sxy=3, compat=3)
-        d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
-        d.inference(5)
-        times.append(time.perf_counter() - t)
+        unary, kernels, inference, _ = _staged(ours, img, un, labels, cold=False)
+        times.append(unary + sum(kernels) + inference)
     per = np.array(times[3:]) * 1e3
     print(f"{labels} labels, {torch.get_num_threads()} threads: {per.min():.1f} ms min, "
           f"{np.median(per):.1f} ms median per image ({len(per)} images)")

@@ -204,19 +204,20 @@ class _Pairwise:
         by the backend the term was added on (on the lattice, the lattice's own K 1, as aggregate's bit
         for bit)."""
         if self._norm is None:
-            ones = torch.ones(self.features.shape[0], 1)
+            base = None
             if self._norm_backend == "permutohedral":
-                self._base = self._base or self._unscaled()
-                memo = self._base.derived.get(self._memo_key()) if self._cached else None
+                base = self._base = self._base or self._unscaled()
+                memo = base.derived.get(self._memo_key()) if self._cached else None
                 if memo is not None:  # the same cached lattice and normalisation: the same norm
                     self._norm = memo[0]
                     return memo[0]
-                with torch.inference_mode(False):  # (it may serve later calls outside inference mode)
-                    k1 = self._base.filter(ones)[:, 0]
-            else:
-                k1 = self.filter(ones, self._norm_backend)[:, 0]
-            symmetric = self.normalization == NORMALIZE_SYMMETRIC
-            with torch.inference_mode(False):
+            with torch.inference_mode(False):  # (it may serve later calls outside inference mode)
+                ones = torch.ones(self.features.shape[0], 1)
+                if base is not None:
+                    k1 = base.filter(ones)[:, 0]
+                else:
+                    k1 = self.filter(ones, self._norm_backend)[:, 0]
+                symmetric = self.normalization == NORMALIZE_SYMMETRIC
                 self._norm = 1.0 / torch.sqrt(k1 + 1e-20) if symmetric else 1.0 / (k1 + 1e-20)
         return self._norm
 

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..._values import untransformed
 from ...affinity import Gaussian
-from .lattice import _FLOAT32_ELEVATED, Lattice, _elevation_bound, build_lattice
+from .lattice import _FLOAT32_ELEVATED, Lattice, _elevation_bound, _numpy_view, build_lattice
 
 _CACHE_SIZE = 4
 
@@ -89,15 +88,10 @@ def _private(t: Tensor) -> Tensor:
     CPU float tensors are copied by numpy (one thread): torch's parallel copy left its OpenMP worker
     spinning on the other core for a few ms, while the next lattice build (a CRF's second term, right
     after this copy of the first term's features) started its second thread."""
-    t = t.detach()
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and untransformed():
-        try:
-            a = t.numpy()
-        except (RuntimeError, TypeError):  # (e.g. a lazy negation or conjugation bit)
-            pass
-        else:
-            return torch.from_numpy(np.array(a, order="K", copy=True))
-    return t.clone()
+    a = _numpy_view(t)
+    if a is not None:
+        return torch.from_numpy(np.array(a, order="K", copy=True))
+    return t.detach().clone()
 
 
 def _no_functorch():

@@ -306,18 +306,27 @@ def _elevation_bound(*points: Tensor) -> float:
     return max(_magnitude(p) for p in points) * _elevation_gain(points[0].shape[-1])
 
 
+def _numpy_view(t: Tensor) -> Optional[np.ndarray]:
+    """``t``'s memory as a numpy array where numpy can work on it in place of torch (one thread: no
+    wake-up of torch's OpenMP workers, which then spin on the other core while a lattice build
+    starts): a CPU float32/float64 tensor outside torch.func transforms; None otherwise (also for a
+    tensor with a lazy negation or conjugation bit)."""
+    t = t.detach()
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or not untransformed():
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
 def _magnitude(p: Tensor) -> float:
-    """max |p| (NaN if p holds one): on the CPU by numpy's min and max (one thread: no wake-up of
-    torch's OpenMP workers, which then spin on the other core while a lattice build starts; no
+    """max |p| (NaN if p holds one): on the CPU by numpy's min and max (:func:`_numpy_view`; no
     temporary the size of the points, as abs() makes)."""
+    a = _numpy_view(p) if p.numel() else None
+    if a is not None:
+        return max(-float(a.min()), float(a.max()))
     p = p.detach()
-    if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.numel() and untransformed():
-        try:
-            a = p.numpy()
-        except (RuntimeError, TypeError):  # (e.g. a tensor with a lazy negation bit)
-            pass
-        else:
-            return max(-float(a.min()), float(a.max()))
     lo, hi = torch.aminmax(p)
     return max(-float(lo), float(hi))
 
